@@ -1,0 +1,1 @@
+"""sdserve model-manager sidecar (see issue: fetch, verify, cache, quantize, hot-swap)."""

@@ -1,0 +1,1 @@
+"""sdserve inference server: gRPC DiffusionService over diffusers pipelines."""

@@ -1,0 +1,110 @@
+"""The inference engine: model registry, queue and device worker behind one submit() call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from service import runner, schedulers
+from service.device import DeviceChoice
+from service.dispatch import JobQueue
+from service.jobs import Job
+from service.models import ModelEntry, ModelRegistry
+from service.requests import Failed, GenerationRequest, Outcome, Queued, Task
+from service.resolve import resolve
+from service.settings import Settings
+from service.tiny import TINY_NAME, build_tiny
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "shapes"
+
+
+def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
+    """The configured default, else the embedded trained model, else the tiny model (built if needed)."""
+    if settings.default_model:
+        return settings.default_model
+    names = registry.names()
+    if EMBEDDED_DEFAULT in names:
+        return EMBEDDED_DEFAULT
+    if TINY_NAME not in names:
+        target = next((d for d in settings.model_dirs if d.exists() or d.parent.exists()), None)
+        if target is None:
+            target = Path.home() / ".cache" / "sdserve" / "models"
+        log.info("building the tiny default model", extra={"folder": str(target / TINY_NAME)})
+        build_tiny(target / TINY_NAME)
+        registry.rescan()
+    return TINY_NAME
+
+
+class Engine:
+    """Accepts validated requests, queues them and runs them on the device worker."""
+
+    def __init__(self, settings: Settings, choice: DeviceChoice, registry: ModelRegistry):
+        self.settings = settings
+        self.choice = choice
+        self.registry = registry
+        self.queue = JobQueue(settings.max_queue)
+        self.batch_limit: Callable[[Job], int] = lambda job: settings.max_batch_images
+        self.worker = Worker(
+            self.queue,
+            registry,
+            choice.type,
+            lambda job: self.batch_limit(job),
+            settings.batch_wait_ms / 1000.0,
+        )
+
+    def start(self) -> None:
+        """Picks the default model, optionally loads and warms it, and starts the worker."""
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.registry.default_model = pick_default_model(self.settings, self.registry)
+        if self.settings.preload_default:
+            self.warm_up(self.registry.resolve("", Task.GENERATE))
+        self.worker.start()
+
+    def warm_up(self, entry: ModelEntry) -> float:
+        """Loads `entry` and runs one denoising step at its default size; returns the seconds taken."""
+        start = time.perf_counter()
+        model = self.registry.get_loaded(entry)
+        pipe = model.pipeline(Task.INPAINT if Task.GENERATE not in entry.tasks else Task.GENERATE,
+                              schedulers.build("", entry.scheduler_config))
+        with torch.inference_mode():
+            if Task.GENERATE in entry.tasks:
+                pipe(prompt="", num_inference_steps=1, width=entry.default_width, height=entry.default_height,
+                     generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+        return time.perf_counter() - start
+
+    def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float | None) -> Job:
+        """Resolves and queues `req`. Raises ModelNotFound, ModelUnusable, InvalidForModel or Overloaded."""
+        entry = self.registry.resolve(req.model, req.task)
+        resolved = resolve(req, entry, self.choice)
+        max_queue = req.max_queue_seconds or self.settings.default_max_queue_seconds
+        job = Job(resolved, entry, loop, deadline, max_queue)
+        position = self.queue.put(job)
+        job.post(Queued(position))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Cancels `job`: dropped from the queue at once, or stopped within one step if running."""
+        job.cancel()
+        if self.queue.discard(job):
+            job.post(Failed(Outcome.CANCELLED, "cancelled while queued"))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Closes the queue (failing what waits), lets the running batch finish, joins the worker."""
+        for job in self.queue.close():
+            job.post(Failed(Outcome.UNAVAILABLE, "the server is shutting down"))
+        self.worker.join(timeout)
+
+    def supported_schedulers(self) -> list[str]:
+        return list(schedulers.SCHEDULERS)
+
+
+__all__ = ["Engine", "runner"]

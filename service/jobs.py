@@ -1,0 +1,72 @@
+"""A request in flight: its resolved parameters, its event stream and its cancellation flag."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from service.models import ModelEntry
+from service.requests import Event, Failed, Outcome, ResolvedRequest, Result
+
+
+class Job:
+    """Bridges the worker thread (which posts events) and the stream handler (which reads them)."""
+
+    def __init__(
+        self,
+        resolved: ResolvedRequest,
+        entry: ModelEntry,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None,
+        max_queue_seconds: float = 0.0,
+    ):
+        self.resolved = resolved
+        self.entry = entry
+        # Longest wait in the queue before it fails without running; 0 means no limit.
+        self.max_queue_seconds = max_queue_seconds
+        self.loop = loop
+        # Monotonic time after which the request must stop (the gRPC deadline), or None.
+        self.deadline = deadline
+        self.enqueued_at = time.monotonic()
+        self.arrived_at = self.enqueued_at
+        self.started_at: float | None = None
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self._finished = threading.Event()
+        self.outcome: Outcome | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def post(self, event: Event) -> None:
+        """Sends an event to the stream; terminal events finish the job. Safe from any thread."""
+        if self._finished.is_set():
+            return
+        if isinstance(event, (Result, Failed)):
+            self._finished.set()
+            self.outcome = Outcome.OK if isinstance(event, Result) else event.outcome
+        elif self.cancelled.is_set():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            # The event loop is closed: the server is gone, nobody is listening.
+            pass
+
+    def cancel(self) -> None:
+        """Marks the job cancelled; the worker stops it within one step or skips it if queued."""
+        self.cancelled.set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def should_stop(self, now: float) -> bool:
+        return self.cancelled.is_set() or self.expired(now)
+
+    def stop_event(self, now: float) -> Failed:
+        """The terminal event for a job stopped by cancel or deadline."""
+        if self.expired(now) and not self.cancelled.is_set():
+            return Failed(Outcome.DEADLINE, "deadline exceeded")
+        return Failed(Outcome.CANCELLED, "cancelled by the client")

@@ -1,0 +1,38 @@
+"""Preview images from in-progress latents: a linear latent-to-RGB projection or a full VAE decode."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from service import imaging
+from service.models import LoadedModel
+from service.requests import PreviewImage, PreviewMode, PreviewSpec
+
+
+def latent_rgb(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    """Projects latents [N, 4, h, w] to RGB with the model's 4x3 factors and bias."""
+    lat = latents.detach().to("cpu", torch.float32)
+    rgb = torch.einsum("nchw,cr->nhwr", lat, model.latent_rgb_factors) + model.latent_rgb_bias
+    arr = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+def full_vae(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    """Decodes latents with the model's VAE: exact colours, one decoder pass per preview."""
+    vae = model.components["vae"]
+    with torch.inference_mode():
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    arr = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+def render(model: LoadedModel, latents: torch.Tensor, spec: PreviewSpec) -> tuple[PreviewImage, ...]:
+    """Encoded previews of each image in `latents`, scaled to the requested longest edge."""
+    images = latent_rgb(model, latents) if spec.mode is PreviewMode.LATENT_RGB else full_vae(model, latents)
+    out = []
+    for idx, img in enumerate(images):
+        img = imaging.fit_edge(img, spec.max_edge)
+        data = imaging.encode_image(img, spec.format, spec.quality)
+        out.append(PreviewImage(index=idx, data=data, format=spec.format, width=img.width, height=img.height))
+    return tuple(out)

@@ -1,0 +1,246 @@
+"""Frozen request and event types used inside the server (protobuf stops at convert.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from PIL import Image
+
+
+class Task(enum.Enum):
+    """What a request asks for."""
+
+    GENERATE = "generate"
+    EDIT = "edit"
+    INPAINT = "inpaint"
+
+
+class PreviewMode(enum.Enum):
+    """How previews are made."""
+
+    NONE = "none"
+    LATENT_RGB = "latent_rgb"
+    FULL_VAE = "full_vae"
+
+
+class InpaintArea(enum.Enum):
+    """Which part of the image an inpaint works on."""
+
+    WHOLE_IMAGE = "whole_image"
+    MASK_ONLY = "mask_only"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewSpec:
+    """Preview options with defaults filled in."""
+
+    mode: PreviewMode = PreviewMode.NONE
+    every_n_steps: int = 1
+    max_edge: int = 256
+    format: str = "jpeg"
+    quality: int = 75
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """Result encoding with defaults filled in."""
+
+    format: str = "png"
+    quality: int = 90
+    embed_parameters: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class InpaintSpec:
+    """The inpaint-only inputs."""
+
+    mask: Image.Image
+    mask_blur: int = 0
+    invert_mask: bool = False
+    area: InpaintArea = InpaintArea.WHOLE_IMAGE
+    mask_padding: int = 32
+    preserve_unmasked: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request as the caller sent it; defaults that depend on the model are still open."""
+
+    task: Task
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    guidance_scale: float | None = None
+    scheduler: str = ""
+    seed: int | None = None
+    num_images: int = 1
+    clip_skip: int = 0
+    preview: PreviewSpec = PreviewSpec()
+    output: OutputSpec = OutputSpec()
+    request_id: str = ""
+    max_queue_seconds: float = 0.0
+    image: Image.Image | None = None
+    strength: float | None = None
+    inpaint: InpaintSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRequest:
+    """A request bound to a model with every default filled in: what actually runs."""
+
+    request: GenerationRequest
+    model: str
+    model_revision: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    # Build key: a schedulers.SCHEDULERS name, or "" for the model's own config unchanged.
+    scheduler: str
+    # Display name (never empty) and diffusers class.
+    scheduler_name: str
+    scheduler_class: str
+    seeds: tuple[int, ...]
+    strength: float
+    request_id: str
+    device: str
+    dtype: str
+
+    @property
+    def task(self) -> Task:
+        return self.request.task
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        inpaint = self.request.inpaint
+        return (
+            self.task,
+            self.model,
+            self.model_revision,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.strength,
+            self.request.clip_skip,
+            # Cropped inpaints work on a per-request region, so they never share a call.
+            None if inpaint is None else (inpaint.area, id(inpaint) if inpaint.area is InpaintArea.MASK_ONLY else 0),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: its path in the request and the rule it broke."""
+
+    field: str
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """The request waits; `position` requests are ahead of it."""
+
+    position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """The request reached the device."""
+
+    seeds: tuple[int, ...]
+    model: str
+    model_revision: str
+    request_id: str
+    queue_seconds: float
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewImage:
+    """An encoded preview of one image."""
+
+    index: int
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A denoising step finished."""
+
+    step: int
+    total_steps: int
+    previews: tuple[PreviewImage, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultImage:
+    """An encoded result image."""
+
+    index: int
+    data: bytes
+    format: str
+    width: int
+    height: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in seconds."""
+
+    queue: float = 0.0
+    prepare: float = 0.0
+    denoise: float = 0.0
+    decode: float = 0.0
+    encode: float = 0.0
+    total: float = 0.0
+    preview: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The finished request."""
+
+    images: tuple[ResultImage, ...]
+    resolved: ResolvedRequest
+    timings: Timings
+
+
+class Outcome(enum.Enum):
+    """How a request ended; also the `outcome` metric label."""
+
+    OK = "ok"
+    INVALID = "invalid"
+    NOT_FOUND = "not_found"
+    UNAVAILABLE_MODEL = "failed_precondition"
+    OVERLOADED = "overloaded"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    OOM = "oom"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The request ended without a result."""
+
+    outcome: Outcome
+    message: str
+    violations: tuple[FieldViolation, ...] = ()
+    retry_after_seconds: float = 0.0
+
+
+Event = Queued | Started | Progress | Result | Failed

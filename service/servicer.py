@@ -1,0 +1,170 @@
+"""The DiffusionService gRPC servicer: validate, submit, stream events, map failures to statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from sdserve.v1 import diffusion_pb2 as pb
+from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
+from service import convert, status
+from service.dispatch import Overloaded
+from service.engine import Engine
+from service.jobs import Job
+from service.models import ModelNotFound, ModelState, ModelUnusable
+from service.requests import Failed, GenerationRequest, Outcome, Result, Task
+from service.resolve import InvalidForModel
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", pb.GenerateResponse, pb.EditResponse, pb.InpaintResponse)
+Parser = Callable[[Any, Settings], GenerationRequest]
+
+_STATE_ENUM = {
+    ModelState.ON_DISK: pb.MODEL_STATE_ON_DISK,
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.LOADED: pb.MODEL_STATE_LOADED,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+_TASK_ENUM = {Task.GENERATE: pb.TASK_GENERATE, Task.EDIT: pb.TASK_EDIT, Task.INPAINT: pb.TASK_INPAINT}
+VERSION = "0.1.0"
+
+
+class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
+    """Serves Generate, Edit and Inpaint streams and the two info RPCs."""
+
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self.draining = False
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        async for event in self._stream(request, context, convert.generate_request, pb.GenerateResponse):
+            yield event
+
+    async def Edit(  # noqa: N802
+        self, request: pb.EditRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.EditResponse]:
+        async for event in self._stream(request, context, convert.edit_request, pb.EditResponse):
+            yield event
+
+    async def Inpaint(  # noqa: N802
+        self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.InpaintResponse]:
+        async for event in self._stream(request, context, convert.inpaint_request, pb.InpaintResponse):
+            yield event
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], failed: Failed) -> None:
+        code, message, metadata = status.rich_status(failed)
+        await context.abort(code, message, trailing_metadata=metadata)
+
+    def _submit(self, req: GenerationRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Job | Failed:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None or remaining > 1e9 else time.monotonic() + remaining
+        try:
+            return self.engine.submit(req, asyncio.get_running_loop(), deadline)
+        except InvalidForModel as exc:
+            return status.invalid(exc.violations)
+        except ModelNotFound as exc:
+            return Failed(Outcome.NOT_FOUND, f"model {exc.args[0]!r} not found; ListModels shows what is served")
+        except ModelUnusable as exc:
+            return Failed(Outcome.UNAVAILABLE_MODEL, str(exc))
+        except Overloaded as exc:
+            return Failed(Outcome.OVERLOADED, f"queue full: {exc}", (), 1.0)
+
+    async def _stream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], parse: Parser, cls: type[R]
+    ) -> AsyncIterator[R]:
+        if self.draining:
+            await self._abort(context, Failed(Outcome.UNAVAILABLE, "the server is draining; retry on another replica"))
+        try:
+            req = parse(request, self.settings)
+        except convert.InvalidRequest as exc:
+            await self._abort(context, status.invalid(exc.violations))
+            return
+        submitted = self._submit(req, context)
+        if isinstance(submitted, Failed):
+            await self._abort(context, submitted)
+            return
+        job = submitted
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, Failed):
+                    await self._abort(context, event)
+                    return
+                yield convert.event_to_proto(event, cls)
+                if isinstance(event, Result):
+                    return
+        finally:
+            if not job.finished:
+                self.engine.cancel(job)
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        registry = self.engine.registry
+        aliases = registry.aliases()
+        models = []
+        for entry in registry.entries():
+            state, error = registry.state(entry.name)
+            models.append(
+                pb.ModelInfo(
+                    name=entry.name,
+                    revision=entry.revision,
+                    state=_STATE_ENUM[state],
+                    aliases=sorted(a for a, t in aliases.items() if t == entry.name),
+                    tasks=[_TASK_ENUM[t] for t in entry.tasks],
+                    variant=entry.variant,
+                    default_width=entry.default_width,
+                    default_height=entry.default_height,
+                    unet_in_channels=entry.unet_in_channels,
+                    error=error,
+                    description=entry.description,
+                    inpaint_model=entry.inpaint_model,
+                )
+            )
+        return pb.ListModelsResponse(models=models, default_model=registry.default_model)
+
+    async def GetServerInfo(  # noqa: N802
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetServerInfoResponse:
+        import diffusers
+        import torch
+        import transformers
+
+        s = self.settings
+        choice = self.engine.choice
+        return pb.GetServerInfoResponse(
+            version=VERSION,
+            device=choice.type,
+            device_name=choice.name,
+            dtype=choice.dtype_name,
+            torch_version=torch.__version__,
+            diffusers_version=diffusers.__version__,
+            transformers_version=transformers.__version__,
+            python_version=platform.python_version(),
+            schedulers=[convert.scheduler_to_proto(n) for n in self.engine.supported_schedulers()],
+            limits=pb.Limits(
+                min_size=s.min_size,
+                max_size=s.max_size,
+                max_input_pixels=s.max_input_pixels,
+                max_image_bytes=s.max_image_bytes,
+                max_steps=s.max_steps,
+                max_images=s.max_images,
+                max_prompt_chars=s.max_prompt_chars,
+                max_message_bytes=s.max_message_bytes,
+                max_queue=s.max_queue,
+                default_max_queue_seconds=s.default_max_queue_seconds,
+            ),
+            default_model=self.engine.registry.default_model,
+        )

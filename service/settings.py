@@ -1,0 +1,149 @@
+"""The server's one settings object, built once from flags and SDSERVE_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_model_dirs() -> tuple[Path, ...]:
+    dirs = [Path.home() / ".cache" / "sdserve" / "models"]
+    embedded = REPO_ROOT / "models"
+    if embedded.is_dir():
+        dirs.insert(0, embedded)
+    return tuple(dirs)
+
+
+def _paths(value: str) -> tuple[Path, ...]:
+    return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
+
+
+def _aliases(value: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, target = item.partition("=")
+        if not sep or not name or not target:
+            raise ValueError(f"alias {item!r} is not NAME=TARGET")
+        pairs.append((name.strip(), target.strip()))
+    return tuple(pairs)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _field(default: Any, help: str, parse: Callable[[str], Any] = str, env: bool = True) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "env": env})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with; see `python -m service --help`."""
+
+    host: str = _field("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = _field(50051, "TCP port to listen on; 0 picks a free one.", int)
+    port_file: str = _field("", "Write the bound port to this file once serving (useful with --port 0).")
+    model_dirs: tuple[Path, ...] = _field(
+        _default_model_dirs(),
+        "Folders holding model folders (diffusers layout), separated by ':'. "
+        "Default: the repository's models/ and ~/.cache/sdserve/models.",
+        _paths,
+    )
+    default_model: str = _field(
+        "", "Model served when a request names none. Empty: 'shapes' if present, else the built-in tiny model."
+    )
+    aliases: tuple[tuple[str, str], ...] = _field((), "Static aliases, NAME=TARGET,NAME=TARGET.", _aliases)
+    device: str = _field("auto", "Device: auto, cpu, cuda, cuda:N, mps or xpu.")
+    dtype: str = _field("auto", "Model dtype: auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
+    torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
+    preload_default: bool = _field(True, "Load and warm the default model before reporting SERVING.", _bool)
+    max_queue: int = _field(32, "Requests each model's queue holds; more get RESOURCE_EXHAUSTED.", int)
+    default_max_queue_seconds: float = _field(
+        0.0, "Default longest wait in the queue, in seconds; 0 means no limit.", float
+    )
+    max_batch_images: int = _field(1, "Most images one pipeline call may carry (batching; 1 disables).", int)
+    batch_wait_ms: float = _field(0.0, "Longest wait for compatible requests to fill a batch, in ms.", float)
+    min_size: int = _field(8, "Smallest width/height in pixels.", int)
+    max_size: int = _field(2048, "Largest width/height in pixels.", int)
+    max_input_pixels: int = _field(4096 * 4096, "Largest input image/mask in pixels (decompression bombs).", int)
+    max_image_bytes: int = _field(32 * 1024 * 1024, "Largest encoded input image or mask in bytes.", int)
+    max_steps: int = _field(150, "Most denoising steps per request.", int)
+    max_images: int = _field(4, "Most images per request.", int)
+    max_prompt_chars: int = _field(2000, "Longest prompt or negative prompt in characters.", int)
+    max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.", int)
+    log_format: str = _field("auto", "Log format: auto (JSON unless on a terminal), json or text.")
+    log_level: str = _field("INFO", "Log level.")
+
+    @staticmethod
+    def from_sources(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Builds settings: defaults, overridden by SDSERVE_* variables, overridden by flags."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(Settings):
+            key = "SDSERVE_" + f.name.upper()
+            if f.metadata["env"] and key in environ:
+                try:
+                    values[f.name] = f.metadata["parse"](environ[key])
+                except ValueError as exc:
+                    raise SystemExit(f"{key}: {exc}") from None
+        parser = build_parser()
+        ns = parser.parse_args(list(argv) if argv is not None else [])
+        for f in dataclasses.fields(Settings):
+            raw = getattr(ns, f.name)
+            if raw is not None:
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    parser.error(f"--{f.name.replace('_', '-')}: {exc}")
+        settings = Settings(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Rejects settings that cannot work together."""
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append("port must be 0 to 65535")
+        if self.min_size < 8 or self.min_size % 8 or self.max_size < self.min_size:
+            problems.append("min_size must be a multiple of 8, at least 8, and not above max_size")
+        for name in ("max_queue", "max_steps", "max_images", "max_prompt_chars", "max_batch_images"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.max_message_bytes < 4 * 1024 * 1024:
+            problems.append("max_message_bytes must be at least 4 MiB")
+        if self.log_format not in ("auto", "json", "text"):
+            problems.append("log_format must be auto, json or text")
+        if problems:
+            raise SystemExit("invalid settings: " + "; ".join(problems))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flag parser; every flag defaults to None so unset flags leave env/defaults alone."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="sdserve inference server. Every flag also reads SDSERVE_<NAME> from the environment.",
+    )
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        shown = ":".join(str(p) for p in default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            help=f"{f.metadata['help']} (env SDSERVE_{f.name.upper()}; default {shown!s})",
+        )
+    return parser

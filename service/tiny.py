@@ -1,0 +1,131 @@
+"""Builds the tiny deterministic stand-in model used when no trained model is present."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_NAME = "tiny-sd"
+
+
+def write_tokenizer(folder: Path) -> None:
+    """Writes a byte-level CLIP tokenizer (no merges) that loads offline."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    # GPT-2 byte-to-unicode table, as CLIP uses.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok.save_pretrained(str(folder))
+
+
+def build_tiny(folder: Path, seed: int = 0) -> Path:
+    """Writes a tiny SD 1.x-layout model (random weights from `seed`) to `folder`, atomically."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=514,
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    write_tokenizer(tmp / "tokenizer")
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    meta = {
+        "format": 1,
+        "description": "Tiny random-weight SD 1.x-layout model built locally; produces noise-like images.",
+        "default_steps": 20,
+        "default_guidance_scale": 7.5,
+    }
+    (tmp / "sdserve.json").write_text(json.dumps(meta, indent=2))
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another process published it first; theirs is identical.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
