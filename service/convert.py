@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from PIL import Image
-
 from sdserve.v1 import diffusion_pb2 as pb
+
 from service import imaging, schedulers
 from service.requests import (
     Event,
@@ -57,14 +57,14 @@ def scheduler_from_proto(value: int) -> str | None:
     if value == pb.SCHEDULER_UNSPECIFIED:
         return ""
     try:
-        name = pb.Scheduler.Name(value).removeprefix("SCHEDULER_")
+        name = pb.Scheduler.Name(cast("pb.Scheduler.ValueType", value)).removeprefix("SCHEDULER_")
     except ValueError:
         return None
     return name if name in schedulers.SCHEDULERS else None
 
 
-def scheduler_to_proto(name: str) -> int:
-    return int(pb.Scheduler.Value("SCHEDULER_" + name)) if name else pb.SCHEDULER_UNSPECIFIED
+def scheduler_to_proto(name: str) -> pb.Scheduler.ValueType:
+    return pb.Scheduler.Value("SCHEDULER_" + name) if name else pb.SCHEDULER_UNSPECIFIED
 
 
 class _Checker:
@@ -233,7 +233,9 @@ def inpaint_request(msg: pb.InpaintRequest, settings: Settings) -> GenerationReq
         mask = c.image("mask", msg.mask, "L")
     if image is not None and mask is not None:
         if mask.size != image.size:
-            c.bad("mask", f"must be the same size as image ({image.width}x{image.height}); got {mask.width}x{mask.height}")
+            c.bad(
+                "mask", f"must be the same size as image ({image.width}x{image.height}); got {mask.width}x{mask.height}"
+            )
         elif not imaging.binary_mask(mask, msg.invert_mask).getbbox():
             c.bad("mask", "has nothing to repaint: no pixel is white (>= 128) after invert_mask")
     blur = c.int_range("mask_blur", msg.mask_blur, 0, 64)
@@ -278,7 +280,9 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                 step=event.step,
                 total_steps=event.total_steps,
                 previews=[
-                    pb.Preview(index=p.index, data=p.data, format=_FORMAT_ENUM[p.format], width=p.width, height=p.height)
+                    pb.Preview(
+                        index=p.index, data=p.data, format=_FORMAT_ENUM[p.format], width=p.width, height=p.height
+                    )
                     for p in event.previews
                 ],
             )
@@ -295,7 +299,9 @@ def result_to_proto(event: Result) -> pb.ResultEvent:
     t = event.timings
     return pb.ResultEvent(
         images=[
-            pb.Image(index=i.index, data=i.data, format=_FORMAT_ENUM[i.format], width=i.width, height=i.height, seed=i.seed)
+            pb.Image(
+                index=i.index, data=i.data, format=_FORMAT_ENUM[i.format], width=i.width, height=i.height, seed=i.seed
+            )
             for i in event.images
         ],
         parameters=pb.ResolvedParameters(

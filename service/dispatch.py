@@ -9,7 +9,7 @@ from collections.abc import Callable
 from service.jobs import Job
 
 
-class Overloaded(Exception):  # noqa: N818 - the RESOURCE_EXHAUSTED outcome
+class Overloaded(Exception):
     """The model's queue is full."""
 
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from service import runner, schedulers
+from service import schedulers
 from service.device import DeviceChoice
 from service.dispatch import JobQueue
 from service.jobs import Job
 from service.models import ModelEntry, ModelRegistry
-from service.requests import Failed, GenerationRequest, Outcome, Queued, Task
+from service.requests import Event, Failed, GenerationRequest, Outcome, Queued, Task
 from service.resolve import resolve
 from service.settings import Settings
 from service.tiny import TINY_NAME, build_tiny
@@ -43,6 +46,18 @@ def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
     return TINY_NAME
 
 
+@dataclasses.dataclass(frozen=True)
+class LedgerEntry:
+    """How one request ended: kept for introspection and tests (the last 10,000)."""
+
+    request_id: str
+    task: Task
+    model: str
+    outcome: Outcome
+    started: bool
+    queue_seconds: float
+
+
 class Engine:
     """Accepts validated requests, queues them and runs them on the device worker."""
 
@@ -56,9 +71,35 @@ class Engine:
             self.queue,
             registry,
             choice.type,
-            lambda job: self.batch_limit(job),
+            self._limit_for,
             settings.batch_wait_ms / 1000.0,
         )
+        self._ledger_lock = threading.Lock()
+        self.ledger: collections.deque[LedgerEntry] = collections.deque(maxlen=10_000)
+        self.finish_hooks: list[Callable[[Job, Event], None]] = []
+
+    def _limit_for(self, job: Job) -> int:
+        # Late-bound so a batching policy installed after construction takes effect.
+        return self.batch_limit(job)
+
+    def _finished(self, job: Job, event: Event) -> None:
+        started = job.started_at is not None
+        entry = LedgerEntry(
+            request_id=job.resolved.request_id,
+            task=job.resolved.task,
+            model=job.resolved.model,
+            outcome=job.outcome or Outcome.INTERNAL,
+            started=started,
+            queue_seconds=((job.started_at or time.monotonic()) - job.enqueued_at),
+        )
+        with self._ledger_lock:
+            self.ledger.append(entry)
+        for hook in self.finish_hooks:
+            hook(job, event)
+
+    def outcomes(self) -> list[LedgerEntry]:
+        with self._ledger_lock:
+            return list(self.ledger)
 
     def start(self) -> None:
         """Picks the default model, optionally loads and warms it, and starts the worker."""
@@ -73,12 +114,20 @@ class Engine:
         """Loads `entry` and runs one denoising step at its default size; returns the seconds taken."""
         start = time.perf_counter()
         model = self.registry.get_loaded(entry)
-        pipe = model.pipeline(Task.INPAINT if Task.GENERATE not in entry.tasks else Task.GENERATE,
-                              schedulers.build("", entry.scheduler_config))
+        pipe = model.pipeline(
+            Task.INPAINT if Task.GENERATE not in entry.tasks else Task.GENERATE,
+            schedulers.build("", entry.scheduler_config),
+        )
         with torch.inference_mode():
             if Task.GENERATE in entry.tasks:
-                pipe(prompt="", num_inference_steps=1, width=entry.default_width, height=entry.default_height,
-                     generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+                pipe(
+                    prompt="",
+                    num_inference_steps=1,
+                    width=entry.default_width,
+                    height=entry.default_height,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="pil",
+                )
         return time.perf_counter() - start
 
     def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float | None) -> Job:
@@ -87,6 +136,7 @@ class Engine:
         resolved = resolve(req, entry, self.choice)
         max_queue = req.max_queue_seconds or self.settings.default_max_queue_seconds
         job = Job(resolved, entry, loop, deadline, max_queue)
+        job.on_finish = self._finished
         position = self.queue.put(job)
         job.post(Queued(position))
         return job
@@ -105,6 +155,3 @@ class Engine:
 
     def supported_schedulers(self) -> list[str]:
         return list(schedulers.SCHEDULERS)
-
-
-__all__ = ["Engine", "runner"]

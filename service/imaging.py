@@ -101,7 +101,9 @@ def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
     return mask if radius <= 0 else mask.filter(ImageFilter.GaussianBlur(radius))
 
 
-def composite_unmasked(original: Image.Image, generated: Image.Image, hard: Image.Image, soft: Image.Image) -> Image.Image:
+def composite_unmasked(
+    original: Image.Image, generated: Image.Image, hard: Image.Image, soft: Image.Image
+) -> Image.Image:
     """Keeps `original` byte-exact outside `hard`; inside, blends `generated` in with alpha `soft`."""
     orig = np.asarray(original.convert("RGB"), dtype=np.float32)
     gen = np.asarray(generated.convert("RGB").resize(original.size, Image.Resampling.LANCZOS), dtype=np.float32)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Callable
 
 from service.models import ModelEntry
 from service.requests import Event, Failed, Outcome, ResolvedRequest, Result
@@ -35,6 +37,8 @@ class Job:
         self.cancelled = threading.Event()
         self._finished = threading.Event()
         self.outcome: Outcome | None = None
+        # Called once, from the posting thread, when the job reaches its terminal event.
+        self.on_finish: Callable[[Job, Event], None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -47,13 +51,13 @@ class Job:
         if isinstance(event, (Result, Failed)):
             self._finished.set()
             self.outcome = Outcome.OK if isinstance(event, Result) else event.outcome
+            if self.on_finish is not None:
+                self.on_finish(self, event)
         elif self.cancelled.is_set():
             return
-        try:
+        # RuntimeError: the event loop is closed; the server is gone and nobody is listening.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:
-            # The event loop is closed: the server is gone, nobody is listening.
-            pass
 
     def cancel(self) -> None:
         """Marks the job cancelled; the worker stops it within one step or skips it if queued."""

@@ -106,7 +106,7 @@ class ModelEntry:
         latent_rgb = SD15_LATENT_RGB
         if rgb:
             latent_rgb = (
-                tuple(tuple(float(v) for v in row) for row in rgb["factors"]),  # type: ignore[assignment]
+                tuple(tuple(float(v) for v in row) for row in rgb["factors"]),
                 tuple(float(v) for v in rgb.get("bias", (0.0, 0.0, 0.0))),  # type: ignore[assignment]
             )
         return ModelEntry(

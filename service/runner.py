@@ -22,7 +22,7 @@ from service.requests import (
 )
 
 
-class StopDenoising(Exception):  # noqa: N818 - control flow, not an error
+class StopDenoising(Exception):
     """Raised from the step callback when every member of the batch has stopped."""
 
 

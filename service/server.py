@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
+
 from service import device
 from service.engine import Engine
 from service.models import ModelRegistry
@@ -43,13 +43,11 @@ class Server:
         self.registry = ModelRegistry(settings.model_dirs, choice, settings.aliases)
         self.engine = Engine(settings, choice, self.registry)
         self.servicer = DiffusionServicer(self.engine, settings)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.grpc = grpc.aio.server(options=grpc_options(settings))
         pb_grpc.add_DiffusionServiceServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
         self._stopped = asyncio.Event()
 
@@ -64,7 +62,7 @@ class Server:
         await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc.start()
         if s.port_file:
-            Path(s.port_file).write_text(str(self.port))
+            await asyncio.to_thread(Path(s.port_file).write_text, str(self.port))
         log.info("listening", extra={"host": s.host, "port": self.port})
         await asyncio.to_thread(self.engine.start)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

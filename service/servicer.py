@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
-
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
+
 from service import convert, status
 from service.dispatch import Overloaded
 from service.engine import Engine
@@ -45,19 +45,19 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         self.settings = settings
         self.draining = False
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         async for event in self._stream(request, context, convert.generate_request, pb.GenerateResponse):
             yield event
 
-    async def Edit(  # noqa: N802
+    async def Edit(
         self, request: pb.EditRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.EditResponse]:
         async for event in self._stream(request, context, convert.edit_request, pb.EditResponse):
             yield event
 
-    async def Inpaint(  # noqa: N802
+    async def Inpaint(
         self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.InpaintResponse]:
         async for event in self._stream(request, context, convert.inpaint_request, pb.InpaintResponse):
@@ -109,7 +109,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             if not job.finished:
                 self.engine.cancel(job)
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         registry = self.engine.registry
@@ -135,7 +135,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             )
         return pb.ListModelsResponse(models=models, default_model=registry.default_model)
 
-    async def GetServerInfo(  # noqa: N802
+    async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
         import diffusers

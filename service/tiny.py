@@ -39,8 +39,11 @@ def write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
-def build_tiny(folder: Path, seed: int = 0) -> Path:
-    """Writes a tiny SD 1.x-layout model (random weights from `seed`) to `folder`, atomically."""
+def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
+    """Writes a tiny SD 1.x-layout model (random weights from `seed`) to `folder`, atomically.
+
+    `in_channels` 9 makes an inpainting UNet (latents + mask + masked-image latents).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -54,7 +57,7 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -102,7 +105,7 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
     write_tokenizer(tmp / "tokenizer")
     scheduler.save_pretrained(tmp / "scheduler")
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if in_channels == 9 else "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

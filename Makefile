@@ -1,0 +1,49 @@
+# sdserve: `make demo` and `make test` are the two set-up commands on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv install gen check-gen lint typecheck test test-fast demo bench eval clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 resolves to the CPU wheel on disk here; elsewhere pip takes it from PyPI (see README for CUDA).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[server,dev]'
+	touch $@
+
+venv install: $(VENV)/.installed
+
+gen: install
+	scripts/gen.sh
+
+check-gen: install
+	scripts/check_gen.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+
+typecheck: install
+	$(BIN)/mypy service model_manager clients/python/sdserve tests
+
+test: install check-gen lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+
+demo: install
+	scripts/demo.sh
+
+bench: install
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache

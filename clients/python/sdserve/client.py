@@ -1,0 +1,220 @@
+"""Synchronous client: blocking calls that return images, and cancellable event streams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Unpack
+
+import grpc
+
+from sdserve import _convert
+from sdserve.errors import SdserveError, from_rpc_error
+from sdserve.types import Event, GenerationOptions, ModelInfo, Progress, Result
+from sdserve.v1 import diffusion_pb2 as pb
+from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message limits raised past gRPC's 4 MiB default: result images are larger."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class Stream:
+    """Iterates a call's events; `cancel()` (or leaving a `with` block early) cancels the call."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            for msg in self._call:
+                yield _convert.event(msg)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def result(self, on_progress: Callable[[Progress], None] | None = None) -> Result:
+        """Consumes the stream and returns the result, calling `on_progress` for each step."""
+        for ev in self:
+            if isinstance(ev, Progress) and on_progress is not None:
+                on_progress(ev)
+            elif isinstance(ev, Result):
+                return ev
+        raise SdserveError("UNKNOWN", "the stream ended without a result")
+
+
+class Client:
+    """A blocking sdserve client. Use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.Channel | None = None,
+    ):
+        opts = channel_options(max_message_bytes)
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, credentials, options=opts)
+                if credentials is not None
+                else grpc.insecure_channel(target, options=opts)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.DiffusionServiceStub(channel)
+        self._metadata = metadata(api_key)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Streams -----------------------------------------------------------------------------------
+
+    def stream_generate(
+        self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]
+    ) -> Stream:
+        """Text-to-image as a stream of Queued, Started, Progress and Result events."""
+        req = pb.GenerateRequest(params=_convert.params(prompt, options))
+        return Stream(self._stub.Generate(req, timeout=timeout, metadata=self._metadata))
+
+    def stream_edit(
+        self,
+        image: bytes,
+        prompt: str,
+        *,
+        strength: float | None = None,
+        timeout: float | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> Stream:
+        """Image-to-image as a stream of events. `strength` in (0, 1]; default 0.8."""
+        req = _convert.edit_request(image, prompt, strength, options)
+        return Stream(self._stub.Edit(req, timeout=timeout, metadata=self._metadata))
+
+    def stream_inpaint(
+        self,
+        image: bytes,
+        mask: bytes,
+        prompt: str,
+        *,
+        strength: float | None = None,
+        mask_blur: int = 0,
+        invert_mask: bool = False,
+        area: Literal["whole_image", "mask_only"] = "whole_image",
+        mask_padding: int | None = None,
+        preserve_unmasked: bool = False,
+        timeout: float | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> Stream:
+        """Inpainting as a stream of events. Mask white (255) = repaint."""
+        req = _convert.inpaint_request(
+            image,
+            mask,
+            prompt,
+            strength=strength,
+            mask_blur=mask_blur,
+            invert_mask=invert_mask,
+            area=area,
+            mask_padding=mask_padding,
+            preserve_unmasked=preserve_unmasked,
+            options=options,
+        )
+        return Stream(self._stub.Inpaint(req, timeout=timeout, metadata=self._metadata))
+
+    # Blocking helpers --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> Result:
+        """Text-to-image; returns the finished images."""
+        return self.stream_generate(prompt, timeout=timeout, **options).result(on_progress)
+
+    def edit(
+        self,
+        image: bytes,
+        prompt: str,
+        *,
+        strength: float | None = None,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> Result:
+        """Image-to-image; returns the finished images."""
+        return self.stream_edit(image, prompt, strength=strength, timeout=timeout, **options).result(on_progress)
+
+    def inpaint(
+        self,
+        image: bytes,
+        mask: bytes,
+        prompt: str,
+        *,
+        strength: float | None = None,
+        mask_blur: int = 0,
+        invert_mask: bool = False,
+        area: Literal["whole_image", "mask_only"] = "whole_image",
+        mask_padding: int | None = None,
+        preserve_unmasked: bool = False,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> Result:
+        """Inpainting; returns the finished images."""
+        stream = self.stream_inpaint(
+            image,
+            mask,
+            prompt,
+            strength=strength,
+            mask_blur=mask_blur,
+            invert_mask=invert_mask,
+            area=area,
+            mask_padding=mask_padding,
+            preserve_unmasked=preserve_unmasked,
+            timeout=timeout,
+            **options,
+        )
+        return stream.result(on_progress)
+
+    # Info --------------------------------------------------------------------------------------
+
+    def list_models(self, timeout: float | None = 30.0) -> tuple[list[ModelInfo], str]:
+        """The served models and the default model's name."""
+        try:
+            resp = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return [_convert.model_info(m) for m in resp.models], resp.default_model
+
+    def server_info(self, timeout: float | None = 30.0) -> pb.GetServerInfoResponse:
+        """Device, versions, schedulers and limits (the protobuf message, for all its fields)."""
+        try:
+            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None

@@ -1,0 +1,120 @@
+"""Test harness: tiny models built from configs, and a real server on port 0 in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.server import Server
+from service.settings import Settings
+from service.tiny import build_tiny
+
+TINY = "tiny-sd"
+TINY_INPAINT = "tiny-sd-inpainting"
+
+
+def build_models(folder: Path) -> Path:
+    """Builds the 4-channel and 9-channel tiny models into `folder` (idempotent)."""
+    build_tiny(folder / TINY, seed=0)
+    build_tiny(folder / TINY_INPAINT, seed=10, in_channels=9)
+    return folder
+
+
+class ServerThread:
+    """A real sdserve Server running on its own event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.server: Server | None = None
+        self.port = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = Server(self.settings)
+            self.port = self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def make_settings(models: Path, **overrides: Any) -> Settings:
+    base = Settings(
+        host="127.0.0.1",
+        port=0,
+        model_dirs=(models,),
+        default_model=TINY,
+        log_format="text",
+        preload_default=True,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def running(models: Path, **overrides: Any) -> Iterator[ServerThread]:
+    srv = ServerThread(make_settings(models, **overrides)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_image(w: int = 64, h: int = 64, seed: int = 0) -> Image.Image:
+    """A deterministic input image: smooth colour gradients plus a square."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 127 // max(w + h - 2, 1)], -1)
+    arr = arr.astype(np.uint8)
+    arr[h // 4 : h // 2, w // 4 : w // 2] = rng.integers(0, 255, 3, dtype=np.uint8)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def sample_mask(w: int = 64, h: int = 64) -> Image.Image:
+    """A mask whose white (repaint) part is a box in the lower right."""
+    arr = np.zeros((h, w), dtype=np.uint8)
+    arr[h // 2 : h - 8, w // 2 : w - 8] = 255
+    return Image.fromarray(arr, mode="L")
