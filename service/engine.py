@@ -56,6 +56,8 @@ class LedgerEntry:
     outcome: Outcome
     started: bool
     queue_seconds: float
+    steps_done: int
+    decoded: bool
 
 
 class Engine:
@@ -91,6 +93,8 @@ class Engine:
             outcome=job.outcome or Outcome.INTERNAL,
             started=started,
             queue_seconds=((job.started_at or time.monotonic()) - job.enqueued_at),
+            steps_done=job.steps_done,
+            decoded=job.decoded,
         )
         with self._ledger_lock:
             self.ledger.append(entry)

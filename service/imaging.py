@@ -35,11 +35,13 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str) -> 
             # The header gives the size before any pixel is decoded: refuse bombs here.
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError(
-                    f"is {img.width}x{img.height} = {img.width * img.height} pixels; the limit is {max_pixels}"
+                    f"is {img.width}x{img.height} = {img.width * img.height} pixels; the limit is {max_pixels} pixels"
                 )
             img.load()
     except ImageDecodeError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(f"has more pixels than the limit of {max_pixels} pixels") from None
     except Exception as exc:  # Pillow raises many types for corrupt data.
         raise ImageDecodeError("is not a decodable PNG, JPEG or WebP image") from exc
     return img.convert(mode)

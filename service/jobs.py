@@ -37,6 +37,9 @@ class Job:
         self.cancelled = threading.Event()
         self._finished = threading.Event()
         self.outcome: Outcome | None = None
+        # Denoising steps this job has finished, and whether its latents were decoded (the worker sets these).
+        self.steps_done = 0
+        self.decoded = False
         # Called once, from the posting thread, when the job reaches its terminal event.
         self.on_finish: Callable[[Job, Event], None] | None = None
 
@@ -71,6 +74,6 @@ class Job:
 
     def stop_event(self, now: float) -> Failed:
         """The terminal event for a job stopped by cancel or deadline."""
-        if self.expired(now) and not self.cancelled.is_set():
+        if self.expired(now):
             return Failed(Outcome.DEADLINE, "deadline exceeded")
         return Failed(Outcome.CANCELLED, "cancelled by the client")

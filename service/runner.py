@@ -131,6 +131,7 @@ def run_batch(model: LoadedModel, jobs: list[Job]) -> None:
             due = step % spec.every_n_steps == 0 or step == total
             if spec.mode is not PreviewMode.NONE and due:
                 shots = previews.render(model, latents[start : start + count], spec)
+            job.steps_done = step
             job.post(Progress(step=step, total_steps=total, previews=shots))
         t1 = time.perf_counter()
         marks["preview"] += t1 - t0
@@ -144,6 +145,8 @@ def run_batch(model: LoadedModel, jobs: list[Job]) -> None:
     except StopDenoising:
         return
     t_decoded = time.perf_counter()
+    for job in jobs:
+        job.decoded = True
     now = time.monotonic()
     for job, start, count in spans:
         if job.finished:

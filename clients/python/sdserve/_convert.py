@@ -60,6 +60,7 @@ def params(prompt: str, options: GenerationOptions) -> pb.GenerationParams:
         p.preview.mode = _PREVIEWS[o["preview"]]
         p.preview.every_n_steps = o.get("preview_every", 0)
         p.preview.max_edge = o.get("preview_max_edge", 0)
+        p.preview.quality = o.get("preview_quality", 0)
         if o.get("preview_format"):
             p.preview.format = _FORMATS[o["preview_format"]]
     if o.get("output_format"):

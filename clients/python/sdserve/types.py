@@ -39,6 +39,7 @@ class GenerationOptions(TypedDict, total=False):
     preview_every: int
     preview_max_edge: int
     preview_format: Literal["jpeg", "webp"]
+    preview_quality: int
     output_format: ImageFormatName
     output_quality: int
     embed_parameters: bool
