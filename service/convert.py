@@ -6,8 +6,8 @@ import math
 from typing import TypeVar, cast
 
 from PIL import Image
-from sdserve.v1 import diffusion_pb2 as pb
 
+from sdserve.v1 import diffusion_pb2 as pb
 from service import imaging, schedulers
 from service.requests import (
     Event,

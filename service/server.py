@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-
 from service import device
 from service.engine import Engine
 from service.models import ModelRegistry

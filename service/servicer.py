@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-
 from service import convert, status
 from service.dispatch import Overloaded
 from service.engine import Engine

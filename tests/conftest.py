@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sdserve import Client
 
+from sdserve import Client
 from tests.harness import ServerThread, build_models, running
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -13,8 +13,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from sdserve import Client
 
+from sdserve import Client
 from tests.harness import TINY, TINY_INPAINT, pixels, png, sample_image, sample_mask
 
 TOLERANCE = 1

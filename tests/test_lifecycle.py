@@ -162,7 +162,7 @@ def test_concurrent_streams_with_different_schedulers_match_solo_runs(client: Cl
     def run(s: str) -> None:
         try:
             results[s] = client.generate("a blue square", steps=4, seed=11, scheduler=s).image.data  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(s,)) for s in SCHEDS]

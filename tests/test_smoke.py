@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from sdserve import Client, Progress, Queued, Result, Started
-
 from tests.harness import TINY, png, sample_image, sample_mask
 
 

@@ -80,7 +80,8 @@ def test_raw_status_details_carry_bad_request(server: ServerThread) -> None:
             list(stub.Generate(pb.GenerateRequest(params=pb.GenerationParams(width=12))))
     err = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    details = dict(err.trailing_metadata())["grpc-status-details-bin"]
+    trailers: Any = err.trailing_metadata()
+    details = next(item[1] for item in trailers if item[0] == "grpc-status-details-bin")
     status = status_pb2.Status.FromString(details)
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
