@@ -21,6 +21,7 @@ venv install: $(VENV)/.installed
 
 gen: install
 	scripts/gen.sh
+	$(BIN)/python scripts/gen_config_docs.py
 
 check-gen: install
 	scripts/check_gen.sh

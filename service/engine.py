@@ -37,9 +37,8 @@ def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
     if EMBEDDED_DEFAULT in names:
         return EMBEDDED_DEFAULT
     if TINY_NAME not in names:
-        target = next((d for d in settings.model_dirs if d.exists() or d.parent.exists()), None)
-        if target is None:
-            target = Path.home() / ".cache" / "sdserve" / "models"
+        # The last folder is the writable cache by default (the first is the repository's models/).
+        target = settings.model_dirs[-1] if settings.model_dirs else Path.home() / ".cache" / "sdserve" / "models"
         log.info("building the tiny default model", extra={"folder": str(target / TINY_NAME)})
         build_tiny(target / TINY_NAME)
         registry.rescan()

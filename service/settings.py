@@ -13,11 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _default_model_dirs() -> tuple[Path, ...]:
-    dirs = [Path.home() / ".cache" / "sdserve" / "models"]
-    embedded = REPO_ROOT / "models"
-    if embedded.is_dir():
-        dirs.insert(0, embedded)
-    return tuple(dirs)
+    # The repository's own models (the embedded default) first, then the writable cache; missing ones are skipped.
+    return (REPO_ROOT / "models", Path.home() / ".cache" / "sdserve" / "models")
 
 
 def _paths(value: str) -> tuple[Path, ...]:

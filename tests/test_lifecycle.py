@@ -185,7 +185,8 @@ def test_seed_is_echoed_and_reproduces(client: Client) -> None:
     assert [i.seed for i in result.images] == [seed, seed + 1]
     assert result.parameters["seed"] == str(seed)
     again = client.generate("seedless", steps=2, seed=seed + 1)
-    assert pixels(again.image.data).tolist() == pixels(result.images[1].data).tolist()
+    # Batch size changes CPU kernel blocking, so the last float bit may differ: within 1/255 per channel.
+    assert np.abs(pixels(again.image.data) - pixels(result.images[1].data)).max() <= 1
 
 
 def test_request_id_echoed(client: Client) -> None:

@@ -186,6 +186,26 @@ def cmd_list(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(ns: argparse.Namespace) -> int:
+    """Checks grpc.health.v1; with --wait, polls until SERVING or the wait runs out."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + ns.wait
+    with grpc.insecure_channel(ns.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=5)
+                state = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as err:
+                state = err.code().name
+            if state == "SERVING" or time.monotonic() >= deadline:
+                print(state)
+                return 0 if state == "SERVING" else 1
+            time.sleep(0.5)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Starts the server (and, once it exists, the sidecar) and stops them on Ctrl-C or SIGTERM."""
     args = [sys.executable, "-m", "service", "--port", str(ns.port), "--host", ns.host]
@@ -266,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-padding", type=int, help="Padding around the mask box in pixels (default 32).")
     p.add_argument("--preserve-unmasked", action="store_true", help="Keep pixels outside the mask byte-exact.")
     p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("health", help="Print the server's health; exit 0 when SERVING.")
+    p.add_argument("--service", default="", help="Health service name ('' = overall readiness).")
+    p.add_argument("--wait", type=float, default=0.0, help="Poll up to this many seconds for SERVING.")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("info", help="Server device, versions and limits.")
     p.set_defaults(func=cmd_info)

@@ -345,7 +345,8 @@ class GenerationParams(_message.Message):
     """The noise scheduler. Default: the model's own."""
     seed: _builtins.int
     """Seed of the first image; image i uses seed + i (mod 2^64), so each image can be reproduced
-    alone. Absent: the server picks one and returns it in the `started` and `result` events.
+    alone (within 1/255 per channel: batch size changes the last bits of some kernels).
+    Absent: the server picks one and returns it in the `started` and `result` events.
     """
     num_images: _builtins.int
     """Number of images, 1 to the server's `max_images` (default 4). 0 means 1."""
