@@ -78,6 +78,27 @@ class Engine:
         self._ledger_lock = threading.Lock()
         self.ledger: collections.deque[LedgerEntry] = collections.deque(maxlen=10_000)
         self.finish_hooks: list[Callable[[Job, Event], None]] = []
+        self._active: set[Job] = set()
+        # Called (from any thread) whenever the last active job finishes.
+        self.on_idle: Callable[[], None] | None = None
+
+    def active_count(self) -> int:
+        with self._ledger_lock:
+            return len(self._active)
+
+    def in_flight(self) -> int:
+        """Jobs that started on the device and have not finished."""
+        with self._ledger_lock:
+            return sum(1 for j in self._active if j.started_at is not None)
+
+    def abort_all(self, event: Failed) -> int:
+        """Ends every queued and running job with `event`; returns how many were ended."""
+        with self._ledger_lock:
+            jobs = list(self._active)
+        for job in jobs:
+            self.queue.discard(job)
+            job.abort(event)
+        return len(jobs)
 
     def _limit_for(self, job: Job) -> int:
         # Late-bound so a batching policy installed after construction takes effect.
@@ -97,8 +118,12 @@ class Engine:
         )
         with self._ledger_lock:
             self.ledger.append(entry)
+            self._active.discard(job)
+            idle = not self._active
         for hook in self.finish_hooks:
             hook(job, event)
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def outcomes(self) -> list[LedgerEntry]:
         with self._ledger_lock:
@@ -140,7 +165,14 @@ class Engine:
         max_queue = req.max_queue_seconds or self.settings.default_max_queue_seconds
         job = Job(resolved, entry, loop, deadline, max_queue)
         job.on_finish = self._finished
-        position = self.queue.put(job)
+        with self._ledger_lock:
+            self._active.add(job)
+        try:
+            position = self.queue.put(job)
+        except Exception:
+            with self._ledger_lock:
+                self._active.discard(job)
+            raise
         job.post(Queued(position))
         return job
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from service.models import ModelEntry
-from service.requests import Event, Failed, Outcome, ResolvedRequest, Result
+from service.requests import Event, Failed, Outcome, Progress, ResolvedRequest, Result
 
 
 class Job:
@@ -40,6 +40,7 @@ class Job:
         # Denoising steps this job has finished, and whether its latents were decoded (the worker sets these).
         self.steps_done = 0
         self.decoded = False
+        self.first_progress_at: float | None = None
         # Called once, from the posting thread, when the job reaches its terminal event.
         self.on_finish: Callable[[Job, Event], None] | None = None
 
@@ -58,9 +59,16 @@ class Job:
                 self.on_finish(self, event)
         elif self.cancelled.is_set():
             return
+        elif self.first_progress_at is None and isinstance(event, Progress):
+            self.first_progress_at = time.monotonic()
         # RuntimeError: the event loop is closed; the server is gone and nobody is listening.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def abort(self, event: Failed) -> None:
+        """Ends the job now with `event` (shutdown); a running batch drops it at the next step."""
+        self.cancelled.set()
+        self.post(event)
 
     def cancel(self) -> None:
         """Marks the job cancelled; the worker stops it within one step or skips it if queued."""

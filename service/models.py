@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,8 @@ class ModelRegistry:
         self._slots: dict[str, _Slot] = {}
         self._aliases: dict[str, str] = dict(aliases)
         self.default_model = ""
+        # Called with (model name, seconds) after each successful load.
+        self.on_load: Callable[[str, float], None] | None = None
         self.rescan()
 
     def rescan(self) -> None:
@@ -290,6 +292,8 @@ class ModelRegistry:
                 raise ModelUnusable(f"model {entry.name!r} failed to load") from exc
             slot.state = ModelState.LOADED
             slot.error = ""
+            if self.on_load is not None:
+                self.on_load(entry.name, slot.loaded.load_seconds)
             log.info(
                 "model loaded",
                 extra={"model": entry.name, "revision": entry.revision, "seconds": slot.loaded.load_seconds},

@@ -1,11 +1,13 @@
-"""Builds and runs the grpc.aio server: services, health, reflection, limits and graceful stop."""
+"""Builds and runs the grpc.aio server: services, health, reflection, auth, TLS, metrics and graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,9 +15,12 @@ from grpc_reflection.v1alpha import reflection
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-from service import device
+from service import device, metrics
+from service.auth import ApiKeyInterceptor, load_keys
 from service.engine import Engine
+from service.jobs import Job
 from service.models import ModelRegistry
+from service.requests import Event, Failed, Outcome, Result
 from service.servicer import DiffusionServicer
 from service.settings import Settings
 
@@ -24,73 +29,201 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 # Liveness does not depend on models: it answers SERVING as long as the process serves RPCs.
 LIVENESS_NAME = "liveness"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments: message limits set explicitly (images exceed gRPC's 4 MiB default)."""
-    return [
+    """Channel arguments: explicit message limits (images exceed 4 MiB), keepalive and connection age."""
+    options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients ping as often as every 10 s without being told off (GOAWAY too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files; mutual TLS when a client CA is given."""
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    cert = Path(settings.tls_cert_file).read_bytes()
+    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class Server:
-    """One sdserve server process: start(), port, wait(), stop()."""
+    """One sdserve server process: start(), port, drain(), stop()."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         choice = device.choose(settings.device, settings.dtype)
         self.registry = ModelRegistry(settings.model_dirs, choice, settings.aliases)
         self.engine = Engine(settings, choice, self.registry)
-        self.servicer = DiffusionServicer(self.engine, settings)
+        self.metrics = metrics.ServerMetrics()
+        self.servicer = DiffusionServicer(self.engine, settings, self.metrics)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.grpc = grpc.aio.server(options=grpc_options(settings))
+        interceptors: list[Any] = []
+        keys = load_keys(settings.api_keys, settings.api_keys_file)
+        if keys:
+            interceptors.append(ApiKeyInterceptor(keys, self._count_unauthenticated))
+        self.grpc = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
         pb_grpc.add_DiffusionServiceServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
-        self._stopped = asyncio.Event()
+        self.metrics_port = 0
+        self._metrics_http: Any = None
+        self._idle = asyncio.Event()
+        self._wire_metrics()
+
+    def _count_unauthenticated(self, method: str) -> None:
+        rpc = method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(rpc, "unknown", "", "unauthenticated").inc()
+
+    def _wire_metrics(self) -> None:
+        m = self.metrics
+
+        def loaded() -> list[tuple[str, str, str, bool]]:
+            dtype = self.engine.choice.dtype_name
+            out = []
+            for entry in self.registry.entries():
+                state, _ = self.registry.state(entry.name)
+                out.append((entry.name, entry.revision, dtype, state.value == "loaded"))
+            return out
+
+        m.add_collector(
+            metrics.StateCollector(self.queue_depths, self.engine.in_flight, loaded, self.engine.choice.device)
+        )
+
+        def on_finish(job: Job, event: Event) -> None:
+            r = job.resolved
+            labels = (r.model, r.task.value)
+            if job.started_at is not None:
+                m.queue_seconds.labels(*labels).observe(job.started_at - job.enqueued_at)
+            if isinstance(event, Result):
+                m.inference_seconds.labels(*labels).observe(time.monotonic() - (job.started_at or job.enqueued_at))
+                m.images.labels(*labels).inc(len(event.images))
+            if job.first_progress_at is not None:
+                m.first_progress_seconds.labels(*labels).observe(job.first_progress_at - job.arrived_at)
+
+        def on_batch(jobs: list[Job], seconds: float) -> None:
+            model = jobs[0].resolved.model
+            m.batch_requests.labels(model).observe(len(jobs))
+            m.batch_images.labels(model).observe(sum(j.resolved.num_images for j in jobs))
+            steps = max(j.steps_done for j in jobs)
+            if steps:
+                m.step_seconds.labels(model).observe(seconds / steps)
+
+        def on_load(name: str, seconds: float) -> None:
+            m.model_load_seconds.labels(name).observe(seconds)
+
+        self.engine.finish_hooks.append(on_finish)
+        self.engine.worker.on_batch = on_batch
+        self.registry.on_load = on_load
+
+    def queue_depths(self) -> dict[str, int]:
+        depths = dict.fromkeys(self.registry.names(), 0)
+        depths.update(self.engine.queue.depth_by_model())
+        return depths
+
+    async def _set_ready(self, status: Any) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
 
     async def start(self) -> int:
         """Binds, reports NOT_SERVING, loads and warms the default model, then reports SERVING."""
         s = self.settings
-        self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        creds = server_credentials(s)
+        self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
         if self.port == 0:
-            raise SystemExit(f"could not bind {s.host}:{s.port}")
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
+            raise SystemExit(f"could not bind {address}")
+        await self._set_ready(NOT_SERVING)
+        await self.health.set(LIVENESS_NAME, SERVING)
         await self.grpc.start()
+        if s.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
         if s.port_file:
             await asyncio.to_thread(Path(s.port_file).write_text, str(self.port))
-        log.info("listening", extra={"host": s.host, "port": self.port})
+        log.info(
+            "listening",
+            extra={"host": s.host, "port": self.port, "tls": bool(creds), "metrics_port": self.metrics_port},
+        )
+        loop = asyncio.get_running_loop()
+
+        def idle() -> None:
+            loop.call_soon_threadsafe(self._idle.set)
+
+        self.engine.on_idle = idle
         await asyncio.to_thread(self.engine.start)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_ready(SERVING)
         log.info("serving", extra={"default_model": self.registry.default_model, "device": self.engine.choice.type})
         return self.port
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Stops taking requests, lets streams finish within `grace` seconds, then stops the worker."""
+    async def drain(self, grace: float, force: asyncio.Event | None = None) -> int:
+        """Stops admitting work (NOT_SERVING, new calls UNAVAILABLE) and waits up to `grace` seconds for
+        in-flight streams; what is left (or everything, once `force` is set) ends UNAVAILABLE.
+        Returns how many requests were cut off."""
         self.servicer.draining = True
-        await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
-        await asyncio.to_thread(self.engine.stop, 5.0)
-        self._stopped.set()
+        await self._set_ready(NOT_SERVING)
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wait_idle())]
+        if force is not None:
+            waiters.append(asyncio.ensure_future(force.wait()))
+        _, pending = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for w in pending:
+            w.cancel()
+        left = self.engine.abort_all(
+            Failed(Outcome.UNAVAILABLE, "the server shut down before this request finished; retry elsewhere")
+        )
+        if left:
+            log.warning("drain cut off requests", extra={"requests": left})
+        return left
 
-    async def wait(self) -> None:
-        await self._stopped.wait()
+    async def _wait_idle(self) -> None:
+        while self.engine.active_count():
+            self._idle.clear()
+            if not self.engine.active_count():
+                break
+            await self._idle.wait()
+
+    async def stop(self, grace: float = 5.0, force: asyncio.Event | None = None) -> None:
+        """Drains, then stops the gRPC server, the worker and the metrics endpoint."""
+        await self.drain(grace, force)
+        await self.health.enter_graceful_shutdown()
+        # Streams already ended; the short grace lets their final status frames flush.
+        await self.grpc.stop(1.0)
+        await asyncio.to_thread(self.engine.stop, 10.0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then drains gracefully."""
+    """Runs until SIGTERM or SIGINT, then drains: a second signal cuts the drain short."""
     server = Server(settings)
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
+    first = asyncio.Event()
+    second = asyncio.Event()
+
+    def on_signal() -> None:
+        (second if first.is_set() else first).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     await server.start()
-    await stopping.wait()
-    log.info("draining")
-    await server.stop(30.0)
+    await first.wait()
+    log.info("draining", extra={"grace_seconds": settings.grace_seconds, "active": server.engine.active_count()})
+    await server.stop(settings.grace_seconds, second)
     log.info("stopped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import platform
 import time
@@ -17,6 +18,7 @@ from service import convert, status
 from service.dispatch import Overloaded
 from service.engine import Engine
 from service.jobs import Job
+from service.metrics import ServerMetrics
 from service.models import ModelNotFound, ModelState, ModelUnusable
 from service.requests import Failed, GenerationRequest, Outcome, Result, Task
 from service.resolve import InvalidForModel
@@ -33,6 +35,7 @@ _STATE_ENUM = {
     ModelState.LOADED: pb.MODEL_STATE_LOADED,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
 }
+_RPC_TASKS = {"Generate": Task.GENERATE, "Edit": Task.EDIT, "Inpaint": Task.INPAINT}
 _TASK_ENUM = {Task.GENERATE: pb.TASK_GENERATE, Task.EDIT: pb.TASK_EDIT, Task.INPAINT: pb.TASK_INPAINT}
 VERSION = "0.1.0"
 
@@ -40,36 +43,33 @@ VERSION = "0.1.0"
 class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     """Serves Generate, Edit and Inpaint streams and the two info RPCs."""
 
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics
         self.draining = False
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
-        async for event in self._stream(request, context, convert.generate_request, pb.GenerateResponse):
+        async for event in self._stream("Generate", request, context, convert.generate_request, pb.GenerateResponse):
             yield event
 
     async def Edit(
         self, request: pb.EditRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.EditResponse]:
-        async for event in self._stream(request, context, convert.edit_request, pb.EditResponse):
+        async for event in self._stream("Edit", request, context, convert.edit_request, pb.EditResponse):
             yield event
 
     async def Inpaint(
         self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.InpaintResponse]:
-        async for event in self._stream(request, context, convert.inpaint_request, pb.InpaintResponse):
+        async for event in self._stream("Inpaint", request, context, convert.inpaint_request, pb.InpaintResponse):
             yield event
 
-    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], failed: Failed) -> None:
-        code, message, metadata = status.rich_status(failed)
-        await context.abort(code, message, trailing_metadata=metadata)
-
-    def _submit(self, req: GenerationRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Job | Failed:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None or remaining > 1e9 else time.monotonic() + remaining
+    def _submit(
+        self, req: GenerationRequest, context: grpc.aio.ServicerContext[Any, Any], deadline: float | None
+    ) -> Job | Failed:
         try:
             return self.engine.submit(req, asyncio.get_running_loop(), deadline)
         except InvalidForModel as exc:
@@ -82,32 +82,89 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             return Failed(Outcome.OVERLOADED, f"queue full: {exc}", (), 1.0)
 
     async def _stream(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], parse: Parser, cls: type[R]
+        self, rpc: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], parse: Parser, cls: type[R]
     ) -> AsyncIterator[R]:
-        if self.draining:
-            await self._abort(context, Failed(Outcome.UNAVAILABLE, "the server is draining; retry on another replica"))
+        arrived = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None or remaining > 1e9 else arrived + remaining
+        task = _RPC_TASKS[rpc]
+        outcome = Outcome.INTERNAL
+        req: GenerationRequest | None = None
+        job: Job | None = None
+        failed: Failed | None = None
         try:
-            req = parse(request, self.settings)
-        except convert.InvalidRequest as exc:
-            await self._abort(context, status.invalid(exc.violations))
-            return
-        submitted = self._submit(req, context)
-        if isinstance(submitted, Failed):
-            await self._abort(context, submitted)
-            return
-        job = submitted
-        try:
-            while True:
+            if self.draining:
+                failed = Failed(Outcome.UNAVAILABLE, "the server is draining; retry on another replica")
+            else:
+                try:
+                    req = parse(request, self.settings)
+                except convert.InvalidRequest as exc:
+                    failed = status.invalid(exc.violations)
+            if failed is None and req is not None:
+                submitted = self._submit(req, context, deadline)
+                if isinstance(submitted, Failed):
+                    failed = submitted
+                else:
+                    job = submitted
+            while failed is None and job is not None:
                 event = await job.events.get()
                 if isinstance(event, Failed):
-                    await self._abort(context, event)
-                    return
+                    failed = event
+                    break
                 yield convert.event_to_proto(event, cls)
                 if isinstance(event, Result):
+                    outcome = Outcome.OK
                     return
+            if failed is not None:
+                outcome = failed.outcome
+                code, message, metadata = status.rich_status(failed)
+                await context.abort(code, message, trailing_metadata=metadata)
+        except asyncio.CancelledError:
+            now = time.monotonic()
+            outcome = Outcome.DEADLINE if deadline is not None and now >= deadline - 0.001 else Outcome.CANCELLED
+            raise
         finally:
-            if not job.finished:
+            if job is not None and not job.finished:
                 self.engine.cancel(job)
+            self._account(rpc, task, req, job, outcome, arrived)
+
+    def _account(
+        self, rpc: str, task: Task, req: GenerationRequest | None, job: Job | None, outcome: Outcome, arrived: float
+    ) -> None:
+        model = job.resolved.model if job is not None else "unknown"
+        elapsed = time.monotonic() - arrived
+        m = self.metrics
+        if m is not None:
+            m.requests.labels(rpc, model, task.value, outcome.value).inc()
+            m.request_seconds.labels(rpc, outcome.value).observe(elapsed)
+        fields: dict[str, object] = {
+            "rpc": rpc,
+            "model": model,
+            "outcome": outcome.value,
+            "total_seconds": round(elapsed, 4),
+        }
+        if job is not None:
+            r = job.resolved
+            fields.update(
+                request_id=r.request_id,
+                revision=r.model_revision,
+                steps=r.steps,
+                images=r.num_images,
+                width=r.width,
+                height=r.height,
+                scheduler=r.scheduler_name,
+                queue_seconds=round(((job.started_at or time.monotonic()) - job.enqueued_at), 4),
+                steps_done=job.steps_done,
+            )
+        if req is not None:
+            fields.update(
+                request_id=fields.get("request_id") or req.request_id,
+                prompt_chars=len(req.prompt),
+                prompt_sha256=hashlib.sha256(req.prompt.encode()).hexdigest()[:16],
+                negative_chars=len(req.negative_prompt),
+            )
+        level = logging.ERROR if outcome is Outcome.INTERNAL else logging.INFO
+        log.log(level, "request", extra=fields)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -34,6 +34,10 @@ def _aliases(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _keys(value: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -82,6 +86,29 @@ class Settings:
     max_images: int = _field(4, "Most images per request.", int)
     max_prompt_chars: int = _field(2000, "Longest prompt or negative prompt in characters.", int)
     max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.", int)
+    metrics_host: str = _field("127.0.0.1", "Interface for the Prometheus /metrics endpoint (0.0.0.0 in a pod).")
+    metrics_port: int = _field(9400, "Port for /metrics; 0 picks a free one, -1 disables it.", int)
+    grace_seconds: float = _field(
+        60.0, "On SIGTERM: how long in-flight streams may run before they are cancelled (UNAVAILABLE).", float
+    )
+    api_keys: tuple[str, ...] = _field(
+        (), "API keys accepted as 'authorization: Bearer KEY', comma-separated. Empty with no file: no auth.", _keys
+    )
+    api_keys_file: str = _field("", "File with one API key per line (# comments allowed); adds to --api-keys.")
+    tls_cert_file: str = _field("", "PEM certificate chain; with --tls-key-file the server speaks TLS only.")
+    tls_key_file: str = _field("", "PEM private key for --tls-cert-file.")
+    tls_client_ca_file: str = _field(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
+    )
+    keepalive_time_s: float = _field(60.0, "Server keepalive ping interval on idle connections, seconds.", float)
+    keepalive_timeout_s: float = _field(20.0, "How long to wait for a keepalive ack before closing, seconds.", float)
+    max_connection_age_s: float = _field(
+        0.0, "Close connections older than this (seconds) so clients rebalance; 0 keeps them forever.", float
+    )
+    max_connection_age_grace_s: float = _field(
+        900.0, "After max_connection_age, how long open streams may finish; keep above the longest generation.", float
+    )
+    max_concurrent_streams: int = _field(64, "Most concurrent streams (RPCs) per client connection.", int)
     log_format: str = _field("auto", "Log format: auto (JSON unless on a terminal), json or text.")
     log_level: str = _field("INFO", "Log level.")
 
@@ -122,6 +149,12 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         if self.max_message_bytes < 4 * 1024 * 1024:
             problems.append("max_message_bytes must be at least 4 MiB")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.metrics_port < -1 or self.metrics_port > 65535:
+            problems.append("metrics_port must be -1 (off), 0 (any) or a port")
         if self.log_format not in ("auto", "json", "text"):
             problems.append("log_format must be auto, json or text")
         if problems:
@@ -137,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Settings):
         default = f.default
         shown = ":".join(str(p) for p in default) if isinstance(default, tuple) else default
+        if f.name == "api_keys":
+            shown = "(none)"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

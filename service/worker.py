@@ -17,7 +17,13 @@ from service.requests import Failed, Outcome, Started
 
 log = logging.getLogger(__name__)
 
-OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
+
+def is_oom(exc: BaseException) -> bool:
+    """Device out-of-memory: torch's OutOfMemoryError (CUDA, XPU) or a failed CPU/MPS allocation."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def empty_device_cache(device_type: str) -> None:
@@ -47,7 +53,7 @@ class Worker:
         self._device_type = device_type
         self._limit = batch_limit
         self._wait = batch_wait_seconds
-        self._on_batch = on_batch
+        self.on_batch = on_batch
         self._thread = threading.Thread(target=self._loop, name="sdserve-worker", daemon=True)
         self.busy = threading.Event()
 
@@ -108,20 +114,26 @@ class Worker:
             runner.run_batch(model, live)
         except ModelUnusable as exc:
             self._fail(live, Failed(Outcome.UNAVAILABLE_MODEL, str(exc)))
-        except OOM_ERRORS:
-            log.warning("device out of memory", extra={"model": live[0].resolved.model, "batch": len(live)})
-            empty_device_cache(self._device_type)
-            self._fail(
-                live,
-                Failed(Outcome.OOM, "the device ran out of memory; retry with fewer or smaller images", (), 1.0),
-            )
-        except Exception:
-            log.exception("pipeline failed", extra={"model": live[0].resolved.model})
-            self._fail(live, Failed(Outcome.INTERNAL, "internal error"))
+        except Exception as exc:
+            if is_oom(exc):
+                log.warning("device out of memory", extra={"model": live[0].resolved.model, "batch": len(live)})
+                empty_device_cache(self._device_type)
+                self._fail(
+                    live,
+                    Failed(
+                        Outcome.OOM,
+                        "out of device memory: the request did not fit; retry with fewer or smaller images",
+                        (),
+                        1.0,
+                    ),
+                )
+            else:
+                log.exception("pipeline failed", extra={"model": live[0].resolved.model})
+                self._fail(live, Failed(Outcome.INTERNAL, "internal error"))
         finally:
             self._fail(live, Failed(Outcome.INTERNAL, "internal error: the request ended without a result"))
-            if self._on_batch is not None:
-                self._on_batch(live, time.perf_counter() - start)
+            if self.on_batch is not None:
+                self.on_batch(live, time.perf_counter() - start)
 
     @staticmethod
     def _fail(jobs: list[Job], event: Failed) -> None:

@@ -81,6 +81,7 @@ def make_settings(models: Path, **overrides: Any) -> Settings:
         default_model=TINY,
         log_format="text",
         preload_default=True,
+        metrics_port=-1,
     )
     return dataclasses.replace(base, **overrides)
 
