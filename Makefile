@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv install gen check-gen lint typecheck test test-fast demo bench eval clean
+.PHONY: venv install deps gen check-gen check-breaking lint typecheck test test-fast demo bench eval clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,12 +19,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv install: $(VENV)/.installed
 
-gen: install
+# System tools for the tests (promtool, openssl, prlimit) and the TypeScript/Go client toolchains.
+deps:
+	scripts/install_test_deps.sh
+
+gen: install deps
 	scripts/gen.sh
 	$(BIN)/python scripts/gen_config_docs.py
 
-check-gen: install
+check-gen: install deps
 	scripts/check_gen.sh
+
+check-breaking: install
+	scripts/check_breaking.sh
 
 lint: install
 	$(BIN)/ruff check .
@@ -34,7 +41,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy service model_manager clients/python/sdserve tests
 
-test: install check-gen lint typecheck
+test: install deps check-gen check-breaking lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

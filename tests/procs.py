@@ -15,13 +15,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 class ServiceProcess:
     """A server subprocess; `target` once ready; `stderr_lines()` after it exits."""
 
-    def __init__(self, models_dir: Path, workdir: Path, *flags: str, preexec: object = None):
+    def __init__(self, models_dir: Path, workdir: Path, *flags: str, wrapper: tuple[str, ...] = ()):
         self.port_file = workdir / "port"
         self.log_path = workdir / "server.log"
         self._log = self.log_path.open("w")
         env = dict(os.environ, SDSERVE_LOG_FORMAT="json", SDSERVE_METRICS_PORT="-1")
         self.proc = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "service",
@@ -38,7 +39,6 @@ class ServiceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=preexec,  # type: ignore[arg-type]
         )
         self.target = ""
 

@@ -25,7 +25,7 @@ LONG = {"steps": 150, "width": 256, "height": 256}
 
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return resp.read().decode()
+        return str(resp.read().decode())
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import threading
 import time
@@ -12,8 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from PIL import Image
 
 from sdserve import Client, Progress, Result, SdserveError
+from tests.harness import png
 from tests.procs import ServiceProcess
 
 
@@ -26,10 +27,10 @@ def proc_factory(models_dir: Path, tmp_path: Path) -> Iterator[list[ServiceProce
 
 
 def start(
-    made: list[ServiceProcess], models_dir: Path, workdir: Path, *flags: str, preexec: object = None
+    made: list[ServiceProcess], models_dir: Path, workdir: Path, *flags: str, wrapper: tuple[str, ...] = ()
 ) -> ServiceProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    p = ServiceProcess(models_dir, workdir, *flags, preexec=preexec)
+    p = ServiceProcess(models_dir, workdir, *flags, wrapper=wrapper)
     made.append(p)
     p.wait_ready()
     return p
@@ -130,13 +131,6 @@ def test_json_logs_never_carry_the_prompt(proc_factory: list[ServiceProcess], mo
     assert all(secret not in line for line in lines)
 
 
-def _limit_memory(limit: int) -> object:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return apply
-
-
 def test_device_out_of_memory_is_resource_exhausted_and_recovers(
     proc_factory: list[ServiceProcess], models_dir: Path, tmp_path: Path
 ) -> None:
@@ -144,12 +138,14 @@ def test_device_out_of_memory_is_resource_exhausted_and_recovers(
     probe = start(proc_factory, models_dir, tmp_path / "probe")
     vms = psutil.Process(probe.proc.pid).memory_info().vms
     probe.close()
-    # Room for normal requests (tens of MB) but not for 4 images of 2048x2048 (GBs of activations).
-    limit = vms + 1_500_000_000
-    p = start(proc_factory, models_dir, tmp_path / "e", preexec=_limit_memory(limit))
+    # Room for normal requests (tens of MB) but not for encoding 4 images of 2048x2048 (GBs of activations),
+    # which is the first thing an Edit does, so the failure comes fast.
+    limit = vms + 700_000_000
+    # prlimit (util-linux) applies the address-space limit to the server process only.
+    p = start(proc_factory, models_dir, tmp_path / "e", wrapper=("prlimit", f"--as={limit}"))
     with Client(p.target) as c:
         with pytest.raises(SdserveError) as info:
-            c.generate("huge", steps=1, width=2048, height=2048, num_images=4)
+            c.edit(png(Image.new("RGB", (2048, 2048), "red")), "huge", steps=1, strength=1.0, num_images=4)
         assert info.value.code == "RESOURCE_EXHAUSTED"
         assert "out of device memory" in info.value.message
         assert c.generate("small", steps=2).image.width == 64

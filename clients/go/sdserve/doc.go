@@ -1,0 +1,23 @@
+// Package sdserve is a thin, typed client for the sdserve Stable Diffusion gRPC service.
+//
+// It wraps the generated DiffusionService client (package sdservev1) with:
+//
+//   - Generate, Edit and Inpaint calls that return the final images and their metadata,
+//     with an optional typed callback for every stream event (progress and previews);
+//   - GenerateStream, EditStream and InpaintStream for reading the events one by one;
+//   - cancellation and deadlines through context.Context;
+//   - 64 MiB message limits, since result images exceed gRPC's 4 MiB default;
+//   - errors as *Error, with the gRPC code, the google.rpc.BadRequest field violations and the
+//     google.rpc.RetryInfo delay decoded.
+//
+// Example:
+//
+//	c, err := sdserve.Dial(ctx, "127.0.0.1:50051")
+//	if err != nil { ... }
+//	defer c.Close()
+//	res, err := c.Generate(ctx, &sdservev1.GenerateRequest{Params: &sdservev1.GenerationParams{
+//		Prompt: "a red circle", Steps: 20, Seed: proto.Uint64(42),
+//	}}, sdserve.OnEvent(func(e sdserve.Event) {
+//		if e.Progress != nil { log.Printf("step %d/%d", e.Progress.Step, e.Progress.TotalSteps) }
+//	}))
+package sdserve

@@ -1,0 +1,264 @@
+/** SdserveClient: a thin, typed wrapper over the generated DiffusionService client. */
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import {
+  createClient,
+  type CallOptions as ConnectCallOptions,
+  type Client,
+  type Interceptor,
+} from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import {
+  DiffusionService,
+  EditRequestSchema,
+  GenerateRequestSchema,
+  InpaintRequestSchema,
+  ResolvedParametersSchema,
+  TimingsSchema,
+  type GenerateResponse,
+  type GetServerInfoResponse,
+  type Image,
+  type ListModelsResponse,
+  type ResolvedParameters,
+  type StartedEvent,
+  type Timings,
+} from "./gen/sdserve/v1/diffusion_pb.js";
+import { Code, SdserveError } from "./errors.js";
+
+/** 64 MiB: result images exceed gRPC's customary 4 MiB; the server's own default limit is 64 MiB. */
+export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+
+/** A Generate request as a plain object, e.g. `{ params: { prompt: "a cat", steps: 20, seed: 42n } }`. */
+export type GenerateInput = MessageInitShape<typeof GenerateRequestSchema>;
+/** An Edit request as a plain object; `image` holds PNG, JPEG or WebP bytes. */
+export type EditInput = MessageInitShape<typeof EditRequestSchema>;
+/** An Inpaint request as a plain object; white (255) in `mask` means "repaint". */
+export type InpaintInput = MessageInitShape<typeof InpaintRequestSchema>;
+
+/**
+ * One event of a Generate, Edit or Inpaint stream, in stream order: `queued`, `started`,
+ * zero or more `progress` (steps 1..totalSteps, with previews when asked for), then `result`.
+ * Switch on `event.case`; `event.value` is typed accordingly.
+ */
+export type SdserveEvent = Exclude<GenerateResponse["event"], { case: undefined }>;
+
+/** What `generate`, `edit` and `inpaint` resolve to. */
+export interface GenerationResult {
+  /** The result images, in index order. */
+  readonly images: readonly Image[];
+  /** The parameters the request actually ran with (defaults filled in). */
+  readonly parameters: ResolvedParameters;
+  /** Where the time went, in seconds. */
+  readonly timings: Timings;
+  /** The request id (the caller's, or one the server made). */
+  readonly requestId: string;
+  /** The `started` event (seeds, model, revision, queue time), when the server sent one. */
+  readonly started: StartedEvent | undefined;
+}
+
+/** Per-call options. */
+export interface CallOptions {
+  /** Aborting cancels the call: the server stops within one step and the call rejects with CANCELLED. */
+  signal?: AbortSignal;
+  /** Deadline in milliseconds from now; the server sees it as grpc-timeout. Overrides the client default. */
+  timeoutMs?: number;
+  /** Extra request metadata. */
+  headers?: ConnectCallOptions["headers"];
+}
+
+/** Per-call options of generate/edit/inpaint, which can also observe the events on the way. */
+export interface GenerationCallOptions extends CallOptions {
+  /** Called for every event before the result resolves (e.g. to show progress or previews). */
+  onEvent?: (event: SdserveEvent) => void;
+}
+
+/** Options of a client. */
+export interface ClientOptions {
+  /** Largest message received or sent, in bytes. Default 64 MiB. */
+  maxMessageBytes?: number;
+  /** Deadline applied to calls without their own `timeoutMs`. Default: none. */
+  defaultTimeoutMs?: number;
+  /** Sent as `authorization: Bearer <apiKey>` on every call, for servers started with API keys. */
+  apiKey?: string;
+  /** Connect interceptors (headers, logging, ...), run after the API key one. */
+  interceptors?: Interceptor[];
+}
+
+/** Accepts `host:port`, `http://host:port` (plaintext HTTP/2) or `https://host:port` (TLS). */
+function toBaseUrl(address: string): string {
+  return /^https?:\/\//.test(address) ? address : `http://${address}`;
+}
+
+/**
+ * A client for sdserve's DiffusionService over gRPC (HTTP/2).
+ *
+ * ```ts
+ * const client = new SdserveClient("127.0.0.1:50051");
+ * const { images } = await client.generate({ params: { prompt: "a red circle", seed: 1n } });
+ * client.close();
+ * ```
+ */
+export class SdserveClient {
+  /** The generated Connect client, for anything the wrapper does not cover. */
+  readonly raw: Client<typeof DiffusionService>;
+  private readonly session: Http2SessionManager;
+
+  constructor(address: string, options: ClientOptions = {}) {
+    const baseUrl = toBaseUrl(address);
+    const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    this.session = new Http2SessionManager(baseUrl);
+    const interceptors: Interceptor[] = [];
+    const apiKey = options.apiKey;
+    if (apiKey) {
+      interceptors.push((next) => (req) => {
+        req.header.set("authorization", `Bearer ${apiKey}`);
+        return next(req);
+      });
+    }
+    interceptors.push(...(options.interceptors ?? []));
+    const transport = createGrpcTransport({
+      // gRPC always runs over HTTP/2 (connect-node v2 has no httpVersion option for it); plaintext
+      // "http://" URLs use HTTP/2 with prior knowledge, as a plain gRPC server expects.
+      baseUrl,
+      sessionManager: this.session,
+      readMaxBytes: maxBytes,
+      writeMaxBytes: maxBytes,
+      defaultTimeoutMs: options.defaultTimeoutMs,
+      interceptors,
+    });
+    this.raw = createClient(DiffusionService, transport);
+  }
+
+  /**
+   * Text-to-image; streams every event. Iterating rejects with SdserveError on failure; leaving the
+   * loop early (`break`) cancels the call.
+   */
+  streamGenerate(request: GenerateInput, options: CallOptions = {}): AsyncIterable<SdserveEvent> {
+    return events(
+      (signal) => this.raw.generate(create(GenerateRequestSchema, request), callOptions(options, signal)),
+      options.signal,
+    );
+  }
+
+  /** Image-to-image; streams every event (as streamGenerate). */
+  streamEdit(request: EditInput, options: CallOptions = {}): AsyncIterable<SdserveEvent> {
+    return events(
+      (signal) => this.raw.edit(create(EditRequestSchema, request), callOptions(options, signal)),
+      options.signal,
+    );
+  }
+
+  /** Inpainting; streams every event (as streamGenerate). */
+  streamInpaint(request: InpaintInput, options: CallOptions = {}): AsyncIterable<SdserveEvent> {
+    return events(
+      (signal) => this.raw.inpaint(create(InpaintRequestSchema, request), callOptions(options, signal)),
+      options.signal,
+    );
+  }
+
+  /** Text-to-image; resolves with the images and their metadata. */
+  generate(request: GenerateInput, options: GenerationCallOptions = {}): Promise<GenerationResult> {
+    return collect(this.streamGenerate(request, options), options.onEvent);
+  }
+
+  /** Image-to-image; resolves with the images and their metadata. */
+  edit(request: EditInput, options: GenerationCallOptions = {}): Promise<GenerationResult> {
+    return collect(this.streamEdit(request, options), options.onEvent);
+  }
+
+  /** Inpainting; resolves with the images and their metadata. */
+  inpaint(request: InpaintInput, options: GenerationCallOptions = {}): Promise<GenerationResult> {
+    return collect(this.streamInpaint(request, options), options.onEvent);
+  }
+
+  /** The models this server can serve. */
+  async listModels(options: CallOptions = {}): Promise<ListModelsResponse> {
+    try {
+      return await this.raw.listModels({}, options);
+    } catch (reason) {
+      throw SdserveError.from(reason);
+    }
+  }
+
+  /** Device, versions, schedulers and limits. */
+  async getServerInfo(options: CallOptions = {}): Promise<GetServerInfoResponse> {
+    try {
+      return await this.raw.getServerInfo({}, options);
+    } catch (reason) {
+      throw SdserveError.from(reason);
+    }
+  }
+
+  /** Closes the HTTP/2 connection; calls still running fail. Idle connections do not keep Node alive. */
+  close(): void {
+    this.session.abort();
+  }
+}
+
+function callOptions(options: CallOptions, signal: AbortSignal): ConnectCallOptions {
+  return { signal, timeoutMs: options.timeoutMs, headers: options.headers };
+}
+
+/**
+ * Yields a call's events and converts failures to SdserveError. Stopping early (`break`, or an
+ * exception in the loop body) cancels the call, so neither the HTTP/2 stream nor the deadline timer
+ * outlives the loop: Connect's own stream iterators cannot be closed early.
+ */
+async function* events(
+  open: (signal: AbortSignal) => AsyncIterable<{ event: GenerateResponse["event"] }>,
+  signal: AbortSignal | undefined,
+): AsyncGenerator<SdserveEvent, void, undefined> {
+  const controller = new AbortController();
+  const forward = (): void => controller.abort(signal?.reason);
+  if (signal?.aborted) {
+    forward();
+  } else {
+    signal?.addEventListener("abort", forward, { once: true });
+  }
+  let ended = false;
+  try {
+    for await (const response of open(controller.signal)) {
+      // An unset oneof would be an event kind newer than this client: skip it.
+      if (response.event.case !== undefined) {
+        yield response.event as SdserveEvent;
+      }
+    }
+    ended = true;
+  } catch (reason) {
+    ended = true;
+    throw SdserveError.from(reason);
+  } finally {
+    signal?.removeEventListener("abort", forward);
+    if (!ended) {
+      controller.abort(new SdserveError(Code.Canceled, "the caller stopped reading the stream"));
+    }
+  }
+}
+
+async function collect(
+  stream: AsyncIterable<SdserveEvent>,
+  onEvent: ((event: SdserveEvent) => void) | undefined,
+): Promise<GenerationResult> {
+  let started: StartedEvent | undefined;
+  let result: GenerationResult | undefined;
+  // Read to the end, not just to the result event: the call finishes (and its status is checked)
+  // only when the stream ends.
+  for await (const event of stream) {
+    onEvent?.(event);
+    if (event.case === "started") {
+      started = event.value;
+    } else if (event.case === "result") {
+      const r = event.value;
+      result = {
+        images: r.images,
+        parameters: r.parameters ?? create(ResolvedParametersSchema),
+        timings: r.timings ?? create(TimingsSchema),
+        requestId: r.requestId,
+        started,
+      };
+    }
+  }
+  if (result === undefined) {
+    throw new SdserveError(Code.Internal, "the stream ended with OK but without a result event");
+  }
+  return result;
+}

@@ -1,0 +1,15 @@
+/** Public entry point of the sdserve TypeScript client. */
+export {
+  SdserveClient,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  type CallOptions,
+  type ClientOptions,
+  type EditInput,
+  type GenerateInput,
+  type GenerationCallOptions,
+  type GenerationResult,
+  type InpaintInput,
+  type SdserveEvent,
+} from "./client.js";
+export { Code, SdserveError, type FieldViolation, type GrpcCodeName } from "./errors.js";
+export * from "./gen/sdserve/v1/diffusion_pb.js";

@@ -1,0 +1,1 @@
+"""Tests of the TypeScript and Go clients against a live sdserve."""
