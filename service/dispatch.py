@@ -47,6 +47,11 @@ class JobQueue:
         with self._cond:
             return len(self._items)
 
+    def wait_depth(self, depth: int, timeout: float) -> bool:
+        """Blocks until at least `depth` jobs wait (or `timeout` passes); True when they do."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._items) >= depth, timeout)
+
     def depth_by_model(self) -> dict[str, int]:
         with self._cond:
             out: dict[str, int] = {}

@@ -10,16 +10,20 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from service import schedulers
+from service.batching import BatchPolicy
 from service.device import DeviceChoice
 from service.dispatch import JobQueue
 from service.jobs import Job
 from service.models import ModelEntry, ModelRegistry
+from service.prompt_cache import PromptCache
 from service.requests import Event, Failed, GenerationRequest, Outcome, Queued, Task
 from service.resolve import resolve
+from service.runner import BatchStats
 from service.settings import Settings
 from service.tiny import TINY_NAME, build_tiny
 from service.worker import Worker
@@ -67,14 +71,20 @@ class Engine:
         self.choice = choice
         self.registry = registry
         self.queue = JobQueue(settings.max_queue)
-        self.batch_limit: Callable[[Job], int] = lambda job: settings.max_batch_images
+        self.batching = BatchPolicy(settings.max_batch_images)
+        self.batch_limit: Callable[[Job], int] = (
+            self.batching.limit if settings.batch_policy == "measured" else lambda job: settings.max_batch_images
+        )
+        self.prompt_cache = PromptCache(settings.prompt_cache_bytes) if settings.prompt_cache_bytes > 0 else None
         self.worker = Worker(
             self.queue,
             registry,
             choice.type,
             self._limit_for,
             settings.batch_wait_ms / 1000.0,
+            self.prompt_cache,
         )
+        self.worker.batch_hooks.append(self._learn)
         self._ledger_lock = threading.Lock()
         self.ledger: collections.deque[LedgerEntry] = collections.deque(maxlen=10_000)
         self.finish_hooks: list[Callable[[Job, Event], None]] = []
@@ -99,6 +109,40 @@ class Engine:
             self.queue.discard(job)
             job.abort(event)
         return len(jobs)
+
+    def _learn(self, jobs: list[Job], stats: BatchStats) -> None:
+        if stats.steps >= 2:
+            self.batching.observe(BatchPolicy.key_of(jobs[0]), stats.images, stats.step_seconds)
+
+    def calibrate(self, entry: ModelEntry, steps: int = 3) -> None:
+        """Measures per-image step time at the model's default size for batch sizes 1, 2, 4, ... up to the
+        limit, so the batch policy starts from measurements instead of guesses."""
+        if self.batching.max_images == 1 or self.settings.batch_policy != "measured":
+            return
+        model = self.registry.get_loaded(entry)
+        key = (entry.name, entry.revision, entry.default_width, entry.default_height)
+        size = 1
+        while size <= self.batching.max_images:
+            pipe = model.pipeline(Task.GENERATE, schedulers.build("", entry.scheduler_config))
+            marks: list[float] = []
+
+            def tick(p: Any, i: int, t: Any, kwargs: dict[str, Any], marks: list[float] = marks) -> dict[str, Any]:
+                marks.append(time.perf_counter())
+                return kwargs
+
+            with torch.inference_mode():
+                pipe(
+                    prompt=[""] * size,
+                    num_inference_steps=steps,
+                    width=entry.default_width,
+                    height=entry.default_height,
+                    generator=[torch.Generator("cpu").manual_seed(i) for i in range(size)],
+                    output_type="latent",
+                    callback_on_step_end=tick,
+                )
+            self.batching.observe(key, size, (marks[-1] - marks[0]) / (len(marks) - 1), "calibrated")
+            size *= 2
+        log.info("batch sizes calibrated", extra={"model": entry.name, "limits": str(self.batching.limits())})
 
     def _limit_for(self, job: Job) -> int:
         # Late-bound so a batching policy installed after construction takes effect.
@@ -135,7 +179,10 @@ class Engine:
             torch.set_num_threads(self.settings.torch_threads)
         self.registry.default_model = pick_default_model(self.settings, self.registry)
         if self.settings.preload_default:
-            self.warm_up(self.registry.resolve("", Task.GENERATE))
+            entry = self.registry.resolve("", Task.GENERATE)
+            self.warm_up(entry)
+            if self.settings.calibrate_batching:
+                self.calibrate(entry)
         self.worker.start()
 
     def warm_up(self, entry: ModelEntry) -> float:

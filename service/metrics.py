@@ -89,6 +89,7 @@ class ServerMetrics:
         )
 
     def add_collector(self, collector: Collector) -> None:
+        """Registers a scrape-time collector."""
         self.registry.register(collector)
 
 

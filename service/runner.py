@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -11,7 +12,9 @@ from PIL import Image
 from service import imaging, previews, schedulers
 from service.jobs import Job
 from service.models import LoadedModel
+from service.prompt_cache import PromptCache, cache_key
 from service.requests import (
+    GenerationRequest,
     InpaintArea,
     PreviewMode,
     Progress,
@@ -40,29 +43,50 @@ def _prepare_inputs(job: Job) -> tuple[list[Image.Image], list[Image.Image]]:
     return images, masks
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """What one pipeline call did: images, denoising steps finished, and the denoising loop's seconds."""
+
+    images: int
+    steps: int
+    denoise_seconds: float
+    # Seconds per step between the first and last step callbacks (setup excluded); 0 when unknown.
+    step_seconds: float
+
+
 def encode_prompts(
-    pipe: Any, model: LoadedModel, jobs: list[Job], cfg: bool
+    pipe: Any, model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings for every image of every job, in batch order."""
+    """Text embeddings for every image of every job, in batch order (through the cache when given)."""
     pos: list[torch.Tensor] = []
     neg: list[torch.Tensor] = []
     for job in jobs:
         req = job.resolved.request
-        p, n = pipe.encode_prompt(
-            req.prompt,
-            model.choice.device,
-            job.resolved.num_images,
-            cfg,
-            req.negative_prompt if cfg else None,
-            clip_skip=req.clip_skip or None,
-        )
-        pos.append(p)
+
+        def compute(req: GenerationRequest = req) -> tuple[torch.Tensor, torch.Tensor | None]:
+            p, n = pipe.encode_prompt(
+                req.prompt,
+                model.choice.device,
+                1,
+                cfg,
+                req.negative_prompt if cfg else None,
+                clip_skip=req.clip_skip or None,
+            )
+            return p, n
+
+        if cache is None:
+            p, n = compute()
+        else:
+            key = cache_key(job.resolved.model_revision, req.prompt, req.negative_prompt, req.clip_skip, cfg)
+            p, n = cache.get(key, compute)
+        count = job.resolved.num_images
+        pos.append(p.repeat(count, 1, 1))
         if n is not None:
-            neg.append(n)
+            neg.append(n.repeat(count, 1, 1))
     return torch.cat(pos), (torch.cat(neg) if neg else None)
 
 
-def run_batch(model: LoadedModel, jobs: list[Job]) -> None:
+def run_batch(model: LoadedModel, jobs: list[Job], cache: PromptCache | None = None) -> BatchStats:
     """Runs `jobs` (equal batch keys) as one pipeline call; posts progress and results, or raises."""
     first = jobs[0].resolved
     t_start = time.perf_counter()
@@ -76,7 +100,7 @@ def run_batch(model: LoadedModel, jobs: list[Job]) -> None:
         offset += job.resolved.num_images
     generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.resolved.seeds]
     with torch.inference_mode():
-        prompt_embeds, negative_embeds = encode_prompts(pipe, model, jobs, cfg)
+        prompt_embeds, negative_embeds = encode_prompts(pipe, model, jobs, cfg, cache)
     kwargs: dict[str, Any] = {
         "prompt_embeds": prompt_embeds,
         "negative_prompt_embeds": negative_embeds,
@@ -143,7 +167,7 @@ def run_batch(model: LoadedModel, jobs: list[Job]) -> None:
         with torch.inference_mode():
             images: list[Image.Image] = pipe(**kwargs, callback_on_step_end=on_step_end).images
     except StopDenoising:
-        return
+        return _stats(len(generators), jobs, marks, t_prepared)
     t_decoded = time.perf_counter()
     for job in jobs:
         job.decoded = True
@@ -168,6 +192,14 @@ def run_batch(model: LoadedModel, jobs: list[Job]) -> None:
             preview=marks["preview"],
         )
         job.post(Result(images=tuple(results), resolved=job.resolved, timings=timings))
+    return _stats(len(generators), jobs, marks, t_prepared)
+
+
+def _stats(images: int, jobs: list[Job], marks: dict[str, float], t_prepared: float) -> BatchStats:
+    steps = max(j.steps_done for j in jobs)
+    denoise = (marks["last"] or t_prepared) - t_prepared
+    per_step = (marks["last"] - marks["first"]) / (steps - 1) if steps > 1 else denoise
+    return BatchStats(images, steps, denoise, per_step)
 
 
 def _finish_images(job: Job, images: list[Image.Image], init_images: list[Image.Image]) -> list[ResultImage]:

@@ -21,6 +21,7 @@ from service.engine import Engine
 from service.jobs import Job
 from service.models import ModelRegistry
 from service.requests import Event, Failed, Outcome, Result
+from service.runner import BatchStats
 from service.servicer import DiffusionServicer
 from service.settings import Settings
 
@@ -118,20 +119,21 @@ class Server:
             if job.first_progress_at is not None:
                 m.first_progress_seconds.labels(*labels).observe(job.first_progress_at - job.arrived_at)
 
-        def on_batch(jobs: list[Job], seconds: float) -> None:
+        def on_batch(jobs: list[Job], stats: BatchStats) -> None:
             model = jobs[0].resolved.model
             m.batch_requests.labels(model).observe(len(jobs))
-            m.batch_images.labels(model).observe(sum(j.resolved.num_images for j in jobs))
-            steps = max(j.steps_done for j in jobs)
-            if steps:
-                m.step_seconds.labels(model).observe(seconds / steps)
+            m.batch_images.labels(model).observe(stats.images)
+            if stats.steps:
+                m.step_seconds.labels(model).observe(stats.step_seconds)
 
         def on_load(name: str, seconds: float) -> None:
             m.model_load_seconds.labels(name).observe(seconds)
 
         self.engine.finish_hooks.append(on_finish)
-        self.engine.worker.on_batch = on_batch
+        self.engine.worker.batch_hooks.append(on_batch)
         self.registry.on_load = on_load
+        if self.engine.prompt_cache is not None:
+            self.engine.prompt_cache.on_lookup = lambda hit: m.prompt_cache.labels("hit" if hit else "miss").inc()
 
     def queue_depths(self) -> dict[str, int]:
         depths = dict.fromkeys(self.registry.names(), 0)

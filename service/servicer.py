@@ -224,4 +224,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                 default_max_queue_seconds=s.default_max_queue_seconds,
             ),
             default_model=self.engine.registry.default_model,
+            batch_limits=[
+                pb.BatchLimit(
+                    model=b.model, width=b.width, height=b.height, max_batch_images=b.max_images, source=b.source
+                )
+                for b in self.engine.batching.limits()
+            ],
         )

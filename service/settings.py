@@ -76,8 +76,26 @@ class Settings:
     default_max_queue_seconds: float = _field(
         0.0, "Default longest wait in the queue, in seconds; 0 means no limit.", float
     )
-    max_batch_images: int = _field(1, "Most images one pipeline call may carry (batching; 1 disables).", int)
-    batch_wait_ms: float = _field(0.0, "Longest wait for compatible requests to fill a batch, in ms.", float)
+    max_batch_images: int = _field(
+        8, "Most images one pipeline call may carry; the measured policy picks up to this (1 disables batching).", int
+    )
+    batch_wait_ms: float = _field(
+        0.0,
+        "Longest wait for more compatible requests before a short batch starts, in ms. 0: batch only what is "
+        "already queued (requests that pile up behind a running call), which adds no latency.",
+        float,
+    )
+    batch_policy: str = _field(
+        "measured",
+        "measured: per model and size, batch up to the size with the best measured per-image step time; "
+        "fixed: always allow max_batch_images.",
+    )
+    calibrate_batching: bool = _field(
+        True, "At start-up, time batch sizes 1, 2, 4, ... at the default model's size to seed the policy.", _bool
+    )
+    prompt_cache_bytes: int = _field(
+        64 * 1024 * 1024, "Bytes of text-encoder outputs kept in the LRU prompt cache; 0 disables it.", int
+    )
     min_size: int = _field(8, "Smallest width/height in pixels.", int)
     max_size: int = _field(2048, "Largest width/height in pixels.", int)
     max_input_pixels: int = _field(4096 * 4096, "Largest input image/mask in pixels (decompression bombs).", int)
@@ -155,6 +173,8 @@ class Settings:
             problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.metrics_port < -1 or self.metrics_port > 65535:
             problems.append("metrics_port must be -1 (off), 0 (any) or a port")
+        if self.batch_policy not in ("measured", "fixed"):
+            problems.append("batch_policy must be measured or fixed")
         if self.log_format not in ("auto", "json", "text"):
             problems.append("log_format must be auto, json or text")
         if problems:

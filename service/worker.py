@@ -13,6 +13,7 @@ from service import runner
 from service.dispatch import JobQueue
 from service.jobs import Job
 from service.models import ModelRegistry, ModelUnusable
+from service.prompt_cache import PromptCache
 from service.requests import Failed, Outcome, Started
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,16 @@ class Worker:
         device_type: str,
         batch_limit: Callable[[Job], int],
         batch_wait_seconds: float,
-        on_batch: Callable[[list[Job], float], None] | None = None,
+        cache: PromptCache | None = None,
     ):
         self._queue = queue
         self._registry = registry
         self._device_type = device_type
         self._limit = batch_limit
         self._wait = batch_wait_seconds
-        self.on_batch = on_batch
+        self._cache = cache
+        # Called after each pipeline call that ran, with its jobs and what it measured.
+        self.batch_hooks: list[Callable[[list[Job], runner.BatchStats], None]] = []
         self._thread = threading.Thread(target=self._loop, name="sdserve-worker", daemon=True)
         self.busy = threading.Event()
 
@@ -108,10 +111,10 @@ class Worker:
                     batch_size=len(live),
                 )
             )
-        start = time.perf_counter()
+        stats: runner.BatchStats | None = None
         try:
             model = self._registry.get_loaded(live[0].entry)
-            runner.run_batch(model, live)
+            stats = runner.run_batch(model, live, self._cache)
         except ModelUnusable as exc:
             self._fail(live, Failed(Outcome.UNAVAILABLE_MODEL, str(exc)))
         except Exception as exc:
@@ -132,8 +135,9 @@ class Worker:
                 self._fail(live, Failed(Outcome.INTERNAL, "internal error"))
         finally:
             self._fail(live, Failed(Outcome.INTERNAL, "internal error: the request ended without a result"))
-            if self.on_batch is not None:
-                self.on_batch(live, time.perf_counter() - start)
+            if stats is not None:
+                for hook in self.batch_hooks:
+                    hook(live, stats)
 
     @staticmethod
     def _fail(jobs: list[Job], event: Failed) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.engine import LedgerEntry
+from service.jobs import Job
 from service.server import Server
 from service.settings import Settings
 from service.tiny import build_tiny
@@ -119,3 +121,24 @@ def sample_mask(w: int = 64, h: int = 64) -> Image.Image:
     arr = np.zeros((h, w), dtype=np.uint8)
     arr[h // 2 : h - 8, w // 2 : w - 8] = 255
     return Image.fromarray(arr, mode="L")
+
+
+def wait_ledger(server: ServerThread, request_id: str, timeout: float = 60.0) -> LedgerEntry:
+    """Waits until the server has recorded `request_id`'s terminal outcome (signalled by a finish hook)."""
+    assert server.server is not None
+    engine = server.server.engine
+    done = threading.Event()
+
+    def hook(job: Job, _event: object) -> None:
+        if job.resolved.request_id == request_id:
+            done.set()
+
+    engine.finish_hooks.append(hook)
+    try:
+        if not any(e.request_id == request_id for e in engine.outcomes()):
+            assert done.wait(timeout), f"no outcome for {request_id}"
+    finally:
+        engine.finish_hooks.remove(hook)
+    entries = [e for e in engine.outcomes() if e.request_id == request_id]
+    assert len(entries) == 1, entries
+    return entries[0]

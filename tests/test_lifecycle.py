@@ -19,7 +19,7 @@ from service.engine import LedgerEntry
 from service.jobs import Job
 from service.requests import GenerationRequest, Outcome, Task
 from service.resolve import resolve
-from tests.harness import TINY, ServerThread, pixels, png, running, sample_image, sample_mask
+from tests.harness import TINY, ServerThread, pixels, png, running, sample_image, sample_mask, wait_ledger
 
 LONG = {"steps": 150, "width": 256, "height": 256}
 
@@ -29,24 +29,6 @@ def ledger(server: ServerThread, request_id: str) -> LedgerEntry:
     entries = [e for e in server.server.engine.outcomes() if e.request_id == request_id]
     assert len(entries) == 1, entries
     return entries[0]
-
-
-def wait_ledger(server: ServerThread, request_id: str) -> LedgerEntry:
-    """Waits (bounded) until the server has recorded the request's terminal outcome."""
-    assert server.server is not None
-    done = threading.Event()
-
-    def hook(job: Job, _event: object) -> None:
-        if job.resolved.request_id == request_id:
-            done.set()
-
-    server.server.engine.finish_hooks.append(hook)
-    try:
-        if not any(e.request_id == request_id for e in server.server.engine.outcomes()):
-            assert done.wait(60), f"no outcome for {request_id}"
-    finally:
-        server.server.engine.finish_hooks.remove(hook)
-    return ledger(server, request_id)
 
 
 def until_progress(events: Iterator[object]) -> Progress:
