@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from service import schedulers
 from service.batching import BatchPolicy
@@ -26,7 +28,7 @@ from service.resolve import resolve
 from service.runner import BatchStats
 from service.settings import Settings
 from service.tiny import TINY_NAME, build_tiny
-from service.worker import Worker
+from service.worker import Worker, empty_device_cache
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
     """The configured default, else the embedded trained model, else the tiny model (built if needed)."""
     if settings.default_model:
         return settings.default_model
+    if registry.slot_of("default"):
+        # The model manager's `default` alias: moving it hot-swaps the default model.
+        return "default"
     names = registry.names()
     if EMBEDDED_DEFAULT in names:
         return EMBEDDED_DEFAULT
@@ -89,6 +94,7 @@ class Engine:
         self.ledger: collections.deque[LedgerEntry] = collections.deque(maxlen=10_000)
         self.finish_hooks: list[Callable[[Job, Event], None]] = []
         self._active: set[Job] = set()
+        self.swap_hooks: list[Callable[[bool], None]] = []
         # Called (from any thread) whenever the last active job finishes.
         self.on_idle: Callable[[], None] | None = None
 
@@ -185,6 +191,50 @@ class Engine:
                 self.calibrate(entry)
         self.worker.start()
 
+    def swap(self, alias: str, entry: ModelEntry) -> bool:
+        """Hot swap: loads `entry` beside what `alias` serves now and warms it with one step, then points
+        the alias at it atomically. Jobs already holding the old model finish on it; the old model is
+        unloaded once nothing points at it (its memory goes when the last such job ends). A failed load
+        leaves the alias where it was. Call from a thread other than the worker's."""
+        if self.registry.slot_of(alias) == entry.slot:
+            return True
+        self.registry.upsert(entry)
+        start = time.perf_counter()
+        try:
+            self.warm_up(entry)
+        except Exception as exc:
+            log.error(
+                "hot swap failed; the alias keeps its model",
+                extra={"alias": alias, "target": entry.slot, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            self.record_swap(False)
+            return False
+        before = self.registry.set_alias(alias, entry.slot)
+        log.info(
+            "hot swap done",
+            extra={"alias": alias, "from": before or "", "to": entry.slot, "seconds": time.perf_counter() - start},
+        )
+        if before and before != entry.slot:
+            self.release(before)
+        self.record_swap(True)
+        return True
+
+    def release(self, slot_id: str) -> None:
+        """Unloads a slot when no alias or the default points at it any more."""
+        if slot_id in self.registry.referenced():
+            return
+        entry = next((e for e in self.registry.entries() if e.slot == slot_id), None)
+        if self.registry.unload(slot_id):
+            if entry is not None and self.prompt_cache is not None:
+                self.prompt_cache.drop_revision(entry.revision)
+            gc.collect()
+            empty_device_cache(self.choice.type)
+            log.info("model unloaded", extra={"model": slot_id})
+
+    def record_swap(self, ok: bool) -> None:
+        for hook in self.swap_hooks:
+            hook(ok)
+
     def warm_up(self, entry: ModelEntry) -> float:
         """Loads `entry` and runs one denoising step at its default size; returns the seconds taken."""
         start = time.perf_counter()
@@ -193,16 +243,20 @@ class Engine:
             Task.INPAINT if Task.GENERATE not in entry.tasks else Task.GENERATE,
             schedulers.build("", entry.scheduler_config),
         )
+        size = (entry.default_width, entry.default_height)
+        common: dict[str, Any] = {
+            "prompt": "",
+            "num_inference_steps": 1,
+            "width": size[0],
+            "height": size[1],
+            "generator": torch.Generator("cpu").manual_seed(0),
+            "output_type": "pil",
+        }
         with torch.inference_mode():
             if Task.GENERATE in entry.tasks:
-                pipe(
-                    prompt="",
-                    num_inference_steps=1,
-                    width=entry.default_width,
-                    height=entry.default_height,
-                    generator=torch.Generator("cpu").manual_seed(0),
-                    output_type="pil",
-                )
+                pipe(**common)
+            else:
+                pipe(**common, image=Image.new("RGB", size), mask_image=Image.new("L", size, 255), strength=1.0)
         return time.perf_counter() - start
 
     def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float | None) -> Job:

@@ -80,6 +80,12 @@ class ModelEntry:
     scheduler_config: dict[str, Any]
     inpaint_model: str
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]
+    # Registry slot id: the folder name for local models, NAME@REVISION:VARIANT for store variants.
+    key: str = ""
+
+    @property
+    def slot(self) -> str:
+        return self.key or self.name
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -88,7 +94,7 @@ class ModelEntry:
         return (Task.GENERATE, Task.EDIT, Task.INPAINT)
 
     @staticmethod
-    def read(folder: Path, name: str | None = None) -> ModelEntry:
+    def read(folder: Path, name: str | None = None, key: str = "") -> ModelEntry:
         """Reads a diffusers folder's configs; raises ValueError naming what is missing or wrong."""
         if not (folder / "model_index.json").is_file():
             raise ValueError(f"{folder} has no model_index.json")
@@ -124,6 +130,7 @@ class ModelEntry:
             scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
             inpaint_model=str(meta.get("inpaint_model", "")),
             latent_rgb=latent_rgb,
+            key=key,
         )
 
 
@@ -201,13 +208,19 @@ class _Slot:
 
 
 class ModelRegistry:
-    """The models this server knows, by name, with aliases and load state. Thread-safe."""
+    """The models this server knows, with public names, aliases and load state. Thread-safe.
+
+    Slots hold one model folder each (id: folder name, or NAME@REVISION:VARIANT for store variants);
+    public names map to slots; aliases map to public names or slot ids. Re-pointing a name or alias is
+    atomic; jobs already holding an entry finish on it.
+    """
 
     def __init__(self, model_dirs: Iterable[Path], choice: DeviceChoice, aliases: Iterable[tuple[str, str]] = ()):
         self._dirs = tuple(model_dirs)
         self._choice = choice
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        self._names: dict[str, str] = {}
         self._aliases: dict[str, str] = dict(aliases)
         self.default_model = ""
         # Called with (model name, seconds) after each successful load.
@@ -215,7 +228,7 @@ class ModelRegistry:
         self.rescan()
 
     def rescan(self) -> None:
-        """Re-reads the model folders; the first folder holding a name wins."""
+        """Re-reads the local model folders; the first folder holding a name wins."""
         found: dict[str, ModelEntry] = {}
         for root in self._dirs:
             if not root.is_dir():
@@ -229,54 +242,112 @@ class ModelRegistry:
                     found[folder.name] = ModelEntry.read(folder)
                 except (ValueError, KeyError, OSError) as exc:
                     log.warning("skipping model folder", extra={"folder": folder.name, "error": str(exc)})
+        for entry in found.values():
+            self.upsert(entry, names=(entry.name,))
+
+    def upsert(self, entry: ModelEntry, names: Iterable[str] = ()) -> None:
+        """Adds or replaces the slot of `entry` and points `names` (and its slot id) at it."""
         with self._lock:
-            for name, entry in found.items():
-                slot = self._slots.get(name)
-                if slot is None or slot.entry.revision != entry.revision:
-                    self._slots[name] = _Slot(entry)
+            slot = self._slots.get(entry.slot)
+            if slot is None or slot.entry.revision != entry.revision or slot.entry.path != entry.path:
+                self._slots[entry.slot] = _Slot(entry)
+            self._names[entry.slot] = entry.slot
+            for name in names:
+                self._names[name] = entry.slot
+
+    def remove(self, slot_id: str) -> None:
+        """Forgets a slot and the names pointing at it (its folder is gone)."""
+        with self._lock:
+            self._slots.pop(slot_id, None)
+            for name in [n for n, s in self._names.items() if s == slot_id]:
+                del self._names[name]
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(self._slots)
+            return sorted(self._names)
 
     def aliases(self) -> dict[str, str]:
         with self._lock:
             return dict(self._aliases)
 
-    def set_alias(self, alias: str, target: str) -> None:
+    def set_alias(self, alias: str, target: str) -> str | None:
+        """Points `alias` at a name or slot id; returns the slot id it pointed at before."""
         with self._lock:
+            before = self._slot_of(alias)
             self._aliases[alias] = target
+            return before
+
+    def remove_alias(self, alias: str) -> str | None:
+        with self._lock:
+            before = self._slot_of(alias)
+            self._aliases.pop(alias, None)
+            return before
+
+    def _slot_of(self, name: str) -> str | None:
+        name = self._aliases.get(name, name)
+        return self._names.get(name)
+
+    def slot_of(self, name: str) -> str | None:
+        """The slot id a name or alias resolves to now, or None."""
+        with self._lock:
+            return self._slot_of(name)
+
+    def referenced(self) -> set[str]:
+        """Slot ids that a public name, alias or the default points at."""
+        with self._lock:
+            refs = {self._slot_of(a) for a in self._aliases}
+            refs.add(self._slot_of(self.default_model))
+            return {r for r in refs if r}
 
     def resolve(self, requested: str, task: Task) -> ModelEntry:
         """Name or alias (empty: default) to the entry that serves `task`."""
         name = requested or self.default_model
         with self._lock:
-            name = self._aliases.get(name, name)
-            slot = self._slots.get(name)
+            slot_id = self._slot_of(name)
+            slot = self._slots.get(slot_id) if slot_id else None
             if slot is None:
                 raise ModelNotFound(name)
             entry = slot.entry
             if task not in entry.tasks:
                 raise ModelUnusable(f"model {name!r} is an inpainting model; it cannot run {task.value}")
             if task is Task.INPAINT and entry.unet_in_channels == 4 and entry.inpaint_model:
-                companion = self._slots.get(entry.inpaint_model)
+                companion_id = self._slot_of(entry.inpaint_model)
+                companion = self._slots.get(companion_id) if companion_id else None
                 if companion is not None:
                     return companion.entry
             return entry
 
-    def state(self, name: str) -> tuple[ModelState, str]:
+    def state(self, slot_id: str) -> tuple[ModelState, str]:
         with self._lock:
-            slot = self._slots[name]
+            slot = self._slots[slot_id]
             return slot.state, slot.error
 
     def entries(self) -> list[ModelEntry]:
         with self._lock:
             return [s.entry for _, s in sorted(self._slots.items())]
 
-    def get_loaded(self, entry: ModelEntry) -> LoadedModel:
-        """The loaded model for `entry`, loading it first if needed (call from the worker thread)."""
+    def public_names(self, slot_id: str) -> list[str]:
+        """Names (not aliases) that point at a slot."""
         with self._lock:
-            slot = self._slots.get(entry.name)
+            return sorted(n for n, s in self._names.items() if s == slot_id and n != slot_id)
+
+    def unload(self, slot_id: str) -> bool:
+        """Drops the slot's loaded components; jobs still holding them finish first (refcounts)."""
+        with self._lock:
+            slot = self._slots.get(slot_id)
+        if slot is None:
+            return False
+        with slot.lock:
+            was = slot.loaded is not None
+            slot.loaded = None
+            if slot.state is ModelState.LOADED:
+                slot.state = ModelState.ON_DISK
+        return was
+
+    def get_loaded(self, entry: ModelEntry) -> LoadedModel:
+        """The loaded model for `entry`, loading it first if needed (worker or swap thread)."""
+        with self._lock:
+            slot = self._slots.get(entry.slot)
             if slot is None or slot.entry.revision != entry.revision:
                 raise ModelUnusable(f"model {entry.name!r} revision {entry.revision} is no longer available")
         with slot.lock:
@@ -288,7 +359,7 @@ class ModelRegistry:
             except Exception as exc:
                 slot.state = ModelState.FAILED
                 slot.error = f"{type(exc).__name__}: {exc}"
-                log.exception("model load failed", extra={"model": entry.name})
+                log.exception("model load failed", extra={"model": entry.slot})
                 raise ModelUnusable(f"model {entry.name!r} failed to load") from exc
             slot.state = ModelState.LOADED
             slot.error = ""
@@ -296,6 +367,6 @@ class ModelRegistry:
                 self.on_load(entry.name, slot.loaded.load_seconds)
             log.info(
                 "model loaded",
-                extra={"model": entry.name, "revision": entry.revision, "seconds": slot.loaded.load_seconds},
+                extra={"model": entry.slot, "revision": entry.revision, "seconds": slot.loaded.load_seconds},
             )
             return slot.loaded

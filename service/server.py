@@ -87,6 +87,9 @@ class Server:
         self.metrics_port = 0
         self._metrics_http: Any = None
         self._idle = asyncio.Event()
+        # The model-manager follower (service.watcher.StoreWatcher) when --manager-target is set.
+        self.watcher: Any = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._wire_metrics()
 
     def _count_unauthenticated(self, method: str) -> None:
@@ -100,7 +103,7 @@ class Server:
             dtype = self.engine.choice.dtype_name
             out = []
             for entry in self.registry.entries():
-                state, _ = self.registry.state(entry.name)
+                state, _ = self.registry.state(entry.slot)
                 out.append((entry.name, entry.revision, dtype, state.value == "loaded"))
             return out
 
@@ -131,12 +134,13 @@ class Server:
 
         self.engine.finish_hooks.append(on_finish)
         self.engine.worker.batch_hooks.append(on_batch)
+        self.engine.swap_hooks.append(lambda ok: m.swaps.labels("ok" if ok else "failed").inc())
         self.registry.on_load = on_load
         if self.engine.prompt_cache is not None:
             self.engine.prompt_cache.on_lookup = lambda hit: m.prompt_cache.labels("hit" if hit else "miss").inc()
 
     def queue_depths(self) -> dict[str, int]:
-        depths = dict.fromkeys(self.registry.names(), 0)
+        depths = dict.fromkeys((e.name for e in self.registry.entries()), 0)
         depths.update(self.engine.queue.depth_by_model())
         return depths
 
@@ -169,6 +173,17 @@ class Server:
             loop.call_soon_threadsafe(self._idle.set)
 
         self.engine.on_idle = idle
+        if s.manager_target:
+            from service.watcher import StoreWatcher
+
+            self.watcher = StoreWatcher(s.manager_target, self.engine, s.max_message_bytes)
+            self._watch_task = asyncio.create_task(self.watcher.run())
+            try:
+                await asyncio.wait_for(self.watcher.synced.wait(), s.manager_wait_seconds)
+            except TimeoutError:
+                log.warning(
+                    "no snapshot from the model manager yet; serving local models", extra={"target": s.manager_target}
+                )
         await asyncio.to_thread(self.engine.start)
         await self._set_ready(SERVING)
         log.info("serving", extra={"default_model": self.registry.default_model, "device": self.engine.choice.type})
@@ -203,6 +218,8 @@ class Server:
     async def stop(self, grace: float = 5.0, force: asyncio.Event | None = None) -> None:
         """Drains, then stops the gRPC server, the worker and the metrics endpoint."""
         await self.drain(grace, force)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         await self.health.enter_graceful_shutdown()
         # Streams already ended; the short grace lets their final status frames flush.
         await self.grpc.stop(1.0)

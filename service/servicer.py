@@ -173,13 +173,17 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         aliases = registry.aliases()
         models = []
         for entry in registry.entries():
-            state, error = registry.state(entry.name)
+            state, error = registry.state(entry.slot)
+            names = registry.public_names(entry.slot)
             models.append(
                 pb.ModelInfo(
-                    name=entry.name,
+                    name=entry.slot,
                     revision=entry.revision,
                     state=_STATE_ENUM[state],
-                    aliases=sorted(a for a, t in aliases.items() if t == entry.name),
+                    aliases=sorted(
+                        [a for a in aliases if registry.slot_of(a) == entry.slot]
+                        + [n for n in names if n != entry.name]
+                    ),
                     tasks=[_TASK_ENUM[t] for t in entry.tasks],
                     variant=entry.variant,
                     default_width=entry.default_width,

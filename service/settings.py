@@ -68,6 +68,12 @@ class Settings:
         "", "Model served when a request names none. Empty: 'shapes' if present, else the built-in tiny model."
     )
     aliases: tuple[tuple[str, str], ...] = _field((), "Static aliases, NAME=TARGET,NAME=TARGET.", _aliases)
+    manager_target: str = _field(
+        "", "Model-manager sidecar to follow (host:port or unix:PATH); empty: serve --model-dirs only."
+    )
+    manager_wait_seconds: float = _field(
+        30.0, "At start-up, how long to wait for the sidecar's first snapshot before serving without it.", float
+    )
     device: str = _field("auto", "Device: auto, cpu, cuda, cuda:N, mps or xpu.")
     dtype: str = _field("auto", "Model dtype: auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
     torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
