@@ -26,6 +26,7 @@ deps:
 gen: install deps
 	scripts/gen.sh
 	$(BIN)/python scripts/gen_config_docs.py
+	$(BIN)/python -m tests.test_deploy --write-prometheusrule
 
 check-gen: install deps
 	scripts/check_gen.sh
@@ -51,7 +52,10 @@ demo: install
 	scripts/demo.sh
 
 bench: install
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m bench
+
+eval: install
+	$(BIN)/python -m quality
 
 clean:
 	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache

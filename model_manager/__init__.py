@@ -1,1 +1,1 @@
-"""sdserve model-manager sidecar (see issue: fetch, verify, cache, quantize, hot-swap)."""
+"""sdserve model-manager sidecar: fetches, imports, verifies, converts and publishes models into the shared store."""

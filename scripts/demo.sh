@@ -21,7 +21,7 @@ if ! "$BIN/sdserve" $T health --wait 180 >/dev/null; then
   tail -20 "$OUT/server.log" >&2
   exit 1
 fi
-"$BIN/sdserve" $T models list
+"$BIN/sdserve" $T models served
 
 echo "== generate"
 "$BIN/sdserve" $T generate --prompt "a large red circle in the centre on a blue background" \

@@ -95,6 +95,7 @@ class Engine:
         self.finish_hooks: list[Callable[[Job, Event], None]] = []
         self._active: set[Job] = set()
         self.swap_hooks: list[Callable[[bool], None]] = []
+        self._retiring: set[str] = set()
         # Called (from any thread) whenever the last active job finishes.
         self.on_idle: Callable[[], None] | None = None
 
@@ -170,6 +171,12 @@ class Engine:
             self.ledger.append(entry)
             self._active.discard(job)
             idle = not self._active
+            in_use = {j.entry.slot for j in self._active}
+            done = {s for s in self._retiring if s not in in_use}
+            self._retiring -= done
+        for slot_id in done:
+            if slot_id not in self.registry.referenced():
+                self._unload(slot_id)
         for hook in self.finish_hooks:
             hook(job, event)
         if idle and self.on_idle is not None:
@@ -220,9 +227,17 @@ class Engine:
         return True
 
     def release(self, slot_id: str) -> None:
-        """Unloads a slot when no alias or the default points at it any more."""
+        """Unloads a slot once no alias or the default points at it and no queued or running job uses it
+        (such jobs finish on it first; the last one to end unloads it)."""
         if slot_id in self.registry.referenced():
             return
+        with self._ledger_lock:
+            if any(j.entry.slot == slot_id for j in self._active):
+                self._retiring.add(slot_id)
+                return
+        self._unload(slot_id)
+
+    def _unload(self, slot_id: str) -> None:
         entry = next((e for e in self.registry.entries() if e.slot == slot_id), None)
         if self.registry.unload(slot_id):
             if entry is not None and self.prompt_cache is not None:
@@ -261,12 +276,14 @@ class Engine:
 
     def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float | None) -> Job:
         """Resolves and queues `req`. Raises ModelNotFound, ModelUnusable, InvalidForModel or Overloaded."""
-        entry = self.registry.resolve(req.model, req.task)
-        resolved = resolve(req, entry, self.choice)
         max_queue = req.max_queue_seconds or self.settings.default_max_queue_seconds
-        job = Job(resolved, entry, loop, deadline, max_queue)
-        job.on_finish = self._finished
+        # Resolve and register under one lock so a concurrent hot swap either sees this job on the old
+        # model (and defers unloading it) or this job resolves to the new one.
         with self._ledger_lock:
+            entry = self.registry.resolve(req.model, req.task)
+            resolved = resolve(req, entry, self.choice)
+            job = Job(resolved, entry, loop, deadline, max_queue)
+            job.on_finish = self._finished
             self._active.add(job)
         try:
             position = self.queue.put(job)

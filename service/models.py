@@ -170,9 +170,16 @@ def load(entry: ModelEntry, choice: DeviceChoice) -> LoadedModel:
 
     start = time.perf_counter()
     common: dict[str, Any] = {"torch_dtype": choice.dtype, "use_safetensors": True}
-    unet = UNet2DConditionModel.from_pretrained(entry.path, subfolder="unet", **common)
+    if entry.variant == "int8":
+        # int8 weight-only variants keep int8 weights on the device (see model_manager/quant.py).
+        from model_manager.quant import load_int8_component
+
+        unet = load_int8_component(UNet2DConditionModel, entry.path, "unet", choice.dtype, choice.device)
+        text_encoder = load_int8_component(CLIPTextModel, entry.path, "text_encoder", choice.dtype, choice.device)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(entry.path, subfolder="unet", **common)
+        text_encoder = CLIPTextModel.from_pretrained(entry.path, subfolder="text_encoder", **common)
     vae = AutoencoderKL.from_pretrained(entry.path, subfolder="vae", **common)
-    text_encoder = CLIPTextModel.from_pretrained(entry.path, subfolder="text_encoder", **common)
     tokenizer = CLIPTokenizer.from_pretrained(entry.path, subfolder="tokenizer")
     for module in (unet, vae, text_encoder):
         module.to(choice.device)

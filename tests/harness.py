@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import threading
@@ -94,6 +95,10 @@ def running(models: Path, **overrides: Any) -> Iterator[ServerThread]:
         yield srv
     finally:
         srv.stop()
+
+
+serving = contextlib.contextmanager(running)
+"""`with serving(models, **overrides) as srv:` — a real server for the block."""
 
 
 def pixels(data: bytes) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,15 +107,22 @@ def test_unknown_model_exit_code(server: ServerThread, tmp_path: Path) -> None:
 
 
 def test_models_list_and_health(server: ServerThread) -> None:
-    proc = run_cli(server, "models", "list")
+    proc = run_cli(server, "models", "served")
     assert proc.returncode == 0
     assert f"* {TINY}" in proc.stdout
     proc = run_cli(server, "health")
     assert proc.returncode == 0 and proc.stdout.strip() == "SERVING"
 
 
-def test_serve_starts_and_stops_on_sigterm(models_dir: Path, tmp_path: Path) -> None:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_starts_server_and_sidecar_and_stops_both(models_dir: Path, tmp_path: Path) -> None:
     port_file = tmp_path / "port"
+    manager_port = free_port()
     env = dict(os.environ, SDSERVE_LOG_FORMAT="json")
     proc = subprocess.Popen(
         [
@@ -126,6 +134,12 @@ def test_serve_starts_and_stops_on_sigterm(models_dir: Path, tmp_path: Path) -> 
             str(models_dir),
             "--model",
             TINY,
+            "--metrics-port",
+            "-1",
+            "--store",
+            str(tmp_path / "store"),
+            "--manager-port",
+            str(manager_port),
             "--",
             "--port-file",
             str(port_file),
@@ -160,6 +174,15 @@ def test_serve_starts_and_stops_on_sigterm(models_dir: Path, tmp_path: Path) -> 
         assert ready.stdout.strip() == "SERVING"
         with Client(target) as c:
             assert c.generate("x", steps=1).image.width == 64
+        listing = subprocess.run(
+            [*CLI, "models", "list", "--manager", f"127.0.0.1:{manager_port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listing.returncode == 0, listing.stderr
+        assert (tmp_path / "store").is_dir()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         _, err = proc.communicate()

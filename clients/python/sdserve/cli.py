@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from sdserve.client import Client, Stream
 from sdserve.errors import SdserveError
+from sdserve.models_cli import add_models_commands
 from sdserve.types import GenerationOptions, Progress, Queued, Result, Started
 
 SCHEDULERS = [
@@ -207,14 +208,35 @@ def cmd_health(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    """Starts the server (and, once it exists, the sidecar) and stops them on Ctrl-C or SIGTERM."""
+    """Starts the model-manager sidecar and the server, and stops both on Ctrl-C or SIGTERM."""
+    children: list[subprocess.Popen[bytes]] = []
     args = [sys.executable, "-m", "service", "--port", str(ns.port), "--host", ns.host]
     if ns.model:
         args += ["--default-model", ns.model]
     if ns.model_dirs:
         args += ["--model-dirs", ns.model_dirs]
+    if ns.metrics_port is not None:
+        args += ["--metrics-port", str(ns.metrics_port)]
+    if not ns.no_manager:
+        store = os.path.expanduser(ns.store)
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "model_manager",
+                    "--store",
+                    store,
+                    "--port",
+                    str(ns.manager_port),
+                    "--host",
+                    "127.0.0.1",
+                ]
+            )
+        )
+        args += ["--manager-target", f"127.0.0.1:{ns.manager_port}"]
     args += ns.server_args
-    children = [subprocess.Popen(args)]
+    children.append(subprocess.Popen(args))
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -223,8 +245,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, key=abs) if codes else 0
+    # The server drains first; the sidecar goes once the server has stopped.
+    server_code = children[-1].wait()
+    for child in children[:-1]:
+        if child.poll() is None:
+            child.terminate()
+    codes = [server_code] + [child.wait() for child in children[:-1]]
+    return max(codes, key=abs)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -262,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--model", default="", help="Default model (default: the embedded model).")
     p.add_argument("--model-dirs", default="", help="Model folders, ':'-separated.")
+    p.add_argument("--metrics-port", type=int, help="Server /metrics port (default 9400; -1 off).")
+    p.add_argument("--store", default="~/.cache/sdserve/store", help="The model manager's store folder.")
+    p.add_argument("--manager-port", type=int, default=50052, help="The model manager's port (127.0.0.1).")
+    p.add_argument("--no-manager", action="store_true", help="Serve --model-dirs only, without the sidecar.")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="Further `python -m service` flags after --.")
     p.set_defaults(func=cmd_serve)
 
@@ -295,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="Server device, versions and limits.")
     p.set_defaults(func=cmd_info)
 
-    models = sub.add_parser("models", help="Models.")
+    models = sub.add_parser("models", help="Models: the model manager's store, and what the server serves.")
     msub = models.add_subparsers(dest="models_command", required=True)
-    p = msub.add_parser("list", help="Models the server serves.")
+    add_models_commands(msub)
+    p = msub.add_parser("served", help="Models the server serves now, with their load state.")
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -1,0 +1,389 @@
+"""`sdserve models ...` commands for the model-manager sidecar: pull, import, quantize, alias, list, show, rm."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from sdserve.errors import SdserveError
+from sdserve.models_client import (
+    DEFAULT_TARGET,
+    Alias,
+    AliasRemoved,
+    AliasSet,
+    ModelManagerClient,
+    ModelPublished,
+    ModelRemoved,
+    OperationProgress,
+    OperationResult,
+    OperationStream,
+    Snapshot,
+    StoredModel,
+)
+
+VARIANTS = ("fp32", "fp16", "bf16", "int8")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def parse_target(value: str) -> tuple[str, str, str]:
+    """'NAME[@REVISION][:VARIANT]' -> (name, revision, variant); empty parts mean 'default'."""
+    rest, _, variant = value.partition(":")
+    name, _, revision = rest.partition("@")
+    if variant and variant not in VARIANTS:
+        raise SdserveError("INVALID_ARGUMENT", f"target: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return name, revision, variant
+
+
+class TransferBar:
+    """Progress of a long operation on one line (a terminal) or one line per stage (a pipe or file)."""
+
+    def __init__(self, out: TextIO, enabled: bool):
+        self.out = out
+        self.enabled = enabled
+        self.tty = enabled and out.isatty()
+        self._stage: tuple[str, str] = ("", "")
+        self._start = time.monotonic()
+        self._base = 0
+        self._width = 0
+
+    def update(self, p: OperationProgress) -> None:
+        if not self.enabled:
+            return
+        if (p.stage, p.message) != self._stage:
+            if self.tty and self._width:
+                self.out.write("\n")
+            self._stage = (p.stage, p.message)
+            self._start = time.monotonic()
+            self._base = p.resumed_bytes
+            self._width = 0
+            if not self.tty:
+                note = f" ({p.message})" if p.message else ""
+                total = f" {human_bytes(p.total_bytes)}" if p.total_bytes else ""
+                self.out.write(f"{p.stage}{total}{note}\n")
+                self.out.flush()
+                return
+        if not self.tty:
+            return
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rate = max(p.done_bytes - self._base, 0) / elapsed
+        line = f"{p.stage:<11}"
+        if p.total_bytes:
+            filled = int(30 * min(p.done_bytes / p.total_bytes, 1.0))
+            line += f" [{'#' * filled}{'.' * (30 - filled)}] {human_bytes(p.done_bytes)} / {human_bytes(p.total_bytes)}"
+            line += f"  {human_bytes(rate)}/s"
+        if p.resumed_bytes:
+            line += f"  ({human_bytes(p.resumed_bytes)} resumed)"
+        if p.file:
+            line += f"  {p.file}"
+        elif p.message:
+            line += f"  {p.message}"
+        self.out.write("\r" + line.ljust(self._width))
+        self._width = len(line)
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and self._width:
+            self.out.write("\n")
+            self.out.flush()
+        self._width = 0
+
+
+def _client(ns: argparse.Namespace) -> ModelManagerClient:
+    return ModelManagerClient(ns.manager)
+
+
+def _quality(m: StoredModel) -> str:
+    if m.quality is None:
+        return "-"
+    return f"{m.quality.psnr_db:.1f} dB" if m.quality.psnr_db is not None else "-"
+
+
+def _as_json(value: Any) -> str:
+    data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+    return json.dumps(data, indent=2, default=str)
+
+
+def _run_operation(stream: OperationStream, ns: argparse.Namespace, verb: str) -> int:
+    bar = TransferBar(sys.stderr, not ns.quiet)
+    previous = signal.signal(signal.SIGINT, lambda *_: stream.cancel())
+    try:
+        result: OperationResult = stream.result(bar.update)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.done()
+    if getattr(ns, "json", False):
+        print(_as_json(result))
+        return 0
+    m = result.model
+    notes = []
+    if result.already_present:
+        notes.append("already in the store")
+    if result.offline:
+        notes.append("offline: the Hub was unreachable, answered from the store")
+    if result.downloaded_bytes:
+        notes.append(f"{human_bytes(result.downloaded_bytes)} downloaded")
+    if result.resumed_bytes:
+        notes.append(f"{human_bytes(result.resumed_bytes)} resumed")
+    if m.quality is not None and m.quality.psnr_db is not None:
+        notes.append(f"PSNR {m.quality.psnr_db:.1f} dB vs fp32")
+    print(f"{verb} {m.label()} ({human_bytes(m.size_bytes)}{'; ' + '; '.join(notes) if notes else ''})")
+    print(f"  {m.path}")
+    for other in result.also_published:
+        print(f"also published {other.label()} ({human_bytes(other.size_bytes)})")
+    for gone in result.evicted:
+        print(f"evicted {gone.label()} ({human_bytes(gone.size_bytes)}) to make room")
+    return 0
+
+
+def cmd_pull(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        stream = c.stream_pull(ns.repo_id, revision=ns.revision, variant=ns.variant, name=ns.name)
+        return _run_operation(stream, ns, "pulled")
+
+
+def cmd_import(ns: argparse.Namespace) -> int:
+    path = os.path.abspath(ns.path)
+    with _client(ns) as c:
+        stream = c.stream_import(path, name=ns.name, architecture=ns.architecture, config_from=ns.config_from)
+        return _run_operation(stream, ns, "imported")
+
+
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        measure = False if ns.no_quality else None
+        stream = c.stream_create_variant(ns.name, ns.to, revision=ns.revision, measure_quality=measure)
+        return _run_operation(stream, ns, "made")
+
+
+def cmd_alias_set(ns: argparse.Namespace) -> int:
+    name, revision, variant = parse_target(ns.target)
+    with _client(ns) as c:
+        alias, previous = c.set_alias(ns.alias, name, revision=revision, variant=variant)
+    before = f" (was {_alias_target(previous)})" if previous is not None else ""
+    print(f"{alias.name} -> {_alias_target(alias)}{before}")
+    return 0
+
+
+def cmd_alias_rm(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        alias = c.delete_alias(ns.alias)
+    print(f"removed alias {alias.name} (was {_alias_target(alias)})")
+    return 0
+
+
+def _alias_target(a: Alias) -> str:
+    return f"{a.model}@{a.revision[:12]}:{a.variant}"
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        listing = c.list(ns.name)
+    if ns.json:
+        print(_as_json(listing))
+        return 0
+    print(f"{'NAME':<28} {'REVISION':<12}  {'VARIANT':<7} {'SIZE':>10}  {'STATE':<7} {'PSNR':>8}  ALIASES")
+    for m in listing.models:
+        aliases = ",".join(m.aliases) + (" (pinned)" if m.pinned else "")
+        print(
+            f"{m.name:<28} {m.revision[:12]:<12}  {m.variant:<7} {human_bytes(m.size_bytes):>10}  {m.state:<7} "
+            f"{_quality(m):>8}  {aliases}"
+        )
+    for a in listing.aliases:
+        print(f"alias {a.name} -> {_alias_target(a)}{'' if a.path else '  (target missing)'}")
+    u = listing.usage
+    budget = f" of {human_bytes(u.budget_bytes)} budget" if u.budget_bytes else ""
+    print(
+        f"store {u.store_path}: {human_bytes(u.used_bytes)} used{budget}, "
+        f"{human_bytes(u.protected_bytes)} protected, {human_bytes(u.filesystem_free_bytes)} free on disk"
+    )
+    return 0
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        details = c.get(ns.name)
+    if ns.json:
+        print(_as_json(details))
+        return 0
+    for m in details.variants:
+        print(f"{m.label()}  {m.state}{'  ' + m.error if m.error else ''}")
+        print(f"  path         {m.path}")
+        print(f"  size         {human_bytes(m.size_bytes)} ({m.size_bytes} bytes, {len(m.files)} files)")
+        print(f"  description  {m.description}")
+        src = m.source
+        origin = {
+            "hub": f"hub {src.repo_id}@{src.requested_revision} (commit {src.commit})",
+            "local_folder": f"folder {src.path}",
+            "single_file": f"single file {src.path} ({src.architecture})",
+            "derived": f"made from {src.derived_from} ({src.repo_id or src.path})",
+        }.get(src.kind, src.kind)
+        print(f"  source       {origin}")
+        if m.quality is not None:
+            q = m.quality
+            if q.psnr_db is not None:
+                print(
+                    f"  quality      PSNR {q.psnr_db:.2f} dB vs fp32 (seed {q.seed}, {q.steps} steps, "
+                    f"{q.width}x{q.height}, {q.device})"
+                )
+            else:
+                print(f"  quality      {q.note}")
+        print(f"  unet         {m.unet_in_channels} input channels{' (inpainting)' if m.unet_in_channels == 9 else ''}")
+        print(f"  created      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.created_at))}")
+        print(f"  last used    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.last_used_at))}")
+        print(f"  pinned       {'yes' if m.pinned else 'no'}; aliases: {', '.join(m.aliases) or 'none'}")
+        if ns.files:
+            for f in m.files:
+                print(f"    {f.sha256[:16]}  {f.size_bytes:>12}  {f.path}")
+    return 0
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    name, revision, variant = parse_target(ns.target)
+    with _client(ns) as c:
+        removed, freed = c.delete(name, revision=revision, variant=variant)
+    for m in removed:
+        print(f"removed {m.label()}")
+    print(f"freed {human_bytes(freed)}")
+    return 0
+
+
+def cmd_pin(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        c.pin(ns.name, ns.pinned)
+    print(f"{'pinned' if ns.pinned else 'unpinned'} {ns.name}")
+    return 0
+
+
+def cmd_watch(ns: argparse.Namespace) -> int:
+    with _client(ns) as c, c.watch() as stream:
+        signal.signal(signal.SIGINT, lambda *_: stream.cancel())
+        for ev in stream:
+            if isinstance(ev, Snapshot):
+                print(f"#{ev.sequence} snapshot: {len(ev.models)} variants, {len(ev.aliases)} aliases")
+            elif isinstance(ev, ModelPublished):
+                print(f"#{ev.sequence} published {ev.model.label()} {ev.model.path}")
+            elif isinstance(ev, ModelRemoved):
+                print(f"#{ev.sequence} {ev.reason} {ev.model.label()}")
+            elif isinstance(ev, AliasSet):
+                print(f"#{ev.sequence} alias {ev.alias.name} -> {_alias_target(ev.alias)} {ev.alias.path}")
+            elif isinstance(ev, AliasRemoved):
+                print(f"#{ev.sequence} alias {ev.alias.name} removed")
+            sys.stdout.flush()
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    p.add_argument(
+        "--manager",
+        default=os.environ.get("SDSERVE_MANAGER", DEFAULT_TARGET),
+        help=f"Model manager address, host:port or unix:/path (env SDSERVE_MANAGER; default {DEFAULT_TARGET}).",
+    )
+    p.set_defaults(func=func)
+
+
+def add_models_commands(subparsers: Any) -> None:
+    """Registers pull, import, quantize, alias set/rm, list, show, rm, pin, unpin and watch under `sdserve models`."""
+    p = subparsers.add_parser("pull", help="Download a model from the Hugging Face Hub into the store.")
+    p.add_argument("repo_id", help="Hub repository, for example stable-diffusion-v1-5/stable-diffusion-inpainting.")
+    p.add_argument("--revision", default="", help="Branch, tag or commit (default main).")
+    p.add_argument("--variant", choices=VARIANTS, default="", help="Variant to store (default fp32).")
+    p.add_argument("--name", default="", help="Store name (default: the repository's name).")
+    p.add_argument("--quiet", action="store_true", help="No progress output.")
+    p.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    _common(p, cmd_pull)
+
+    p = subparsers.add_parser("import", help="Import a diffusers folder or a single-file .safetensors checkpoint.")
+    p.add_argument("path", help="Folder or .safetensors file, on the sidecar's machine, inside its import folders.")
+    p.add_argument("--name", default="", help="Store name (default: the folder or file name).")
+    p.add_argument(
+        "--architecture",
+        default="",
+        choices=("", "sd1", "sd1-inpainting", "sd2-base", "sd2-v", "sd2-inpainting"),
+        help="Architecture of a single-file checkpoint (default: detect).",
+    )
+    p.add_argument("--config-from", default="", help="Stored model or folder whose configs and tokenizer to use.")
+    p.add_argument("--quiet", action="store_true", help="No progress output.")
+    p.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    _common(p, cmd_import)
+
+    p = subparsers.add_parser("quantize", help="Make an fp16, bf16 or int8 variant of a stored model.")
+    p.add_argument("name", help="Model name.")
+    p.add_argument("--to", required=True, choices=("int8", "fp16", "bf16"), help="Variant to make.")
+    p.add_argument("--revision", default="", help="Revision (default: the newest).")
+    p.add_argument("--no-quality", action="store_true", help="Skip the PSNR measurement against fp32.")
+    p.add_argument("--quiet", action="store_true", help="No progress output.")
+    p.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    _common(p, cmd_quantize)
+
+    alias = subparsers.add_parser("alias", help="Aliases (setting one is a hot swap).")
+    asub = alias.add_subparsers(dest="alias_command", required=True)
+    p = asub.add_parser("set", help="Point an alias at NAME[@REVISION][:VARIANT].")
+    p.add_argument("alias", help="Alias, for example default.")
+    p.add_argument("target", help="NAME[@REVISION][:VARIANT]; default: newest revision, preferred variant.")
+    _common(p, cmd_alias_set)
+    p = asub.add_parser("rm", help="Remove an alias.")
+    p.add_argument("alias", help="Alias.")
+    _common(p, cmd_alias_rm)
+
+    p = subparsers.add_parser("list", help="Stored models, aliases and disk usage (from the model manager).")
+    p.add_argument("name", nargs="?", default="", help="Only this model.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    _common(p, cmd_list)
+
+    p = subparsers.add_parser("show", help="A stored model's variants, source, size, quality and files.")
+    p.add_argument("name", help="Model name.")
+    p.add_argument("--files", action="store_true", help="List every file with its sha256.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    _common(p, cmd_show)
+
+    p = subparsers.add_parser("rm", help="Remove NAME, NAME@REVISION or NAME@REVISION:VARIANT from the store.")
+    p.add_argument("target", help="NAME[@REVISION][:VARIANT].")
+    _common(p, cmd_rm)
+
+    p = subparsers.add_parser("pin", help="Protect a model from eviction.")
+    p.add_argument("name", help="Model name.")
+    p.set_defaults(pinned=True)
+    _common(p, cmd_pin)
+    p = subparsers.add_parser("unpin", help="Let a model be evicted again.")
+    p.add_argument("name", help="Model name.")
+    p.set_defaults(pinned=False)
+    _common(p, cmd_pin)
+
+    p = subparsers.add_parser("watch", help="Print store changes as they happen (Ctrl-C stops).")
+    _common(p, cmd_watch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdserve models", description="Manage the model store through the sidecar.")
+    add_models_commands(parser.add_subparsers(dest="models_command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sdserve.models_cli ...`, the same commands as `sdserve models ...`."""
+    ns = build_parser().parse_args(argv)
+    try:
+        code: int = ns.func(ns)
+        return code
+    except SdserveError as err:
+        sys.stderr.write(f"sdserve: error: {err.one_line()}\n")
+        return 2 if err.code == "INVALID_ARGUMENT" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""Typed clients for the model-manager sidecar (sdserve.v1.ModelManagerService): sync, plus an asyncio watcher."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Literal
+
+import grpc
+
+from sdserve.errors import SdserveError, from_rpc_error
+from sdserve.v1 import model_manager_pb2 as pb
+from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
+
+VariantName = Literal["fp32", "fp16", "bf16", "int8"]
+DEFAULT_TARGET = "127.0.0.1:50052"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_VARIANT_TO_PB = {
+    "": pb.WEIGHT_VARIANT_UNSPECIFIED,
+    "fp32": pb.WEIGHT_VARIANT_FP32,
+    "fp16": pb.WEIGHT_VARIANT_FP16,
+    "bf16": pb.WEIGHT_VARIANT_BF16,
+    "int8": pb.WEIGHT_VARIANT_INT8,
+}
+_PB_TO_VARIANT = {int(v): k for k, v in _VARIANT_TO_PB.items()}
+_SOURCE_KIND = {
+    pb.SOURCE_KIND_HUB: "hub",
+    pb.SOURCE_KIND_LOCAL_FOLDER: "local_folder",
+    pb.SOURCE_KIND_SINGLE_FILE: "single_file",
+    pb.SOURCE_KIND_DERIVED: "derived",
+}
+_STATE = {pb.STORED_MODEL_STATE_READY: "ready", pb.STORED_MODEL_STATE_CORRUPT: "corrupt"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a stored variant came from (kind: hub, local_folder, single_file or derived)."""
+
+    kind: str
+    repo_id: str
+    requested_revision: str
+    commit: str
+    path: str
+    architecture: str
+    derived_from: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantQuality:
+    """PSNR (dB) of the variant's image against fp32's for the same seed; None when not measured (see note)."""
+
+    psnr_db: float | None
+    seed: int
+    steps: int
+    width: int
+    height: int
+    device: str
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredFile:
+    """One file of a stored variant."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredModel:
+    """One stored variant of one revision of a model; `path` is its diffusers folder on the sidecar's machine."""
+
+    name: str
+    revision: str
+    variant: str
+    path: str
+    size_bytes: int
+    state: str
+    error: str
+    description: str
+    source: ModelSource
+    created_at: float
+    last_used_at: float
+    pinned: bool
+    aliases: tuple[str, ...]
+    quality: VariantQuality | None
+    unet_in_channels: int
+    files: tuple[StoredFile, ...] = ()
+
+    def label(self) -> str:
+        return f"{self.name}@{self.revision[:12]}:{self.variant}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """An alias and the variant it points at (`path` is empty when the target is missing)."""
+
+    name: str
+    model: str
+    revision: str
+    variant: str
+    path: str
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreUsage:
+    """Disk usage of the store, in bytes (budget 0: no budget)."""
+
+    store_path: str
+    used_bytes: int
+    budget_bytes: int
+    protected_bytes: int
+    partial_bytes: int
+    filesystem_free_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """ListStoredModels: every variant, every alias and the disk usage."""
+
+    models: tuple[StoredModel, ...]
+    aliases: tuple[Alias, ...]
+    usage: StoreUsage
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDetails:
+    """GetStoredModel: a model's variants (with files) and the aliases that point at them."""
+
+    variants: tuple[StoredModel, ...]
+    aliases: tuple[Alias, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class OperationProgress:
+    """Progress of a pull, import or variant operation."""
+
+    stage: str
+    file: str
+    done_bytes: int
+    total_bytes: int
+    resumed_bytes: int
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OperationResult:
+    """The outcome of a pull, import or variant operation."""
+
+    model: StoredModel
+    also_published: tuple[StoredModel, ...]
+    already_present: bool
+    offline: bool
+    downloaded_bytes: int
+    resumed_bytes: int
+    evicted: tuple[StoredModel, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The first WatchModels message: the whole store (instance_id changes when the sidecar restarts)."""
+
+    sequence: int
+    time: float
+    models: tuple[StoredModel, ...]
+    aliases: tuple[Alias, ...]
+    store_path: str
+    instance_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPublished:
+    """A variant was published."""
+
+    sequence: int
+    time: float
+    model: StoredModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRemoved:
+    """A variant was removed; reason is 'deleted' or 'evicted'."""
+
+    sequence: int
+    time: float
+    model: StoredModel
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasSet:
+    """An alias now points at `target` (load target.path and swap)."""
+
+    sequence: int
+    time: float
+    alias: Alias
+    target: StoredModel
+    previous: Alias | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasRemoved:
+    """An alias was removed."""
+
+    sequence: int
+    time: float
+    alias: Alias
+
+
+WatchEvent = Snapshot | ModelPublished | ModelRemoved | AliasSet | AliasRemoved
+OperationEvent = OperationProgress | OperationResult
+
+
+def _seconds(ts: Any) -> float:
+    return float(ts.seconds) + float(ts.nanos) / 1e9
+
+
+def _model(m: pb.StoredModel) -> StoredModel:
+    s = m.source
+    q = m.quality if m.HasField("quality") else None
+    return StoredModel(
+        name=m.name,
+        revision=m.revision,
+        variant=_PB_TO_VARIANT.get(m.variant, ""),
+        path=m.path,
+        size_bytes=m.size_bytes,
+        state=_STATE.get(m.state, "unknown"),
+        error=m.error,
+        description=m.description,
+        source=ModelSource(
+            _SOURCE_KIND.get(s.kind, ""),
+            s.repo_id,
+            s.requested_revision,
+            s.commit,
+            s.path,
+            s.architecture,
+            _PB_TO_VARIANT.get(s.derived_from, ""),
+        ),
+        created_at=_seconds(m.created_time),
+        last_used_at=_seconds(m.last_used_time),
+        pinned=m.pinned,
+        aliases=tuple(m.aliases),
+        quality=None
+        if q is None
+        else VariantQuality(
+            q.psnr_db if q.HasField("psnr_db") else None, q.seed, q.steps, q.width, q.height, q.device, q.note
+        ),
+        unet_in_channels=m.unet_in_channels,
+        files=tuple(StoredFile(f.path, f.size_bytes, f.sha256) for f in m.files),
+    )
+
+
+def _alias(a: pb.Alias) -> Alias:
+    return Alias(a.name, a.model, a.revision, _PB_TO_VARIANT.get(a.variant, ""), a.path, _seconds(a.updated_time))
+
+
+def _usage(u: pb.StoreUsage) -> StoreUsage:
+    return StoreUsage(
+        u.store_path, u.used_bytes, u.budget_bytes, u.protected_bytes, u.partial_bytes, u.filesystem_free_bytes
+    )
+
+
+def _operation_event(msg: Any) -> OperationEvent:
+    if msg.WhichOneof("event") == "progress":
+        p = msg.progress
+        return OperationProgress(p.stage, p.file, p.done_bytes, p.total_bytes, p.resumed_bytes, p.message)
+    r = msg.result
+    return OperationResult(
+        model=_model(r.model),
+        also_published=tuple(_model(m) for m in r.also_published),
+        already_present=r.already_present,
+        offline=r.offline,
+        downloaded_bytes=r.downloaded_bytes,
+        resumed_bytes=r.resumed_bytes,
+        evicted=tuple(_model(m) for m in r.evicted),
+    )
+
+
+def watch_event(msg: pb.WatchModelsResponse) -> WatchEvent:
+    """Converts one WatchModels message."""
+    seq, when = msg.sequence, _seconds(msg.time)
+    kind = msg.WhichOneof("event")
+    if kind == "snapshot":
+        s = msg.snapshot
+        return Snapshot(
+            seq,
+            when,
+            tuple(_model(m) for m in s.models),
+            tuple(_alias(a) for a in s.aliases),
+            s.store_path,
+            s.instance_id,
+        )
+    if kind == "model_published":
+        return ModelPublished(seq, when, _model(msg.model_published.model))
+    if kind == "model_removed":
+        return ModelRemoved(seq, when, _model(msg.model_removed.model), msg.model_removed.reason)
+    if kind == "alias_set":
+        e = msg.alias_set
+        return AliasSet(
+            seq, when, _alias(e.alias), _model(e.target), _alias(e.previous) if e.HasField("previous") else None
+        )
+    if kind == "alias_removed":
+        return AliasRemoved(seq, when, _alias(msg.alias_removed.alias))
+    raise SdserveError("UNKNOWN", f"unknown WatchModels event {kind!r}")
+
+
+def _variant(value: str, field: str = "variant") -> Any:
+    try:
+        return _VARIANT_TO_PB[value]
+    except KeyError:
+        raise SdserveError("INVALID_ARGUMENT", f"{field}: must be fp32, fp16, bf16 or int8, got {value!r}") from None
+
+
+def _channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+class OperationStream:
+    """Iterates a long operation's OperationProgress events and its final OperationResult; cancel() cancels it."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def __iter__(self) -> Iterator[OperationEvent]:
+        try:
+            for msg in self._call:
+                yield _operation_event(msg)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> OperationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def result(self, on_progress: Callable[[OperationProgress], None] | None = None) -> OperationResult:
+        """Consumes the stream, calling on_progress per report, and returns the result."""
+        for ev in self:
+            if isinstance(ev, OperationResult):
+                return ev
+            if on_progress is not None:
+                on_progress(ev)
+        raise SdserveError("UNKNOWN", "the operation ended without a result")
+
+
+class WatchStream:
+    """Iterates WatchModels events (a Snapshot first); cancel() ends the subscription."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        try:
+            for msg in self._call:
+                yield watch_event(msg)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise from_rpc_error(err) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class ModelManagerClient:
+    """A blocking client for the sidecar at `target` ('host:port' or 'unix:/path'). Use as a context manager."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None, timeout: float = 60.0):
+        self._channel = channel or grpc.insecure_channel(target, options=_channel_options())
+        self._stub = pb_grpc.ModelManagerServiceStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ModelManagerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    # Long operations --------------------------------------------------------------------------
+
+    def stream_pull(self, repo_id: str, *, revision: str = "", variant: str = "", name: str = "") -> OperationStream:
+        """Pulls a Hub repository as a stream of progress events and a result (no deadline)."""
+        req = pb.PullModelRequest(repo_id=repo_id, revision=revision, variant=_variant(variant), name=name)
+        return OperationStream(self._stub.PullModel(req))
+
+    def pull(
+        self,
+        repo_id: str,
+        *,
+        revision: str = "",
+        variant: str = "",
+        name: str = "",
+        on_progress: Callable[[OperationProgress], None] | None = None,
+    ) -> OperationResult:
+        """Pulls and waits; see stream_pull."""
+        with self.stream_pull(repo_id, revision=revision, variant=variant, name=name) as stream:
+            return stream.result(on_progress)
+
+    def stream_import(
+        self, path: str, *, name: str = "", architecture: str = "", config_from: str = ""
+    ) -> OperationStream:
+        """Imports a folder or single-file checkpoint on the sidecar's machine."""
+        req = pb.ImportModelRequest(path=path, name=name, architecture=architecture, config_from=config_from)
+        return OperationStream(self._stub.ImportModel(req))
+
+    def import_model(
+        self,
+        path: str,
+        *,
+        name: str = "",
+        architecture: str = "",
+        config_from: str = "",
+        on_progress: Callable[[OperationProgress], None] | None = None,
+    ) -> OperationResult:
+        """Imports and waits; see stream_import."""
+        with self.stream_import(path, name=name, architecture=architecture, config_from=config_from) as stream:
+            return stream.result(on_progress)
+
+    def stream_create_variant(
+        self, name: str, variant: str, *, revision: str = "", measure_quality: bool | None = None
+    ) -> OperationStream:
+        """Makes an fp16, bf16 or int8 variant of a stored revision (default: the newest)."""
+        req = pb.CreateVariantRequest(name=name, revision=revision, variant=_variant(variant))
+        if measure_quality is not None:
+            req.measure_quality = measure_quality
+        return OperationStream(self._stub.CreateVariant(req))
+
+    def create_variant(
+        self,
+        name: str,
+        variant: str,
+        *,
+        revision: str = "",
+        measure_quality: bool | None = None,
+        on_progress: Callable[[OperationProgress], None] | None = None,
+    ) -> OperationResult:
+        """Makes a variant and waits; see stream_create_variant."""
+        with self.stream_create_variant(name, variant, revision=revision, measure_quality=measure_quality) as s:
+            return s.result(on_progress)
+
+    # Store ------------------------------------------------------------------------------------
+
+    def list(self, name: str = "") -> Listing:
+        resp = self._unary(self._stub.ListStoredModels, pb.ListStoredModelsRequest(name=name))
+        return Listing(
+            tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage)
+        )
+
+    def get(self, name: str) -> ModelDetails:
+        resp = self._unary(self._stub.GetStoredModel, pb.GetStoredModelRequest(name=name))
+        return ModelDetails(tuple(_model(m) for m in resp.variants), tuple(_alias(a) for a in resp.aliases))
+
+    def delete(self, name: str, *, revision: str = "", variant: str = "") -> tuple[tuple[StoredModel, ...], int]:
+        """Removes variants; returns (removed, bytes freed)."""
+        req = pb.DeleteStoredModelRequest(name=name, revision=revision, variant=_variant(variant))
+        resp = self._unary(self._stub.DeleteStoredModel, req)
+        return tuple(_model(m) for m in resp.removed), resp.freed_bytes
+
+    def pin(self, name: str, pinned: bool = True) -> tuple[StoredModel, ...]:
+        resp = self._unary(self._stub.PinStoredModel, pb.PinStoredModelRequest(name=name, pinned=pinned))
+        return tuple(_model(m) for m in resp.variants)
+
+    def record_use(self, name: str, revision: str, variant: str) -> None:
+        req = pb.RecordModelUseRequest(name=name, revision=revision, variant=_variant(variant))
+        self._unary(self._stub.RecordModelUse, req)
+
+    def set_alias(self, alias: str, model: str, *, revision: str = "", variant: str = "") -> tuple[Alias, Alias | None]:
+        """Points `alias` at a model (default: its newest revision and preferred variant); returns (new, previous)."""
+        req = pb.SetAliasRequest(alias=alias, model=model, revision=revision, variant=_variant(variant))
+        resp = self._unary(self._stub.SetAlias, req)
+        return _alias(resp.alias), _alias(resp.previous) if resp.HasField("previous") else None
+
+    def delete_alias(self, alias: str) -> Alias:
+        return _alias(self._unary(self._stub.DeleteAlias, pb.DeleteAliasRequest(alias=alias)).alias)
+
+    def watch(self) -> WatchStream:
+        """Subscribes to store changes: a Snapshot, then one event per change, until cancel()."""
+        return WatchStream(self._stub.WatchModels(pb.WatchModelsRequest()))
+
+
+class AsyncModelManagerClient:
+    """An asyncio client for what a server needs from the sidecar: watch, list and record_use."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0):
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options())
+        self._stub = pb_grpc.ModelManagerServiceStub(self._channel)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncModelManagerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def watch(self) -> AsyncIterator[WatchEvent]:
+        """A Snapshot, then one event per change; raises SdserveError when the stream fails (re-subscribe then)."""
+        call = self._stub.WatchModels(pb.WatchModelsRequest())
+        try:
+            async for msg in call:
+                yield watch_event(msg)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    async def list(self, name: str = "") -> Listing:
+        try:
+            resp = await self._stub.ListStoredModels(pb.ListStoredModelsRequest(name=name), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return Listing(
+            tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage)
+        )
+
+    async def record_use(self, name: str, revision: str, variant: str) -> None:
+        req = pb.RecordModelUseRequest(name=name, revision=revision, variant=_variant(variant))
+        try:
+            await self._stub.RecordModelUse(req, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None

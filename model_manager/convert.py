@@ -1,0 +1,257 @@
+"""The protobuf edge of the sidecar: requests to validated dataclasses, store views and events to messages."""
+
+from __future__ import annotations
+
+import time
+
+from google.protobuf import timestamp_pb2
+
+from model_manager import errors
+from model_manager.errors import FieldViolation
+from model_manager.layout import StoreLayout
+from model_manager.manifest import Manifest
+from model_manager.names import hub_revision_problem, name_problem, repo_id_problem
+from model_manager.ops import ImportRequest, OperationResult, PullRequest, VariantRequest
+from model_manager.progress import Progress
+from model_manager.store import (
+    AliasRecord,
+    AliasRemoved,
+    AliasSet,
+    Change,
+    Published,
+    Removed,
+    Snapshot,
+    StoredVariant,
+    Usage,
+)
+from sdserve.v1 import model_manager_pb2 as pb
+
+VARIANT_TO_PB = {
+    "fp32": pb.WEIGHT_VARIANT_FP32,
+    "fp16": pb.WEIGHT_VARIANT_FP16,
+    "bf16": pb.WEIGHT_VARIANT_BF16,
+    "int8": pb.WEIGHT_VARIANT_INT8,
+}
+PB_TO_VARIANT: dict[int, str] = {int(v): k for k, v in VARIANT_TO_PB.items()}
+_SOURCE_KIND = {
+    "hub": pb.SOURCE_KIND_HUB,
+    "local_folder": pb.SOURCE_KIND_LOCAL_FOLDER,
+    "single_file": pb.SOURCE_KIND_SINGLE_FILE,
+    "derived": pb.SOURCE_KIND_DERIVED,
+}
+_STATE = {"ready": pb.STORED_MODEL_STATE_READY, "corrupt": pb.STORED_MODEL_STATE_CORRUPT}
+
+
+def _raise(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise errors.invalid(*violations)
+
+
+def _name(value: str, field: str, violations: list[FieldViolation], required: bool = True) -> str:
+    if value or required:
+        problem = name_problem(value)
+        if problem:
+            violations.append(FieldViolation(field, f"{value!r} {problem}" if value else problem))
+    return value
+
+
+def _variant(value: int, field: str, violations: list[FieldViolation], default: str = "") -> str:
+    if value == pb.WEIGHT_VARIANT_UNSPECIFIED:
+        return default
+    if value not in PB_TO_VARIANT:
+        violations.append(FieldViolation(field, f"unknown WeightVariant value {value}"))
+        return default
+    return PB_TO_VARIANT[value]
+
+
+def pull_request(msg: pb.PullModelRequest) -> PullRequest:
+    violations: list[FieldViolation] = []
+    problem = repo_id_problem(msg.repo_id)
+    if problem:
+        violations.append(FieldViolation("repo_id", problem))
+    revision = msg.revision or "main"
+    problem = hub_revision_problem(revision)
+    if problem:
+        violations.append(FieldViolation("revision", problem))
+    variant = _variant(msg.variant, "variant", violations, "fp32")
+    _name(msg.name, "name", violations, required=False)
+    _raise(violations)
+    return PullRequest(msg.repo_id, revision, variant, msg.name)
+
+
+def import_request(msg: pb.ImportModelRequest) -> ImportRequest:
+    violations: list[FieldViolation] = []
+    if not msg.path:
+        violations.append(FieldViolation("path", "is required"))
+    elif "\0" in msg.path:
+        violations.append(FieldViolation("path", "must not contain NUL characters"))
+    _name(msg.name, "name", violations, required=False)
+    if "\0" in msg.config_from:
+        violations.append(FieldViolation("config_from", "must not contain NUL characters"))
+    _raise(violations)
+    return ImportRequest(msg.path, msg.name, msg.architecture, msg.config_from)
+
+
+def variant_request(msg: pb.CreateVariantRequest) -> VariantRequest:
+    violations: list[FieldViolation] = []
+    _name(msg.name, "name", violations)
+    _name(msg.revision, "revision", violations, required=False)
+    variant = _variant(msg.variant, "variant", violations)
+    if not variant:
+        violations.append(FieldViolation("variant", "is required: FP16, BF16 or INT8"))
+    elif variant == "fp32":
+        violations.append(FieldViolation("variant", "fp32 comes from a pull or an import; choose FP16, BF16 or INT8"))
+    _raise(violations)
+    measure = msg.measure_quality if msg.HasField("measure_quality") else None
+    return VariantRequest(msg.name, variant, msg.revision, measure)
+
+
+def target(name: str, revision: str, variant: int, prefix: str = "") -> tuple[str, str, str]:
+    """(name, revision, variant) of Delete/RecordUse/SetAlias requests, validated."""
+    violations: list[FieldViolation] = []
+    _name(name, prefix + ("model" if prefix else "name"), violations)
+    _name(revision, "revision", violations, required=False)
+    v = _variant(variant, "variant", violations)
+    _raise(violations)
+    return name, revision, v
+
+
+def name_only(value: str, field: str, required: bool = True) -> str:
+    violations: list[FieldViolation] = []
+    _name(value, field, violations, required)
+    _raise(violations)
+    return value
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _source(manifest: Manifest | None) -> pb.ModelSource:
+    if manifest is None:
+        return pb.ModelSource()
+    s = manifest.source
+    return pb.ModelSource(
+        kind=_SOURCE_KIND.get(s.kind, pb.SOURCE_KIND_UNSPECIFIED),
+        repo_id=s.repo_id,
+        requested_revision=s.requested_revision,
+        commit=s.commit,
+        path=s.path,
+        architecture=s.architecture,
+        derived_from=VARIANT_TO_PB.get(s.derived_from, pb.WEIGHT_VARIANT_UNSPECIFIED),
+    )
+
+
+def _quality(manifest: Manifest | None) -> pb.VariantQuality | None:
+    if manifest is None or manifest.quality is None:
+        return None
+    q = manifest.quality
+    out = pb.VariantQuality(seed=q.seed, steps=q.steps, width=q.width, height=q.height, device=q.device, note=q.note)
+    if q.psnr_db is not None:
+        out.psnr_db = q.psnr_db
+    return out
+
+
+def stored_model(view: StoredVariant, files: bool = False) -> pb.StoredModel:
+    m = view.manifest
+    out = pb.StoredModel(
+        name=view.key.name,
+        revision=view.key.revision,
+        variant=VARIANT_TO_PB[view.key.variant],
+        path=str(view.path),
+        size_bytes=view.size_bytes,
+        state=_STATE[view.state],
+        error=view.error,
+        description=m.description if m else "",
+        source=_source(m),
+        created_time=timestamp(view.created_at),
+        last_used_time=timestamp(view.last_used),
+        pinned=view.pinned,
+        aliases=list(view.aliases),
+        unet_in_channels=m.unet_in_channels if m else 0,
+    )
+    q = _quality(m)
+    if q is not None:
+        out.quality.CopyFrom(q)
+    if files and m is not None:
+        out.files.extend(pb.StoredFile(path=f.path, size_bytes=f.size, sha256=f.sha256) for f in m.files)
+    return out
+
+
+def alias(record: AliasRecord, layout: StoreLayout, present: bool = True) -> pb.Alias:
+    path = layout.variant_dir(record.model, record.revision, record.variant) if present else ""
+    return pb.Alias(
+        name=record.name,
+        model=record.model,
+        revision=record.revision,
+        variant=VARIANT_TO_PB.get(record.variant, pb.WEIGHT_VARIANT_UNSPECIFIED),
+        path=str(path),
+        updated_time=timestamp(record.updated_at),
+    )
+
+
+def usage(u: Usage) -> pb.StoreUsage:
+    return pb.StoreUsage(
+        store_path=str(u.store_path),
+        used_bytes=u.used_bytes,
+        budget_bytes=u.budget_bytes,
+        protected_bytes=u.protected_bytes,
+        partial_bytes=u.partial_bytes,
+        filesystem_free_bytes=u.free_bytes,
+    )
+
+
+def progress(p: Progress) -> pb.OperationProgress:
+    return pb.OperationProgress(
+        stage=p.stage,
+        file=p.file,
+        done_bytes=p.done_bytes,
+        total_bytes=p.total_bytes,
+        resumed_bytes=p.resumed_bytes,
+        message=p.message,
+    )
+
+
+def result(r: OperationResult) -> pb.OperationResult:
+    return pb.OperationResult(
+        model=stored_model(r.model),
+        also_published=[stored_model(v) for v in r.also_published],
+        already_present=r.already_present,
+        offline=r.offline,
+        downloaded_bytes=r.downloaded_bytes,
+        resumed_bytes=r.resumed_bytes,
+        evicted=[stored_model(v) for v in r.evicted],
+    )
+
+
+def snapshot(s: Snapshot, layout: StoreLayout) -> pb.WatchModelsResponse:
+    return pb.WatchModelsResponse(
+        sequence=s.sequence,
+        time=timestamp(time.time()),
+        snapshot=pb.StoreSnapshot(
+            models=[stored_model(v) for v in s.variants],
+            aliases=[alias(r, layout, t is not None) for r, t in s.aliases],
+            store_path=str(layout.root),
+            instance_id=s.instance_id,
+        ),
+    )
+
+
+def change(c: Change, layout: StoreLayout) -> pb.WatchModelsResponse:
+    out = pb.WatchModelsResponse(sequence=c.sequence, time=timestamp(c.time))
+    event = c.event
+    if isinstance(event, Published):
+        out.model_published.model.CopyFrom(stored_model(event.variant))
+    elif isinstance(event, Removed):
+        out.model_removed.model.CopyFrom(stored_model(event.variant))
+        out.model_removed.reason = event.reason
+    elif isinstance(event, AliasSet):
+        out.alias_set.alias.CopyFrom(alias(event.alias, layout))
+        out.alias_set.target.CopyFrom(stored_model(event.target))
+        if event.previous is not None:
+            out.alias_set.previous.CopyFrom(alias(event.previous, layout))
+    elif isinstance(event, AliasRemoved):
+        out.alias_removed.alias.CopyFrom(alias(event.alias, layout))
+    return out

@@ -1,0 +1,45 @@
+"""The store's folder layout; every path it hands out is checked to lie inside the store."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from model_manager.names import is_safe_component
+
+
+class StoreLayout:
+    """Paths of one store: models/<name>/<revision>/<variant>/, staging/, downloads/, aliases.json, state.json."""
+
+    def __init__(self, root: Path):
+        self.root = root.expanduser().resolve()
+        self.models = self.root / "models"
+        self.staging = self.root / "staging"
+        self.downloads = self.root / "downloads"
+        self.aliases = self.root / "aliases.json"
+        self.state = self.root / "state.json"
+        self.lock = self.root / ".lock"
+
+    def create(self) -> None:
+        for folder in (self.root, self.models, self.staging, self.downloads):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def variant_dir(self, name: str, revision: str, variant: str) -> Path:
+        """<store>/models/<name>/<revision>/<variant>; raises ValueError for any unsafe component."""
+        for part in (name, revision, variant):
+            if not is_safe_component(part):
+                raise ValueError(f"unsafe path component {part!r}")
+        path = self.models / name / revision / variant
+        if os.path.commonpath([path, self.models]) != str(self.models):
+            raise ValueError(f"{path} is outside the store")
+        return path
+
+    def new_staging(self, label: str) -> Path:
+        """A fresh, empty staging folder on the store's file system (so publishing is a rename)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:60]
+        return Path(tempfile.mkdtemp(prefix=f"{safe}-", dir=self.staging))
+
+    def trash_path(self) -> Path:
+        """A unique name in staging/ to rename a folder to before deleting it (so deletion looks atomic)."""
+        return Path(tempfile.mktemp(prefix=".trash-", dir=self.staging))

@@ -1,0 +1,251 @@
+"""The ModelManagerService gRPC servicer: validate, run operations off the event loop, stream progress and events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from model_manager import convert, errors, status
+from model_manager.ops import OperationResult, Operations
+from model_manager.progress import Progress, Reporter
+from model_manager.settings import Settings
+from model_manager.store import Change, Store
+from sdserve.v1 import model_manager_pb2 as pb
+from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", pb.PullModelResponse, pb.ImportModelResponse, pb.CreateVariantResponse)
+T = TypeVar("T")
+
+
+class _Done:
+    def __init__(self, result: OperationResult | None, error: BaseException | None):
+        self.result = result
+        self.error = error
+
+
+class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
+    """Thin: every rule lives in Operations and Store; this maps calls, progress and errors."""
+
+    def __init__(self, store: Store, ops: Operations, settings: Settings):
+        self.store = store
+        self.ops = ops
+        self.settings = settings
+
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+        if isinstance(exc, errors.ManagerError):
+            code, message, metadata = status.rich_status(exc)
+            log.info("call failed", extra={"code": code.name, "error": message})
+            await context.abort(code, message, trailing_metadata=metadata)
+        log.error("internal error", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error in the model manager; see its log")
+
+    async def _call(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise  # pragma: no cover - abort raises
+
+    async def _operation(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        parse: Callable[[], Any],
+        run: Callable[[Any, Reporter], OperationResult],
+        wrap: Callable[..., R],
+    ) -> AsyncIterator[R]:
+        try:
+            request = parse()
+        except errors.ManagerError as exc:
+            await self._fail(context, exc)
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Progress | _Done] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(p: Progress) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, p)
+
+        def work() -> None:
+            try:
+                done = _Done(run(request, Reporter(emit, cancel)), None)
+            except BaseException as exc:
+                done = _Done(None, exc)
+                if isinstance(exc, errors.Cancelled):
+                    # Logged after the operation's own cleanup (staging removed, name lock released) has run.
+                    log.info("operation cancelled", extra={"operation": wrap.__name__})
+            with contextlib.suppress(RuntimeError):  # the server's loop has closed
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        thread = threading.Thread(target=work, name="model-manager-op", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Progress):
+                    yield wrap(progress=convert.progress(item))
+                    continue
+                if item.error is not None:
+                    await self._fail(context, item.error)
+                assert item.result is not None
+                yield wrap(result=convert.result(item.result))
+                return
+        finally:
+            # The caller went away (or we are done): a running operation stops at its next check and cleans up.
+            cancel.set()
+
+    async def PullModel(
+        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.PullModelResponse]:
+        async for msg in self._operation(
+            context, lambda: convert.pull_request(request), self.ops.pull, pb.PullModelResponse
+        ):
+            yield msg
+
+    async def ImportModel(
+        self, request: pb.ImportModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ImportModelResponse]:
+        async for msg in self._operation(
+            context, lambda: convert.import_request(request), self.ops.import_model, pb.ImportModelResponse
+        ):
+            yield msg
+
+    async def CreateVariant(
+        self, request: pb.CreateVariantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.CreateVariantResponse]:
+        async for msg in self._operation(
+            context, lambda: convert.variant_request(request), self.ops.create_variant, pb.CreateVariantResponse
+        ):
+            yield msg
+
+    async def ListStoredModels(
+        self, request: pb.ListStoredModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListStoredModelsResponse:
+        def run() -> pb.ListStoredModelsResponse:
+            name = convert.name_only(request.name, "name", required=False)
+            layout = self.store.layout
+            return pb.ListStoredModelsResponse(
+                models=[convert.stored_model(v) for v in self.store.variants(name)],
+                aliases=[convert.alias(r, layout, t is not None) for r, t in self.store.aliases()],
+                usage=convert.usage(self.store.usage()),
+            )
+
+        return await self._call(context, run)
+
+    async def GetStoredModel(
+        self, request: pb.GetStoredModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStoredModelResponse:
+        def run() -> pb.GetStoredModelResponse:
+            name = convert.name_only(request.name, "name")
+            views = self.store.variants(name)
+            if not views:
+                raise errors.NotFound(f"model {name!r} is not in the store")
+            layout = self.store.layout
+            return pb.GetStoredModelResponse(
+                variants=[convert.stored_model(v, files=True) for v in views],
+                aliases=[convert.alias(r, layout, t is not None) for r, t in self.store.aliases() if r.model == name],
+            )
+
+        return await self._call(context, run)
+
+    async def DeleteStoredModel(
+        self, request: pb.DeleteStoredModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteStoredModelResponse:
+        def run() -> pb.DeleteStoredModelResponse:
+            name, revision, variant = convert.target(request.name, request.revision, request.variant)
+            removed = self.store.remove(name, revision, variant)
+            return pb.DeleteStoredModelResponse(
+                removed=[convert.stored_model(v) for v in removed], freed_bytes=sum(v.size_bytes for v in removed)
+            )
+
+        return await self._call(context, run)
+
+    async def PinStoredModel(
+        self, request: pb.PinStoredModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PinStoredModelResponse:
+        def run() -> pb.PinStoredModelResponse:
+            name = convert.name_only(request.name, "name")
+            views = self.store.pin(name, request.pinned)
+            return pb.PinStoredModelResponse(variants=[convert.stored_model(v) for v in views])
+
+        return await self._call(context, run)
+
+    async def RecordModelUse(
+        self, request: pb.RecordModelUseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RecordModelUseResponse:
+        def run() -> pb.RecordModelUseResponse:
+            name, revision, variant = convert.target(request.name, request.revision, request.variant)
+            self.store.touch(self.store.resolve(name, revision, variant).key)
+            return pb.RecordModelUseResponse()
+
+        return await self._call(context, run)
+
+    async def SetAlias(
+        self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetAliasResponse:
+        def run() -> pb.SetAliasResponse:
+            alias = convert.name_only(request.alias, "alias")
+            model, revision, variant = convert.target(request.model, request.revision, request.variant, prefix="m")
+            record, previous, _target = self.ops.set_alias(alias, model, revision, variant)
+            layout = self.store.layout
+            out = pb.SetAliasResponse(alias=convert.alias(record, layout))
+            if previous is not None:
+                out.previous.CopyFrom(convert.alias(previous, layout, self.store.get(previous.key) is not None))
+            return out
+
+        return await self._call(context, run)
+
+    async def DeleteAlias(
+        self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteAliasResponse:
+        def run() -> pb.DeleteAliasResponse:
+            record = self.store.delete_alias(convert.name_only(request.alias, "alias"))
+            present = self.store.get(record.key) is not None
+            return pb.DeleteAliasResponse(alias=convert.alias(record, self.store.layout, present))
+
+        return await self._call(context, run)
+
+    async def WatchModels(
+        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchModelsResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Change | None] = asyncio.Queue()
+        limit = self.settings.watch_queue
+        state = {"overflowed": False}
+
+        def deliver(change: Change) -> None:
+            if state["overflowed"]:
+                return
+            if queue.qsize() >= limit:
+                state["overflowed"] = True
+                queue.put_nowait(None)
+                return
+            queue.put_nowait(change)
+
+        def listener(change: Change) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(deliver, change)
+
+        snapshot = self.store.subscribe(listener)
+        layout = self.store.layout
+        log.info("watcher subscribed", extra={"peer": context.peer(), "sequence": snapshot.sequence})
+        try:
+            yield convert.snapshot(snapshot, layout)
+            while True:
+                item = await queue.get()
+                if item is None:
+                    await context.abort(
+                        grpc.StatusCode.ABORTED, f"the watcher fell {limit} events behind; subscribe again"
+                    )
+                    return
+                yield convert.change(item, layout)
+        finally:
+            self.store.unsubscribe(listener)
+            log.info("watcher left", extra={"peer": context.peer()})

@@ -1,0 +1,180 @@
+"""The sidecar's one settings object, built once from flags and SDSERVE_MANAGER_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PREFIX = "SDSERVE_MANAGER_"
+DEFAULT_STORE = Path.home() / ".cache" / "sdserve" / "store"
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)", re.IGNORECASE)
+
+
+def parse_size(value: str) -> int:
+    """Bytes from '123', '500M', '20GiB' or '1.5G' (powers of 1024)."""
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a size (for example 500M or 20GiB)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def _paths(value: str) -> tuple[Path, ...]:
+    return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _field(
+    default: Any, help: str, parse: Callable[[str], Any] = str, fallback_env: tuple[str, ...] = (), secret: bool = False
+) -> Any:
+    return dataclasses.field(
+        default=default, metadata={"help": help, "parse": parse, "fallback_env": fallback_env, "secret": secret}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the sidecar is configured with; see `python -m model_manager --help`."""
+
+    store: Path = _field(  # noqa: RUF009 - _field wraps dataclasses.field; Path is immutable
+        DEFAULT_STORE,
+        "The model store folder, shared with the server (read-only there).",
+        lambda v: Path(v).expanduser(),
+    )
+    host: str = _field("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = _field(50052, "TCP port to listen on; 0 picks a free one; -1 turns TCP off.", int)
+    unix_socket: str = _field("", "Also listen on this Unix socket path (empty: none).")
+    port_file: str = _field("", "Write the bound TCP port to this file once serving.")
+    import_roots: tuple[Path, ...] = _field(
+        (), "Folders that ImportModel may read from, separated by ':'. Empty: imports over the API are refused.", _paths
+    )
+    max_store_bytes: int = _field(
+        0, "Disk budget for published models (for example 50GiB); 0 means no budget.", parse_size
+    )
+    min_free_bytes: int = _field(
+        512 * 1024**2,
+        "Free space to keep on the store's file system; pulls that would go below it evict or fail.",
+        parse_size,
+    )
+    hf_endpoint: str = _field(
+        "https://huggingface.co",
+        "Hugging Face Hub endpoint (a mirror or a local test hub also works).",
+        str,
+        ("HF_ENDPOINT",),
+    )
+    hf_token: str = _field("", "Hub access token for gated or private repositories.", str, ("HF_TOKEN",), secret=True)
+    offline: bool = _field(
+        False,
+        "Never contact the Hub; pulls are answered from the store.",
+        _bool,
+        ("HF_HUB_OFFLINE",),
+    )
+    hub_timeout: float = _field(10.0, "Seconds to wait for Hub metadata before treating the Hub as unreachable.", float)
+    verify_on_start: str = _field(
+        "full", "Re-verify stored models at start: full (sha256 of every file), size (sizes only) or off."
+    )
+    partial_max_age_hours: float = _field(
+        168.0, "Partial downloads older than this many hours are deleted at start; 0 keeps them forever.", float
+    )
+    quality_check: bool = _field(True, "Measure each new variant's image PSNR against fp32.", _bool)
+    quality_steps: int = _field(10, "Denoising steps of the quality images.", int)
+    quality_size: int = _field(256, "Width and height of quality images in pixels; 0: the model's default.", int)
+    quality_device: str = _field("cpu", "Device that renders quality images: cpu, cuda or cuda:N.")
+    torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
+    watch_queue: int = _field(1024, "Events a WatchModels subscriber may lag before its stream is aborted.", int)
+    log_format: str = _field("auto", "Log format: auto (JSON unless on a terminal), json or text.")
+    log_level: str = _field("INFO", "Log level.")
+
+    @staticmethod
+    def from_sources(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Builds settings: defaults, then fallback variables (HF_*), then SDSERVE_MANAGER_* variables, then flags."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(Settings):
+            keys = [*f.metadata["fallback_env"], PREFIX + f.name.upper()]
+            for key in keys:
+                if key in environ:
+                    try:
+                        values[f.name] = f.metadata["parse"](environ[key])
+                    except ValueError as exc:
+                        raise SystemExit(f"{key}: {exc}") from None
+        parser = build_parser()
+        ns = parser.parse_args(list(argv) if argv is not None else [])
+        for f in dataclasses.fields(Settings):
+            raw = getattr(ns, f.name)
+            if raw is not None:
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    parser.error(f"--{f.name.replace('_', '-')}: {exc}")
+        settings = Settings(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Rejects settings that cannot work together."""
+        problems = []
+        if not -1 <= self.port <= 65535:
+            problems.append("port must be -1 to 65535")
+        if self.port == -1 and not self.unix_socket:
+            problems.append("with port -1 a unix_socket is required")
+        if self.verify_on_start not in ("full", "size", "off"):
+            problems.append("verify_on_start must be full, size or off")
+        if self.max_store_bytes < 0 or self.min_free_bytes < 0:
+            problems.append("max_store_bytes and min_free_bytes must not be negative")
+        if self.quality_steps < 1:
+            problems.append("quality_steps must be at least 1")
+        if self.quality_size < 0 or self.quality_size % 8:
+            problems.append("quality_size must be 0 or a positive multiple of 8")
+        if self.watch_queue < 1:
+            problems.append("watch_queue must be at least 1")
+        if self.hub_timeout <= 0:
+            problems.append("hub_timeout must be positive")
+        if self.log_format not in ("auto", "json", "text"):
+            problems.append("log_format must be auto, json or text")
+        if problems:
+            raise SystemExit("invalid settings: " + "; ".join(problems))
+
+    def redacted(self) -> dict[str, object]:
+        """Settings for the start-up log line, with secrets hidden."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = ("<set>" if value else "") if f.metadata["secret"] else str(value)
+        return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flag parser; every flag defaults to None so unset flags leave env/defaults alone."""
+    parser = argparse.ArgumentParser(
+        prog="python -m model_manager",
+        description="sdserve model-manager sidecar. Every flag also reads SDSERVE_MANAGER_<NAME> from the environment.",
+    )
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        shown = ":".join(str(p) for p in default) if isinstance(default, tuple) else default
+        if f.metadata["secret"]:
+            shown = "unset"
+        env = PREFIX + f.name.upper()
+        if f.metadata["fallback_env"]:
+            env += ", then " + ", ".join(f.metadata["fallback_env"])
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            help=f"{f.metadata['help']} (env {env}; default {shown!s})",
+        )
+    return parser

