@@ -52,6 +52,18 @@ class DataLoss(ManagerError):
     code = "DATA_LOSS"
 
 
+class ChecksumMismatch(DataLoss):
+    """A file's bytes differ from its expected size or digest."""
+
+
+class BudgetExceeded(ResourceExhausted):
+    """The store's budget cannot hold the operation, even after evicting what may be evicted."""
+
+
+class DiskFull(ResourceExhausted):
+    """The store's file system is (or would be, below --min-free-bytes) full."""
+
+
 class Unavailable(ManagerError):
     code = "UNAVAILABLE"
 

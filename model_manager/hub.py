@@ -226,7 +226,9 @@ class Hub:
         except OSError as exc:
             if "Consistency check failed" in str(exc):
                 part.unlink(missing_ok=True)
-                raise errors.DataLoss(f"{file.path}: the Hub sent a different size than it lists ({exc})") from None
+                raise errors.ChecksumMismatch(
+                    f"{file.path}: the Hub sent a different size than it lists ({exc})"
+                ) from None
             raise
         self._verify(file, part)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +256,7 @@ class Hub:
                 problem = f"git blob id {blob.hexdigest()[:16]}… does not match the Hub's {file.blob_id[:16]}…"
         if problem:
             path.unlink(missing_ok=True)
-            raise errors.DataLoss(f"{file.path}: {problem}; the file was discarded and nothing was published")
+            raise errors.ChecksumMismatch(f"{file.path}: {problem}; the file was discarded and nothing was published")
 
     def discard_partials(self, files: list[RemoteFile]) -> None:
         """Deletes the partial downloads of `files` (after a failure that makes resuming pointless)."""

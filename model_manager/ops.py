@@ -20,6 +20,7 @@ from model_manager import errors
 from model_manager.errors import FieldViolation
 from model_manager.hub import Hub, HubUnreachable, RemoteFile, RepoSnapshot
 from model_manager.manifest import Manifest, Quality, Source, hash_folder
+from model_manager.metrics import ManagerMetrics
 from model_manager.names import NAME_RULE, name_problem
 from model_manager.progress import Reporter
 from model_manager.selection import Pick, SelectionError, select
@@ -124,10 +125,11 @@ def _check_weights(folder: Path) -> None:
 class Operations:
     """Runs long operations in the calling (worker) thread, reporting through a Reporter."""
 
-    def __init__(self, settings: Settings, store: Store, hub: Hub):
+    def __init__(self, settings: Settings, store: Store, hub: Hub, metrics: ManagerMetrics | None = None):
         self.settings = settings
         self.store = store
         self.hub = hub
+        self.metrics = metrics or ManagerMetrics()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._references: dict[tuple[VariantKey, RenderSpec], Any] = {}
@@ -196,6 +198,10 @@ class Operations:
 
     def pull(self, req: PullRequest, rep: Reporter) -> OperationResult:
         """Resolves, downloads (resuming), verifies and publishes a Hub model; then makes the variant if needed."""
+        with self.metrics.operation("pull"):
+            return self._pull(req, rep)
+
+    def _pull(self, req: PullRequest, rep: Reporter) -> OperationResult:
         name = req.name or req.repo_id.split("/")[-1]
         if not req.name and name_problem(name):
             raise errors.invalid_field("name", f"the repository's name {name!r} is not a valid model name; pass a name")
@@ -249,13 +255,18 @@ class Operations:
         total = sum(f.size for f, _ in files)
         key = VariantKey(name, snap.commit, stored)
         downloaded = resumed = 0
+
+        def received(n: int) -> None:
+            self.metrics.downloaded_bytes.inc(n)
+            rep.advance(n)
+
         try:
             with self.store.reserve(total, f"pulling {req.repo_id}") as evicted, self._staging(name) as staging:
                 rep.stage("downloading", total)
                 for remote, dest in files:
                     rep.file(remote.path)
                     got, had = self.hub.download(
-                        snap, remote, staging / dest, rep.advance, rep.cancel, lambda n: rep.advance(n, resumed=True)
+                        snap, remote, staging / dest, received, rep.cancel, lambda n: rep.advance(n, resumed=True)
                     )
                     downloaded += got
                     resumed += had
@@ -275,7 +286,7 @@ class Operations:
             if not _disk_full(exc):
                 raise
             self.hub.discard_partials([f for f, _ in files])
-            raise errors.ResourceExhausted(
+            raise errors.DiskFull(
                 f"the store's disk filled up while pulling {req.repo_id} ({os.strerror(exc.errno or 0)}); "
                 "the partial files were removed and nothing was published"
             ) from None
@@ -306,6 +317,10 @@ class Operations:
 
     def create_variant(self, req: VariantRequest, rep: Reporter) -> OperationResult:
         """Makes a variant of a stored revision from its best source variant and measures it."""
+        with self.metrics.operation("create_variant"):
+            return self._create_variant(req, rep)
+
+    def _create_variant(self, req: VariantRequest, rep: Reporter) -> OperationResult:
         with self._name_lock(req.name, rep):
             revision = req.revision or self.store.newest_revision(req.name)
             candidates = {v.key.variant: v for v in self.store.variants(req.name) if v.key.revision == revision}
@@ -342,7 +357,8 @@ class Operations:
             estimate = variants.estimate_bytes(source.path, target)
             try:
                 with self.store.reserve(estimate, f"making {key.label()}") as evicted, self._staging(key.name) as st:
-                    variants.make_variant(source.path, st, target, rep)
+                    with self.metrics.timed_variant(target):
+                        variants.make_variant(source.path, st, target, rep)
                     meta = _read_json(source.path / "sdserve.json")
                     _write_sdserve_json(st, meta, variant=target)
                     q = self._measure(key, st, measure, rep)
@@ -356,7 +372,7 @@ class Operations:
             except OSError as exc:
                 if not _disk_full(exc):
                     raise
-                raise errors.ResourceExhausted(
+                raise errors.DiskFull(
                     f"the store's disk filled up while making {key.label()}; nothing was published"
                 ) from None
 
@@ -407,6 +423,10 @@ class Operations:
 
     def import_model(self, req: ImportRequest, rep: Reporter) -> OperationResult:
         """Imports a diffusers folder or converts a single-file .safetensors checkpoint."""
+        with self.metrics.operation("import"):
+            return self._import_model(req, rep)
+
+    def _import_model(self, req: ImportRequest, rep: Reporter) -> OperationResult:
         path = self._import_path(req.path, "path")
         if path.is_dir():
             return self._import_folder(req, path, rep)
@@ -474,7 +494,7 @@ class Operations:
             except OSError as exc:
                 if not _disk_full(exc):
                     raise
-                raise errors.ResourceExhausted(f"the store's disk filled up importing {folder}") from None
+                raise errors.DiskFull(f"the store's disk filled up importing {folder}") from None
 
     def _copy(self, source: Path, dest: Path, digest: Any, rep: Reporter) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -583,7 +603,7 @@ class Operations:
             except OSError as exc:
                 if not _disk_full(exc):
                     raise
-                raise errors.ResourceExhausted(f"the store's disk filled up converting {path.name}") from None
+                raise errors.DiskFull(f"the store's disk filled up converting {path.name}") from None
 
     # ---- small operations ----------------------------------------------------------------
 

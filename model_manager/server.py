@@ -1,4 +1,5 @@
-"""Builds and runs the sidecar's grpc.aio server on TCP and/or a Unix socket, with health and reflection."""
+"""Builds and runs the sidecar's grpc.aio server on TCP (optionally TLS) and/or a Unix socket, with health,
+reflection, API keys and a Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from model_manager import metrics
 from model_manager.hub import Hub
 from model_manager.layout import StoreLayout
 from model_manager.ops import Operations
@@ -19,6 +22,7 @@ from model_manager.settings import Settings
 from model_manager.store import Store
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
+from service.auth import ApiKeyInterceptor, load_keys
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +44,46 @@ class ManagerServer:
             partial_max_age_s=settings.partial_max_age_hours * 3600,
         )
         hub = Hub(settings.hf_endpoint, settings.hf_token, settings.hub_timeout, settings.offline, layout.downloads)
-        self.ops = Operations(settings, self.store, hub)
+        self.metrics = metrics.ManagerMetrics()
+        self.metrics.add_collector(metrics.StoreCollector(self.store, self.metrics))
+        self.store.subscribe(self.metrics.on_store_change)
+        self.ops = Operations(settings, self.store, hub, self.metrics)
         self.servicer = ModelManagerServicer(self.store, self.ops, settings)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        interceptors: list[Any] = []
+        try:
+            keys = load_keys(settings.api_keys, settings.api_keys_file)
+        except OSError as exc:
+            raise SystemExit(f"cannot read --api-keys-file: {exc}") from None
+        if keys:
+            interceptors.append(ApiKeyInterceptor(keys, self._refused))
+        self.authenticated = bool(keys)
         self.grpc = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
+            interceptors=interceptors,
         )
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
+        self.metrics_port = 0
+        self._metrics_http: Any = None
+
+    def _refused(self, method: str) -> None:
+        log.warning("call refused: missing or invalid API key", extra={"rpc": method})
+        self.metrics.on_unauthenticated(method)
 
     async def start(self) -> int:
         """Reconciles the store, binds, and reports SERVING; returns the TCP port (0 without TCP)."""
         s = self.settings
+        creds = server_credentials(s)
         await asyncio.to_thread(self.store.open)
         if s.port >= 0:
-            self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+            address = f"{s.host}:{s.port}"
+            self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
             if self.port == 0:
                 raise SystemExit(f"could not bind {s.host}:{s.port}")
         if s.unix_socket:
@@ -67,21 +91,60 @@ class ManagerServer:
             await asyncio.to_thread(_clear_socket, sock)
             if not self.grpc.add_insecure_port(f"unix:{sock}"):
                 raise SystemExit(f"could not bind unix:{sock}")
+        if s.metrics_port >= 0:
+            try:
+                self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
+            except OSError as exc:
+                raise SystemExit(f"could not serve metrics on {s.metrics_host}:{s.metrics_port}: {exc}") from None
         await self.grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if s.port_file:
             await asyncio.to_thread(Path(s.port_file).write_text, str(self.port))
+        if not self.authenticated and s.port >= 0 and not _loopback(s.host):
+            log.warning(
+                "the store API accepts every caller on a non-loopback interface: set --api-keys or --api-keys-file",
+                extra={"host": s.host},
+            )
         log.info(
             "serving",
-            extra={"port": self.port, "unix_socket": s.unix_socket, "store": str(self.store.layout.root)},
+            extra={
+                "port": self.port,
+                "unix_socket": s.unix_socket,
+                "store": str(self.store.layout.root),
+                "tls": creds is not None,
+                "mtls": bool(s.tls_client_ca_file),
+                "api_keys": self.authenticated,
+                "metrics_port": self.metrics_port,
+            },
         )
         return self.port
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(grace)
+        if self._metrics_http is not None:
+            metrics.stop_http(self._metrics_http)
+            self._metrics_http = None
+        self.store.unsubscribe(self.metrics.on_store_change)
         self.store.close()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (TCP only); mutual TLS when a client CA is given."""
+    if not settings.tls_cert_file:
+        return None
+    try:
+        key = Path(settings.tls_key_file).read_bytes()
+        cert = Path(settings.tls_cert_file).read_bytes()
+        ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    except OSError as exc:
+        raise SystemExit(f"cannot read a TLS file: {exc}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _clear_socket(sock: Path) -> None:

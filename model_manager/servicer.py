@@ -237,15 +237,16 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         layout = self.store.layout
         log.info("watcher subscribed", extra={"peer": context.peer(), "sequence": snapshot.sequence})
         try:
-            yield convert.snapshot(snapshot, layout)
-            while True:
-                item = await queue.get()
-                if item is None:
-                    await context.abort(
-                        grpc.StatusCode.ABORTED, f"the watcher fell {limit} events behind; subscribe again"
-                    )
-                    return
-                yield convert.change(item, layout)
+            with self.ops.metrics.watching():
+                yield convert.snapshot(snapshot, layout)
+                while True:
+                    item = await queue.get()
+                    if item is None:
+                        await context.abort(
+                            grpc.StatusCode.ABORTED, f"the watcher fell {limit} events behind; subscribe again"
+                        )
+                        return
+                    yield convert.change(item, layout)
         finally:
             self.store.unsubscribe(listener)
             log.info("watcher left", extra={"peer": context.peer()})

@@ -37,6 +37,10 @@ def _bool(value: str) -> bool:
     raise ValueError(f"{value!r} is not a boolean")
 
 
+def _keys(value: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
 def _field(
     default: Any, help: str, parse: Callable[[str], Any] = str, fallback_env: tuple[str, ...] = (), secret: bool = False
 ) -> Any:
@@ -95,6 +99,20 @@ class Settings:
     quality_device: str = _field("cpu", "Device that renders quality images: cpu, cuda or cuda:N.")
     torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
     watch_queue: int = _field(1024, "Events a WatchModels subscriber may lag before its stream is aborted.", int)
+    metrics_host: str = _field("127.0.0.1", "Interface for the Prometheus /metrics endpoint (0.0.0.0 in a pod).")
+    metrics_port: int = _field(9401, "Port for /metrics; 0 picks a free one, -1 disables it.", int)
+    api_keys: tuple[str, ...] = _field(
+        (),
+        "API keys accepted as 'authorization: Bearer KEY', comma-separated. Empty with no file: no auth.",
+        _keys,
+        secret=True,
+    )
+    api_keys_file: str = _field("", "File with one API key per line (# comments allowed); adds to --api-keys.")
+    tls_cert_file: str = _field("", "PEM certificate chain; with --tls-key-file the TCP port speaks TLS only.")
+    tls_key_file: str = _field("", "PEM private key for --tls-cert-file.")
+    tls_client_ca_file: str = _field(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
+    )
     log_format: str = _field("auto", "Log format: auto (JSON unless on a terminal), json or text.")
     log_level: str = _field("INFO", "Log level.")
 
@@ -145,6 +163,14 @@ class Settings:
             problems.append("hub_timeout must be positive")
         if self.log_format not in ("auto", "json", "text"):
             problems.append("log_format must be auto, json or text")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append("metrics_port must be -1 (off), 0 (any) or a port")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.tls_cert_file and self.port == -1:
+            problems.append("TLS applies to the TCP port (the Unix socket stays plaintext); with port -1 there is none")
         if problems:
             raise SystemExit("invalid settings: " + "; ".join(problems))
 

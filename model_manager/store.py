@@ -462,7 +462,7 @@ class Store:
         (staging / MANIFEST).write_text(manifest.to_json())
         problems = verify(staging, manifest, full=True)
         if problems:
-            raise errors.DataLoss("verification before publishing failed: " + "; ".join(problems[:3]))
+            raise errors.ChecksumMismatch("verification before publishing failed: " + "; ".join(problems[:3]))
         fsync_tree(staging)
         key = VariantKey(manifest.name, manifest.revision, manifest.variant)
         target = self.layout.variant_dir(*dataclasses.astuple(key))
@@ -627,14 +627,14 @@ class Store:
         evictable = sum(self._entries[k].size for k in candidates)
         over_budget = self.budget_bytes and used + self._reserved + nbytes > self.budget_bytes
         if over_budget and used - evictable + self._reserved + nbytes > self.budget_bytes:
-            raise errors.ResourceExhausted(
+            raise errors.BudgetExceeded(
                 f"{label} needs {_size(nbytes)} but the store's budget is {_size(self.budget_bytes)}, with "
                 f"{_size(used - evictable)} held by pinned, aliased or in-use models"
                 + (f" and {_size(self._reserved)} reserved by running operations" if self._reserved else "")
                 + "; raise --max-store-bytes, unpin or delete models"
             )
         if free - nbytes < self.min_free_bytes and free + evictable - nbytes < self.min_free_bytes:
-            raise errors.ResourceExhausted(
+            raise errors.DiskFull(
                 f"{label} needs {_size(nbytes)} but the store's disk has {_size(free)} free"
                 f" (keeping {_size(self.min_free_bytes)} free), and evicting every evictable model frees only "
                 f"{_size(evictable)}"

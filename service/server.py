@@ -176,7 +176,7 @@ class Server:
         if s.manager_target:
             from service.watcher import StoreWatcher
 
-            self.watcher = StoreWatcher(s.manager_target, self.engine, s.max_message_bytes)
+            self.watcher = StoreWatcher(s.manager_target, self.engine, s.max_message_bytes, settings=s)
             self._watch_task = asyncio.create_task(self.watcher.run())
             try:
                 await asyncio.wait_for(self.watcher.synced.wait(), s.manager_wait_seconds)

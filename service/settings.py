@@ -74,6 +74,17 @@ class Settings:
     manager_wait_seconds: float = _field(
         30.0, "At start-up, how long to wait for the sidecar's first snapshot before serving without it.", float
     )
+    manager_api_key: str = _field(
+        "", "API key sent to the sidecar as 'authorization: Bearer KEY' (its --api-keys); empty: none."
+    )
+    manager_ca_file: str = _field(
+        "", "PEM CA bundle to verify the sidecar's certificate; setting it (or a client certificate) turns on TLS."
+    )
+    manager_client_cert_file: str = _field(
+        "",
+        "PEM client certificate chain presented to the sidecar when it requires mutual TLS.",
+    )
+    manager_client_key_file: str = _field("", "PEM private key for --manager-client-cert-file.")
     device: str = _field("auto", "Device: auto, cpu, cuda, cuda:N, mps or xpu.")
     dtype: str = _field("auto", "Model dtype: auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
     torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
@@ -177,6 +188,13 @@ class Settings:
             problems.append("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if bool(self.manager_client_cert_file) != bool(self.manager_client_key_file):
+            problems.append("manager_client_cert_file and manager_client_key_file go together")
+        manager_tls = self.manager_ca_file or self.manager_client_cert_file
+        if manager_tls and self.manager_target.startswith("unix:"):
+            problems.append(
+                "the sidecar's Unix socket is plaintext: manager_ca_file and manager_client_cert_file need a host:port manager_target"
+            )
         if self.metrics_port < -1 or self.metrics_port > 65535:
             problems.append("metrics_port must be -1 (off), 0 (any) or a port")
         if self.batch_policy not in ("measured", "fixed"):
@@ -196,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Settings):
         default = f.default
         shown = ":".join(str(p) for p in default) if isinstance(default, tuple) else default
-        if f.name == "api_keys":
+        if f.name in ("api_keys", "manager_api_key"):
             shown = "(none)"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),

@@ -1,6 +1,6 @@
 """Mirrors the model-manager sidecar's store into the registry by following its WatchModels stream;
 an alias that moves is hot-swapped. If the sidecar goes away, serving goes on and the watcher
-re-subscribes with backoff."""
+re-subscribes with backoff. The sidecar may require an API key and TLS (--manager-api-key, --manager-ca-file, --manager-client-cert-file)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sdserve.v1 import model_manager_pb2 as mm
 from sdserve.v1 import model_manager_pb2_grpc as mm_grpc
 from service.engine import Engine
 from service.models import ModelEntry
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,36 @@ def preferred_variants(device_type: str) -> tuple[str, ...]:
     return ("fp32", "bf16", "fp16", "int8")
 
 
+def manager_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the sidecar API key, if one is set."""
+    key = settings.manager_api_key
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def manager_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the sidecar (None: plaintext). Files are read on each call, so a reconnect picks up
+    renewed certificates; an unreadable file raises OSError."""
+    if not (settings.manager_ca_file or settings.manager_client_cert_file):
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(settings.manager_ca_file),
+        private_key=read(settings.manager_client_key_file),
+        certificate_chain=read(settings.manager_client_cert_file),
+    )
+
+
 class StoreWatcher:
     """Follows WatchModels and applies snapshots and changes to the engine's registry."""
 
-    def __init__(self, target: str, engine: Engine, max_message_bytes: int):
+    def __init__(self, target: str, engine: Engine, max_message_bytes: int, settings: Settings | None = None):
         self.target = target
         self.engine = engine
+        # The API key and TLS files come from the server's settings (the engine's, unless given).
+        self.settings = settings if settings is not None else engine.settings
         self._options = [("grpc.max_receive_message_length", max_message_bytes)]
         self._models: dict[str, mm.StoredModel] = {}
         self._aliases: set[str] = set()
@@ -55,25 +80,41 @@ class StoreWatcher:
     async def run(self) -> None:
         """Subscribes forever (until cancelled), reconnecting with backoff after any failure."""
         backoff = 0.2
+        metadata = manager_metadata(self.settings)
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+                async with self._channel() as channel:
                     stub = mm_grpc.ModelManagerServiceStub(channel)
-                    async for message in stub.WatchModels(mm.WatchModelsRequest()):
+                    async for message in stub.WatchModels(mm.WatchModelsRequest(), metadata=metadata):
                         self.connected = True
                         backoff = 0.2
                         await self.apply(message)
                 log.warning("model manager closed the watch stream; re-subscribing", extra={"target": self.target})
+            except OSError as exc:
+                log.error("cannot read the TLS files for the model manager", extra={"error": str(exc)})
             except grpc.aio.AioRpcError as err:
-                level = logging.WARNING if self.connected or self.synced.is_set() else logging.INFO
-                log.log(
-                    level,
-                    "model manager unreachable; serving what is loaded",
-                    extra={"target": self.target, "code": err.code().name},
-                )
+                code = err.code()
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error(
+                        "model manager refused the API key (--manager-api-key); serving what is loaded",
+                        extra={"target": self.target, "code": code.name},
+                    )
+                else:
+                    level = logging.WARNING if self.connected or self.synced.is_set() else logging.INFO
+                    log.log(
+                        level,
+                        "model manager unreachable; serving what is loaded",
+                        extra={"target": self.target, "code": code.name},
+                    )
             self.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    def _channel(self) -> grpc.aio.Channel:
+        creds = manager_credentials(self.settings)
+        if creds is None:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        return grpc.aio.secure_channel(self.target, creds, options=self._options)
 
     async def apply(self, message: mm.WatchModelsResponse) -> None:
         kind = message.WhichOneof("event")

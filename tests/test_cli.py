@@ -140,6 +140,8 @@ def test_serve_starts_server_and_sidecar_and_stops_both(models_dir: Path, tmp_pa
             str(tmp_path / "store"),
             "--manager-port",
             str(manager_port),
+            "--manager-metrics-port",
+            "-1",
             "--",
             "--port-file",
             str(port_file),

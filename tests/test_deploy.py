@@ -57,7 +57,7 @@ CUSTOM_SCHEMAS = {
 # Settings keys used before the code that reads them has landed: key -> a word the final field name will
 # contain. Once a settings field with that word exists under another name, the test says what to rename.
 PENDING_SERVER_KEYS: dict[str, str] = {}
-PENDING_MANAGER_KEYS = {"SDSERVE_MANAGER_METRICS_HOST": "metrics", "SDSERVE_MANAGER_METRICS_PORT": "metrics"}
+PENDING_MANAGER_KEYS: dict[str, str] = {}
 
 # On SIGTERM the server drains for SDSERVE_GRACE_SECONDS, then stops gRPC (1 s) and the worker (up to 10 s).
 DRAIN_MARGIN_S = 20

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
@@ -24,7 +25,11 @@ BIG_REPO = "sdserve-test/tiny-sd-big"
 
 
 class Sidecar:
-    """`python -m model_manager` on port 0 with its own store; ready once it logs `serving`."""
+    """`python -m model_manager` on port 0 with its own store; ready once it logs `serving`.
+
+    `metrics` serves /metrics on a free port (`metrics_port`; off otherwise, so sidecars never compete for 9401).
+    `api_key` and `credentials` are what `client()` connects with; the sidecar's own TLS and key flags go in `args`.
+    """
 
     def __init__(
         self,
@@ -34,14 +39,21 @@ class Sidecar:
         import_roots: Sequence[Path] = (),
         args: Sequence[str] = (),
         wrapper: Sequence[str] = (),
+        metrics: bool = False,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
         self.store = store
         self.hub_url = hub_url
         self.import_roots = tuple(import_roots)
         self.args = tuple(args)
         self.wrapper = tuple(wrapper)
+        self.metrics = metrics
+        self.api_key = api_key
+        self.credentials = credentials
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.metrics_port = 0
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._changed = threading.Condition()
@@ -63,6 +75,7 @@ class Sidecar:
             "--quality-size", "32",
             "--torch-threads", "1",
             "--import-roots", ":".join(str(r) for r in self.import_roots),
+            "--metrics-port", "0" if self.metrics else "-1",
             *self.args,
         ]  # fmt: skip
 
@@ -92,6 +105,7 @@ class Sidecar:
                 continue
             if record.get("msg") == "serving":
                 self.port = int(record["port"])
+                self.metrics_port = int(record.get("metrics_port", 0))
                 self._ready.set()
         self._ready.set()
 
@@ -100,7 +114,7 @@ class Sidecar:
         return f"127.0.0.1:{self.port}"
 
     def client(self) -> ModelManagerClient:
-        return ModelManagerClient(self.target)
+        return ModelManagerClient(self.target, api_key=self.api_key, credentials=self.credentials)
 
     def logs(self) -> list[dict[str, object]]:
         out = []

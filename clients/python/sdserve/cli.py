@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Server /metrics port (default 9400; -1 off).")
     p.add_argument("--store", default="~/.cache/sdserve/store", help="The model manager's store folder.")
     p.add_argument("--manager-port", type=int, default=50052, help="The model manager's port (127.0.0.1).")
+    p.add_argument("--manager-metrics-port", type=int, default=9401, help="The sidecar's /metrics port (-1 off).")
     p.add_argument("--no-manager", action="store_true", help="Serve --model-dirs only, without the sidecar.")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="Further `python -m service` flags after --.")
     p.set_defaults(func=cmd_serve)

@@ -26,6 +26,7 @@ from sdserve.models_client import (
     OperationStream,
     Snapshot,
     StoredModel,
+    tls_credentials,
 )
 
 VARIANTS = ("fp32", "fp16", "bf16", "int8")
@@ -104,7 +105,13 @@ class TransferBar:
 
 
 def _client(ns: argparse.Namespace) -> ModelManagerClient:
-    return ModelManagerClient(ns.manager)
+    credentials = None
+    if ns.manager_tls or ns.manager_tls_ca_file or ns.manager_tls_cert_file:
+        try:
+            credentials = tls_credentials(ns.manager_tls_ca_file, ns.manager_tls_cert_file, ns.manager_tls_key_file)
+        except OSError as exc:
+            raise SdserveError("INVALID_ARGUMENT", f"cannot read a TLS file: {exc}") from None
+    return ModelManagerClient(ns.manager, api_key=ns.manager_api_key or None, credentials=credentials)
 
 
 def _quality(m: StoredModel) -> str:
@@ -293,6 +300,26 @@ def _common(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int
         default=os.environ.get("SDSERVE_MANAGER", DEFAULT_TARGET),
         help=f"Model manager address, host:port or unix:/path (env SDSERVE_MANAGER; default {DEFAULT_TARGET}).",
     )
+    # Own dests: `sdserve --api-key` is the server's key and must not reach the sidecar.
+    p.add_argument(
+        "--api-key",
+        dest="manager_api_key",
+        default=os.environ.get("SDSERVE_MANAGER_API_KEY", ""),
+        help="The model manager's API key (bearer token; env SDSERVE_MANAGER_API_KEY).",
+    )
+    p.add_argument(
+        "--tls",
+        dest="manager_tls",
+        action="store_true",
+        help="Connect with TLS (implied by --tls-ca-file and --tls-cert-file).",
+    )
+    p.add_argument(
+        "--tls-ca-file", dest="manager_tls_ca_file", default="", help="PEM roots to trust; empty: the system roots."
+    )
+    p.add_argument(
+        "--tls-cert-file", dest="manager_tls_cert_file", default="", help="PEM client certificate chain (mutual TLS)."
+    )
+    p.add_argument("--tls-key-file", dest="manager_tls_key_file", default="", help="PEM key of --tls-cert-file.")
     p.set_defaults(func=func)
 
 

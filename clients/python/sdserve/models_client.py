@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import grpc
 
+from sdserve.client import metadata
 from sdserve.errors import SdserveError, from_rpc_error
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
@@ -378,12 +379,43 @@ class WatchStream:
         self.cancel()
 
 
-class ModelManagerClient:
-    """A blocking client for the sidecar at `target` ('host:port' or 'unix:/path'). Use as a context manager."""
+def tls_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: roots to trust (empty: the system roots) and, for mutual TLS,
+    a client certificate chain and its key."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None, timeout: float = 60.0):
-        self._channel = channel or grpc.insecure_channel(target, options=_channel_options())
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+
+
+class ModelManagerClient:
+    """A blocking client for the sidecar at `target` ('host:port' or 'unix:/path'). Use as a context manager.
+
+    `api_key` is sent as 'authorization: Bearer KEY' on every call; `credentials` (see tls_credentials) make the
+    channel TLS. The sidecar's Unix socket is plaintext: use credentials with a host:port target only."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.Channel | None = None,
+        timeout: float = 60.0,
+    ):
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, credentials, options=_channel_options())
+                if credentials is not None
+                else grpc.insecure_channel(target, options=_channel_options())
+            )
+        self._channel = channel
         self._stub = pb_grpc.ModelManagerServiceStub(self._channel)
+        self._metadata = metadata(api_key)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -397,7 +429,7 @@ class ModelManagerClient:
 
     def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -406,7 +438,7 @@ class ModelManagerClient:
     def stream_pull(self, repo_id: str, *, revision: str = "", variant: str = "", name: str = "") -> OperationStream:
         """Pulls a Hub repository as a stream of progress events and a result (no deadline)."""
         req = pb.PullModelRequest(repo_id=repo_id, revision=revision, variant=_variant(variant), name=name)
-        return OperationStream(self._stub.PullModel(req))
+        return OperationStream(self._stub.PullModel(req, metadata=self._metadata))
 
     def pull(
         self,
@@ -426,7 +458,7 @@ class ModelManagerClient:
     ) -> OperationStream:
         """Imports a folder or single-file checkpoint on the sidecar's machine."""
         req = pb.ImportModelRequest(path=path, name=name, architecture=architecture, config_from=config_from)
-        return OperationStream(self._stub.ImportModel(req))
+        return OperationStream(self._stub.ImportModel(req, metadata=self._metadata))
 
     def import_model(
         self,
@@ -448,7 +480,7 @@ class ModelManagerClient:
         req = pb.CreateVariantRequest(name=name, revision=revision, variant=_variant(variant))
         if measure_quality is not None:
             req.measure_quality = measure_quality
-        return OperationStream(self._stub.CreateVariant(req))
+        return OperationStream(self._stub.CreateVariant(req, metadata=self._metadata))
 
     def create_variant(
         self,
@@ -500,15 +532,27 @@ class ModelManagerClient:
 
     def watch(self) -> WatchStream:
         """Subscribes to store changes: a Snapshot, then one event per change, until cancel()."""
-        return WatchStream(self._stub.WatchModels(pb.WatchModelsRequest()))
+        return WatchStream(self._stub.WatchModels(pb.WatchModelsRequest(), metadata=self._metadata))
 
 
 class AsyncModelManagerClient:
     """An asyncio client for what a server needs from the sidecar: watch, list and record_use."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0):
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options())
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = 30.0,
+    ):
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=_channel_options())
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=_channel_options())
+        )
         self._stub = pb_grpc.ModelManagerServiceStub(self._channel)
+        self._metadata = metadata(api_key)
         self.timeout = timeout
 
     async def close(self) -> None:
@@ -522,7 +566,7 @@ class AsyncModelManagerClient:
 
     async def watch(self) -> AsyncIterator[WatchEvent]:
         """A Snapshot, then one event per change; raises SdserveError when the stream fails (re-subscribe then)."""
-        call = self._stub.WatchModels(pb.WatchModelsRequest())
+        call = self._stub.WatchModels(pb.WatchModelsRequest(), metadata=self._metadata)
         try:
             async for msg in call:
                 yield watch_event(msg)
@@ -533,7 +577,9 @@ class AsyncModelManagerClient:
 
     async def list(self, name: str = "") -> Listing:
         try:
-            resp = await self._stub.ListStoredModels(pb.ListStoredModelsRequest(name=name), timeout=self.timeout)
+            resp = await self._stub.ListStoredModels(
+                pb.ListStoredModelsRequest(name=name), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return Listing(
@@ -543,6 +589,6 @@ class AsyncModelManagerClient:
     async def record_use(self, name: str, revision: str, variant: str) -> None:
         req = pb.RecordModelUseRequest(name=name, revision=revision, variant=_variant(variant))
         try:
-            await self._stub.RecordModelUse(req, timeout=self.timeout)
+            await self._stub.RecordModelUse(req, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

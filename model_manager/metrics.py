@@ -1,0 +1,264 @@
+"""Prometheus metrics of the model-manager sidecar; gauges of the store and the process are read at scrape time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from model_manager import errors
+from model_manager.names import Variant
+from model_manager.store import CORRUPT, READY, Change, Removed, Store
+
+OPERATIONS = ("pull", "import", "create_variant")
+# Why an operation failed. Every value is fixed here: no repository id, name or message ever becomes a label.
+REASONS = (
+    "network",
+    "checksum",
+    "corrupt",
+    "not_found",
+    "denied",
+    "budget",
+    "disk_full",
+    "cancelled",
+    "invalid",
+    "conflict",
+    "other",
+)
+VARIANTS = tuple(v.value for v in Variant)
+STATES = (READY, CORRUPT)
+VARIANT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+_REASON_BY_ERROR: tuple[tuple[type[errors.ManagerError], str], ...] = (
+    (errors.ChecksumMismatch, "checksum"),
+    (errors.DataLoss, "corrupt"),
+    (errors.BudgetExceeded, "budget"),
+    (errors.DiskFull, "disk_full"),
+    (errors.Cancelled, "cancelled"),
+    (errors.NotFound, "not_found"),
+    (errors.PermissionDenied, "denied"),
+    (errors.Unavailable, "network"),
+    (errors.InvalidArgument, "invalid"),
+    (errors.AlreadyExists, "conflict"),
+    (errors.FailedPrecondition, "conflict"),
+)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The bounded `reason` label of a failed operation."""
+    for kind, reason in _REASON_BY_ERROR:
+        if isinstance(exc, kind):
+            return reason
+    return "other"
+
+
+class ManagerMetrics:
+    """Every metric the sidecar exports, in its own registry (one per ManagerServer)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.operations = Counter(
+            "sdserve_manager_operations",
+            "Finished pull, import and create_variant operations by outcome (ok or a failure reason: "
+            + ", ".join(REASONS)
+            + ").",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.downloaded_bytes = Counter(
+            "sdserve_manager_downloaded_bytes",
+            "Bytes received from the Hub (resumed bytes already on disk are not counted again).",
+            registry=r,
+        )
+        self.download_failures = Counter(
+            "sdserve_manager_download_failures",
+            "Failed PullModel operations by reason (" + ", ".join(REASONS) + ").",
+            ["reason"],
+            registry=r,
+        )
+        self.checksum_failures = Counter(
+            "sdserve_manager_checksum_failures",
+            "Files whose bytes did not match their expected size or digest (Hub sha256 or git blob id, or the "
+            "manifest checked before publishing); nothing was published.",
+            registry=r,
+        )
+        self.variant_seconds = Histogram(
+            "sdserve_manager_variant_creation_seconds",
+            "Time to convert or quantize the weights of a new variant (without hashing and quality measurement).",
+            ["variant"],
+            buckets=VARIANT_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "sdserve_manager_evictions", "Variants evicted to keep the store within its budget.", registry=r
+        )
+        self.evicted_bytes = Counter(
+            "sdserve_manager_evicted_bytes", "Bytes of the variants evicted from the store.", registry=r
+        )
+        self.unauthenticated = Counter(
+            "sdserve_manager_unauthenticated_calls",
+            "Calls refused for a missing or wrong API key, by RPC.",
+            ["rpc"],
+            registry=r,
+        )
+        self._in_flight = dict.fromkeys(OPERATIONS, 0)
+        self._watchers = 0
+        self._lock = threading.Lock()
+        for op in OPERATIONS:
+            for outcome in ("ok", *REASONS):
+                self.operations.labels(op, outcome)
+        for reason in REASONS:
+            self.download_failures.labels(reason)
+
+    @contextlib.contextmanager
+    def operation(self, kind: str) -> Iterator[None]:
+        """Counts one running operation and, when it ends, its outcome."""
+        with self._lock:
+            self._in_flight[kind] += 1
+        try:
+            yield
+        except BaseException as exc:
+            reason = failure_reason(exc)
+            self.operations.labels(kind, reason).inc()
+            if kind == "pull":
+                self.download_failures.labels(reason).inc()
+            if isinstance(exc, errors.ChecksumMismatch):
+                self.checksum_failures.inc()
+            raise
+        else:
+            self.operations.labels(kind, "ok").inc()
+        finally:
+            with self._lock:
+                self._in_flight[kind] -= 1
+
+    @contextlib.contextmanager
+    def timed_variant(self, variant: str) -> Iterator[None]:
+        """Observes the duration of a successful variant conversion."""
+        start = time.monotonic()
+        yield
+        self.variant_seconds.labels(variant).observe(time.monotonic() - start)
+
+    def in_flight(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._in_flight)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Counts one open WatchModels stream."""
+        with self._lock:
+            self._watchers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watchers -= 1
+
+    def watchers(self) -> int:
+        with self._lock:
+            return self._watchers
+
+    def on_store_change(self, change: Change) -> None:
+        """A Store listener: counts evictions (called under the store's lock, so it only increments)."""
+        event = change.event
+        if isinstance(event, Removed) and event.reason == "evicted":
+            self.evictions.inc()
+            self.evicted_bytes.inc(event.variant.size_bytes)
+
+    def on_unauthenticated(self, method: str) -> None:
+        """ApiKeyInterceptor's reject hook; `method` is a registered RPC, so the label stays bounded."""
+        self.unauthenticated.labels(method.rsplit("/", 1)[-1]).inc()
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class StoreCollector(Collector):
+    """Store bytes, budget, free disk, stored variants, aliases, running operations and memory, at scrape time."""
+
+    def __init__(self, store: Store, metrics: ManagerMetrics):
+        self._store = store
+        self._metrics = metrics
+        self._process = psutil.Process(os.getpid())
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        usage = self._store.usage()
+        gauges = (
+            ("sdserve_manager_store_bytes", "Bytes of the published variants in the store.", usage.used_bytes),
+            (
+                "sdserve_manager_store_budget_bytes",
+                "The store's budget (--max-store-bytes); 0: none.",
+                usage.budget_bytes,
+            ),
+            (
+                "sdserve_manager_store_protected_bytes",
+                "Bytes of pinned, aliased or in-use variants, which eviction may not remove.",
+                usage.protected_bytes,
+            ),
+            (
+                "sdserve_manager_partial_download_bytes",
+                "Bytes of partial downloads kept for resuming.",
+                usage.partial_bytes,
+            ),
+            ("sdserve_manager_disk_free_bytes", "Free bytes on the store's file system.", usage.free_bytes),
+            (
+                "sdserve_manager_min_free_bytes",
+                "Free space the sidecar keeps on the store's file system (--min-free-bytes).",
+                self._store.min_free_bytes,
+            ),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        counts = {(s, v): 0 for s in STATES for v in VARIANTS}
+        for stored in self._store.variants():
+            key = (stored.state, stored.key.variant)
+            if key in counts:
+                counts[key] += 1
+        models = GaugeMetricFamily(
+            "sdserve_manager_stored_models", "Stored variants by state and variant.", labels=["state", "variant"]
+        )
+        for (state, variant), n in counts.items():
+            models.add_metric([state, variant], n)
+        yield models
+        yield GaugeMetricFamily("sdserve_manager_aliases", "Aliases in the store.", value=len(self._store.aliases()))
+        running = GaugeMetricFamily(
+            "sdserve_manager_operations_in_flight", "Pull, import and variant operations running.", labels=["operation"]
+        )
+        for op, n in self._metrics.in_flight().items():
+            running.add_metric([op], n)
+        yield running
+        yield GaugeMetricFamily(
+            "sdserve_manager_watch_streams",
+            "Open WatchModels streams (servers following the store).",
+            value=self._metrics.watchers(),
+        )
+        yield GaugeMetricFamily(
+            "sdserve_manager_process_resident_memory_bytes",
+            "Resident set size of the sidecar process.",
+            value=self._process.memory_info().rss,
+        )
+
+
+def start_http(metrics: ManagerMetrics, host: str, port: int) -> tuple[Any, int]:
+    """Serves /metrics on host:port in a background thread; returns (server, bound port)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, int(server.server_port)
+
+
+def stop_http(server: Any) -> None:
+    """Stops a server returned by start_http."""
+    server.shutdown()
+    server.server_close()
