@@ -33,3 +33,12 @@ def test_edit_and_inpaint_run(client: Client) -> None:
     assert r.parameters["strength"] == 0.5
     r = client.inpaint(image, png(sample_mask()), "green", steps=2, seed=1)
     assert r.image.width == 64
+
+
+def test_scheduler_names_agree_across_contract_server_and_client() -> None:
+    from sdserve.types import SCHEDULER_NAMES
+    from sdserve.v1 import diffusion_pb2 as pb
+    from service.schedulers import SCHEDULERS
+
+    contract = {n.removeprefix("SCHEDULER_") for n in pb.Scheduler.keys()} - {"UNSPECIFIED"}
+    assert set(SCHEDULER_NAMES) == contract == set(SCHEDULERS)

@@ -14,21 +14,8 @@ from typing import Any, TextIO
 from sdserve.client import Client, Stream
 from sdserve.errors import SdserveError
 from sdserve.models_cli import add_models_commands
+from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
 from sdserve.types import GenerationOptions, Progress, Queued, Result, Started
-
-SCHEDULERS = [
-    "DDIM",
-    "PNDM",
-    "DDPM",
-    "LMS",
-    "EULER",
-    "EULER_ANCESTRAL",
-    "HEUN",
-    "DPMPP_2M",
-    "DPMPP_2M_KARRAS",
-    "UNIPC",
-    "LCM",
-]
 
 
 class ProgressBar:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, get_args
 
 SchedulerName = Literal[
     "DDIM",
@@ -18,6 +18,8 @@ SchedulerName = Literal[
     "UNIPC",
     "LCM",
 ]
+# Every scheduler the contract offers, in enum order.
+SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
 ImageFormatName = Literal["png", "jpeg", "webp"]
 PreviewModeName = Literal["none", "latent_rgb", "full_vae"]
 
