@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, Unpack
 
@@ -21,6 +22,7 @@ class AsyncStream:
 
     def __init__(self, call: Any):
         self._call = call
+        self._cancelled = False
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
@@ -28,8 +30,15 @@ class AsyncStream:
                 yield _convert.event(msg)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError for a call cancelled with cancel(); report it like the sync client.
+            # A cancellation of the surrounding task is not ours to translate.
+            if not self._cancelled:
+                raise
+            raise SdserveError("CANCELLED", "cancelled by the client") from None
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     async def result(self, on_progress: Callable[[Progress], None] | None = None) -> Result:
