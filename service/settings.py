@@ -193,7 +193,8 @@ class Settings:
         manager_tls = self.manager_ca_file or self.manager_client_cert_file
         if manager_tls and self.manager_target.startswith("unix:"):
             problems.append(
-                "the sidecar's Unix socket is plaintext: manager_ca_file and manager_client_cert_file need a host:port manager_target"
+                "the sidecar's Unix socket is plaintext: manager_ca_file and manager_client_cert_file "
+                "need a host:port manager_target"
             )
         if self.metrics_port < -1 or self.metrics_port > 65535:
             problems.append("metrics_port must be -1 (off), 0 (any) or a port")

@@ -1,6 +1,7 @@
 """Mirrors the model-manager sidecar's store into the registry by following its WatchModels stream;
 an alias that moves is hot-swapped. If the sidecar goes away, serving goes on and the watcher
-re-subscribes with backoff. The sidecar may require an API key and TLS (--manager-api-key, --manager-ca-file, --manager-client-cert-file)."""
+re-subscribes with backoff. The sidecar may require an API key and TLS (--manager-api-key, --manager-ca-file,
+--manager-client-cert-file)."""
 
 from __future__ import annotations
 

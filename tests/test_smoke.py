@@ -40,5 +40,5 @@ def test_scheduler_names_agree_across_contract_server_and_client() -> None:
     from sdserve.v1 import diffusion_pb2 as pb
     from service.schedulers import SCHEDULERS
 
-    contract = {n.removeprefix("SCHEDULER_") for n in pb.Scheduler.keys()} - {"UNSPECIFIED"}
+    contract = {v.name.removeprefix("SCHEDULER_") for v in pb.Scheduler.DESCRIPTOR.values} - {"UNSPECIFIED"}
     assert set(SCHEDULER_NAMES) == contract == set(SCHEDULERS)
