@@ -26,7 +26,7 @@ from service.prompt_cache import PromptCache
 from service.requests import Event, Failed, GenerationRequest, Outcome, Queued, Task
 from service.resolve import resolve
 from service.runner import BatchStats
-from service.settings import Settings
+from service.settings import REPO_ROOT, Settings
 from service.tiny import TINY_NAME, build_tiny
 from service.worker import Worker, empty_device_cache
 
@@ -46,8 +46,11 @@ def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
     if EMBEDDED_DEFAULT in names:
         return EMBEDDED_DEFAULT
     if TINY_NAME not in names:
-        # The last folder is the writable cache by default (the first is the repository's models/).
-        target = settings.model_dirs[-1] if settings.model_dirs else Path.home() / ".cache" / "sdserve" / "models"
+        # Never write into the repository's own models/ (shipped, committed models only): use the last other
+        # folder, which by default is the writable cache.
+        embedded = (REPO_ROOT / "models").resolve()
+        others = [d for d in settings.model_dirs if d.resolve() != embedded]
+        target = others[-1] if others else Path.home() / ".cache" / "sdserve" / "models"
         log.info("building the tiny default model", extra={"folder": str(target / TINY_NAME)})
         build_tiny(target / TINY_NAME)
         registry.rescan()
