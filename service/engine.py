@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from service import schedulers
-from service.batching import BatchPolicy
+from service.batching import MARGIN, BatchPolicy
 from service.device import DeviceChoice
 from service.dispatch import JobQueue
 from service.jobs import Job
@@ -132,6 +132,7 @@ class Engine:
         model = self.registry.get_loaded(entry)
         key = (entry.name, entry.revision, entry.default_width, entry.default_height)
         size = 1
+        best = float("inf")
         while size <= self.batching.max_images:
             pipe = model.pipeline(Task.GENERATE, schedulers.build("", entry.scheduler_config))
             marks: list[float] = []
@@ -150,7 +151,14 @@ class Engine:
                     output_type="latent",
                     callback_on_step_end=tick,
                 )
-            self.batching.observe(key, size, (marks[-1] - marks[0]) / (len(marks) - 1), "calibrated")
+            per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
+            self.batching.observe(key, size, per_step, "calibrated")
+            per_image = per_step / size
+            if size > 1 and per_image >= best * MARGIN:
+                # Not faster per image than a smaller batch: larger ones won't be either, and on big latents
+                # each further size costs seconds of start-up.
+                break
+            best = min(best, per_image)
             size *= 2
         log.info("batch sizes calibrated", extra={"model": entry.name, "limits": str(self.batching.limits())})
 
