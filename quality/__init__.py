@@ -1,0 +1,1 @@
+"""Quality yardstick: scores the shapes model family through a live sdserve server."""

@@ -1,0 +1,119 @@
+"""make eval: scores the shapes models through a live sdserve server; writes quality/results/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from quality import served
+from quality.server import running_server
+from sdserve import Client
+from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
+from training.shapes.evaluate import inpaint_grid, prompt_grid
+
+TARGETS = {"background": 0.98, "colour": 0.95, "shape": 0.90, "size": 0.85, "position": 0.85}
+
+
+def evaluate(target: str, n: int, steps: int, schedulers: list[str], model: str) -> dict[str, Any]:
+    grid = prompt_grid(n, seed=0)
+    targets = prompt_grid(n, seed=1)
+    out: dict[str, Any] = {"n": n, "steps": steps, "model": model or "(default)"}
+    with Client(target) as c:
+        opts: dict[str, Any] = {"steps": steps}
+        if model:
+            opts["model"] = model
+        out["default"] = served.text_to_image(c, grid, **opts)
+        out["guidance_1.0"] = served.text_to_image(c, grid, guidance_scale=1.0, **opts)
+        out["schedulers"] = {s: served.text_to_image(c, grid, scheduler=s, **opts) for s in schedulers}
+        items = inpaint_grid(max(8, n // 2), seed=0)
+        out["inpaint"] = served.inpaint(c, items, **opts)
+        out["inpaint_preserve_unmasked"] = served.inpaint(c, items, preserve_unmasked=True, **opts)
+        out["edit"] = served.edit(c, grid[: max(8, n // 2)], targets[: max(8, n // 2)], **opts)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cols = ["background", "colour", "shape", "size", "position", "all"]
+    lines = [
+        f"Prompt accuracy over {results['n']} fixed prompts and seeds, {results['steps']} steps, through the server.",
+        "",
+        "| run | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+
+    def row(name: str, acc: dict[str, float]) -> str:
+        return f"| {name} | " + " | ".join(f"{100 * acc.get(c, float('nan')):.1f}%" for c in cols) + " |"
+
+    lines.append(row("default scheduler, guidance 7.5", results["default"]))
+    lines.append(row("default scheduler, guidance 1.0", results["guidance_1.0"]))
+    for name, acc in results["schedulers"].items():
+        lines.append(row(name, acc))
+    ip, ipp, ed = results["inpaint"], results["inpaint_preserve_unmasked"], results["edit"]
+    lines += [
+        "",
+        "| inpaint | recolour | shape kept | PSNR outside mask (pooled) | worst image |",
+        "|---|---|---|---|---|",
+        f"| plain | {100 * ip['recolour']:.1f}% | {100 * ip['shape_kept']:.1f}% | {ip['psnr_outside_db']:.1f} dB "
+        f"| {ip['psnr_outside_db_worst']:.1f} dB |",
+        f"| preserve_unmasked | {100 * ipp['recolour']:.1f}% | {100 * ipp['shape_kept']:.1f}% | "
+        f"{ipp['psnr_outside_db']:.1f} dB | {ipp['psnr_outside_db_worst']:.1f} dB |",
+        "",
+        f"Edit: PSNR to the input at strength 0.3: {ed['psnr_to_input_at_0.3_db']:.1f} dB; prompt accuracy at "
+        f"strength 1.0 (all attributes right): {100 * ed.get('strength_1.0_all', 0):.1f}%, colour "
+        f"{100 * ed.get('strength_1.0_colour', 0):.1f}%, shape {100 * ed.get('strength_1.0_shape', 0):.1f}%.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(results: dict[str, Any]) -> list[str]:
+    misses = [
+        f"{k}: {100 * results['default'].get(k, 0):.1f}% < {100 * v:.0f}%"
+        for k, v in TARGETS.items()
+        if results["default"].get(k, 0) < v
+    ]
+    if results["inpaint"]["recolour"] < 0.90:
+        misses.append(f"inpaint recolour {100 * results['inpaint']['recolour']:.1f}% < 90%")
+    if results["inpaint"]["psnr_outside_db"] < 30:
+        misses.append(f"inpaint PSNR outside {results['inpaint']['psnr_outside_db']:.1f} dB < 30 dB")
+    if results["inpaint_preserve_unmasked"]["psnr_outside_db"] < 100:
+        misses.append("preserve_unmasked is not exact outside the mask")
+    return misses
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m quality", description=__doc__)
+    parser.add_argument("--n", type=int, default=96, help="Prompts in the grid.")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", default="", help="Model or alias (default: the server's default).")
+    parser.add_argument("--schedulers", default=",".join(SCHEDULERS))
+    parser.add_argument("--target", default="", help="Use a running server instead of starting one.")
+    parser.add_argument("--out", default="quality/results")
+    ns = parser.parse_args()
+    start = time.monotonic()
+    schedulers = [s for s in ns.schedulers.split(",") if s]
+    if ns.target:
+        results = evaluate(ns.target, ns.n, ns.steps, schedulers, ns.model)
+    else:
+        with running_server() as target:
+            results = evaluate(target, ns.n, ns.steps, schedulers, ns.model)
+    results["seconds"] = round(time.monotonic() - start, 1)
+    results["machine"] = f"{platform.machine()}, python {platform.python_version()}"
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"eval-{ns.model or 'default'}"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    text = markdown(results)
+    misses = check_targets(results)
+    text += "\nTargets: " + ("all met." if not misses else "missed: " + "; ".join(misses)) + "\n"
+    (out / f"{name}.md").write_text(text)
+    sys.stdout.write(text)
+    return 0 if not misses else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

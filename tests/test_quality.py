@@ -1,0 +1,83 @@
+"""A fast slice of the quality evaluation, through the real server on the embedded shapes models: a
+change that breaks prompts, masks, schedulers, batching or quantization fails here.
+
+Every case has a fixed prompt and seed, so the scores are deterministic for a given model. The issue's
+targets (TARGETS) are not met by the shipped models yet (see models/shapes/README.md): until a retrained
+family meets them, the slice asserts FLOORS a little under what the shipped models score on it
+(measured: background 95.8%, colour 95.8%, shape 50%, size 94%, position 25%; inpaint recolour 100%,
+PSNR outside 20.7 dB), so regressions fail and improvements pass. Raise FLOORS to TARGETS when they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quality import served
+from sdserve import Client
+from service.settings import REPO_ROOT
+from tests.harness import ServerThread, serving
+from tests.model_manager.harness import Sidecar
+from training.shapes.evaluate import inpaint_grid, prompt_grid
+
+MODELS = REPO_ROOT / "models"
+TARGETS = {"background": 0.98, "colour": 0.95, "shape": 0.90, "size": 0.85, "position": 0.85}
+FLOORS = {"background": 0.90, "colour": 0.90, "shape": 0.40, "size": 0.85, "position": 0.15}
+N = 24
+
+
+def check(acc: dict[str, float], slack: float = 0.0) -> None:
+    misses = {k: v for k, v in acc.items() if k in FLOORS and v < FLOORS[k] - slack}
+    assert not misses, f"below the floor: {misses} (all: {acc})"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    assert (MODELS / "shapes" / "model_index.json").is_file(), "the embedded shapes model is missing"
+    # Batching on (the default measured policy): the slice runs 8 requests at a time.
+    with serving(MODELS, default_model="shapes", max_batch_images=8) as srv:
+        yield srv
+
+
+def test_prompt_accuracy_default_scheduler(shapes: ServerThread) -> None:
+    with Client(shapes.target) as c:
+        check(served.text_to_image(c, prompt_grid(N, seed=0), steps=20))
+
+
+def test_prompt_accuracy_euler(shapes: ServerThread) -> None:
+    with Client(shapes.target) as c:
+        check(served.text_to_image(c, prompt_grid(N, seed=0), steps=20, scheduler="EULER"))
+
+
+def test_inpaint_recolours_and_keeps_the_rest(shapes: ServerThread) -> None:
+    items = inpaint_grid(12, seed=0)
+    with Client(shapes.target) as c:
+        plain = served.inpaint(c, items, steps=20)
+        exact = served.inpaint(c, items, steps=20, preserve_unmasked=True)
+    # Targets: recolour >= 90% and PSNR outside >= 30 dB; the shipped model paints outside the mask (20.7 dB).
+    assert plain["recolour"] >= 0.90, plain
+    assert plain["psnr_outside_db"] >= 18.0, plain
+    assert exact["psnr_outside_db"] == 100.0 and exact["recolour"] >= 0.75, exact
+
+
+def test_int8_variant_through_the_model_manager(tmp_path: Path) -> None:
+    """shapes imported into the store, quantized to int8, served by alias: still follows its prompts."""
+    car = Sidecar(tmp_path / "store", import_roots=[MODELS]).start()
+    try:
+        with car.client() as mc:
+            mc.import_model(str(MODELS / "shapes"), name="shapes")
+            mc.create_variant("shapes", "int8", measure_quality=False)
+            mc.set_alias("small-int8", "shapes", variant="int8")
+        with (
+            serving(tmp_path / "none", manager_target=car.target, default_model="small-int8") as srv,
+            Client(srv.target) as c,
+        ):
+            acc = served.text_to_image(c, prompt_grid(12, seed=0), steps=20)
+            info = c.generate("a red circle on a blue background", steps=2, seed=1)
+        assert str(info.parameters["model"]) == "shapes"
+        # int8 costs a little accuracy; the slice allows 10 points on each attribute.
+        check(acc, slack=0.10)
+    finally:
+        car.stop()

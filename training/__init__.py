@@ -1,0 +1,1 @@
+"""Training code for sdserve's own small models."""

@@ -1,0 +1,1 @@
+"""The "shapes" family: tiny Stable-Diffusion-architecture models trained on procedural shapes."""

@@ -1,0 +1,200 @@
+"""Command line: `python -m training.shapes [stage] --out models --budget-minutes N`; stages and their outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import card
+from .decoder import train_decoder
+from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir
+from .inpaint import train_inpaint
+from .layout import train_layout
+from .sample_eval import run_eval
+from .tokenizer import build_tokenizer
+from .unet import train_unet
+from .vae import train_vae
+
+log = logging.getLogger("training.shapes")
+STAGES = ("tokenizer", "vae", "unet", "inpaint", "layout", "decoder", "export", "eval", "card")
+# Shares of --budget-minutes (training time only; rendering, caching and eval come on top). The
+# layout stage is off by default: 508 steps of it did not move position accuracy (see layout.py).
+SHARES = {"vae": 0.19, "unet": 0.47, "inpaint": 0.24, "layout": 0.0, "decoder": 0.10}
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line."""
+    p = argparse.ArgumentParser(prog="python -m training.shapes", description=__doc__)
+    p.add_argument("stage", nargs="?", default="all", choices=("all", "selfcheck", *STAGES))
+    p.add_argument("--out", type=Path, default=Path("models"), help="where the model folders go")
+    p.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"), help="stage checkpoints and caches")
+    p.add_argument(
+        "--budget-minutes", type=float, default=60.0, help="training time of all stages together, split by SHARES"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    for stage in SHARES:
+        p.add_argument(
+            f"--{stage}-minutes", type=float, help=f"{stage} training time (default: its share of the budget)"
+        )
+        p.add_argument(f"--{stage}-steps", type=int, help="a fixed step count instead of a time budget")
+    p.add_argument("--model", type=Path, help="eval: text-to-image folder (default OUT/shapes)")
+    p.add_argument(
+        "--inpaint-model", type=Path, help="eval: inpainting folder (default: the sibling sdserve.json names)"
+    )
+    p.add_argument("--steps", type=int, default=20, help="eval: sampling steps")
+    p.add_argument("--n", type=int, default=96, help="eval: prompts in the grid")
+    p.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    return p.parse_args(argv)
+
+
+class Run:
+    """One invocation: paths, the shared report file and per-stage logging."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work: Path = args.work
+        self.work.mkdir(parents=True, exist_ok=True)
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        self.report_path = self.work / "report.json"
+        self.report: dict[str, Any] = json.loads(self.report_path.read_text()) if self.report_path.exists() else {}
+
+    def save(self, key: str, value: Any) -> None:
+        """Record a stage's figures in the report."""
+        self.report[key] = value
+        self.report_path.write_text(json.dumps(self.report, indent=2) + "\n")
+
+    def budget(self, stage: str) -> float:
+        """Seconds of training time for the stage."""
+        minutes = getattr(self.args, f"{stage}_minutes")
+        return 60 * (minutes if minutes is not None else float(self.args.budget_minutes) * SHARES[stage])
+
+    def stage(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
+        """Run one stage with its own log file, unless its output exists (and not --force)."""
+        if done and not self.args.force:
+            log.info("stage=%s skipped (output exists; --force reruns it)", name)
+            return
+        handler = logging.FileHandler(self.args.log_dir / f"shapes-train-{name}.log", mode="w")
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        logging.getLogger().addHandler(handler)
+        start = time.monotonic()
+        log.info("stage=%s start", name)
+        try:
+            figures = fn()
+            wall = time.monotonic() - start
+            log.info("stage=%s done wall=%.0fs figures=%s", name, wall, figures)
+            if figures is not None:
+                self.save(name, {**figures, "wall_seconds": wall} if isinstance(figures, dict) else figures)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def main(argv: list[str]) -> int:
+    """Run the chosen stage, or all of them in order."""
+    logging.basicConfig(level=logging.INFO, format=_FORMAT, stream=sys.stdout)
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run = Run(args)
+    w, out, seed = run.work, args.out, args.seed
+    t2i_model: Path = args.model or out / T2I_NAME
+    wanted = STAGES if args.stage == "all" else (args.stage,)
+    if args.stage == "selfcheck":
+        from .evaluate import ground_truth_accuracy
+
+        acc = ground_truth_accuracy(args.n, seed)
+        log.info("scorer on ground-truth renders: %s", acc)
+        return 0 if min(acc.values()) == 1.0 else 1
+    if args.stage == "all":
+        run.save("command", "python -m training.shapes " + shlex.join(argv))
+        run.save("machine", _machine())
+    steps = {stage: getattr(args, f"{stage}_steps") for stage in SHARES}
+    stages: dict[str, tuple[bool, Callable[[], Any]]] = {
+        "tokenizer": ((w / "tokenizer" / "tokenizer.json").exists(), lambda: build_tokenizer(w / "tokenizer") and None),
+        "vae": (
+            _weights(w / "vae"),
+            lambda: _train_vae(w, run.budget("vae"), seed, steps["vae"]),
+        ),
+        "unet": (
+            _weights(w / "t2i" / "unet"),
+            lambda: train_unet(w / "vae", w / "tokenizer", w / "t2i", run.budget("unet"), seed, steps["unet"]),
+        ),
+        "inpaint": (
+            _weights(w / "inpaint" / "unet"),
+            lambda: train_inpaint(
+                w / "vae", w / "tokenizer", w / "t2i", w / "inpaint", run.budget("inpaint"), seed, steps["inpaint"]
+            ),
+        ),
+        "layout": (
+            _weights(w / "t2i-layout" / "unet"),
+            lambda: train_layout(
+                w / "vae", w / "tokenizer", w / "t2i", w / "t2i-layout", run.budget("layout"), seed, steps["layout"]
+            ),
+        ),
+        "decoder": (
+            _weights(w / "vae-tuned"),
+            lambda: train_decoder(
+                w / "vae", w / "tokenizer", w, w / "vae-tuned", run.budget("decoder"), seed, steps["decoder"]
+            ),
+        ),
+        "export": (
+            (out / T2I_NAME / "sdserve.json").exists() and (out / INPAINT_NAME / "sdserve.json").exists(),
+            lambda: export(w, out, seed),
+        ),
+        "eval": (
+            args.stage == "all" and "eval" in run.report,
+            lambda: run_eval(
+                t2i_model,
+                args.inpaint_model or _sibling_inpaint(t2i_model),
+                args.steps,
+                args.n,
+                sheets=w / "eval",
+                reference_unet=t2i_dir(w) / "unet" if _weights(t2i_dir(w) / "unet") else None,
+            ),
+        ),
+        "card": (False, lambda: card.write_cards(out, run.report)),
+    }
+    for name in wanted:
+        done, fn = stages[name]
+        run.stage(name, done, fn)
+    return 0
+
+
+def _train_vae(work: Path, seconds: float, seed: int, steps: int | None) -> dict[str, float]:
+    """Train the VAE, first dropping the latent caches, which belong to the previous VAE."""
+    for cache in work.glob("*-latents.pt"):
+        cache.unlink()
+    return train_vae(work / "vae", seconds, seed, steps)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def _sibling_inpaint(model: Path) -> Path | None:
+    meta = model / "sdserve.json"
+    if not meta.exists():
+        return None
+    name = json.loads(meta.read_text()).get("inpaint_model")
+    return model.parent / name if name else None

@@ -1,0 +1,113 @@
+"""Stage 6: assemble the two diffusers folders (fp16 UNets, shared VAE / text encoder / tokenizer)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTokenizer
+
+from .configs import inference_scheduler
+from .projection import fit_latent_rgb
+from .tokenizer import copy_vocab_files
+from .unet import load_text_to_image
+
+log = logging.getLogger(__name__)
+
+T2I_NAME = "shapes"
+INPAINT_NAME = "shapes-inpainting"
+DESCRIPTIONS = {
+    T2I_NAME: "Tiny SD-architecture text-to-image model for 64x64 coloured shapes (sdserve's embedded default).",
+    INPAINT_NAME: "Tiny SD-architecture inpainting model for 64x64 coloured shapes (sdserve's embedded default).",
+}
+
+
+def sdserve_json(name: str, latent_rgb: dict[str, Any]) -> dict[str, Any]:
+    """The server-side metadata file's content."""
+    meta: dict[str, Any] = {
+        "format": 1,
+        "description": DESCRIPTIONS[name],
+        "latent_rgb": {"factors": latent_rgb["factors"], "bias": latent_rgb["bias"]},
+        "default_steps": 20,
+        "default_guidance_scale": 7.5,
+        "default_width": 64,
+        "default_height": 64,
+    }
+    if name == T2I_NAME:
+        meta["inpaint_model"] = INPAINT_NAME
+    return meta
+
+
+def _stage_dir(preferred: Path, fallback: Path, weights: str) -> Path:
+    return preferred if (preferred / weights).exists() else fallback
+
+
+def t2i_dir(work: Path) -> Path:
+    """The text-to-image stage output to ship: layout-tuned if that stage ran."""
+    return _stage_dir(work / "t2i-layout", work / "t2i", "unet/diffusion_pytorch_model.safetensors")
+
+
+def vae_dir(work: Path) -> Path:
+    """The VAE to ship: decoder-tuned if that stage ran."""
+    return _stage_dir(work / "vae-tuned", work / "vae", "diffusion_pytorch_model.safetensors")
+
+
+def weight_bytes(folder: Path) -> int:
+    """Total size of the .safetensors files under folder."""
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+def _publish(pipe: DiffusionPipeline, tokenizer_dir: Path, dest: Path, meta: dict[str, Any]) -> None:
+    # A hidden sibling, renamed in when complete, so model scanners never see a partial folder.
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    copy_vocab_files(tokenizer_dir, tmp / "tokenizer")
+    (tmp / "sdserve.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if (dest / "README.md").exists():
+        shutil.copy2(dest / "README.md", tmp / "README.md")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def export(work: Path, out_root: Path, seed: int) -> dict[str, Any]:
+    """Write out_root/shapes and out_root/shapes-inpainting; return projection and size figures."""
+    tokenizer_dir = work / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    vae = AutoencoderKL.from_pretrained(str(vae_dir(work))).eval()
+    unet, text_encoder = load_text_to_image(t2i_dir(work))
+    inpaint_unet = UNet2DConditionModel.from_pretrained(str(work / "inpaint" / "unet"))
+    latent_rgb = fit_latent_rgb(vae, seed + 3)
+    log.info("stage=export from %s, %s: latent_rgb rmse=%.4f", t2i_dir(work), vae_dir(work), latent_rgb["rmse"])
+    out_root.mkdir(parents=True, exist_ok=True)
+    for name, cls, u in (
+        (T2I_NAME, StableDiffusionPipeline, unet),
+        (INPAINT_NAME, StableDiffusionInpaintPipeline, inpaint_unet),
+    ):
+        # fp16 UNets keep both folders under 30 MB; loaders upcast them to the requested dtype.
+        pipe = cls(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=copy.deepcopy(u).to(torch.float16),
+            scheduler=inference_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        _publish(pipe, tokenizer_dir, out_root / name, sdserve_json(name, latent_rgb))
+    sizes = {name: weight_bytes(out_root / name) for name in (T2I_NAME, INPAINT_NAME)}
+    log.info("stage=export weight_bytes=%s total=%d", sizes, sum(sizes.values()))
+    return {"latent_rgb_rmse": latent_rgb["rmse"], "weight_bytes": sizes, "total_weight_bytes": sum(sizes.values())}

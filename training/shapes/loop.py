@@ -1,0 +1,102 @@
+"""Shared training-loop pieces: time-budgeted learning-rate schedule, EMA, seeding, progress lines."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Budget:
+    """Warm-up then cosine decay over elapsed time (or over a fixed step count when steps is set).
+
+    Scheduling by time means a time-boxed run always ends fully decayed, however fast the machine is.
+    """
+
+    def __init__(self, seconds: float, warmup_steps: int, steps: int | None = None, floor: float = 0.02):
+        self.seconds = seconds
+        self.warmup_steps = warmup_steps
+        self.steps = steps
+        self.floor = floor
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since the budget started."""
+        return time.monotonic() - self.start
+
+    def progress(self, step: int) -> float:
+        """Fraction of the budget used, in [0, 1]."""
+        if self.steps is not None:
+            return min(1.0, step / max(self.steps, 1))
+        return min(1.0, self.elapsed() / max(self.seconds, 1e-9))
+
+    def done(self, step: int) -> bool:
+        """Whether training should stop before this step."""
+        return self.progress(step) >= 1.0
+
+    def factor(self, step: int) -> float:
+        """Learning-rate multiplier for this step."""
+        warm = min(1.0, (step + 1) / self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+        return warm * (self.floor + (1 - self.floor) * cosine)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual (1 + n) / (10 + n) warm-up."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the current parameters."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        """Overwrite the live parameters with the average."""
+        for p, s in zip(self.params, self.shadow, strict=True):
+            p.copy_(s)
+
+
+class Progress:
+    """Logs one progress line every `every` seconds."""
+
+    def __init__(self, stage: str, every: float = 30.0):
+        self.stage = stage
+        self.every = every
+        self.last = -math.inf
+        self.start = time.monotonic()
+
+    def step(self, step: int, force: bool = False, **values: float) -> None:
+        """Log the step's values if enough time has passed (or force)."""
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            parts = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+            log.info("stage=%s step=%d %s elapsed=%.0fs", self.stage, step, parts, now - self.start)

@@ -1,0 +1,109 @@
+"""Stage 2: train the text-to-image UNet and the text encoder together on cached latents."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .configs import new_text_encoder, new_unet, train_scheduler
+from .data import render_dataset
+from .grammar import prompt_text
+from .loop import EMA, Budget, Progress, seed_everything, set_lr
+from .tensors import encode_moments, sample_latents, to_tensor
+from .text import drop_prompts, token_ids
+
+log = logging.getLogger(__name__)
+
+N_LATENTS = 20_000
+BATCH = 64
+LR = 1e-3
+WARMUP = 150
+EMA_DECAY = 0.998
+P_EMPTY_PROMPT = 0.1
+MIN_SNR = 5.0
+
+
+def build_cache(vae: AutoencoderKL, tokenizer: CLIPTokenizer, seed: int, n: int) -> dict[str, torch.Tensor]:
+    """Render n scenes and keep their posterior moments and prompt token ids."""
+    images, scenes = render_dataset(seed, n)
+    mean, std = encode_moments(vae, to_tensor(images))
+    return {"mean": mean, "std": std, "ids": token_ids(tokenizer, [prompt_text(s.attrs) for s in scenes])}
+
+
+def load_or_build_cache(
+    path: Path, vae: AutoencoderKL, tokenizer: CLIPTokenizer, seed: int, n: int
+) -> dict[str, torch.Tensor]:
+    """The latent cache for this VAE, built once and kept on disk."""
+    if path.exists():
+        cache: dict[str, torch.Tensor] = torch.load(path)
+        if len(cache["ids"]) == n:
+            return cache
+    cache = build_cache(vae, tokenizer, seed, n)
+    torch.save(cache, path)
+    return cache
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction."""
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return snr.clamp(max=MIN_SNR) / snr
+
+
+def train_unet(
+    vae_dir: Path, tokenizer_dir: Path, out: Path, seconds: float, seed: int, steps: int | None = None
+) -> dict[str, float]:
+    """Train UNet + text encoder for the budget; save their EMA weights to out/unet and out/text_encoder."""
+    seed_everything(seed)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, seed + 1, N_LATENTS)
+    scale = float(vae.config.scaling_factor)
+    empty = token_ids(tokenizer, [""])[0]
+    text_encoder, unet = new_text_encoder(tokenizer), new_unet()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
+    ema = EMA(params, EMA_DECAY)
+    scheduler = train_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(seed)
+    budget = Budget(seconds, WARMUP, steps)
+    progress = Progress("unet")
+    smooth, step = 0.0, 0
+    while not budget.done(step):
+        idx = torch.randint(len(cache["ids"]), (BATCH,), generator=gen)
+        latents = sample_latents(cache["mean"][idx], cache["std"][idx], scale)
+        ids = drop_prompts(cache["ids"][idx], empty, P_EMPTY_PROMPT, gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        set_lr(opt, LR, budget.factor(step))
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        per_item = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (min_snr_weights(alphas_cumprod, t) * per_item).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        smooth = loss.item() if step == 0 else 0.98 * smooth + 0.02 * loss.item()
+        progress.step(step, loss=smooth, lr=LR * budget.factor(step))
+        step += 1
+    ema.copy_to_params()
+    figures = {"steps": step, "seconds": budget.elapsed(), "final_loss": smooth}
+    progress.step(step, force=True, **figures)
+    unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+    text_encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    return figures
+
+
+def load_text_to_image(folder: Path) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Load the trained UNet and text encoder from a stage-2 output folder."""
+    return (
+        UNet2DConditionModel.from_pretrained(str(folder / "unet")),
+        CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
+    )
