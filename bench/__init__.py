@@ -1,0 +1,1 @@
+"""Side-by-side benchmark: diffusers called directly versus sdserve end to end (`python -m bench`)."""
