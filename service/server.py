@@ -24,6 +24,7 @@ from service.requests import Event, Failed, Outcome, Result
 from service.runner import BatchStats
 from service.servicer import DiffusionServicer
 from service.settings import Settings
+from service.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class Server:
                 log.warning(
                     "no snapshot from the model manager yet; serving local models", extra={"target": s.manager_target}
                 )
-        await asyncio.to_thread(self.engine.start)
+        await run_in_fresh_thread(self.engine.start, "sdserve-startup")
         await self._set_ready(SERVING)
         log.info("serving", extra={"default_model": self.registry.default_model, "device": self.engine.choice.type})
         return self.port

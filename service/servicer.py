@@ -111,17 +111,22 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                 if isinstance(event, Failed):
                     failed = event
                     break
+                if isinstance(event, Result):
+                    # Set before the yield: a client that stops reading once it has the result is not a cancel.
+                    outcome = Outcome.OK
                 yield convert.event_to_proto(event, cls)
                 if isinstance(event, Result):
-                    outcome = Outcome.OK
                     return
             if failed is not None:
                 outcome = failed.outcome
                 code, message, metadata = status.rich_status(failed)
                 await context.abort(code, message, trailing_metadata=metadata)
-        except asyncio.CancelledError:
-            now = time.monotonic()
-            outcome = Outcome.DEADLINE if deadline is not None and now >= deadline - 0.001 else Outcome.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: the call ended (client cancel) while this generator was paused at a yield.
+            if outcome is not Outcome.OK:
+                now = time.monotonic()
+                expired = deadline is not None and now >= deadline - 0.001
+                outcome = Outcome.DEADLINE if expired else Outcome.CANCELLED
             raise
         finally:
             if job is not None and not job.finished:

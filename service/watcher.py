@@ -18,6 +18,7 @@ from sdserve.v1 import model_manager_pb2_grpc as mm_grpc
 from service.engine import Engine
 from service.models import ModelEntry
 from service.settings import Settings
+from service.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class StoreWatcher:
             )
             self.engine.record_swap(False)
             return
-        await asyncio.to_thread(self.engine.swap, alias, entry)
+        await run_in_fresh_thread(lambda: self.engine.swap(alias, entry), "sdserve-swap")
 
     def _remove_alias(self, alias: str) -> None:
         self._aliases.discard(alias)
