@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+
+from service import config_source
+from service.config_source import parse_bool, parse_list, parse_paths, setting
 
 PREFIX = "SDSERVE_MANAGER_"
 DEFAULT_STORE = Path.home() / ".cache" / "sdserve" / "store"
@@ -24,123 +25,81 @@ def parse_size(value: str) -> int:
     return int(number * 1024 ** " KMGT".index(unit or " "))
 
 
-def _paths(value: str) -> tuple[Path, ...]:
-    return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{value!r} is not a boolean")
-
-
-def _keys(value: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in value.split(",") if k.strip())
-
-
-def _field(
-    default: Any, help: str, parse: Callable[[str], Any] = str, fallback_env: tuple[str, ...] = (), secret: bool = False
-) -> Any:
-    return dataclasses.field(
-        default=default, metadata={"help": help, "parse": parse, "fallback_env": fallback_env, "secret": secret}
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the sidecar is configured with; see `python -m model_manager --help`."""
 
-    store: Path = _field(  # noqa: RUF009 - _field wraps dataclasses.field; Path is immutable
+    store: Path = setting(  # noqa: RUF009 - _field wraps dataclasses.field; Path is immutable
         DEFAULT_STORE,
         "The model store folder, shared with the server (read-only there).",
         lambda v: Path(v).expanduser(),
     )
-    host: str = _field("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
-    port: int = _field(50052, "TCP port to listen on; 0 picks a free one; -1 turns TCP off.", int)
-    unix_socket: str = _field("", "Also listen on this Unix socket path (empty: none).")
-    port_file: str = _field("", "Write the bound TCP port to this file once serving.")
-    import_roots: tuple[Path, ...] = _field(
-        (), "Folders that ImportModel may read from, separated by ':'. Empty: imports over the API are refused.", _paths
+    host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = setting(50052, "TCP port to listen on; 0 picks a free one; -1 turns TCP off.", int)
+    unix_socket: str = setting("", "Also listen on this Unix socket path (empty: none).")
+    port_file: str = setting("", "Write the bound TCP port to this file once serving.")
+    import_roots: tuple[Path, ...] = setting(
+        (),
+        "Folders that ImportModel may read from, separated by ':'. Empty: imports over the API are refused.",
+        parse_paths,
     )
-    max_store_bytes: int = _field(
+    max_store_bytes: int = setting(
         0, "Disk budget for published models (for example 50GiB); 0 means no budget.", parse_size
     )
-    min_free_bytes: int = _field(
+    min_free_bytes: int = setting(
         512 * 1024**2,
         "Free space to keep on the store's file system; pulls that would go below it evict or fail.",
         parse_size,
     )
-    hf_endpoint: str = _field(
+    hf_endpoint: str = setting(
         "https://huggingface.co",
         "Hugging Face Hub endpoint (a mirror or a local test hub also works).",
         str,
         ("HF_ENDPOINT",),
     )
-    hf_token: str = _field("", "Hub access token for gated or private repositories.", str, ("HF_TOKEN",), secret=True)
-    offline: bool = _field(
+    hf_token: str = setting("", "Hub access token for gated or private repositories.", str, ("HF_TOKEN",), secret=True)
+    offline: bool = setting(
         False,
         "Never contact the Hub; pulls are answered from the store.",
-        _bool,
+        parse_bool,
         ("HF_HUB_OFFLINE",),
     )
-    hub_timeout: float = _field(10.0, "Seconds to wait for Hub metadata before treating the Hub as unreachable.", float)
-    verify_on_start: str = _field(
+    hub_timeout: float = setting(
+        10.0, "Seconds to wait for Hub metadata before treating the Hub as unreachable.", float
+    )
+    verify_on_start: str = setting(
         "full", "Re-verify stored models at start: full (sha256 of every file), size (sizes only) or off."
     )
-    partial_max_age_hours: float = _field(
+    partial_max_age_hours: float = setting(
         168.0, "Partial downloads older than this many hours are deleted at start; 0 keeps them forever.", float
     )
-    quality_check: bool = _field(True, "Measure each new variant's image PSNR against fp32.", _bool)
-    quality_steps: int = _field(10, "Denoising steps of the quality images.", int)
-    quality_size: int = _field(256, "Width and height of quality images in pixels; 0: the model's default.", int)
-    quality_device: str = _field("cpu", "Device that renders quality images: cpu, cuda or cuda:N.")
-    torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
-    watch_queue: int = _field(1024, "Events a WatchModels subscriber may lag before its stream is aborted.", int)
-    metrics_host: str = _field("127.0.0.1", "Interface for the Prometheus /metrics endpoint (0.0.0.0 in a pod).")
-    metrics_port: int = _field(9401, "Port for /metrics; 0 picks a free one, -1 disables it.", int)
-    api_keys: tuple[str, ...] = _field(
+    quality_check: bool = setting(True, "Measure each new variant's image PSNR against fp32.", parse_bool)
+    quality_steps: int = setting(10, "Denoising steps of the quality images.", int)
+    quality_size: int = setting(256, "Width and height of quality images in pixels; 0: the model's default.", int)
+    quality_device: str = setting("cpu", "Device that renders quality images: cpu, cuda or cuda:N.")
+    torch_threads: int = setting(0, "Torch intra-op threads; 0 leaves torch's default.", int)
+    watch_queue: int = setting(1024, "Events a WatchModels subscriber may lag before its stream is aborted.", int)
+    metrics_host: str = setting("127.0.0.1", "Interface for the Prometheus /metrics endpoint (0.0.0.0 in a pod).")
+    metrics_port: int = setting(9401, "Port for /metrics; 0 picks a free one, -1 disables it.", int)
+    api_keys: tuple[str, ...] = setting(
         (),
         "API keys accepted as 'authorization: Bearer KEY', comma-separated. Empty with no file: no auth.",
-        _keys,
+        parse_list,
         secret=True,
     )
-    api_keys_file: str = _field("", "File with one API key per line (# comments allowed); adds to --api-keys.")
-    tls_cert_file: str = _field("", "PEM certificate chain; with --tls-key-file the TCP port speaks TLS only.")
-    tls_key_file: str = _field("", "PEM private key for --tls-cert-file.")
-    tls_client_ca_file: str = _field(
+    api_keys_file: str = setting("", "File with one API key per line (# comments allowed); adds to --api-keys.")
+    tls_cert_file: str = setting("", "PEM certificate chain; with --tls-key-file the TCP port speaks TLS only.")
+    tls_key_file: str = setting("", "PEM private key for --tls-cert-file.")
+    tls_client_ca_file: str = setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
     )
-    log_format: str = _field("auto", "Log format: auto (JSON unless on a terminal), json or text.")
-    log_level: str = _field("INFO", "Log level.")
+    log_format: str = setting("auto", "Log format: auto (JSON unless on a terminal), json or text.")
+    log_level: str = setting("INFO", "Log level.")
 
     @staticmethod
     def from_sources(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Builds settings: defaults, then fallback variables (HF_*), then SDSERVE_MANAGER_* variables, then flags."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(Settings):
-            keys = [*f.metadata["fallback_env"], PREFIX + f.name.upper()]
-            for key in keys:
-                if key in environ:
-                    try:
-                        values[f.name] = f.metadata["parse"](environ[key])
-                    except ValueError as exc:
-                        raise SystemExit(f"{key}: {exc}") from None
-        parser = build_parser()
-        ns = parser.parse_args(list(argv) if argv is not None else [])
-        for f in dataclasses.fields(Settings):
-            raw = getattr(ns, f.name)
-            if raw is not None:
-                try:
-                    values[f.name] = f.metadata["parse"](raw)
-                except ValueError as exc:
-                    parser.error(f"--{f.name.replace('_', '-')}: {exc}")
-        settings = Settings(**values)
-        settings.check()
-        return settings
+        return config_source.load(Settings, PREFIX, build_parser(), argv, environ)
 
     def check(self) -> None:
         """Rejects settings that cannot work together."""
@@ -184,23 +143,10 @@ class Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flag parser; every flag defaults to None so unset flags leave env/defaults alone."""
-    parser = argparse.ArgumentParser(
-        prog="python -m model_manager",
-        description="sdserve model-manager sidecar. Every flag also reads SDSERVE_MANAGER_<NAME> from the environment.",
+    """The flag parser (every flag also reads SDSERVE_MANAGER_<NAME>)."""
+    return config_source.build_parser(
+        Settings,
+        PREFIX,
+        "python -m model_manager",
+        "sdserve model-manager sidecar. Every flag also reads SDSERVE_MANAGER_<NAME> from the environment.",
     )
-    for f in dataclasses.fields(Settings):
-        default = f.default
-        shown = ":".join(str(p) for p in default) if isinstance(default, tuple) else default
-        if f.metadata["secret"]:
-            shown = "unset"
-        env = PREFIX + f.name.upper()
-        if f.metadata["fallback_env"]:
-            env += ", then " + ", ".join(f.metadata["fallback_env"])
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=None,
-            help=f"{f.metadata['help']} (env {env}; default {shown!s})",
-        )
-    return parser

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
+from service import config_source
+from service.config_source import parse_bool, parse_list, parse_paths, setting
+
+PREFIX = "SDSERVE_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _default_model_dirs() -> tuple[Path, ...]:
     # The repository's own models (the embedded default) first, then the writable cache; missing ones are skipped.
     return (REPO_ROOT / "models", Path.home() / ".cache" / "sdserve" / "models")
-
-
-def _paths(value: str) -> tuple[Path, ...]:
-    return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
 
 
 def _aliases(value: str) -> tuple[tuple[str, str], ...]:
@@ -34,143 +32,109 @@ def _aliases(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _keys(value: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in value.split(",") if k.strip())
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{value!r} is not a boolean")
-
-
-def _field(default: Any, help: str, parse: Callable[[str], Any] = str, env: bool = True) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "env": env})
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the server is configured with; see `python -m service --help`."""
 
-    host: str = _field("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
-    port: int = _field(50051, "TCP port to listen on; 0 picks a free one.", int)
-    port_file: str = _field("", "Write the bound port to this file once serving (useful with --port 0).")
-    model_dirs: tuple[Path, ...] = _field(
+    host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = setting(50051, "TCP port to listen on; 0 picks a free one.", int)
+    port_file: str = setting("", "Write the bound port to this file once serving (useful with --port 0).")
+    model_dirs: tuple[Path, ...] = setting(
         _default_model_dirs(),
         "Folders holding model folders (diffusers layout), separated by ':'. "
         "Default: the repository's models/ and ~/.cache/sdserve/models.",
-        _paths,
+        parse_paths,
     )
-    default_model: str = _field(
+    default_model: str = setting(
         "", "Model served when a request names none. Empty: 'shapes' if present, else the built-in tiny model."
     )
-    aliases: tuple[tuple[str, str], ...] = _field((), "Static aliases, NAME=TARGET,NAME=TARGET.", _aliases)
-    manager_target: str = _field(
+    aliases: tuple[tuple[str, str], ...] = setting((), "Static aliases, NAME=TARGET,NAME=TARGET.", _aliases)
+    manager_target: str = setting(
         "", "Model-manager sidecar to follow (host:port or unix:PATH); empty: serve --model-dirs only."
     )
-    manager_wait_seconds: float = _field(
+    manager_wait_seconds: float = setting(
         30.0, "At start-up, how long to wait for the sidecar's first snapshot before serving without it.", float
     )
-    manager_api_key: str = _field(
-        "", "API key sent to the sidecar as 'authorization: Bearer KEY' (its --api-keys); empty: none."
+    manager_api_key: str = setting(
+        "", "API key sent to the sidecar as 'authorization: Bearer KEY' (its --api-keys); empty: none.", secret=True
     )
-    manager_ca_file: str = _field(
+    manager_ca_file: str = setting(
         "", "PEM CA bundle to verify the sidecar's certificate; setting it (or a client certificate) turns on TLS."
     )
-    manager_client_cert_file: str = _field(
+    manager_client_cert_file: str = setting(
         "",
         "PEM client certificate chain presented to the sidecar when it requires mutual TLS.",
     )
-    manager_client_key_file: str = _field("", "PEM private key for --manager-client-cert-file.")
-    device: str = _field("auto", "Device: auto, cpu, cuda, cuda:N, mps or xpu.")
-    dtype: str = _field("auto", "Model dtype: auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
-    torch_threads: int = _field(0, "Torch intra-op threads; 0 leaves torch's default.", int)
-    preload_default: bool = _field(True, "Load and warm the default model before reporting SERVING.", _bool)
-    max_queue: int = _field(32, "Requests each model's queue holds; more get RESOURCE_EXHAUSTED.", int)
-    default_max_queue_seconds: float = _field(
+    manager_client_key_file: str = setting("", "PEM private key for --manager-client-cert-file.")
+    device: str = setting("auto", "Device: auto, cpu, cuda, cuda:N, mps or xpu.")
+    dtype: str = setting("auto", "Model dtype: auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
+    torch_threads: int = setting(0, "Torch intra-op threads; 0 leaves torch's default.", int)
+    preload_default: bool = setting(True, "Load and warm the default model before reporting SERVING.", parse_bool)
+    max_queue: int = setting(32, "Requests each model's queue holds; more get RESOURCE_EXHAUSTED.", int)
+    default_max_queue_seconds: float = setting(
         0.0, "Default longest wait in the queue, in seconds; 0 means no limit.", float
     )
-    max_batch_images: int = _field(
+    max_batch_images: int = setting(
         8, "Most images one pipeline call may carry; the measured policy picks up to this (1 disables batching).", int
     )
-    batch_wait_ms: float = _field(
+    batch_wait_ms: float = setting(
         0.0,
         "Longest wait for more compatible requests before a short batch starts, in ms. 0: batch only what is "
         "already queued (requests that pile up behind a running call), which adds no latency.",
         float,
     )
-    batch_policy: str = _field(
+    batch_policy: str = setting(
         "measured",
         "measured: per model and size, batch up to the size with the best measured per-image step time; "
         "fixed: always allow max_batch_images.",
     )
-    calibrate_batching: bool = _field(
-        True, "At start-up, time batch sizes 1, 2, 4, ... at the default model's size to seed the policy.", _bool
+    calibrate_batching: bool = setting(
+        True, "At start-up, time batch sizes 1, 2, 4, ... at the default model's size to seed the policy.", parse_bool
     )
-    prompt_cache_bytes: int = _field(
+    prompt_cache_bytes: int = setting(
         64 * 1024 * 1024, "Bytes of text-encoder outputs kept in the LRU prompt cache; 0 disables it.", int
     )
-    min_size: int = _field(8, "Smallest width/height in pixels.", int)
-    max_size: int = _field(2048, "Largest width/height in pixels.", int)
-    max_input_pixels: int = _field(4096 * 4096, "Largest input image/mask in pixels (decompression bombs).", int)
-    max_image_bytes: int = _field(32 * 1024 * 1024, "Largest encoded input image or mask in bytes.", int)
-    max_steps: int = _field(150, "Most denoising steps per request.", int)
-    max_images: int = _field(4, "Most images per request.", int)
-    max_prompt_chars: int = _field(2000, "Longest prompt or negative prompt in characters.", int)
-    max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.", int)
-    metrics_host: str = _field("127.0.0.1", "Interface for the Prometheus /metrics endpoint (0.0.0.0 in a pod).")
-    metrics_port: int = _field(9400, "Port for /metrics; 0 picks a free one, -1 disables it.", int)
-    grace_seconds: float = _field(
+    min_size: int = setting(8, "Smallest width/height in pixels.", int)
+    max_size: int = setting(2048, "Largest width/height in pixels.", int)
+    max_input_pixels: int = setting(4096 * 4096, "Largest input image/mask in pixels (decompression bombs).", int)
+    max_image_bytes: int = setting(32 * 1024 * 1024, "Largest encoded input image or mask in bytes.", int)
+    max_steps: int = setting(150, "Most denoising steps per request.", int)
+    max_images: int = setting(4, "Most images per request.", int)
+    max_prompt_chars: int = setting(2000, "Longest prompt or negative prompt in characters.", int)
+    max_message_bytes: int = setting(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.", int)
+    metrics_host: str = setting("127.0.0.1", "Interface for the Prometheus /metrics endpoint (0.0.0.0 in a pod).")
+    metrics_port: int = setting(9400, "Port for /metrics; 0 picks a free one, -1 disables it.", int)
+    grace_seconds: float = setting(
         60.0, "On SIGTERM: how long in-flight streams may run before they are cancelled (UNAVAILABLE).", float
     )
-    api_keys: tuple[str, ...] = _field(
-        (), "API keys accepted as 'authorization: Bearer KEY', comma-separated. Empty with no file: no auth.", _keys
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "API keys accepted as 'authorization: Bearer KEY', comma-separated. Empty with no file: no auth.",
+        parse_list,
+        secret=True,
     )
-    api_keys_file: str = _field("", "File with one API key per line (# comments allowed); adds to --api-keys.")
-    tls_cert_file: str = _field("", "PEM certificate chain; with --tls-key-file the server speaks TLS only.")
-    tls_key_file: str = _field("", "PEM private key for --tls-cert-file.")
-    tls_client_ca_file: str = _field(
+    api_keys_file: str = setting("", "File with one API key per line (# comments allowed); adds to --api-keys.")
+    tls_cert_file: str = setting("", "PEM certificate chain; with --tls-key-file the server speaks TLS only.")
+    tls_key_file: str = setting("", "PEM private key for --tls-cert-file.")
+    tls_client_ca_file: str = setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
     )
-    keepalive_time_s: float = _field(60.0, "Server keepalive ping interval on idle connections, seconds.", float)
-    keepalive_timeout_s: float = _field(20.0, "How long to wait for a keepalive ack before closing, seconds.", float)
-    max_connection_age_s: float = _field(
+    keepalive_time_s: float = setting(60.0, "Server keepalive ping interval on idle connections, seconds.", float)
+    keepalive_timeout_s: float = setting(20.0, "How long to wait for a keepalive ack before closing, seconds.", float)
+    max_connection_age_s: float = setting(
         0.0, "Close connections older than this (seconds) so clients rebalance; 0 keeps them forever.", float
     )
-    max_connection_age_grace_s: float = _field(
+    max_connection_age_grace_s: float = setting(
         900.0, "After max_connection_age, how long open streams may finish; keep above the longest generation.", float
     )
-    max_concurrent_streams: int = _field(64, "Most concurrent streams (RPCs) per client connection.", int)
-    log_format: str = _field("auto", "Log format: auto (JSON unless on a terminal), json or text.")
-    log_level: str = _field("INFO", "Log level.")
+    max_concurrent_streams: int = setting(64, "Most concurrent streams (RPCs) per client connection.", int)
+    log_format: str = setting("auto", "Log format: auto (JSON unless on a terminal), json or text.")
+    log_level: str = setting("INFO", "Log level.")
 
     @staticmethod
     def from_sources(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Builds settings: defaults, overridden by SDSERVE_* variables, overridden by flags."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(Settings):
-            key = "SDSERVE_" + f.name.upper()
-            if f.metadata["env"] and key in environ:
-                try:
-                    values[f.name] = f.metadata["parse"](environ[key])
-                except ValueError as exc:
-                    raise SystemExit(f"{key}: {exc}") from None
-        parser = build_parser()
-        ns = parser.parse_args(list(argv) if argv is not None else [])
-        for f in dataclasses.fields(Settings):
-            raw = getattr(ns, f.name)
-            if raw is not None:
-                try:
-                    values[f.name] = f.metadata["parse"](raw)
-                except ValueError as exc:
-                    parser.error(f"--{f.name.replace('_', '-')}: {exc}")
-        settings = Settings(**values)
-        settings.check()
-        return settings
+        return config_source.load(Settings, PREFIX, build_parser(), argv, environ)
 
     def check(self) -> None:
         """Rejects settings that cannot work together."""
@@ -207,20 +171,10 @@ class Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flag parser; every flag defaults to None so unset flags leave env/defaults alone."""
-    parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description="sdserve inference server. Every flag also reads SDSERVE_<NAME> from the environment.",
+    """The flag parser (every flag also reads SDSERVE_<NAME>)."""
+    return config_source.build_parser(
+        Settings,
+        PREFIX,
+        "python -m service",
+        "sdserve inference server. Every flag also reads SDSERVE_<NAME> from the environment.",
     )
-    for f in dataclasses.fields(Settings):
-        default = f.default
-        shown = ":".join(str(p) for p in default) if isinstance(default, tuple) else default
-        if f.name in ("api_keys", "manager_api_key"):
-            shown = "(none)"
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=None,
-            help=f"{f.metadata['help']} (env SDSERVE_{f.name.upper()}; default {shown!s})",
-        )
-    return parser

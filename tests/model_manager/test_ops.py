@@ -359,7 +359,7 @@ def test_sidecar_security_settings_are_checked() -> None:
     s = make([], env)
     assert (s.metrics_port, s.tls_cert_file, s.tls_key_file) == (-1, "c", "k")
     help_text = manager_settings.build_parser().format_help()
-    assert "SDSERVE_MANAGER_API_KEYS; default unset" in " ".join(help_text.split())
+    assert "SDSERVE_MANAGER_API_KEYS; default (none)" in " ".join(help_text.split())
     for bad in (
         ["--tls-cert-file", "c"],
         ["--tls-client-ca-file", "ca"],
