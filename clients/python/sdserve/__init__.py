@@ -4,9 +4,11 @@ from sdserve.aio import AsyncClient, AsyncStream
 from sdserve.client import Client, Stream
 from sdserve.errors import FieldViolation, SdserveError
 from sdserve.types import (
+    EditOptions,
     Event,
     GeneratedImage,
     GenerationOptions,
+    InpaintOptions,
     ModelInfo,
     PreviewImage,
     Progress,
@@ -20,10 +22,12 @@ __all__ = [
     "AsyncClient",
     "AsyncStream",
     "Client",
+    "EditOptions",
     "Event",
     "FieldViolation",
     "GeneratedImage",
     "GenerationOptions",
+    "InpaintOptions",
     "ModelInfo",
     "PreviewImage",
     "Progress",

@@ -7,9 +7,11 @@ from typing import Any
 from google.protobuf import json_format
 
 from sdserve.types import (
+    EditOptions,
     Event,
     GeneratedImage,
     GenerationOptions,
+    InpaintOptions,
     ModelInfo,
     PreviewImage,
     Progress,
@@ -137,37 +139,32 @@ def model_info(m: pb.ModelInfo) -> ModelInfo:
     )
 
 
-def edit_request(image: bytes, prompt: str, strength: float | None, options: GenerationOptions) -> pb.EditRequest:
-    req = pb.EditRequest(params=params(prompt, options), image=image)
+def edit_request(image: bytes, prompt: str, options: EditOptions) -> pb.EditRequest:
+    o: dict[str, Any] = dict(options)
+    strength = o.pop("strength", None)
+    req = pb.EditRequest(params=params(prompt, o), image=image)  # type: ignore[arg-type]
     if strength is not None:
         req.strength = strength
     return req
 
 
-def inpaint_request(
-    image: bytes,
-    mask: bytes,
-    prompt: str,
-    *,
-    strength: float | None,
-    mask_blur: int,
-    invert_mask: bool,
-    area: str,
-    mask_padding: int | None,
-    preserve_unmasked: bool,
-    options: GenerationOptions,
-) -> pb.InpaintRequest:
+_INPAINT_ONLY = ("strength", "mask_blur", "invert_mask", "area", "mask_padding", "preserve_unmasked")
+
+
+def inpaint_request(image: bytes, mask: bytes, prompt: str, options: InpaintOptions) -> pb.InpaintRequest:
+    o: dict[str, Any] = dict(options)
+    own = {k: o.pop(k) for k in _INPAINT_ONLY if k in o}
     req = pb.InpaintRequest(
-        params=params(prompt, options),
+        params=params(prompt, o),  # type: ignore[arg-type]
         image=image,
         mask=mask,
-        mask_blur=mask_blur,
-        invert_mask=invert_mask,
-        area=AREAS[area],
-        preserve_unmasked=preserve_unmasked,
+        mask_blur=own.get("mask_blur", 0),
+        invert_mask=own.get("invert_mask", False),
+        area=AREAS[own.get("area", "whole_image")],
+        preserve_unmasked=own.get("preserve_unmasked", False),
     )
-    if strength is not None:
-        req.strength = strength
-    if mask_padding is not None:
-        req.mask_padding = mask_padding
+    if own.get("strength") is not None:
+        req.strength = own["strength"]
+    if own.get("mask_padding") is not None:
+        req.mask_padding = own["mask_padding"]
     return req

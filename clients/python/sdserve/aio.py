@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal, Unpack
+from typing import Any, Unpack
 
 import grpc
 import grpc.aio
@@ -12,7 +12,7 @@ import grpc.aio
 from sdserve import _convert
 from sdserve.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options, metadata
 from sdserve.errors import SdserveError, from_rpc_error
-from sdserve.types import Event, GenerationOptions, ModelInfo, Progress, Result
+from sdserve.types import EditOptions, Event, GenerationOptions, InpaintOptions, ModelInfo, Progress, Result
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 
@@ -87,44 +87,15 @@ class AsyncClient:
         return AsyncStream(self._stub.Generate(req, timeout=timeout, metadata=self._metadata))
 
     def stream_edit(
-        self,
-        image: bytes,
-        prompt: str,
-        *,
-        strength: float | None = None,
-        timeout: float | None = None,
-        **options: Unpack[GenerationOptions],
+        self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> AsyncStream:
-        req = _convert.edit_request(image, prompt, strength, options)
+        req = _convert.edit_request(image, prompt, options)
         return AsyncStream(self._stub.Edit(req, timeout=timeout, metadata=self._metadata))
 
     def stream_inpaint(
-        self,
-        image: bytes,
-        mask: bytes,
-        prompt: str,
-        *,
-        strength: float | None = None,
-        mask_blur: int = 0,
-        invert_mask: bool = False,
-        area: Literal["whole_image", "mask_only"] = "whole_image",
-        mask_padding: int | None = None,
-        preserve_unmasked: bool = False,
-        timeout: float | None = None,
-        **options: Unpack[GenerationOptions],
+        self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> AsyncStream:
-        req = _convert.inpaint_request(
-            image,
-            mask,
-            prompt,
-            strength=strength,
-            mask_blur=mask_blur,
-            invert_mask=invert_mask,
-            area=area,
-            mask_padding=mask_padding,
-            preserve_unmasked=preserve_unmasked,
-            options=options,
-        )
+        req = _convert.inpaint_request(image, mask, prompt, options)
         return AsyncStream(self._stub.Inpaint(req, timeout=timeout, metadata=self._metadata))
 
     async def generate(
@@ -133,45 +104,14 @@ class AsyncClient:
         return await self.stream_generate(prompt, timeout=timeout, **options).result()
 
     async def edit(
-        self,
-        image: bytes,
-        prompt: str,
-        *,
-        strength: float | None = None,
-        timeout: float | None = None,
-        **options: Unpack[GenerationOptions],
+        self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> Result:
-        return await self.stream_edit(image, prompt, strength=strength, timeout=timeout, **options).result()
+        return await self.stream_edit(image, prompt, timeout=timeout, **options).result()
 
     async def inpaint(
-        self,
-        image: bytes,
-        mask: bytes,
-        prompt: str,
-        *,
-        strength: float | None = None,
-        mask_blur: int = 0,
-        invert_mask: bool = False,
-        area: Literal["whole_image", "mask_only"] = "whole_image",
-        mask_padding: int | None = None,
-        preserve_unmasked: bool = False,
-        timeout: float | None = None,
-        **options: Unpack[GenerationOptions],
+        self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> Result:
-        stream = self.stream_inpaint(
-            image,
-            mask,
-            prompt,
-            strength=strength,
-            mask_blur=mask_blur,
-            invert_mask=invert_mask,
-            area=area,
-            mask_padding=mask_padding,
-            preserve_unmasked=preserve_unmasked,
-            timeout=timeout,
-            **options,
-        )
-        return await stream.result()
+        return await self.stream_inpaint(image, mask, prompt, timeout=timeout, **options).result()
 
     async def list_models(self, timeout: float | None = 30.0) -> tuple[list[ModelInfo], str]:
         try:

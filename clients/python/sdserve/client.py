@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Unpack
+from typing import Any, Unpack
 
 import grpc
 
 from sdserve import _convert
 from sdserve.errors import SdserveError, from_rpc_error
-from sdserve.types import Event, GenerationOptions, ModelInfo, Progress, Result
+from sdserve.types import EditOptions, Event, GenerationOptions, InpaintOptions, ModelInfo, Progress, Result
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 
@@ -102,46 +102,17 @@ class Client:
         return Stream(self._stub.Generate(req, timeout=timeout, metadata=self._metadata))
 
     def stream_edit(
-        self,
-        image: bytes,
-        prompt: str,
-        *,
-        strength: float | None = None,
-        timeout: float | None = None,
-        **options: Unpack[GenerationOptions],
+        self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> Stream:
         """Image-to-image as a stream of events. `strength` in (0, 1]; default 0.8."""
-        req = _convert.edit_request(image, prompt, strength, options)
+        req = _convert.edit_request(image, prompt, options)
         return Stream(self._stub.Edit(req, timeout=timeout, metadata=self._metadata))
 
     def stream_inpaint(
-        self,
-        image: bytes,
-        mask: bytes,
-        prompt: str,
-        *,
-        strength: float | None = None,
-        mask_blur: int = 0,
-        invert_mask: bool = False,
-        area: Literal["whole_image", "mask_only"] = "whole_image",
-        mask_padding: int | None = None,
-        preserve_unmasked: bool = False,
-        timeout: float | None = None,
-        **options: Unpack[GenerationOptions],
+        self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> Stream:
         """Inpainting as a stream of events. Mask white (255) = repaint."""
-        req = _convert.inpaint_request(
-            image,
-            mask,
-            prompt,
-            strength=strength,
-            mask_blur=mask_blur,
-            invert_mask=invert_mask,
-            area=area,
-            mask_padding=mask_padding,
-            preserve_unmasked=preserve_unmasked,
-            options=options,
-        )
+        req = _convert.inpaint_request(image, mask, prompt, options)
         return Stream(self._stub.Inpaint(req, timeout=timeout, metadata=self._metadata))
 
     # Blocking helpers --------------------------------------------------------------------------
@@ -162,13 +133,12 @@ class Client:
         image: bytes,
         prompt: str,
         *,
-        strength: float | None = None,
         timeout: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
-        **options: Unpack[GenerationOptions],
+        **options: Unpack[EditOptions],
     ) -> Result:
         """Image-to-image; returns the finished images."""
-        return self.stream_edit(image, prompt, strength=strength, timeout=timeout, **options).result(on_progress)
+        return self.stream_edit(image, prompt, timeout=timeout, **options).result(on_progress)
 
     def inpaint(
         self,
@@ -176,31 +146,12 @@ class Client:
         mask: bytes,
         prompt: str,
         *,
-        strength: float | None = None,
-        mask_blur: int = 0,
-        invert_mask: bool = False,
-        area: Literal["whole_image", "mask_only"] = "whole_image",
-        mask_padding: int | None = None,
-        preserve_unmasked: bool = False,
         timeout: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
-        **options: Unpack[GenerationOptions],
+        **options: Unpack[InpaintOptions],
     ) -> Result:
         """Inpainting; returns the finished images."""
-        stream = self.stream_inpaint(
-            image,
-            mask,
-            prompt,
-            strength=strength,
-            mask_blur=mask_blur,
-            invert_mask=invert_mask,
-            area=area,
-            mask_padding=mask_padding,
-            preserve_unmasked=preserve_unmasked,
-            timeout=timeout,
-            **options,
-        )
-        return stream.result(on_progress)
+        return self.stream_inpaint(image, mask, prompt, timeout=timeout, **options).result(on_progress)
 
     # Info --------------------------------------------------------------------------------------
 

@@ -49,6 +49,30 @@ class GenerationOptions(TypedDict, total=False):
     max_queue_seconds: float
 
 
+class EditOptions(GenerationOptions, total=False):
+    """Edit's own option on top of the shared ones."""
+
+    # How far to move from the input, (0, 1]; server default 0.8.
+    strength: float
+
+
+class InpaintOptions(GenerationOptions, total=False):
+    """Inpaint's own options on top of the shared ones (mask white = repaint)."""
+
+    # (0, 1]; server default 1.
+    strength: float
+    # Gaussian blur of the mask edge in pixels, 0 to 64.
+    mask_blur: int
+    # Repaint the black part instead.
+    invert_mask: bool
+    # "whole_image" (default) or "mask_only" (a padded box around the mask at full resolution).
+    area: Literal["whole_image", "mask_only"]
+    # Padding around the mask box with area="mask_only", pixels (server default 32).
+    mask_padding: int
+    # Keep every pixel outside the mask byte-identical to the input.
+    preserve_unmasked: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class Queued:
     """The request waits; `position` requests are ahead of it (0: next)."""
