@@ -12,7 +12,8 @@ from transformers import CLIPTokenizer
 
 from .configs import train_scheduler
 from .data import random_mask, render_dataset
-from .loop import EMA, Budget, Progress, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
+from .loop import smooth as smoothed
 from .tensors import encode_moments, mask_latents, masks_to_tensor, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
 from .unet import N_LATENTS, P_EMPTY_PROMPT, load_or_build_cache, load_text_to_image, min_snr_weights
@@ -100,12 +101,8 @@ def train_inpaint(
         pred = unet(torch.cat([noisy, cache["mask"][idx], masked], dim=1), t, emb).sample
         per_item = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (min_snr_weights(scheduler.alphas_cumprod, t) * per_item).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        smooth = loss.item() if step == 0 else 0.98 * smooth + 0.02 * loss.item()
+        optimise(loss, opt, params, ema)
+        smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
     ema.copy_to_params()

@@ -22,7 +22,8 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTokenizer
 
 from .configs import train_scheduler
-from .loop import EMA, Budget, Progress, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
+from .loop import smooth as smoothed
 from .tensors import sample_latents
 from .text import drop_prompts, token_ids
 from .unet import N_LATENTS, P_EMPTY_PROMPT, load_or_build_cache, load_text_to_image, min_snr_weights
@@ -80,12 +81,8 @@ def train_layout(
         set_lr(opt, LR, budget.factor(step))
         pred = unet(noisy, t, emb).sample
         loss = (weights * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        smooth = loss.item() if step == 0 else 0.98 * smooth + 0.02 * loss.item()
+        optimise(loss, opt, params, ema)
+        smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
     ema.copy_to_params()

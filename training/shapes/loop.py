@@ -84,6 +84,22 @@ class EMA:
             p.copy_(s)
 
 
+def optimise(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], ema: EMA
+) -> None:
+    """One optimiser step: backward, clip the gradient norm to 1, step, then update the EMA weights."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    ema.update()
+
+
+def smooth(previous: float, value: float, step: int) -> float:
+    """Exponential moving average of the loss for progress lines (the first value as is)."""
+    return value if step == 0 else 0.98 * previous + 0.02 * value
+
+
 class Progress:
     """Logs one progress line every `every` seconds."""
 

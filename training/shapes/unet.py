@@ -12,7 +12,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .configs import new_text_encoder, new_unet, train_scheduler
 from .data import render_dataset
 from .grammar import prompt_text
-from .loop import EMA, Budget, Progress, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
+from .loop import smooth as smoothed
 from .tensors import encode_moments, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
 
@@ -85,12 +86,8 @@ def train_unet(
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         per_item = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (min_snr_weights(alphas_cumprod, t) * per_item).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        smooth = loss.item() if step == 0 else 0.98 * smooth + 0.02 * loss.item()
+        optimise(loss, opt, params, ema)
+        smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
     ema.copy_to_params()
