@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from service.tiny import TINY_NAME, build_tiny, write_tokenizer
+from service.tiny import TINY_NAME, build_tiny, write_model_index, write_tokenizer
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 CACHE = Path.home() / ".cache" / "sdserve" / "bench-models"
@@ -94,20 +94,7 @@ def sd15_model(name: str, unet_channels: tuple[int, ...], size: int, seed: int =
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     write_tokenizer(tmp / "tokenizer")
     PNDMScheduler.from_config(SD15_SCHEDULER).save_pretrained(tmp / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(tmp, "StableDiffusionPipeline", "PNDMScheduler")
     meta = {
         "format": 1,
         "description": f"Random-weight SD 1.5-layout benchmark model (UNet widths {list(unet_channels)}).",

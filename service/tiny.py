@@ -39,6 +39,24 @@ def write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
+def write_model_index(folder: Path, pipeline_class: str, scheduler_class: str) -> None:
+    """Writes an SD 1.x model_index.json (no safety checker or feature extractor, as the server loads it)."""
+    index = {
+        "_class_name": pipeline_class,
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
 def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
     """Writes a tiny SD 1.x-layout model (random weights from `seed`) to `folder`, atomically.
 
@@ -104,19 +122,9 @@ def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     write_tokenizer(tmp / "tokenizer")
     scheduler.save_pretrained(tmp / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionInpaintPipeline" if in_channels == 9 else "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(
+        tmp, "StableDiffusionInpaintPipeline" if in_channels == 9 else "StableDiffusionPipeline", "DDIMScheduler"
+    )
     meta = {
         "format": 1,
         "description": "Tiny random-weight SD 1.x-layout model built locally; produces noise-like images.",
