@@ -50,7 +50,7 @@ def _scoring() -> str:
 
 
 def _total_minutes(report: dict[str, Any]) -> float:
-    stages = ("vae", "unet", "inpaint", "layout", "decoder")
+    stages = ("vae", "unet", "inpaint", "decoder")
     seconds: float = sum(report.get(k, {}).get("wall_seconds", 0.0) for k in stages)
     return seconds / 60
 
@@ -62,20 +62,6 @@ def _runs(report: dict[str, Any]) -> str:
         command, _, note = run.partition("  (")
         lines.append(f"  - `{command}`" + (f" ({note}" if note else ""))
     return "\n".join(lines)
-
-
-def _layout_note(report: dict[str, Any]) -> str:
-    lay = report.get("layout")
-    if not lay or lay.get("steps", 0) == 0:
-        return "- Layout fine-tune (`layout.py`): not run."
-    how = f"- Layout fine-tune (`layout.py`, t >= 900 trained on pure noise): {_minutes(lay)}"
-    if lay.get("shipped", True):
-        return how + "."
-    ev = lay.get("eval_guidance_7.5", {})
-    return (
-        how + f"; tried and **not shipped**: positions stayed random ({_pct(ev.get('position'))}) and shape colour"
-        f" fell to {_pct(ev.get('colour'))}, so the folders carry the stage-2 UNet."
-    )
 
 
 def _fp16_note(ev: dict[str, Any]) -> str:
@@ -171,7 +157,6 @@ for step previews; `inpaint_model` names the inpainting sibling.
 - UNet + text encoder: {_minutes(report.get("unet"))}; 20,000 cached latents (resampled from the
   posterior every step), epsilon prediction, SD scaled-linear betas, min-SNR-5 weighting, empty
   prompt 10% of the time, AdamW 1e-3 (150 warm-up steps), batch 64, EMA 0.998.
-{_layout_note(report)}
 - VAE decoder fine-tune (encoder frozen, so the latents the UNets learnt do not move):
   {_minutes(report.get("decoder"))}; L1 + MSE on decoded posterior samples of the 20,000 training
   latents, AdamW 1e-3, batch 32; held-out PSNR {report.get("decoder", {}).get("held_out_psnr_db", 0):.1f} dB.

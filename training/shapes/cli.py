@@ -20,17 +20,15 @@ from . import card
 from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir
 from .inpaint import train_inpaint
-from .layout import train_layout
 from .sample_eval import run_eval
 from .tokenizer import build_tokenizer
 from .unet import train_unet
 from .vae import train_vae
 
 log = logging.getLogger("training.shapes")
-STAGES = ("tokenizer", "vae", "unet", "inpaint", "layout", "decoder", "export", "eval", "card")
-# Shares of --budget-minutes (training time only; rendering, caching and eval come on top). The
-# layout stage is off by default: 508 steps of it did not move position accuracy (see layout.py).
-SHARES = {"vae": 0.19, "unet": 0.47, "inpaint": 0.24, "layout": 0.0, "decoder": 0.10}
+STAGES = ("tokenizer", "vae", "unet", "inpaint", "decoder", "export", "eval", "card")
+# Shares of --budget-minutes (training time only; rendering, caching and eval come on top).
+SHARES = {"vae": 0.14, "unet": 0.54, "inpaint": 0.24, "decoder": 0.08}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -41,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("models"), help="where the model folders go")
     p.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"), help="stage checkpoints and caches")
     p.add_argument(
-        "--budget-minutes", type=float, default=60.0, help="training time of all stages together, split by SHARES"
+        "--budget-minutes", type=float, default=83.0, help="training time of all stages together, split by SHARES"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
@@ -139,12 +137,6 @@ def main(argv: list[str]) -> int:
             _weights(w / "inpaint" / "unet"),
             lambda: train_inpaint(
                 w / "vae", w / "tokenizer", w / "t2i", w / "inpaint", run.budget("inpaint"), seed, steps["inpaint"]
-            ),
-        ),
-        "layout": (
-            _weights(w / "t2i-layout" / "unet"),
-            lambda: train_layout(
-                w / "vae", w / "tokenizer", w / "t2i", w / "t2i-layout", run.budget("layout"), seed, steps["layout"]
             ),
         ),
         "decoder": (

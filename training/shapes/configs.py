@@ -14,7 +14,7 @@ _BETAS: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "steps_offset": 1,
     "clip_sample": False,
 }

@@ -55,8 +55,8 @@ def _stage_dir(preferred: Path, fallback: Path, weights: str) -> Path:
 
 
 def t2i_dir(work: Path) -> Path:
-    """The text-to-image stage output to ship: layout-tuned if that stage ran."""
-    return _stage_dir(work / "t2i-layout", work / "t2i", "unet/diffusion_pytorch_model.safetensors")
+    """The text-to-image stage output to ship."""
+    return work / "t2i"
 
 
 def vae_dir(work: Path) -> Path:

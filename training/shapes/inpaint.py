@@ -16,7 +16,7 @@ from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
 from .loop import smooth as smoothed
 from .tensors import encode_moments, mask_latents, masks_to_tensor, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
-from .unet import N_LATENTS, P_EMPTY_PROMPT, load_or_build_cache, load_text_to_image, min_snr_weights
+from .unet import N_LATENTS, P_EMPTY_PROMPT, diffusion_loss, load_or_build_cache, load_text_to_image
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ def train_inpaint(
             emb = text_encoder(ids)[0]
         set_lr(opt, LR, budget.factor(step))
         pred = unet(torch.cat([noisy, cache["mask"][idx], masked], dim=1), t, emb).sample
-        per_item = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(scheduler.alphas_cumprod, t) * per_item).mean()
+        loss = diffusion_loss(scheduler, pred, latents, noise, t)
         optimise(loss, opt, params, ema)
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .configs import new_text_encoder, new_unet, train_scheduler
@@ -48,10 +48,22 @@ def load_or_build_cache(
     return cache
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction."""
-    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    return snr.clamp(max=MIN_SNR) / snr
+def diffusion_loss(
+    scheduler: DDPMScheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Weighted v-prediction loss of a batch.
+
+    v = sqrt(abar) * noise - sqrt(1 - abar) * x0, so a v error is an image (x0) error divided by
+    sqrt(1 - abar): in image terms the plain v loss weighs each timestep by 1 + SNR. The weight here caps
+    that at MIN_SNR (like min-SNR-gamma) and, unlike epsilon prediction with min-SNR weights (image weight
+    SNR, about 0.005 at t = 999), keeps weight 1 at the noisiest steps, where the layout of the image (the
+    position and size words, the unmasked area of an inpainting input) is decided.
+    """
+    target: torch.Tensor = scheduler.get_velocity(latents, noise, t)
+    per_item = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.to(t.device)[t]
+    snr_plus_one = 1 / (1 - alphas_cumprod)
+    return (snr_plus_one.clamp(max=MIN_SNR) / snr_plus_one * per_item).mean()
 
 
 def train_unet(
@@ -70,7 +82,6 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
     ema = EMA(params, EMA_DECAY)
     scheduler = train_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(seed)
     budget = Budget(seconds, WARMUP, steps)
     progress = Progress("unet")
@@ -84,8 +95,7 @@ def train_unet(
         noisy = scheduler.add_noise(latents, noise, t)
         set_lr(opt, LR, budget.factor(step))
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        per_item = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(alphas_cumprod, t) * per_item).mean()
+        loss = diffusion_loss(scheduler, pred, latents, noise, t)
         optimise(loss, opt, params, ema)
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
