@@ -64,6 +64,26 @@ def _runs(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _known_problems(ev: dict[str, Any]) -> str:
+    g75, g1 = ev.get("guidance_7.5", {}), ev.get("guidance_1", {})
+    if not g75:
+        return "- Not evaluated yet."
+    lines = [
+        f"- Misses its target: {LABELS[k]} {_pct(g75.get(k))} (target {TARGETS[k]:.0%})."
+        for k in TARGETS
+        if isinstance(g75.get(k), (int, float)) and g75[k] < TARGETS[k]
+    ]
+    if not lines:
+        lines.append("- Meets every accuracy target at 20 DDIM steps and guidance 7.5.")
+    if g1:
+        lines.append(
+            f"- Guidance matters: at guidance 1.0 all attributes are right for {_pct(g1.get('all'))} of the prompts"
+            f" against {_pct(g75.get('all'))} at 7.5."
+        )
+    lines.append("- 64x64 only, flat colours only: the training data has nothing else.")
+    return "\n".join(lines)
+
+
 def _fp16_note(ev: dict[str, Any]) -> str:
     ref, stored = ev.get("fp32_reference"), ev.get("guidance_7.5")
     if not ref or not stored:
@@ -155,8 +175,9 @@ for step previews; `inpaint_model` names the inpainting sibling.
   images with a zeroed inpainting mask; held-out PSNR {report.get("vae", {}).get("held_out_psnr_db", 0):.1f} dB;
   scaling factor {report.get("vae", {}).get("scaling_factor", 0):.4f} (1 / std of sampled latents).
 - UNet + text encoder: {_minutes(report.get("unet"))}; 20,000 cached latents (resampled from the
-  posterior every step), epsilon prediction, SD scaled-linear betas, min-SNR-5 weighting, empty
-  prompt 10% of the time, AdamW 1e-3 (150 warm-up steps), batch 64, EMA 0.998.
+  posterior every step), v-prediction, SD scaled-linear betas, loss weight min(1 + SNR, 5) / (1 + SNR)
+  (in image terms: weight 1 at the noisiest steps, where the layout is decided, up to 5 at the
+  cleanest), empty prompt 10% of the time, AdamW 1e-3 (150 warm-up steps), batch 64, EMA 0.998.
 - VAE decoder fine-tune (encoder frozen, so the latents the UNets learnt do not move):
   {_minutes(report.get("decoder"))}; L1 + MSE on decoded posterior samples of the 20,000 training
   latents, AdamW 1e-3, batch 32; held-out PSNR {report.get("decoder", {}).get("held_out_psnr_db", 0):.1f} dB.
@@ -167,14 +188,7 @@ for step previews; `inpaint_model` names the inpainting sibling.
 
 ## Known problems
 
-- **Position words are not followed** (about chance). With SD's scaled-linear betas a training
-  input at t >= 900 still holds 7-11% of the image, and the UNet learnt to take the shape's
-  position from that residue; sampling starts from pure noise, so the position comes from the
-  noise. A short fine-tune that trains those timesteps on pure noise (`layout.py`) did not fix
-  it within 20 minutes; a longer run of it, or a zero-terminal-SNR schedule, is the likely fix.
-- **Shapes are soft and blobby**: shape class is right only about half the time. The UNet got
-  {report.get("unet", {}).get("steps", "?")} steps on a 2-core machine shared with other work.
-- Guidance matters: at guidance 1.0 backgrounds and colours are much less reliable.
+{_known_problems(ev)}
 
 ## Evaluation
 
@@ -196,6 +210,21 @@ Scoring rules:
 """
 
 
+def _inpaint_note(inp: dict[str, Any]) -> str:
+    psnr = inp.get("psnr_outside_db")
+    if not isinstance(psnr, (int, float)):
+        return "- Not evaluated yet."
+    if psnr >= 30:
+        return (
+            f"- Outside the mask the raw output stays within {psnr:.1f} dB PSNR of the input (VAE round trip"
+            " included); sdserve's `preserve_unmasked` makes it exact."
+        )
+    return (
+        f"- **Known problem**: outside the mask the raw output is only {psnr:.1f} dB PSNR from the input (target 30):"
+        " composite the original back outside the mask (sdserve's `preserve_unmasked`)."
+    )
+
+
 def inpainting_card(report: dict[str, Any]) -> str:
     """README.md of the inpainting folder."""
     inp = report.get("eval", {}).get("inpaint", {})
@@ -210,8 +239,7 @@ tags: [stable-diffusion, inpainting, tiny, synthetic, sdserve]
 
 The inpainting sibling of `{T2I_NAME}` (see its README for the prompt language, the geometry and
 the limits): a 9-channel UNet (latents 4 + mask 1 + masked-image latents 4) initialised from
-the text-to-image UNet (as it was before its layout fine-tune; masks give the layout here) with
-zero-initialised extra `conv_in` channels, fine-tuned with the
+the text-to-image UNet with zero-initialised extra `conv_in` channels, fine-tuned with the
 text encoder frozen. VAE, text encoder and tokenizer are identical to `{T2I_NAME}`'s; the UNet is
 stored in fp16.
 
@@ -222,11 +250,7 @@ stored in fp16.
   mask and encoded with `latent_dist.sample()`, the mask nearest-downsampled to 16x16, exactly
   as `StableDiffusionInpaintPipeline` does. {_minutes(report.get("inpaint"))}, AdamW 5e-4, batch 64, EMA 0.998.
 - The pipeline does not paste the original back outside the mask: the model has to reproduce it.
-- **Known problem**: the new shape is drawn where the starting noise suggests, often outside the
-  mask (same cause as the text-to-image position problem: the UNet learnt layouts from the signal
-  left in t >= 900 training inputs rather than from the mask), so the area outside the mask is
-  not preserved. Recolouring is right, but callers should composite the original back outside
-  the mask (sdserve's `preserve_unmasked`).
+{_inpaint_note(inp)}
 
 ## Evaluation
 

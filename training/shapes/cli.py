@@ -22,13 +22,13 @@ from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir
 from .inpaint import train_inpaint
 from .sample_eval import run_eval
 from .tokenizer import build_tokenizer
-from .unet import train_unet
+from .unet import train_terminal, train_unet
 from .vae import train_vae
 
 log = logging.getLogger("training.shapes")
-STAGES = ("tokenizer", "vae", "unet", "inpaint", "decoder", "export", "eval", "card")
+STAGES = ("tokenizer", "vae", "unet", "terminal", "inpaint", "decoder", "export", "eval", "card")
 # Shares of --budget-minutes (training time only; rendering, caching and eval come on top).
-SHARES = {"vae": 0.14, "unet": 0.54, "inpaint": 0.24, "decoder": 0.08}
+SHARES = {"vae": 0.13, "unet": 0.50, "terminal": 0.16, "inpaint": 0.16, "decoder": 0.05}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("models"), help="where the model folders go")
     p.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"), help="stage checkpoints and caches")
     p.add_argument(
-        "--budget-minutes", type=float, default=83.0, help="training time of all stages together, split by SHARES"
+        "--budget-minutes", type=float, default=90.0, help="training time of all stages together, split by SHARES"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
@@ -133,10 +133,16 @@ def main(argv: list[str]) -> int:
             _weights(w / "t2i" / "unet"),
             lambda: train_unet(w / "vae", w / "tokenizer", w / "t2i", run.budget("unet"), seed, steps["unet"]),
         ),
+        "terminal": (
+            _weights(w / "t2i-terminal" / "unet"),
+            lambda: train_terminal(
+                w / "vae", w / "tokenizer", w / "t2i", w / "t2i-terminal", *_timing(run, "terminal", seed, steps)
+            ),
+        ),
         "inpaint": (
             _weights(w / "inpaint" / "unet"),
             lambda: train_inpaint(
-                w / "vae", w / "tokenizer", w / "t2i", w / "inpaint", run.budget("inpaint"), seed, steps["inpaint"]
+                w / "vae", w / "tokenizer", t2i_dir(w), w / "inpaint", run.budget("inpaint"), seed, steps["inpaint"]
             ),
         ),
         "decoder": (
@@ -166,6 +172,10 @@ def main(argv: list[str]) -> int:
         done, fn = stages[name]
         run.stage(name, done, fn)
     return 0
+
+
+def _timing(run: Run, stage: str, seed: int, steps: dict[str, int | None]) -> tuple[float, int, int | None]:
+    return run.budget(stage), seed, steps[stage]
 
 
 def _train_vae(work: Path, seconds: float, seed: int, steps: int | None) -> dict[str, float]:

@@ -4,18 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .tokenizer import MAX_LENGTH
 
-_BETAS: dict[str, Any] = {
+# Stage 2 trains on SD 1.x's scaled-linear betas; everything after it, and sampling, on the same betas
+# rescaled to zero terminal SNR (see shipped_betas).
+_SD_BETAS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "prediction_type": "v_prediction",
     "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
+# alphas_cumprod at t = 999 after the rescale: zero in theory; 2^-24 (as diffusers' own rescale option uses)
+# keeps sigma = sqrt((1 - a) / a) finite (4096) for the Euler, Heun, LMS and DPM-Solver schedulers.
+TERMINAL_ALPHA_BAR = 2.0**-24
+
+
+def shipped_betas() -> list[float]:
+    """SD's scaled-linear betas rescaled to (almost) zero terminal SNR (Lin et al. 2023).
+
+    With the plain schedule a t = 999 training input still holds 6.8% of the image, so the UNet learns
+    to take the layout (where the shape is, what an inpainting mask keeps) from that residue; sampling
+    starts from pure noise, and the layout then follows the noise instead of the prompt or the mask.
+    Stored as `trained_betas`, which every diffusers scheduler the service offers accepts, unlike the
+    `rescale_betas_zero_snr` flag.
+    """
+    betas = rescale_zero_terminal_snr(DDPMScheduler(**_SD_BETAS).betas).double()
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    alphas_cumprod[-1] = TERMINAL_ALPHA_BAR
+    ratios = alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return [float(b) for b in torch.cat([1 - alphas_cumprod[:1], 1 - ratios])]
+
+
+_SHIPPED: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "trained_betas": shipped_betas(),
+    "prediction_type": "v_prediction",
+    "timestep_spacing": "trailing",
     "clip_sample": False,
 }
 
@@ -69,11 +103,16 @@ def new_unet(in_channels: int = 4) -> UNet2DConditionModel:
     )
 
 
+def sd_scheduler() -> DDPMScheduler:
+    """Stage 2's training noise schedule: SD 1.x scaled-linear betas, v-prediction."""
+    return DDPMScheduler(**_SD_BETAS)
+
+
 def train_scheduler() -> DDPMScheduler:
-    """The training noise schedule (SD scaled_linear betas)."""
-    return DDPMScheduler(**_BETAS)
+    """The noise schedule the shipped UNets are fine-tuned on and sample with (zero terminal SNR)."""
+    return DDPMScheduler(**_SHIPPED)
 
 
 def inference_scheduler() -> DDIMScheduler:
-    """The shipped sampling scheduler (DDIM with SD 1.x settings)."""
-    return DDIMScheduler(**_BETAS, set_alpha_to_one=False)
+    """The shipped sampling scheduler: DDIM, trailing timesteps (the first step is t = 999)."""
+    return DDIMScheduler(**_SHIPPED, set_alpha_to_one=False)

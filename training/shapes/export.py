@@ -55,8 +55,8 @@ def _stage_dir(preferred: Path, fallback: Path, weights: str) -> Path:
 
 
 def t2i_dir(work: Path) -> Path:
-    """The text-to-image stage output to ship."""
-    return work / "t2i"
+    """The text-to-image stage output to ship: the zero-terminal-SNR fine-tune if that stage ran."""
+    return _stage_dir(work / "t2i-terminal", work / "t2i", "unet/diffusion_pytorch_model.safetensors")
 
 
 def vae_dir(work: Path) -> Path:

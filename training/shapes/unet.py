@@ -1,4 +1,5 @@
-"""Stage 2: train the text-to-image UNet and the text encoder together on cached latents."""
+"""Stage 2: train the text-to-image UNet and the text encoder together on cached latents; stage 2b
+("terminal"): fine-tune both on the shipped zero-terminal-SNR schedule."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .configs import new_text_encoder, new_unet, train_scheduler
+from .configs import new_text_encoder, new_unet, sd_scheduler, train_scheduler
 from .data import render_dataset
 from .grammar import prompt_text
 from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
@@ -26,6 +27,12 @@ WARMUP = 150
 EMA_DECAY = 0.998
 P_EMPTY_PROMPT = 0.1
 MIN_SNR = 5.0
+# Stage 2b: a gentler learning rate, and part of each batch drawn from the noisiest steps, where the
+# zero-SNR schedule leaves nothing but the prompt to take the layout from.
+TERMINAL_LR = 3e-4
+TERMINAL_WARMUP = 50
+P_HIGH_T = 0.4
+HIGH_T = 850
 
 
 def build_cache(vae: AutoencoderKL, tokenizer: CLIPTokenizer, seed: int, n: int) -> dict[str, torch.Tensor]:
@@ -69,36 +76,64 @@ def diffusion_loss(
 def train_unet(
     vae_dir: Path, tokenizer_dir: Path, out: Path, seconds: float, seed: int, steps: int | None = None
 ) -> dict[str, float]:
-    """Train UNet + text encoder for the budget; save their EMA weights to out/unet and out/text_encoder."""
+    """Stage 2: train UNet + text encoder from scratch on SD's schedule; save the EMA weights to out."""
+    return _train(vae_dir, tokenizer_dir, out, seconds, seed, steps, init=None, cache_seed=seed + 1)
+
+
+def train_terminal(
+    vae_dir: Path, tokenizer_dir: Path, t2i: Path, out: Path, seconds: float, seed: int, steps: int | None = None
+) -> dict[str, float]:
+    """Stage 2b: fine-tune the stage-2 UNet + text encoder on the shipped zero-terminal-SNR schedule."""
+    return _train(vae_dir, tokenizer_dir, out, seconds, seed + 7, steps, init=t2i, cache_seed=seed + 1)
+
+
+def _train(
+    vae_dir: Path,
+    tokenizer_dir: Path,
+    out: Path,
+    seconds: float,
+    seed: int,
+    steps: int | None,
+    init: Path | None,
+    cache_seed: int,
+) -> dict[str, float]:
     seed_everything(seed)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     out.mkdir(parents=True, exist_ok=True)
-    cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, seed + 1, N_LATENTS)
+    cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, cache_seed, N_LATENTS)
     scale = float(vae.config.scaling_factor)
     empty = token_ids(tokenizer, [""])[0]
-    text_encoder, unet = new_text_encoder(tokenizer), new_unet()
+    if init is None:
+        text_encoder, unet = new_text_encoder(tokenizer), new_unet()
+        scheduler, lr, warmup, p_high = sd_scheduler(), LR, WARMUP, 0.0
+    else:
+        unet, text_encoder = load_text_to_image(init)
+        scheduler, lr, warmup, p_high = train_scheduler(), TERMINAL_LR, TERMINAL_WARMUP, P_HIGH_T
     params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = EMA(params, EMA_DECAY)
-    scheduler = train_scheduler()
     gen = torch.Generator().manual_seed(seed)
-    budget = Budget(seconds, WARMUP, steps)
-    progress = Progress("unet")
+    budget = Budget(seconds, warmup, steps)
+    progress = Progress("unet" if init is None else "terminal")
     smooth, step = 0.0, 0
+    n_t = scheduler.config.num_train_timesteps
     while not budget.done(step):
         idx = torch.randint(len(cache["ids"]), (BATCH,), generator=gen)
         latents = sample_latents(cache["mean"][idx], cache["std"][idx], scale)
         ids = drop_prompts(cache["ids"][idx], empty, P_EMPTY_PROMPT, gen)
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
+        t = torch.randint(0, n_t, (BATCH,), generator=gen)
+        if p_high > 0:
+            high = torch.rand(BATCH, generator=gen) < p_high
+            t = torch.where(high, torch.randint(HIGH_T, n_t, (BATCH,), generator=gen), t)
         noisy = scheduler.add_noise(latents, noise, t)
-        set_lr(opt, LR, budget.factor(step))
+        set_lr(opt, lr, budget.factor(step))
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = diffusion_loss(scheduler, pred, latents, noise, t)
         optimise(loss, opt, params, ema)
         smooth = smoothed(smooth, loss.item(), step)
-        progress.step(step, loss=smooth, lr=LR * budget.factor(step))
+        progress.step(step, loss=smooth, lr=lr * budget.factor(step))
         step += 1
     ema.copy_to_params()
     figures = {"steps": step, "seconds": budget.elapsed(), "final_loss": smooth}
