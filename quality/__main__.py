@@ -6,14 +6,17 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from quality import served
-from quality.server import running_server
+from quality.server import running_server, running_sidecar, wait_for_models
 from sdserve import Client
+from sdserve.models_client import ModelManagerClient
 from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
+from service.settings import REPO_ROOT
 from training.shapes.evaluate import inpaint_grid, prompt_grid
 
 TARGETS = {"background": 0.98, "colour": 0.95, "shape": 0.90, "size": 0.85, "position": 0.85}
@@ -37,6 +40,30 @@ def evaluate(target: str, n: int, steps: int, schedulers: list[str], model: str)
     return out
 
 
+def evaluate_variants(variants: list[str], n: int, steps: int) -> dict[str, dict[str, float]]:
+    """Default-scheduler accuracy of each stored variant of models/shapes, made and served by the model manager.
+
+    The sidecar imports the shipped folder into a temporary store and makes each variant; a server with no
+    model folders of its own follows the sidecar and serves them by alias (`shapes-<variant>`).
+    """
+    grid = prompt_grid(n, seed=0)
+    aliases = {v: f"shapes-{v}" for v in variants}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_sidecar(Path(tmp) / "store", [REPO_ROOT / "models"]) as manager,
+    ):
+        with ModelManagerClient(manager, timeout=600) as mc:
+            mc.import_model(str(REPO_ROOT / "models" / "shapes"), name="shapes")
+            for v, alias in aliases.items():
+                mc.create_variant("shapes", v, measure_quality=False)
+                mc.set_alias(alias, "shapes", variant=v)
+        flags = ("--model-dirs", str(Path(tmp) / "none"), "--manager-target", manager)
+        with running_server(*flags, "--default-model", aliases[variants[0]]) as target:
+            wait_for_models(target, list(aliases.values()))
+            with Client(target) as c:
+                return {v: served.text_to_image(c, grid, steps=steps, model=a) for v, a in aliases.items()}
+
+
 def markdown(results: dict[str, Any]) -> str:
     cols = ["background", "colour", "shape", "size", "position", "all"]
     lines = [
@@ -53,6 +80,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(row("default scheduler, guidance 1.0", results["guidance_1.0"]))
     for name, acc in results["schedulers"].items():
         lines.append(row(name, acc))
+    for variant, acc in results.get("variants", {}).items():
+        lines.append(row(f"stored {variant} variant (model manager), default scheduler", acc))
     ip, ipp, ed = results["inpaint"], results["inpaint_preserve_unmasked"], results["edit"]
     lines += [
         "",
@@ -91,6 +120,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default="", help="Model or alias (default: the server's default).")
     parser.add_argument("--schedulers", default=",".join(SCHEDULERS))
+    parser.add_argument(
+        "--variants",
+        default="fp16,int8",
+        help="Stored variants to make with the model manager and score (default scheduler); empty for none.",
+    )
     parser.add_argument("--target", default="", help="Use a running server instead of starting one.")
     parser.add_argument("--out", default="quality/results")
     ns = parser.parse_args()
@@ -101,6 +135,9 @@ def main() -> int:
     else:
         with running_server() as target:
             results = evaluate(target, ns.n, ns.steps, schedulers, ns.model)
+    variants = [v for v in ns.variants.split(",") if v]
+    if variants and not ns.target and not ns.model:
+        results["variants"] = evaluate_variants(variants, ns.n, ns.steps)
     results["seconds"] = round(time.monotonic() - start, 1)
     results["machine"] = f"{platform.machine()}, python {platform.python_version()}"
     out = Path(ns.out)

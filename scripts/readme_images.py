@@ -43,12 +43,14 @@ def main(out: Path) -> None:
             ).image.data
         )
         mask = Image.new("L", source.size, 0)
-        ImageDraw.Draw(mask).rectangle([0, 0, source.width // 2 - 1, source.height - 1], fill=255)
+        # The centre square of the image (where the first prompt put its shape), repainted in another colour.
+        q = source.width // 6
+        ImageDraw.Draw(mask).rectangle([q, q, source.width - q - 1, source.height - q - 1], fill=255)
         painted = _img(
             c.inpaint(
                 _png(source),
                 _png(mask),
-                "a small green square on the left on a blue background",
+                "a large green circle in the centre on a blue background",
                 seed=3,
                 steps=20,
                 preserve_unmasked=True,

@@ -130,7 +130,7 @@ def _preview(c: _Checker, p: pb.PreviewOptions) -> PreviewSpec:
         if not fmt:
             c.bad("params.preview.format", f"unknown image format {p.format}")
     quality = c.int_range("params.preview.quality", p.quality, 0, 100) or 75
-    return PreviewSpec(mode=mode, every_n_steps=every, max_edge=edge or 256, format=fmt or "jpeg", quality=quality)
+    return PreviewSpec(mode=mode, every_n_steps=every, max_edge=edge, format=fmt or "jpeg", quality=quality)
 
 
 def _output(c: _Checker, o: pb.OutputOptions) -> OutputSpec:

@@ -230,8 +230,8 @@ class ModelRegistry:
         self._names: dict[str, str] = {}
         self._aliases: dict[str, str] = dict(aliases)
         self.default_model = ""
-        # Called with (model name, seconds) after each successful load.
-        self.on_load: Callable[[str, float], None] | None = None
+        # Each is called with (entry, seconds) after each successful load, on the loading thread.
+        self.load_hooks: list[Callable[[ModelEntry, float], None]] = []
         self.rescan()
 
     def rescan(self) -> None:
@@ -370,8 +370,8 @@ class ModelRegistry:
                 raise ModelUnusable(f"model {entry.name!r} failed to load") from exc
             slot.state = ModelState.LOADED
             slot.error = ""
-            if self.on_load is not None:
-                self.on_load(entry.name, slot.loaded.load_seconds)
+            for hook in self.load_hooks:
+                hook(entry, slot.loaded.load_seconds)
             log.info(
                 "model loaded",
                 extra={"model": entry.slot, "revision": entry.revision, "seconds": slot.loaded.load_seconds},

@@ -9,6 +9,8 @@ from service import imaging
 from service.models import LoadedModel
 from service.requests import PreviewImage, PreviewMode, PreviewSpec
 
+DEFAULT_MAX_EDGE = 256
+
 
 def latent_rgb(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     """Projects latents [N, 4, h, w] to RGB with the model's 4x3 factors and bias."""
@@ -27,12 +29,14 @@ def full_vae(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 
-def render(model: LoadedModel, latents: torch.Tensor, spec: PreviewSpec) -> tuple[PreviewImage, ...]:
-    """Encoded previews of each image in `latents`, scaled to the requested longest edge."""
+def render(model: LoadedModel, latents: torch.Tensor, spec: PreviewSpec, output_edge: int) -> tuple[PreviewImage, ...]:
+    """Encoded previews of each image in `latents`, scaled to the requested longest edge (by default the
+    output's longest edge, at most DEFAULT_MAX_EDGE: a preview is never larger than the image it previews)."""
+    edge = spec.max_edge or min(DEFAULT_MAX_EDGE, output_edge)
     images = latent_rgb(model, latents) if spec.mode is PreviewMode.LATENT_RGB else full_vae(model, latents)
     out = []
     for idx, img in enumerate(images):
-        img = imaging.fit_edge(img, spec.max_edge)
+        img = imaging.fit_edge(img, edge)
         data = imaging.encode_image(img, spec.format, spec.quality)
         out.append(PreviewImage(index=idx, data=data, format=spec.format, width=img.width, height=img.height))
     return tuple(out)

@@ -37,7 +37,7 @@ class PreviewSpec:
 
     mode: PreviewMode = PreviewMode.NONE
     every_n_steps: int = 1
-    max_edge: int = 256
+    max_edge: int = 0  # 0: the output's longest edge, at most previews.DEFAULT_MAX_EDGE
     format: str = "jpeg"
     quality: int = 75
 

@@ -154,7 +154,8 @@ def run_batch(model: LoadedModel, jobs: list[Job], cache: PromptCache | None = N
             shots: tuple[Any, ...] = ()
             due = step % spec.every_n_steps == 0 or step == total
             if spec.mode is not PreviewMode.NONE and due:
-                shots = previews.render(model, latents[start : start + count], spec)
+                r = job.resolved
+                shots = previews.render(model, latents[start : start + count], spec, max(r.width, r.height))
             job.steps_done = step
             job.post(Progress(step=step, total_steps=total, previews=shots))
         t1 = time.perf_counter()

@@ -19,7 +19,7 @@ from service import device, metrics
 from service.auth import ApiKeyInterceptor, load_keys
 from service.engine import Engine
 from service.jobs import Job
-from service.models import ModelRegistry
+from service.models import ModelEntry, ModelRegistry
 from service.requests import Event, Failed, Outcome, Result
 from service.runner import BatchStats
 from service.servicer import DiffusionServicer
@@ -130,13 +130,13 @@ class Server:
             if stats.steps:
                 m.step_seconds.labels(model).observe(stats.step_seconds)
 
-        def on_load(name: str, seconds: float) -> None:
-            m.model_load_seconds.labels(name).observe(seconds)
+        def on_load(entry: ModelEntry, seconds: float) -> None:
+            m.model_load_seconds.labels(entry.name).observe(seconds)
 
         self.engine.finish_hooks.append(on_finish)
         self.engine.worker.batch_hooks.append(on_batch)
         self.engine.swap_hooks.append(lambda ok: m.swaps.labels("ok" if ok else "failed").inc())
-        self.registry.on_load = on_load
+        self.registry.load_hooks.append(on_load)
         if self.engine.prompt_cache is not None:
             self.engine.prompt_cache.on_lookup = lambda hit: m.prompt_cache.labels("hit" if hit else "miss").inc()
 

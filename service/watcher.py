@@ -1,12 +1,16 @@
 """Mirrors the model-manager sidecar's store into the registry by following its WatchModels stream;
 an alias that moves is hot-swapped. If the sidecar goes away, serving goes on and the watcher
-re-subscribes with backoff. The sidecar may require an API key and TLS (--manager-api-key, --manager-ca-file,
---manager-client-cert-file)."""
+re-subscribes with backoff. Each load of a stored variant, and its use at most once per
+RECORD_USE_SECONDS, is reported back (RecordModelUse) so the sidecar's least-recently-used eviction
+sees what is served. The sidecar may require an API key and TLS (--manager-api-key,
+--manager-ca-file, --manager-client-cert-file)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from service.settings import Settings
 from service.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
+RECORD_USE_SECONDS = 300.0
 
 VARIANTS = {
     mm.WEIGHT_VARIANT_FP32: "fp32",
@@ -28,11 +33,21 @@ VARIANTS = {
     mm.WEIGHT_VARIANT_BF16: "bf16",
     mm.WEIGHT_VARIANT_INT8: "int8",
 }
+_VARIANT_VALUES = {name: value for value, name in VARIANTS.items()}
 
 
 def slot_id(model: mm.StoredModel) -> str:
     """The registry slot of one stored variant: NAME@REVISION:VARIANT."""
     return f"{model.name}@{model.revision}:{VARIANTS.get(model.variant, 'unknown')}"
+
+
+def parse_slot_id(key: str) -> tuple[str, str, mm.WeightVariant.ValueType] | None:
+    """(name, revision, variant) of a NAME@REVISION:VARIANT slot id; None for local models."""
+    name, at, rest = key.partition("@")
+    revision, colon, variant = rest.rpartition(":")
+    if not (at and colon and name and revision) or variant not in _VARIANT_VALUES:
+        return None
+    return name, revision, _VARIANT_VALUES[variant]
 
 
 def preferred_variants(device_type: str) -> tuple[str, ...]:
@@ -78,11 +93,17 @@ class StoreWatcher:
         self.synced = asyncio.Event()
         self.instance_id = ""
         self.connected = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._use_lock = threading.Lock()
+        self._last_use_report: dict[str, float] = {}
+        engine.registry.load_hooks.append(lambda entry, _seconds: self.note_use(entry, loaded=True))
+        engine.finish_hooks.append(lambda job, _event: self.note_use(job.entry))
 
     async def run(self) -> None:
         """Subscribes forever (until cancelled), reconnecting with backoff after any failure."""
         backoff = 0.2
         metadata = manager_metadata(self.settings)
+        self._loop = asyncio.get_running_loop()
         while True:
             try:
                 async with self._channel() as channel:
@@ -111,6 +132,32 @@ class StoreWatcher:
             self.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    def note_use(self, entry: ModelEntry, loaded: bool = False) -> None:
+        """Reports a stored variant's use to the sidecar: always after a load, else at most once per
+        RECORD_USE_SECONDS. Safe from any thread; never blocks or fails the caller."""
+        parsed = parse_slot_id(entry.key)
+        if parsed is None or self._loop is None:
+            return
+        now = time.monotonic()
+        with self._use_lock:
+            last = self._last_use_report.get(entry.key)
+            if not loaded and last is not None and now - last < RECORD_USE_SECONDS:
+                return
+            self._last_use_report[entry.key] = now
+        asyncio.run_coroutine_threadsafe(self._record_use(*parsed), self._loop)
+
+    async def _record_use(self, name: str, revision: str, variant: mm.WeightVariant.ValueType) -> None:
+        request = mm.RecordModelUseRequest(name=name, revision=revision, variant=variant)
+        try:
+            async with self._channel() as channel:
+                stub = mm_grpc.ModelManagerServiceStub(channel)
+                await stub.RecordModelUse(request, timeout=10, metadata=manager_metadata(self.settings))
+        except (grpc.aio.AioRpcError, OSError) as exc:
+            log.warning(
+                "could not report a model's use to the model manager",
+                extra={"model": f"{name}@{revision}", "error": str(exc)},
+            )
 
     def _channel(self) -> grpc.aio.Channel:
         creds = manager_credentials(self.settings)

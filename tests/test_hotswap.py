@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +178,21 @@ def test_sidecar_crash_keeps_serving_and_resubscribes(sidecar: Sidecar, sources:
             assert swaps.wait(1) == [True]
             assert watcher.instance_id != first_instance
             assert served_revision(c) == rev_b
+
+
+def test_loading_a_stored_model_reports_its_use_to_the_sidecar(
+    sidecar: Sidecar, sources: Path, models_dir: Path
+) -> None:
+    """A stored variant the server loads gets a fresh last-used time in the sidecar (RecordModelUse), so
+    least-recently-used eviction sees what is being served."""
+    rev_a = imported(sidecar, sources, "a")
+    with sidecar.client() as mc:
+        (before,) = mc.get("a").variants
+    with serving(models_dir, manager_target=sidecar.target) as srv, Client(srv.target) as c:
+        assert served_revision(c, model="a") == rev_a
+        deadline = time.monotonic() + 30
+        with sidecar.client() as mc:
+            while (after := mc.get("a").variants[0]).last_used_at <= before.last_used_at:
+                assert time.monotonic() < deadline, "the server never reported the load (RecordModelUse)"
+                time.sleep(0.05)
+    assert after.revision == rev_a and after.variant == before.variant

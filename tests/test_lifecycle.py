@@ -213,6 +213,14 @@ def test_previews_every_n_steps(client: Client, mode: str) -> None:
     assert img.format == "JPEG" and max(img.size) == 32
 
 
+@pytest.mark.parametrize(("size", "edge"), [(64, 64), (320, 256)])
+def test_default_preview_edge_is_the_output_edge_capped(client: Client, size: int, edge: int) -> None:
+    """Without max_edge a preview is as large as the image it previews, and never over 256 px."""
+    events = list(client.stream_generate("p", steps=1, seed=1, width=size, height=64, preview="latent_rgb"))
+    (shot,) = [e for e in events if isinstance(e, Progress)][-1].previews
+    assert Image.open(io.BytesIO(shot.data)).size == (edge, edge * 64 // size)
+
+
 def test_full_vae_preview_on_last_step_matches_result(client: Client) -> None:
     events = list(
         client.stream_generate(

@@ -1,11 +1,12 @@
 """A fast slice of the quality evaluation, through the real server on the embedded shapes models: a
 change that breaks prompts, masks, schedulers, batching or quantization fails here.
 
-Every case has a fixed prompt and seed, so the scores are deterministic for a given model. The issue's
-targets (TARGETS) are not met by the shipped models yet (see models/shapes/README.md): until a retrained
-family meets them, the slice asserts FLOORS a little under what the shipped models score on it
-(measured: background 95.8%, colour 95.8%, shape 50%, size 94%, position 25%; inpaint recolour 100%,
-PSNR outside 20.7 dB), so regressions fail and improvements pass. Raise FLOORS to TARGETS when they hold.
+Every case has a fixed prompt and seed, so the scores are deterministic for a given model. The shipped
+family meets the issue's targets (TARGETS) on background and shape colour and on inpaint recolour, not yet on
+shape class, size and position (see models/shapes/README.md). The slice asserts FLOORS one image (1/24)
+under what the shipped models score on it, so that a different CPU's last-bit differences cannot flip the
+result while regressions still fail (measured on the slice: background 100%, colour 95.8%, shape 54.2%,
+size 88.9%, position 79.2%; inpaint recolour 100%, PSNR outside 30.4 dB). Raise FLOORS to TARGETS when they hold.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from training.shapes.evaluate import inpaint_grid, prompt_grid
 
 MODELS = REPO_ROOT / "models"
 TARGETS = {"background": 0.98, "colour": 0.95, "shape": 0.90, "size": 0.85, "position": 0.85}
-FLOORS = {"background": 0.90, "colour": 0.90, "shape": 0.40, "size": 0.85, "position": 0.15}
+FLOORS = {"background": 0.95, "colour": 0.91, "shape": 0.50, "size": 0.83, "position": 0.75}
 N = 24
 
 
@@ -56,9 +57,9 @@ def test_inpaint_recolours_and_keeps_the_rest(shapes: ServerThread) -> None:
     with Client(shapes.target) as c:
         plain = served.inpaint(c, items, steps=20)
         exact = served.inpaint(c, items, steps=20, preserve_unmasked=True)
-    # Targets: recolour >= 90% and PSNR outside >= 30 dB; the shipped model paints outside the mask (20.7 dB).
+    # Targets: recolour >= 90% and PSNR outside >= 30 dB (met on this slice: 30.4 dB; 25.5 dB on the full grid).
     assert plain["recolour"] >= 0.90, plain
-    assert plain["psnr_outside_db"] >= 18.0, plain
+    assert plain["psnr_outside_db"] >= 28.0, plain
     assert exact["psnr_outside_db"] == 100.0 and exact["recolour"] >= 0.75, exact
 
 

@@ -240,7 +240,7 @@ class PreviewOptions(_message.Message):
     """Send a preview every this many steps, and always on the last step. Range 1 to 1000; 0 means 1."""
     max_edge: _builtins.int
     """Longest edge of a preview in pixels; larger previews are downscaled, smaller ones upscaled.
-    Range 16 to 2048; 0 means 256.
+    Range 16 to 2048; 0 means the output's longest edge, at most 256.
     """
     format: Global___ImageFormat.ValueType
     """Encoding of previews: JPEG (the default) or WebP. PNG is refused."""

@@ -406,7 +406,7 @@ type PreviewOptions struct {
 	// Send a preview every this many steps, and always on the last step. Range 1 to 1000; 0 means 1.
 	EveryNSteps uint32 `protobuf:"varint,2,opt,name=every_n_steps,json=everyNSteps,proto3" json:"every_n_steps,omitempty"`
 	// Longest edge of a preview in pixels; larger previews are downscaled, smaller ones upscaled.
-	// Range 16 to 2048; 0 means 256.
+	// Range 16 to 2048; 0 means the output's longest edge, at most 256.
 	MaxEdge uint32 `protobuf:"varint,3,opt,name=max_edge,json=maxEdge,proto3" json:"max_edge,omitempty"`
 	// Encoding of previews: JPEG (the default) or WebP. PNG is refused.
 	Format ImageFormat `protobuf:"varint,4,opt,name=format,proto3,enum=sdserve.v1.ImageFormat" json:"format,omitempty"`

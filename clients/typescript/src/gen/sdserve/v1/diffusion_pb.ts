@@ -34,7 +34,7 @@ export type PreviewOptions = Message<"sdserve.v1.PreviewOptions"> & {
 
   /**
    * Longest edge of a preview in pixels; larger previews are downscaled, smaller ones upscaled.
-   * Range 16 to 2048; 0 means 256.
+   * Range 16 to 2048; 0 means the output's longest edge, at most 256.
    *
    * @generated from field: uint32 max_edge = 3;
    */
