@@ -62,7 +62,7 @@ def run_streams(target: str, n: int, steps: int) -> tuple[list[object], list[thr
 def test_sigterm_drains_in_flight_streams(proc_factory: list[ServiceProcess], models_dir: Path, tmp_path: Path) -> None:
     p = start(proc_factory, models_dir, tmp_path / "a", "--grace-seconds", "120")
     outcomes, progressed, threads = run_streams(p.target, 2, steps=40)
-    assert progressed[0].wait(60)  # the first is running; the second is queued or running
+    assert progressed[0].wait(180)  # the first is running; the second is queued or running
     p.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
     while p.health() == "SERVING":
