@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTokenizer
 
 from .data import render_dataset
-from .loop import Budget, Progress, seed_everything, set_lr
+from .loop import Budget, Progress, plain_step, recon_loss, seed_everything, set_lr
 from .tensors import to_tensor
 from .unet import N_LATENTS, load_or_build_cache
 from .vae import N_HELD_OUT, held_out_psnr
@@ -51,11 +51,8 @@ def train_decoder(
         x = x_all[idx]
         set_lr(opt, LR, budget.factor(step))
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        loss = l1 + (rec - x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, l1 = recon_loss(rec, x)
+        plain_step(loss, opt)
         progress.step(step, loss=loss.item(), l1=l1.item())
         step += 1
     vae.eval()

@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 
 from .configs import train_scheduler
 from .data import random_mask, render_dataset
-from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, finish_unet, optimise, seed_everything, set_lr
 from .loop import smooth as smoothed
 from .tensors import encode_moments, mask_latents, masks_to_tensor, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
@@ -104,8 +104,6 @@ def train_inpaint(
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
-    ema.copy_to_params()
-    figures = {"steps": step, "seconds": budget.elapsed(), "final_loss": smooth}
-    progress.step(step, force=True, **figures)
+    figures = finish_unet(ema, budget, progress, step, smooth)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     return figures

@@ -95,6 +95,27 @@ def optimise(
     ema.update()
 
 
+def recon_loss(rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 + MSE reconstruction loss of a decoded batch, and its L1 part (both VAE stages)."""
+    l1 = (rec - x).abs().mean()
+    return l1 + (rec - x).pow(2).mean(), l1
+
+
+def plain_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One optimiser step without clipping or EMA (the VAE stages)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+
+
+def finish_unet(ema: EMA, budget: Budget, progress: Progress, step: int, loss: float) -> dict[str, float]:
+    """End a UNet stage: copy the EMA weights in and log and return the stage's figures."""
+    ema.copy_to_params()
+    figures = {"steps": step, "seconds": budget.elapsed(), "final_loss": loss}
+    progress.step(step, force=True, **figures)
+    return figures
+
+
 def smooth(previous: float, value: float, step: int) -> float:
     """Exponential moving average of the loss for progress lines (the first value as is)."""
     return value if step == 0 else 0.98 * previous + 0.02 * value

@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .configs import new_text_encoder, new_unet, sd_scheduler, train_scheduler
 from .data import render_dataset
 from .grammar import prompt_text
-from .loop import EMA, Budget, Progress, optimise, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, finish_unet, optimise, seed_everything, set_lr
 from .loop import smooth as smoothed
 from .tensors import encode_moments, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
@@ -135,9 +135,7 @@ def _train(
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=lr * budget.factor(step))
         step += 1
-    ema.copy_to_params()
-    figures = {"steps": step, "seconds": budget.elapsed(), "final_loss": smooth}
-    progress.step(step, force=True, **figures)
+    figures = finish_unet(ema, budget, progress, step, smooth)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     text_encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
     return figures

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 
 from .configs import new_vae
 from .data import random_mask, render_dataset
-from .loop import Budget, Progress, seed_everything, set_lr
+from .loop import Budget, Progress, plain_step, recon_loss, seed_everything, set_lr
 from .tensors import encode_moments, masks_to_tensor, to_tensor
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,9 @@ def train_vae(out: Path, seconds: float, seed: int, steps: int | None = None) ->
         set_lr(opt, LR, budget.factor(step))
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
-        l1 = (rec - x).abs().mean()
-        mse = (rec - x).pow(2).mean()
-        loss = l1 + mse + KL_WEIGHT * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        rec_loss, l1 = recon_loss(rec, x)
+        loss = rec_loss + KL_WEIGHT * dist.kl().mean()
+        plain_step(loss, opt)
         progress.step(step, loss=loss.item(), l1=l1.item())
         step += 1
     vae.eval()
