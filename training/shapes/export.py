@@ -75,11 +75,20 @@ def _publish(pipe: DiffusionPipeline, tokenizer_dir: Path, dest: Path, meta: dic
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     copy_vocab_files(tokenizer_dir, tmp / "tokenizer")
+    _drop_source_paths(tmp)
     (tmp / "sdserve.json").write_text(json.dumps(meta, indent=2) + "\n")
     if (dest / "README.md").exists():
         shutil.copy2(dest / "README.md", tmp / "README.md")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def _drop_source_paths(folder: Path) -> None:
+    """Remove `_name_or_path` (the work directory a component was loaded from) from the saved configs."""
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def export(work: Path, out_root: Path, seed: int) -> dict[str, Any]:

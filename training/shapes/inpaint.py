@@ -89,7 +89,7 @@ def train_inpaint(
     smooth, step = 0.0, 0
     while not budget.done(step):
         idx = torch.randint(N_PAIRS, (BATCH,), generator=gen)
-        latents = sample_latents(cache["target_mean"][idx], cache["target_std"][idx], scale)
+        latents = cache["target_mean"][idx] * scale  # posterior means as targets (see unet.py)
         masked = sample_latents(cache["masked_mean"][idx], cache["masked_std"][idx], scale)
         ids = drop_prompts(cache["ids"][idx], empty, P_EMPTY_PROMPT, gen)
         noise = torch.randn(latents.shape, generator=gen)
