@@ -178,9 +178,10 @@ for step previews; `inpaint_model` names the inpainting sibling.
   scaling factor {report.get("vae", {}).get("scaling_factor", 0):.4f} (1 / std of sampled latents).
 - UNet + text encoder: {_minutes(report.get("unet"))}; the posterior means of 20,000 cached latents
   (not posterior samples: this VAE's posterior noise is as large as the latent difference between a
-  circle and a square, which drowned the shape class in the loss), v-prediction, SD scaled-linear betas, loss weight min(1 + SNR, 5) / (1 + SNR)
-  (in image terms: weight 1 at the noisiest steps, where the layout is decided, up to 5 at the
-  cleanest), empty prompt 10% of the time, AdamW 1e-3 (150 warm-up steps), batch 64, EMA 0.998.
+  circle and a square, which drowned the shape class in the loss), v-prediction, SD scaled-linear
+  betas, loss weight min(1 + SNR, 5) / (1 + SNR) (in image terms: weight 1 at the noisiest steps,
+  where the layout is decided, up to 5 at the cleanest), empty prompt 10% of the time, AdamW 1e-3
+  (150 warm-up steps), batch 64, EMA 0.998.
 - Zero-terminal-SNR fine-tune of both (stage 2b, `terminal`): {_minutes(report.get("terminal"))}; the same
   betas rescaled so that t = 999 is pure noise (alphas_cumprod floored at 1e-4, so the first sigma is
   100 rather than infinite), 40% of each batch from t >= 850,
@@ -258,8 +259,8 @@ stored in fp16.
 - Trained on random masks: the shape's box plus 1-6 px (55%), everything but that box (15%),
   one or two random boxes (25%), the whole image (5%); the masked image is zeroed under the
   mask and encoded with `latent_dist.sample()`, the mask nearest-downsampled to 16x16, exactly
-  as `StableDiffusionInpaintPipeline` does; the targets are posterior means, as for `{T2I_NAME}`. {_minutes(report.get("inpaint"))}, on the zero-terminal-SNR
-  schedule, AdamW 5e-4, batch 64, EMA 0.998.
+  as `StableDiffusionInpaintPipeline` does; the targets are posterior means, as for `{T2I_NAME}`.
+  {_minutes(report.get("inpaint"))}, on the zero-terminal-SNR schedule, AdamW 5e-4, batch 64, EMA 0.998.
 - The pipeline does not paste the original back outside the mask: the model has to reproduce it.
 {_inpaint_note(inp)}
 
