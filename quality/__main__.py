@@ -18,6 +18,7 @@ from sdserve.models_client import ModelManagerClient
 from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
 from service.settings import REPO_ROOT
 from training.shapes.evaluate import inpaint_grid, prompt_grid
+from training.shapes.sample_eval import default_guidance
 
 TARGETS = {"background": 0.98, "colour": 0.95, "shape": 0.90, "size": 0.85, "position": 0.85}
 
@@ -26,11 +27,14 @@ def evaluate(target: str, n: int, steps: int, schedulers: list[str], model: str)
     grid = prompt_grid(n, seed=0)
     targets = prompt_grid(n, seed=1)
     out: dict[str, Any] = {"n": n, "steps": steps, "model": model or "(default)"}
+    # The folder's sdserve.json default, when the model is one of this repo's folders (the default is shapes).
+    out["default_guidance"] = default_guidance(REPO_ROOT / "models" / (model or "shapes"))
     with Client(target) as c:
         opts: dict[str, Any] = {"steps": steps}
         if model:
             opts["model"] = model
         out["default"] = served.text_to_image(c, grid, **opts)
+        out["guidance_7.5"] = served.text_to_image(c, grid, guidance_scale=7.5, **opts)
         out["guidance_1.0"] = served.text_to_image(c, grid, guidance_scale=1.0, **opts)
         out["schedulers"] = {s: served.text_to_image(c, grid, scheduler=s, **opts) for s in schedulers}
         items = inpaint_grid(max(8, n // 2), seed=0)
@@ -67,7 +71,8 @@ def evaluate_variants(variants: list[str], n: int, steps: int) -> dict[str, dict
 def markdown(results: dict[str, Any]) -> str:
     cols = ["background", "colour", "shape", "size", "position", "all"]
     lines = [
-        f"Prompt accuracy over {results['n']} fixed prompts and seeds, {results['steps']} steps, through the server.",
+        f"Prompt accuracy over {results['n']} fixed prompts and seeds, {results['steps']} steps, through the server;"
+        " every row but the guidance ones at the model's default guidance.",
         "",
         "| run | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -76,7 +81,8 @@ def markdown(results: dict[str, Any]) -> str:
     def row(name: str, acc: dict[str, float]) -> str:
         return f"| {name} | " + " | ".join(f"{100 * acc.get(c, float('nan')):.1f}%" for c in cols) + " |"
 
-    lines.append(row("default scheduler, guidance 7.5", results["default"]))
+    lines.append(row(f"default scheduler and guidance ({results['default_guidance']:g})", results["default"]))
+    lines.append(row("default scheduler, guidance 7.5", results["guidance_7.5"]))
     lines.append(row("default scheduler, guidance 1.0", results["guidance_1.0"]))
     for name, acc in results["schedulers"].items():
         lines.append(row(name, acc))

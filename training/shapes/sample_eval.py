@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -106,6 +107,12 @@ def eval_inpaint(
     }
 
 
+def default_guidance(folder: Path) -> float:
+    """The guidance scale a folder's sdserve.json sets as the service default (7.5 without one)."""
+    meta = folder / "sdserve.json"
+    return float(json.loads(meta.read_text()).get("default_guidance_scale", 7.5)) if meta.exists() else 7.5
+
+
 def run_eval(
     model: Path,
     inpaint_model: Path | None,
@@ -114,23 +121,25 @@ def run_eval(
     sheets: Path | None = None,
     reference_unet: Path | None = None,
 ) -> dict[str, Any]:
-    """All figures: t2i at guidance 7.5 and 1.0, optionally the fp32 reference UNet, and inpainting."""
-    results: dict[str, Any] = {"steps": steps, "n": n, "scheduler": "DDIM"}
+    """All figures: t2i at the folder's default guidance, 7.5 and 1.0, optionally the fp32 reference UNet
+    (at the default guidance), and inpainting (at its folder's default guidance)."""
+    default = default_guidance(model)
+    results: dict[str, Any] = {"steps": steps, "n": n, "scheduler": "DDIM", "default_guidance": default}
     pipe = load_pipeline(StableDiffusionPipeline, model)
     stored: list[Image.Image] = []
-    for guidance in (7.5, 1.0):
+    for guidance in dict.fromkeys((default, 7.5, 1.0)):
         start = time.monotonic()
         images = text_to_image(pipe, n, steps, guidance)
         results[f"guidance_{guidance:g}"] = acc = score_text_to_image(images, n)
         log.info("stage=eval guidance=%g %s seconds=%.0f", guidance, acc, time.monotonic() - start)
         if sheets:
             contact_sheet(images, sheets / f"t2i-guidance-{guidance:g}.png")
-        if guidance == 7.5:
+        if guidance == default:
             stored = images
     if reference_unet is not None:
         # The shipped UNet is fp16; compare with the fp32 weights it was rounded from.
         pipe.unet = UNet2DConditionModel.from_pretrained(str(reference_unet), dtype=torch.float32)
-        images = text_to_image(pipe, n, steps, 7.5)
+        images = text_to_image(pipe, n, steps, default)
         results["fp32_reference"] = score_text_to_image(images, n)
         results["fp16_vs_fp32_psnr_db"] = float(np.mean([psnr(a, b) for a, b in zip(stored, images, strict=True)]))
         log.info("stage=eval fp32_reference %s", results["fp32_reference"])
@@ -138,6 +147,7 @@ def run_eval(
         start = time.monotonic()
         inpaint = load_pipeline(StableDiffusionInpaintPipeline, inpaint_model)
         sheet = sheets / "inpaint.png" if sheets else None
-        results["inpaint"] = eval_inpaint(inpaint, n, steps, 7.5, sheet=sheet)
+        results["inpaint_guidance"] = inpaint_guidance = default_guidance(inpaint_model)
+        results["inpaint"] = eval_inpaint(inpaint, n, steps, inpaint_guidance, sheet=sheet)
         log.info("stage=eval inpaint %s seconds=%.0f", results["inpaint"], time.monotonic() - start)
     return results
