@@ -2,13 +2,14 @@
 change that breaks prompts, masks, schedulers, batching or quantization fails here.
 
 Every case has a fixed prompt and seed, so the scores are deterministic for a given model. The shipped
-family meets the issue's targets (TARGETS) on background and shape colour and on inpaint recolour, not yet on
-shape class, size and position (see models/shapes/README.md). The slice asserts FLOORS one image under what
-the shipped models score on it (1/24 for background, colour and shape; 1/18 and 1/20 of the prompts that name
-a size or a position), so that a different CPU's last-bit differences cannot flip the result while
-regressions still fail (measured on the slice, `python -m quality --n 24 --schedulers EULER --variants ""`:
-background 100%, colour 100%, shape 58.3%, size 77.8%, position 75.0%, identical with EULER; inpaint recolour
-100%, PSNR outside 26.5 dB). Raise FLOORS to TARGETS when they hold.
+family meets the issue's targets (TARGETS) at its default guidance (3, from its sdserve.json) on background,
+shape colour, size and position over the full grid, and on inpaint recolour and PSNR outside the mask; not yet
+on shape class (see models/shapes/README.md). The slice asserts FLOORS one image under what the shipped models
+score on it (1/24 for background, colour and shape; 1/18 and 1/20 of the prompts that name a size or a
+position), so that a different CPU's last-bit differences cannot flip the result while regressions still
+fail (measured on the slice, `python -m quality --n 24 --schedulers EULER --variants ""`: background 100%,
+colour 100%, shape 66.7%, size 83.3%, position 100%, identical with EULER; inpaint recolour 100%, PSNR outside
+34.5 dB). Raise FLOORS to TARGETS when they hold.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from training.shapes.evaluate import inpaint_grid, prompt_grid
 
 MODELS = REPO_ROOT / "models"
 TARGETS = {"background": 0.98, "colour": 0.95, "shape": 0.90, "size": 0.85, "position": 0.85}
-FLOORS = {"background": 0.95, "colour": 0.95, "shape": 0.54, "size": 0.72, "position": 0.70}
+FLOORS = {"background": 0.95, "colour": 0.95, "shape": 0.62, "size": 0.77, "position": 0.95}
 N = 24
 
 
@@ -59,9 +60,10 @@ def test_inpaint_recolours_and_keeps_the_rest(shapes: ServerThread) -> None:
     with Client(shapes.target) as c:
         plain = served.inpaint(c, items, steps=20)
         exact = served.inpaint(c, items, steps=20, preserve_unmasked=True)
-    # Targets: recolour >= 90% and PSNR outside >= 30 dB (missed: 26.5 dB on this slice, 25.4 dB on the full grid).
+    # Targets: recolour >= 90% and PSNR outside >= 30 dB (34.5 dB on this slice, 32.1 dB on the full grid, at
+    # the folder's default guidance 3; 25.8 dB at 7.5).
     assert plain["recolour"] >= 0.90, plain
-    assert plain["psnr_outside_db"] >= 25.0, plain
+    assert plain["psnr_outside_db"] >= 30.0, plain
     assert exact["psnr_outside_db"] == 100.0 and exact["recolour"] >= 0.75, exact
 
 

@@ -186,8 +186,9 @@ for step previews; `inpaint_model` names the inpainting sibling.
 - Command: `{report.get("command", "python -m training.shapes --out models")}` (code in `training/shapes/`).
 - Machine: {report.get("machine", "?")}, CPU only, time-boxed: the learning rate follows a
   warm-up + cosine schedule over elapsed time, so any machine ends fully decayed. Data, masks,
-  initialisation and sampling noise are seeded; `--vae-steps/--unet-steps/--inpaint-steps` switch
-  the schedules to fixed step counts for a run that does not depend on machine speed.
+  initialisation and sampling noise are seeded; `--vae-steps`, `--unet-steps`, `--terminal-steps`,
+  `--inpaint-steps` and `--decoder-steps` switch the schedules to fixed step counts for a run that does
+  not depend on machine speed.
 - VAE: {_minutes(report.get("vae"))}; L1 + MSE + 1e-6 KL, AdamW 2e-3, batch 16, a quarter of the
   images with a zeroed inpainting mask; held-out PSNR {report.get("vae", {}).get("held_out_psnr_db", 0):.1f} dB;
   scaling factor {report.get("vae", {}).get("scaling_factor", 0):.4f} (1 / std of sampled latents).
