@@ -216,9 +216,9 @@ for step previews; `inpaint_model` names the inpainting sibling.
 
 ## How the recipe and the default guidance were chosen
 
-One GPU (an H100) ran the training loop of `training/shapes/unet.py` for several variants at the step
-counts this 2-core CPU reaches in its budget, scored like the table below (96 prompts, DDIM 20; shape /
-size / position / all attributes right, guidance 7.5):
+`python -m training.shapes.sweep` (`training/shapes/sweep.py`) trained variants side by side on one GPU (an
+H100, 7 minutes for nine of them) with the shipped stages' own loop, at the step counts this 2-core CPU
+reaches in its budget, and scored them like the table below (96 prompts, DDIM 20; guidance 7.5):
 
 | variant (stage 2 + stage 2b steps) | shape | size | position | all right |
 |---|---|---|---|---|

@@ -89,20 +89,22 @@ def new_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def new_unet(in_channels: int = 4) -> UNet2DConditionModel:
-    """16x16 latents, channels (64, 128), cross-attention only at 8x8 (about 3.9M parameters)."""
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128),
-        layers_per_block=1,
-        attention_head_dim=4,
-        cross_attention_dim=64,
-        norm_num_groups=32,
-    )
+def new_unet(in_channels: int = 4, **overrides: Any) -> UNet2DConditionModel:
+    """16x16 latents, channels (64, 128), cross-attention only at 8x8 (about 3.9M parameters); overrides
+    change the UNet2DConditionModel arguments (the recipe sweep's architecture variants)."""
+    config: dict[str, Any] = {
+        "sample_size": 16,
+        "in_channels": in_channels,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (64, 128),
+        "layers_per_block": 1,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 32,
+    }
+    return UNet2DConditionModel(**{**config, **overrides})
 
 
 def sd_scheduler() -> DDPMScheduler:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .configs import new_text_encoder, new_unet, sd_scheduler, train_scheduler
 from .data import render_dataset
 from .grammar import prompt_text
-from .loop import EMA, Budget, Progress, finish_unet, optimise, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, finish_unet, optimise, seed_everything
 from .loop import smooth as smoothed
 from .tensors import encode_moments, to_tensor
 from .text import drop_prompts, token_ids
@@ -98,6 +99,25 @@ def train_terminal(
     return _train(vae_dir, tokenizer_dir, out, seconds, seed + 7, steps, init=t2i, cache_seed=seed + 1)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What one UNet stage's loop does; the shipped stages are STAGE2 and TERMINAL, other values are for the
+    recipe sweep (`python -m training.shapes.sweep`)."""
+
+    lr: float
+    warmup: int
+    p_high: float = 0.0
+    high_until: float = HIGH_T_UNTIL
+    p_mid: float = 0.0  # after high_until: this share of each batch from MID_T (sweep only)
+    text_lr_mult: float = 1.0
+    ema_decay: float = EMA_DECAY
+
+
+STAGE2 = Recipe(LR, WARMUP)
+TERMINAL = Recipe(TERMINAL_LR, TERMINAL_WARMUP, P_HIGH_T)
+MID_T = (250, 750)
+
+
 def _train(
     vae_dir: Path,
     tokenizer_dir: Path,
@@ -113,43 +133,76 @@ def _train(
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     out.mkdir(parents=True, exist_ok=True)
     cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, cache_seed, N_LATENTS)
-    scale = float(vae.config.scaling_factor)
-    empty = token_ids(tokenizer, [""])[0]
     if init is None:
         text_encoder, unet = new_text_encoder(tokenizer), new_unet()
-        scheduler, lr, warmup, p_high = sd_scheduler(), LR, WARMUP, 0.0
+        scheduler, recipe = sd_scheduler(), STAGE2
     else:
         unet, text_encoder = load_text_to_image(init)
-        scheduler, lr, warmup, p_high = train_scheduler(), TERMINAL_LR, TERMINAL_WARMUP, P_HIGH_T
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    ema = EMA(params, EMA_DECAY)
-    gen = torch.Generator().manual_seed(seed)
-    budget = Budget(seconds, warmup, steps)
+        scheduler, recipe = train_scheduler(), TERMINAL
+    latents = cache["mean"] * float(vae.config.scaling_factor)
+    empty = token_ids(tokenizer, [""])[0]
+    budget = Budget(seconds, recipe.warmup, steps)
     progress = Progress("unet" if init is None else "terminal")
-    smooth, step = 0.0, 0
-    n_t = scheduler.config.num_train_timesteps
-    while not budget.done(step):
-        idx = torch.randint(len(cache["ids"]), (BATCH,), generator=gen)
-        latents = cache["mean"][idx] * scale
-        ids = drop_prompts(cache["ids"][idx], empty, P_EMPTY_PROMPT, gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, n_t, (BATCH,), generator=gen)
-        if p_high > 0 and budget.progress(step) < HIGH_T_UNTIL:
-            high = torch.rand(BATCH, generator=gen) < p_high
-            t = torch.where(high, torch.randint(HIGH_T, n_t, (BATCH,), generator=gen), t)
-        noisy = scheduler.add_noise(latents, noise, t)
-        set_lr(opt, lr, budget.factor(step))
-        pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = diffusion_loss(scheduler, pred, latents, noise, t)
-        optimise(loss, opt, params, ema)
-        smooth = smoothed(smooth, loss.item(), step)
-        progress.step(step, loss=smooth, lr=lr * budget.factor(step))
-        step += 1
-    figures = finish_unet(ema, budget, progress, step, smooth)
+    figures = fit(unet, text_encoder, latents, cache["ids"], empty, scheduler, recipe, budget, progress, seed)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     text_encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
     return figures
+
+
+def fit(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    empty: torch.Tensor,
+    scheduler: DDPMScheduler,
+    recipe: Recipe,
+    budget: Budget,
+    progress: Progress,
+    seed: int,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Train UNet + text encoder on scaled latents (N x 4 x 16 x 16) and their prompts' token ids; leave the
+    EMA weights in the models. Every random draw comes from one CPU generator, so a run on another device
+    sees the same batches, noise and timesteps."""
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    latents = latents.to(device)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    groups = [
+        {"params": list(unet.parameters()), "mult": 1.0},
+        {"params": list(text_encoder.parameters()), "mult": recipe.text_lr_mult},
+    ]
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=1e-2)
+    ema = EMA(params, recipe.ema_decay)
+    gen = torch.Generator().manual_seed(seed)
+    smooth, step = 0.0, 0
+    n_t = scheduler.config.num_train_timesteps
+    while not budget.done(step):
+        idx = torch.randint(len(ids), (BATCH,), generator=gen)
+        x0 = latents[idx.to(device)]
+        prompt = drop_prompts(ids[idx], empty, P_EMPTY_PROMPT, gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, n_t, (BATCH,), generator=gen)
+        if recipe.p_high > 0 and budget.progress(step) < recipe.high_until:
+            high = torch.rand(BATCH, generator=gen) < recipe.p_high
+            t = torch.where(high, torch.randint(HIGH_T, n_t, (BATCH,), generator=gen), t)
+        elif recipe.p_mid > 0:
+            mid = torch.rand(BATCH, generator=gen) < recipe.p_mid
+            t = torch.where(mid, torch.randint(*MID_T, (BATCH,), generator=gen), t)
+        t = t.to(device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        factor = budget.factor(step)
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * factor * group["mult"]
+        pred = unet(noisy, t, text_encoder(prompt)[0]).sample
+        loss = diffusion_loss(scheduler, pred, x0, noise, t)
+        optimise(loss, opt, params, ema)
+        if device == "cpu" or step % 50 == 0:  # .item() waits for an accelerator
+            smooth = smoothed(smooth, loss.item(), step)
+        progress.step(step, loss=smooth, lr=recipe.lr * factor)
+        step += 1
+    return finish_unet(ema, budget, progress, step, smooth)
 
 
 def load_text_to_image(folder: Path) -> tuple[UNet2DConditionModel, CLIPTextModel]:
