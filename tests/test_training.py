@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import CLIPTokenizer
 
 from service.settings import REPO_ROOT
-from training.shapes import sweep
+from training.shapes import probe, sweep
 from training.shapes.configs import new_text_encoder, new_unet, train_scheduler
 from training.shapes.loop import Budget, Progress, seed_everything
 from training.shapes.text import token_ids
 from training.shapes.unet import TERMINAL, fit
 
-TOKENIZER = REPO_ROOT / "models" / "shapes" / "tokenizer"
+SHAPES = REPO_ROOT / "models" / "shapes"
+TOKENIZER = SHAPES / "tokenizer"
 
 
 def _train(steps: int, seed: int) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -58,3 +61,45 @@ def test_sweep_variants_match_the_cpu_budget() -> None:
         if name.startswith("B"):
             cost = sweep.ARCHS[variant.arch][1]
             assert variant.stage2_steps == round(2609 / cost) and variant.terminal_steps == round(1650 / cost), name
+
+
+def test_probe_follows_each_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One prompt of each shape through every stage; the JSON file and stdout carry the same figures.
+    out, sheet = tmp_path / "probe.json", tmp_path / "sheet.png"
+    args = ["--model", str(SHAPES), "--n", "3", "--steps", "4", "--strengths", "0.3,0.6"]
+    assert probe.main([*args, "--json", str(out), "--sheet", str(sheet)]) == 0
+    figures = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == figures
+    assert figures["guidance"] == 3.0, "the folder's default guidance was not used"
+    stages = ["exact", "round_trip", "edit_0.3", "edit_0.6", "generated"]
+    assert [k for k in figures if k not in ("model", "n", "steps", "guidance")] == stages
+    for stage in stages:
+        assert set(figures[stage]) == {"circle", "square", "triangle"}, stage
+        for shape, row in figures[stage].items():
+            assert row["of"] == 1 and row["right"] in (0, 1) and 0 < row["fill"] <= 1, (stage, shape, row)
+    # Exact renders are the scorer's own ground truth: every class right, a square fills its box.
+    assert all(row["right"] == 1 for row in figures["exact"].values())
+    assert figures["exact"]["square"]["fill"] == 1.0
+    with Image.open(sheet) as im:
+        assert im.size == (128, 128 * len(stages)), "one column per square prompt, one row per stage"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strengths", "0.3,1.5"], "--strengths: each strength must be in (0, 1], got 1.5"),
+        (["--strengths", "0.3,high"], "--strengths: comma-separated numbers expected"),
+        (["--n", "0"], "--n"),
+        (["--steps", "2", "--strengths", "0.3"], "--strengths: 0.3 of --steps 2 is no denoising step"),
+        (["--model", "no/such/folder"], "--model: no diffusers folder"),
+    ],
+)
+def test_probe_names_bad_arguments(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "probe.json"
+    with pytest.raises(SystemExit) as exc:
+        probe.main([*args, "--json", str(out)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists(), "a rejected command wrote figures"
