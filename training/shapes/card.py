@@ -272,11 +272,11 @@ fine-tune of the same length, which drew 5 of 32 at guidance 3 (fill 0.849):
 Nor did the sampling side: a decoder fine-tuned for 12 minutes on the UNet's one-step predictions as well as
 on posterior samples: 3 of 32 (fill 0.850); 60 DDIM steps instead of 20: 1 of 32; guidance rescale 0.7 (Lin et
 al. 2023): 3 of 32, and on a second prompt grid all right fell from 62.5% to 58.3%; the DDPM sampler: 6 of 32.
-Nor is it the size and position words: stage 2 trained from scratch for 24 minutes (the feasibility run's time) on the same latents
-with prompts of shape, colour and background only (1,267 steps; this machine runs the UNet at 1.14 s a step,
-where the feasibility facts in the issue report 0.73 s and 1,971 steps) drew 0 of 32 squares and 7 of 32
-triangles at guidance 7.5 on those prompts (DDIM 20 on stage 2's schedule). Like the sweep, this points at
-training compute: the binding of "circle" and "square" to their outlines is
+Nor is it the size and position words: stage 2 trained from scratch for 24 minutes (the feasibility run's
+time) on the same latents with prompts of shape, colour and background only (1,267 steps; this machine runs
+the UNet at 1.14 s a step, where the feasibility facts in the issue report 0.73 s and 1,971 steps) drew 0 of
+32 squares and 7 of 32 triangles at guidance 7.5 on those prompts (DDIM 20 on stage 2's schedule). Like the
+sweep, this points at training compute: the binding of "circle" and "square" to their outlines is
 what this budget does not reach.
 
 ## Known problems
