@@ -20,6 +20,7 @@ from . import card
 from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir
 from .inpaint import train_inpaint
+from .loop import PRECISIONS, resolve_precision
 from .sample_eval import run_eval
 from .tokenizer import build_tokenizer
 from .unet import train_terminal, train_unet
@@ -44,6 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--budget-minutes", type=float, default=110.0, help="training time of all stages together, split by SHARES"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="UNet stages' compute: bf16 autocast (fp32 weights and loss) or fp32; auto = bf16 where the CPU has "
+        "native bf16 (AVX512-BF16 or AMX), about 1.4x the steps per minute on the 2-core reference machine",
+    )
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     for stage in SHARES:
         p.add_argument(
@@ -125,6 +133,7 @@ def main(argv: list[str]) -> int:
         run.save("command", "python -m training.shapes " + shlex.join(argv))
         run.save("machine", _machine())
     steps = {stage: getattr(args, f"{stage}_steps") for stage in SHARES}
+    precision = resolve_precision(args.precision)
     stages: dict[str, tuple[bool, Callable[[], Any]]] = {
         "tokenizer": ((w / "tokenizer" / "tokenizer.json").exists(), lambda: build_tokenizer(w / "tokenizer") and None),
         "vae": (
@@ -133,18 +142,32 @@ def main(argv: list[str]) -> int:
         ),
         "unet": (
             _weights(w / "t2i" / "unet"),
-            lambda: train_unet(w / "vae", w / "tokenizer", w / "t2i", run.budget("unet"), seed, steps["unet"]),
+            lambda: train_unet(
+                w / "vae", w / "tokenizer", w / "t2i", run.budget("unet"), seed, steps["unet"], precision
+            ),
         ),
         "terminal": (
             _weights(w / "t2i-terminal" / "unet"),
             lambda: train_terminal(
-                w / "vae", w / "tokenizer", w / "t2i", w / "t2i-terminal", *_timing(run, "terminal", seed, steps)
+                w / "vae",
+                w / "tokenizer",
+                w / "t2i",
+                w / "t2i-terminal",
+                *_timing(run, "terminal", seed, steps),
+                precision,
             ),
         ),
         "inpaint": (
             _weights(w / "inpaint" / "unet"),
             lambda: train_inpaint(
-                w / "vae", w / "tokenizer", t2i_dir(w), w / "inpaint", run.budget("inpaint"), seed, steps["inpaint"]
+                w / "vae",
+                w / "tokenizer",
+                t2i_dir(w),
+                w / "inpaint",
+                run.budget("inpaint"),
+                seed,
+                steps["inpaint"],
+                precision,
             ),
         ),
         "decoder": (

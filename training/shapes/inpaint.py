@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 
 from .configs import train_scheduler
 from .data import random_mask, render_dataset
-from .loop import EMA, Budget, Progress, finish_unet, optimise, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, autocast, finish_unet, optimise, seed_everything, set_lr
 from .loop import smooth as smoothed
 from .tensors import encode_moments, mask_latents, masks_to_tensor, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
@@ -61,9 +61,16 @@ def build_cache(vae: AutoencoderKL, t2i_cache: dict[str, torch.Tensor], seed: in
 
 
 def train_inpaint(
-    vae_dir: Path, tokenizer_dir: Path, t2i_dir: Path, out: Path, seconds: float, seed: int, steps: int | None = None
-) -> dict[str, float]:
-    """Fine-tune for the budget; save the EMA UNet to out/unet."""
+    vae_dir: Path,
+    tokenizer_dir: Path,
+    t2i_dir: Path,
+    out: Path,
+    seconds: float,
+    seed: int,
+    steps: int | None = None,
+    precision: str = "fp32",
+) -> dict[str, float | str]:
+    """Fine-tune for the budget; save the EMA UNet to out/unet. precision as for the text-to-image stages."""
     seed_everything(seed)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
@@ -98,12 +105,13 @@ def train_inpaint(
         with torch.no_grad():
             emb = text_encoder(ids)[0]
         set_lr(opt, LR, budget.factor(step))
-        pred = unet(torch.cat([noisy, cache["mask"][idx], masked], dim=1), t, emb).sample
-        loss = diffusion_loss(scheduler, pred, latents, noise, t)
+        with autocast(precision):
+            pred = unet(torch.cat([noisy, cache["mask"][idx], masked], dim=1), t, emb).sample
+        loss = diffusion_loss(scheduler, pred.float(), latents, noise, t)
         optimise(loss, opt, params, ema)
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
-    figures = finish_unet(ema, budget, progress, step, smooth)
+    figures = finish_unet(ema, budget, progress, step, smooth, precision)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     return figures

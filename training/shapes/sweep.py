@@ -175,7 +175,7 @@ def _fit(
     steps: int,
     seed: int,
     name: str,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     budget = Budget(0.0, recipe.warmup, steps)
     latents, ids, empty = cache["latents"], cache["ids"], cache["empty"]
     return fit(unet, text_encoder, latents, ids, empty, scheduler, recipe, budget, Progress(name), seed, s.device)

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .configs import new_text_encoder, new_unet, sd_scheduler, train_scheduler
 from .data import render_dataset
 from .grammar import prompt_text
-from .loop import EMA, Budget, Progress, finish_unet, optimise, seed_everything
+from .loop import EMA, Budget, Progress, autocast, finish_unet, optimise, seed_everything
 from .loop import smooth as smoothed
 from .tensors import encode_moments, to_tensor
 from .text import drop_prompts, token_ids
@@ -86,17 +86,30 @@ def diffusion_loss(
 
 
 def train_unet(
-    vae_dir: Path, tokenizer_dir: Path, out: Path, seconds: float, seed: int, steps: int | None = None
-) -> dict[str, float]:
+    vae_dir: Path,
+    tokenizer_dir: Path,
+    out: Path,
+    seconds: float,
+    seed: int,
+    steps: int | None = None,
+    precision: str = "fp32",
+) -> dict[str, float | str]:
     """Stage 2: train UNet + text encoder from scratch on SD's schedule; save the EMA weights to out."""
-    return _train(vae_dir, tokenizer_dir, out, seconds, seed, steps, init=None, cache_seed=seed + 1)
+    return _train(vae_dir, tokenizer_dir, out, seconds, seed, steps, None, seed + 1, precision)
 
 
 def train_terminal(
-    vae_dir: Path, tokenizer_dir: Path, t2i: Path, out: Path, seconds: float, seed: int, steps: int | None = None
-) -> dict[str, float]:
+    vae_dir: Path,
+    tokenizer_dir: Path,
+    t2i: Path,
+    out: Path,
+    seconds: float,
+    seed: int,
+    steps: int | None = None,
+    precision: str = "fp32",
+) -> dict[str, float | str]:
     """Stage 2b: fine-tune the stage-2 UNet + text encoder on the shipped zero-terminal-SNR schedule."""
-    return _train(vae_dir, tokenizer_dir, out, seconds, seed + 7, steps, init=t2i, cache_seed=seed + 1)
+    return _train(vae_dir, tokenizer_dir, out, seconds, seed + 7, steps, t2i, seed + 1, precision)
 
 
 @dataclass(frozen=True)
@@ -127,7 +140,8 @@ def _train(
     steps: int | None,
     init: Path | None,
     cache_seed: int,
-) -> dict[str, float]:
+    precision: str,
+) -> dict[str, float | str]:
     seed_everything(seed)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
@@ -143,7 +157,9 @@ def _train(
     empty = token_ids(tokenizer, [""])[0]
     budget = Budget(seconds, recipe.warmup, steps)
     progress = Progress("unet" if init is None else "terminal")
-    figures = fit(unet, text_encoder, latents, cache["ids"], empty, scheduler, recipe, budget, progress, seed)
+    figures = fit(
+        unet, text_encoder, latents, cache["ids"], empty, scheduler, recipe, budget, progress, seed, precision=precision
+    )
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     text_encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
     return figures
@@ -161,10 +177,12 @@ def fit(
     progress: Progress,
     seed: int,
     device: str = "cpu",
-) -> dict[str, float]:
+    precision: str = "fp32",
+) -> dict[str, float | str]:
     """Train UNet + text encoder on scaled latents (N x 4 x 16 x 16) and their prompts' token ids; leave the
     EMA weights in the models. Every random draw comes from one CPU generator, so a run on another device
-    sees the same batches, noise and timesteps."""
+    sees the same batches, noise and timesteps. precision "bf16" runs the forward pass under bf16 autocast
+    (see loop.resolve_precision); the loss is taken in fp32."""
     unet.to(device).train()
     text_encoder.to(device).train()
     latents = latents.to(device)
@@ -195,14 +213,15 @@ def fit(
         factor = budget.factor(step)
         for group in opt.param_groups:
             group["lr"] = recipe.lr * factor * group["mult"]
-        pred = unet(noisy, t, text_encoder(prompt)[0]).sample
-        loss = diffusion_loss(scheduler, pred, x0, noise, t)
+        with autocast(precision, device):
+            pred = unet(noisy, t, text_encoder(prompt)[0]).sample
+        loss = diffusion_loss(scheduler, pred.float(), x0, noise, t)
         optimise(loss, opt, params, ema)
         if device == "cpu" or step % 50 == 0:  # .item() waits for an accelerator
             smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=recipe.lr * factor)
         step += 1
-    return finish_unet(ema, budget, progress, step, smooth)
+    return finish_unet(ema, budget, progress, step, smooth, precision)
 
 
 def load_text_to_image(folder: Path) -> tuple[UNet2DConditionModel, CLIPTextModel]:
