@@ -11,9 +11,9 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from service.settings import REPO_ROOT
-from training.shapes import probe, sweep
+from training.shapes import cli, probe, sweep
 from training.shapes.configs import new_text_encoder, new_unet, train_scheduler
-from training.shapes.loop import Budget, Progress, seed_everything
+from training.shapes.loop import Budget, Progress, autocast, resolve_precision, seed_everything
 from training.shapes.text import token_ids
 from training.shapes.unet import TERMINAL, fit
 
@@ -21,7 +21,9 @@ SHAPES = REPO_ROOT / "models" / "shapes"
 TOKENIZER = SHAPES / "tokenizer"
 
 
-def _train(steps: int, seed: int) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _train(
+    steps: int, seed: int, precision: str = "fp32"
+) -> tuple[dict[str, float | str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER))
     seed_everything(0)
     text_encoder, unet = new_text_encoder(tokenizer), new_unet()
@@ -32,18 +34,52 @@ def _train(steps: int, seed: int) -> tuple[dict[str, float], dict[str, torch.Ten
     )
     empty = token_ids(tokenizer, [""])[0]
     budget = Budget(0.0, TERMINAL.warmup, steps)
-    figures = fit(unet, text_encoder, latents, ids, empty, train_scheduler(), TERMINAL, budget, Progress("test"), seed)
+    sched, progress = train_scheduler(), Progress("test")
+    figures = fit(unet, text_encoder, latents, ids, empty, sched, TERMINAL, budget, progress, seed, "cpu", precision)
     return figures, before, unet.state_dict()
 
 
 def test_fit_runs_the_steps_asked_and_is_seeded() -> None:
     figures, before, after = _train(2, seed=3)
-    assert figures["steps"] == 2 and torch.isfinite(torch.tensor(figures["final_loss"]))
+    assert figures["steps"] == 2 and figures["precision"] == "fp32"
+    assert isinstance(figures["final_loss"], float) and torch.isfinite(torch.tensor(figures["final_loss"]))
     assert any(not torch.equal(before[k], after[k]) for k in before), "two steps left every weight unchanged"
     _, _, again = _train(2, seed=3)
     assert all(torch.equal(after[k], again[k]) for k in after), "the same seed gave different weights"
     _, _, other = _train(2, seed=4)
     assert any(not torch.equal(after[k], other[k]) for k in after), "another seed gave the same weights"
+
+
+def test_bf16_fit_is_seeded_and_tracks_fp32() -> None:
+    # bf16 autocast changes the arithmetic (so the weights), not what is learnt: the loss stays within 1%.
+    figures, _, after = _train(2, seed=3, precision="bf16")
+    assert figures["precision"] == "bf16"
+    _, _, again = _train(2, seed=3, precision="bf16")
+    assert all(torch.equal(after[k], again[k]) for k in after), "the same seed gave different bf16 weights"
+    fp32_figures, _, fp32 = _train(2, seed=3)
+    assert any(not torch.equal(after[k], fp32[k]) for k in after), "bf16 training ran in fp32"
+    loss, fp32_loss = figures["final_loss"], fp32_figures["final_loss"]
+    assert isinstance(loss, float) and isinstance(fp32_loss, float) and abs(loss - fp32_loss) < 0.01 * fp32_loss
+
+
+def test_autocast_and_precision_choices() -> None:
+    unet, x, emb = new_unet().eval(), torch.randn(1, 4, 16, 16), torch.randn(1, 77, 64)
+    with torch.no_grad(), autocast("bf16"):
+        assert unet(x, 10, emb).sample.dtype == torch.bfloat16
+    with torch.no_grad(), autocast("fp32"):
+        assert unet(x, 10, emb).sample.dtype == torch.float32
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, bf16, not 'fp16'"):
+        resolve_precision("fp16")
+
+
+def test_training_cli_rejects_an_unknown_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["unet", "--precision", "fp16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "'fp16'" in err
 
 
 def test_sweep_names_unknown_variants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,9 +48,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
-        help="UNet stages' compute: bf16 autocast (fp32 weights and loss) or fp32; auto = bf16 where the CPU has "
-        "native bf16 (AVX512-BF16 or AMX), about 1.4x the steps per minute on the 2-core reference machine",
+        default="fp32",
+        help="UNet stages' compute: fp32 (the shipped family's recipe) or bf16 autocast (fp32 weights, optimiser and "
+        "loss: 1.2-1.4x the steps per minute on the 2-core reference CPU; a full bf16 run scored the same as fp32, "
+        "see the model card); auto = bf16 where the CPU or GPU computes it natively, else fp32",
     )
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     for stage in SHARES:
