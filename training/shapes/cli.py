@@ -20,7 +20,7 @@ from . import card
 from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir
 from .inpaint import train_inpaint
-from .loop import PRECISIONS, resolve_precision
+from .loop import PRECISIONS, UNetStage, resolve_precision
 from .sample_eval import run_eval
 from .tokenizer import build_tokenizer
 from .unet import train_terminal, train_unet
@@ -135,41 +135,24 @@ def main(argv: list[str]) -> int:
         run.save("machine", _machine())
     steps = {stage: getattr(args, f"{stage}_steps") for stage in SHARES}
     precision = resolve_precision(args.precision)
+
+    def unet_stage(name: str) -> UNetStage:
+        return UNetStage(w / "vae", w / "tokenizer", run.budget(name), seed, steps[name], precision)
+
     stages: dict[str, tuple[bool, Callable[[], Any]]] = {
         "tokenizer": ((w / "tokenizer" / "tokenizer.json").exists(), lambda: build_tokenizer(w / "tokenizer") and None),
         "vae": (
             _weights(w / "vae"),
             lambda: _train_vae(w, run.budget("vae"), seed, steps["vae"]),
         ),
-        "unet": (
-            _weights(w / "t2i" / "unet"),
-            lambda: train_unet(
-                w / "vae", w / "tokenizer", w / "t2i", run.budget("unet"), seed, steps["unet"], precision
-            ),
-        ),
+        "unet": (_weights(w / "t2i" / "unet"), lambda: train_unet(unet_stage("unet"), w / "t2i")),
         "terminal": (
             _weights(w / "t2i-terminal" / "unet"),
-            lambda: train_terminal(
-                w / "vae",
-                w / "tokenizer",
-                w / "t2i",
-                w / "t2i-terminal",
-                *_timing(run, "terminal", seed, steps),
-                precision,
-            ),
+            lambda: train_terminal(unet_stage("terminal"), w / "t2i", w / "t2i-terminal"),
         ),
         "inpaint": (
             _weights(w / "inpaint" / "unet"),
-            lambda: train_inpaint(
-                w / "vae",
-                w / "tokenizer",
-                t2i_dir(w),
-                w / "inpaint",
-                run.budget("inpaint"),
-                seed,
-                steps["inpaint"],
-                precision,
-            ),
+            lambda: train_inpaint(unet_stage("inpaint"), t2i_dir(w), w / "inpaint"),
         ),
         "decoder": (
             _weights(w / "vae-tuned"),
@@ -198,10 +181,6 @@ def main(argv: list[str]) -> int:
         done, fn = stages[name]
         run.stage(name, done, fn)
     return 0
-
-
-def _timing(run: Run, stage: str, seed: int, steps: dict[str, int | None]) -> tuple[float, int, int | None]:
-    return run.budget(stage), seed, steps[stage]
 
 
 def _train_vae(work: Path, seconds: float, seed: int, steps: int | None) -> dict[str, float]:

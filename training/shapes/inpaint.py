@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 
 from .configs import train_scheduler
 from .data import random_mask, render_dataset
-from .loop import EMA, Budget, Progress, autocast, finish_unet, optimise, seed_everything, set_lr
+from .loop import EMA, Budget, Progress, UNetStage, autocast, finish_unet, optimise, seed_everything, set_lr
 from .loop import smooth as smoothed
 from .tensors import encode_moments, mask_latents, masks_to_tensor, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
@@ -60,20 +60,12 @@ def build_cache(vae: AutoencoderKL, t2i_cache: dict[str, torch.Tensor], seed: in
     }
 
 
-def train_inpaint(
-    vae_dir: Path,
-    tokenizer_dir: Path,
-    t2i_dir: Path,
-    out: Path,
-    seconds: float,
-    seed: int,
-    steps: int | None = None,
-    precision: str = "fp32",
-) -> dict[str, float | str]:
-    """Fine-tune for the budget; save the EMA UNet to out/unet. precision as for the text-to-image stages."""
+def train_inpaint(stage: UNetStage, t2i_dir: Path, out: Path) -> dict[str, float | str]:
+    """Fine-tune for the stage's budget; save the EMA UNet to out/unet."""
+    seed = stage.seed
     seed_everything(seed)
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    vae = AutoencoderKL.from_pretrained(str(stage.vae_dir)).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(stage.tokenizer_dir))
     base, text_encoder = load_text_to_image(t2i_dir)
     text_encoder.eval().requires_grad_(False)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +83,7 @@ def train_inpaint(
     ema = EMA(params, EMA_DECAY)
     scheduler = train_scheduler()
     gen = torch.Generator().manual_seed(seed)
-    budget = Budget(seconds, WARMUP, steps)
+    budget = Budget(stage.seconds, WARMUP, stage.steps)
     progress = Progress("inpaint")
     smooth, step = 0.0, 0
     while not budget.done(step):
@@ -105,13 +97,13 @@ def train_inpaint(
         with torch.no_grad():
             emb = text_encoder(ids)[0]
         set_lr(opt, LR, budget.factor(step))
-        with autocast(precision):
+        with autocast(stage.precision):
             pred = unet(torch.cat([noisy, cache["mask"][idx], masked], dim=1), t, emb).sample
         loss = diffusion_loss(scheduler, pred.float(), latents, noise, t)
         optimise(loss, opt, params, ema)
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
-    figures = finish_unet(ema, budget, progress, step, smooth, precision)
+    figures = finish_unet(ema, budget, progress, step, smooth, stage.precision)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     return figures

@@ -8,6 +8,8 @@ import random
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +38,19 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 def autocast(precision: str, device: str = "cpu") -> AbstractContextManager[object]:
     """The forward pass's autocast context for a resolved precision (a no-op for fp32)."""
     return torch.autocast(device.split(":", maxsplit=1)[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@dataclass(frozen=True)
+class UNetStage:
+    """What every UNet stage (2, 2b, inpaint) is given: the VAE and tokenizer folders, its training time (or a
+    fixed step count instead), the run's seed and the compute precision (see resolve_precision)."""
+
+    vae_dir: Path
+    tokenizer_dir: Path
+    seconds: float
+    seed: int
+    steps: int | None = None
+    precision: str = "fp32"
 
 
 def seed_everything(seed: int) -> None:

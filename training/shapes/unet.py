@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .configs import new_text_encoder, new_unet, sd_scheduler, train_scheduler
 from .data import render_dataset
 from .grammar import prompt_text
-from .loop import EMA, Budget, Progress, autocast, finish_unet, optimise, seed_everything
+from .loop import EMA, Budget, Progress, UNetStage, autocast, finish_unet, optimise, seed_everything
 from .loop import smooth as smoothed
 from .tensors import encode_moments, to_tensor
 from .text import drop_prompts, token_ids
@@ -85,31 +85,14 @@ def diffusion_loss(
     return (snr_plus_one.clamp(max=MIN_SNR) / snr_plus_one * per_item).mean()
 
 
-def train_unet(
-    vae_dir: Path,
-    tokenizer_dir: Path,
-    out: Path,
-    seconds: float,
-    seed: int,
-    steps: int | None = None,
-    precision: str = "fp32",
-) -> dict[str, float | str]:
+def train_unet(stage: UNetStage, out: Path) -> dict[str, float | str]:
     """Stage 2: train UNet + text encoder from scratch on SD's schedule; save the EMA weights to out."""
-    return _train(vae_dir, tokenizer_dir, out, seconds, seed, steps, None, seed + 1, precision)
+    return _train(stage, out, None, stage.seed)
 
 
-def train_terminal(
-    vae_dir: Path,
-    tokenizer_dir: Path,
-    t2i: Path,
-    out: Path,
-    seconds: float,
-    seed: int,
-    steps: int | None = None,
-    precision: str = "fp32",
-) -> dict[str, float | str]:
+def train_terminal(stage: UNetStage, t2i: Path, out: Path) -> dict[str, float | str]:
     """Stage 2b: fine-tune the stage-2 UNet + text encoder on the shipped zero-terminal-SNR schedule."""
-    return _train(vae_dir, tokenizer_dir, out, seconds, seed + 7, steps, t2i, seed + 1, precision)
+    return _train(stage, out, t2i, stage.seed + 7)
 
 
 @dataclass(frozen=True)
@@ -131,22 +114,12 @@ TERMINAL = Recipe(TERMINAL_LR, TERMINAL_WARMUP, P_HIGH_T)
 MID_T = (250, 750)
 
 
-def _train(
-    vae_dir: Path,
-    tokenizer_dir: Path,
-    out: Path,
-    seconds: float,
-    seed: int,
-    steps: int | None,
-    init: Path | None,
-    cache_seed: int,
-    precision: str,
-) -> dict[str, float | str]:
+def _train(stage: UNetStage, out: Path, init: Path | None, seed: int) -> dict[str, float | str]:
     seed_everything(seed)
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    vae = AutoencoderKL.from_pretrained(str(stage.vae_dir)).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(stage.tokenizer_dir))
     out.mkdir(parents=True, exist_ok=True)
-    cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, cache_seed, N_LATENTS)
+    cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, stage.seed + 1, N_LATENTS)
     if init is None:
         text_encoder, unet = new_text_encoder(tokenizer), new_unet()
         scheduler, recipe = sd_scheduler(), STAGE2
@@ -155,11 +128,10 @@ def _train(
         scheduler, recipe = train_scheduler(), TERMINAL
     latents = cache["mean"] * float(vae.config.scaling_factor)
     empty = token_ids(tokenizer, [""])[0]
-    budget = Budget(seconds, recipe.warmup, steps)
+    budget = Budget(stage.seconds, recipe.warmup, stage.steps)
     progress = Progress("unet" if init is None else "terminal")
-    figures = fit(
-        unet, text_encoder, latents, cache["ids"], empty, scheduler, recipe, budget, progress, seed, precision=precision
-    )
+    ids, precision = cache["ids"], stage.precision
+    figures = fit(unet, text_encoder, latents, ids, empty, scheduler, recipe, budget, progress, seed, "cpu", precision)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     text_encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
     return figures
