@@ -7,26 +7,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import CLIPTokenizer
 
 from service.settings import REPO_ROOT
-from training.shapes import cli, probe, sweep
+from training.shapes import cli, grammar, probe, sweep
 from training.shapes.configs import new_text_encoder, new_unet, train_scheduler
 from training.shapes.loop import Budget, Progress, autocast, resolve_precision, seed_everything
 from training.shapes.text import token_ids
-from training.shapes.unet import TERMINAL, fit
+from training.shapes.tokenizer import MAX_LENGTH, build_tokenizer
+from training.shapes.unet import TERMINAL, fit, load_or_build_cache
 
 SHAPES = REPO_ROOT / "models" / "shapes"
 TOKENIZER = SHAPES / "tokenizer"
 
 
 def _train(
-    steps: int, seed: int, precision: str = "fp32"
+    steps: int, seed: int, precision: str = "fp32", batch: int = 64, seen: list[int] | None = None
 ) -> tuple[dict[str, float | str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER))
     seed_everything(0)
     text_encoder, unet = new_text_encoder(tokenizer), new_unet()
+    if seen is not None:  # record the batch size of every UNet call
+        record = seen
+
+        def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            record.append(len(inputs[0]))
+
+        unet.register_forward_pre_hook(hook)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     latents = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     ids = token_ids(
@@ -35,7 +44,8 @@ def _train(
     empty = token_ids(tokenizer, [""])[0]
     budget = Budget(0.0, TERMINAL.warmup, steps)
     sched, progress = train_scheduler(), Progress("test")
-    figures = fit(unet, text_encoder, latents, ids, empty, sched, TERMINAL, budget, progress, seed, "cpu", precision)
+    run = (seed, "cpu", precision, batch)
+    figures = fit(unet, text_encoder, latents, ids, empty, sched, TERMINAL, budget, progress, *run)
     return figures, before, unet.state_dict()
 
 
@@ -48,6 +58,15 @@ def test_fit_runs_the_steps_asked_and_is_seeded() -> None:
     assert all(torch.equal(after[k], again[k]) for k in after), "the same seed gave different weights"
     _, _, other = _train(2, seed=4)
     assert any(not torch.equal(after[k], other[k]) for k in after), "another seed gave the same weights"
+
+
+def test_fit_draws_the_batch_size_asked() -> None:
+    seen: list[int] = []
+    figures, _, _ = _train(3, seed=3, batch=5, seen=seen)
+    assert seen == [5, 5, 5] and figures["batch"] == 5
+    seen.clear()
+    _train(1, seed=3, seen=seen)
+    assert seen == [64]
 
 
 def test_bf16_fit_is_seeded_and_tracks_fp32() -> None:
@@ -80,6 +99,49 @@ def test_training_cli_rejects_an_unknown_precision(capsys: pytest.CaptureFixture
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--precision" in err and "'fp16'" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_training_cli_rejects_a_batch_below_one(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["unet", "--batch", value])
+    assert exc.value.code == 2
+    assert f"--batch must be at least 1, got {value}" in capsys.readouterr().err
+
+
+def test_every_prompt_of_the_language_fits_the_token_length(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    saved = json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())
+    assert saved["model_max_length"] == MAX_LENGTH
+    longest = max(grammar.COLOURS, key=len)
+    background = max((c for c in grammar.COLOURS if c != longest), key=len)
+    prompts = [
+        grammar.prompt_text(grammar.Attributes(shape, longest, background, size, position))
+        for shape in grammar.SHAPES
+        for size in (None, *grammar.SIZES)
+        for position in (None, *grammar.POSITIONS)
+    ]
+    ids = token_ids(tokenizer, prompts)
+    assert ids.shape == (len(prompts), MAX_LENGTH)
+    eos = tokenizer.eos_token_id
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    assert max(lengths) < MAX_LENGTH, "the longest prompt would lose its end token"
+    for row, n in zip(ids.tolist(), lengths, strict=True):
+        assert row[n - 1] == eos and all(i == eos for i in row[n:])
+
+
+def test_a_latent_cache_of_another_token_length_is_rebuilt(tmp_path: Path) -> None:
+    vae = AutoencoderKL.from_pretrained(str(SHAPES / "vae")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER))
+    path = tmp_path / "t2i-latents.pt"
+    stale = {"mean": torch.zeros(4, 4, 16, 16), "std": torch.zeros(4, 4, 16, 16), "ids": torch.zeros(4, 77).long()}
+    torch.save(stale, path)
+    cache = load_or_build_cache(path, vae, tokenizer, seed=1, n=4)
+    assert cache["ids"].shape == (4, MAX_LENGTH) and cache["mean"].abs().sum() > 0
+    assert torch.load(path)["ids"].shape == (4, MAX_LENGTH), "the rebuilt cache was not saved"
+    marker = {**cache, "mean": torch.full((4, 4, 16, 16), 7.0)}
+    torch.save(marker, path)
+    assert torch.equal(load_or_build_cache(path, vae, tokenizer, seed=1, n=4)["mean"], marker["mean"])
 
 
 def test_sweep_names_unknown_variants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from .data import __doc__ as GEOMETRY
 from .evaluate import __doc__ as SCORING
 from .export import INPAINT_NAME, T2I_NAME
 from .grammar import COLOURS, GRAMMAR, SHAPES
+from .tokenizer import MAX_LENGTH
 
 # The probe picture, relative to a card in models/<name>/README.md.
 SQUARES_SHEET = "../../docs/images/shapes-squares-probe.png"
@@ -30,6 +31,15 @@ def _minutes(stage: dict[str, Any] | None) -> str:
     if not stage:
         return "not run"
     return f"{stage.get('steps', '?')} steps, {stage.get('seconds', stage.get('wall_seconds', 0)) / 60:.1f} min"
+
+
+def _compute(stage: dict[str, Any] | None) -> str:
+    """Batch size and arithmetic of a UNet stage, as its figures in the report record them."""
+    stage = stage or {}
+    text = f"batch {stage.get('batch', 64)}"
+    if stage.get("precision") == "bf16":
+        text += ", forward passes under bf16 autocast (weights, optimiser state and loss in fp32)"
+    return text
 
 
 def _guidance(ev: dict[str, Any]) -> float:
@@ -178,7 +188,7 @@ for step previews; `inpaint_model` names the inpainting sibling.
   by default). fp16 keeps both folders under the 30 MB budget without shrinking the UNet the
   recipe was proven with; {_fp16_note(ev)}.
 - `vae/` (0.68M parameters, 3 blocks of 16/32/64 channels, 16x16x4 latents), `text_encoder/`
-  (2 layers, width 64, 77 positions), `tokenizer/` (byte-level BPE whose merges make each word
+  (2 layers, width 64, {MAX_LENGTH} positions), `tokenizer/` (byte-level BPE whose merges make each word
   of the language one token; `vocab.json` + `merges.txt` beside `tokenizer.json`), all fp32,
   identical in both folders.
 - Weights of both folders together: {total if total is not None else "?"} bytes.
@@ -199,15 +209,15 @@ for step previews; `inpaint_model` names the inpainting sibling.
   circle and a square, which drowned the shape class in the loss), v-prediction, SD scaled-linear
   betas, loss weight min(1 + SNR, 5) / (1 + SNR) (in image terms: weight 1 at the noisiest steps,
   where the layout is decided, up to 5 at the cleanest), empty prompt 10% of the time, AdamW 1e-3
-  (150 warm-up steps), batch 64, EMA 0.998.
+  (150 warm-up steps), {_compute(report.get("unet"))}, EMA 0.998; prompts padded to {MAX_LENGTH} tokens.
 - Zero-terminal-SNR fine-tune of both (stage 2b, `terminal`): {_minutes(report.get("terminal"))}; the same
   betas rescaled so that t = 999 is pure noise (alphas_cumprod floored at 1e-4, so the first sigma is
   100 rather than infinite), 40% of each batch from t >= 850 in the first half of the stage and uniform
-  timesteps after it, AdamW 3e-4 (50 warm-up steps). Why: on the plain schedule a t = 999 input still
-  holds 6.8% of the image and the UNet took the shape's position from that residue rather than from the
-  prompt (position words at chance after stage 2). The shipped scheduler config carries these betas as
-  `trained_betas` with trailing timesteps, so every scheduler the service offers samples on the schedule
-  the UNet was trained on.
+  timesteps after it, AdamW 3e-4 (50 warm-up steps), {_compute(report.get("terminal"))}.
+  Why: on the plain schedule a t = 999 input still holds 6.8% of the image and the UNet took the shape's
+  position from that residue rather than from the prompt (position words at chance after stage 2). The
+  shipped scheduler config carries these betas as `trained_betas` with trailing timesteps, so every
+  scheduler the service offers samples on the schedule the UNet was trained on.
 - VAE decoder fine-tune (encoder frozen, so the latents the UNets learnt do not move):
   {_minutes(report.get("decoder"))}; L1 + MSE on decoded posterior samples of the 20,000 training
   latents, AdamW 1e-3, batch 32; held-out PSNR {report.get("decoder", {}).get("held_out_psnr_db", 0):.1f} dB.
@@ -218,24 +228,38 @@ for step previews; `inpaint_model` names the inpainting sibling.
 
 ## How the recipe and the default guidance were chosen
 
-`python -m training.shapes.sweep` (`training/shapes/sweep.py`) trained variants side by side on one GPU (an
-H100, 7 minutes for nine of them) with the shipped stages' own loop, at the step counts this 2-core CPU
-reaches in its budget, and scored them like the table below (96 prompts, DDIM 20; guidance 7.5):
+The recipe's stages, schedules and losses came from `python -m training.shapes.sweep`
+(`training/shapes/sweep.py`), which trained variants side by side on one GPU (an H100, 7 minutes for nine of
+them) with the shipped stages' own loop, at the step counts this 2-core CPU reached in its budget at batch 64
+in fp32, and scored them like the table below (96 prompts, DDIM 20; guidance 7.5):
 
-| variant (stage 2 + stage 2b steps) | shape | size | position | all right |
+| variant (stage 2 + stage 2b steps, batch 64) | shape | size | position | all right |
 |---|---|---|---|---|
-| shipped recipe of the previous family (2,609 + 823) | 61.5% | 80.3% | 87.4% | 50.0% |
-| this recipe (2,609 + 1,650, noisy share in the first half) | 62.5% | 84.8% | 93.1% | 52.1% |
+| recipe of two families ago (2,609 + 823) | 61.5% | 80.3% | 87.4% | 50.0% |
+| the previous family's recipe (2,609 + 1,650, noisy share in the first half) | 62.5% | 84.8% | 93.1% | 52.1% |
 | 2b with uniform timesteps only | 67.7% | 81.8% | 78.2% | 50.0% |
 | pooled prompt added to the time embedding (same steps) | 60.4% | 80.3% | 89.7% | 51.0% |
 | cross-attention at 16x16 too (1,680 + 1,065: 1.55x slower per step) | 49.0% | 75.8% | 92.0% | 38.5% |
 | two layers per block (1,840 + 1,160: 1.42x slower) | 52.1% | 84.8% | 95.4% | 45.8% |
-| 2.3x this CPU budget (6,000 + 2,000) | 74.0% | 77.3% | 100% | 67.7% |
-| 2.3x this CPU budget, guidance 1.0 | 81.3% | 97.0% | 86.2% | 70.8% |
+| 2.3x that CPU budget (6,000 + 2,000) | 74.0% | 77.3% | 100% | 67.7% |
+| 2.3x that CPU budget, guidance 1.0 | 81.3% | 97.0% | 86.2% | 70.8% |
 
 Mid-noise timesteps, a 3x text-encoder learning rate, learning rate 6e-4 or EMA 0.995 in stage 2b changed
-nothing beyond noise (at guidance 3: all right 56-62%, squares 1-3 of 32). Guidance 3 is the default because
-above it the samples overshoot: the sides of squares turn concave and shapes outgrow their size word.
+nothing beyond noise (at guidance 3: all right 56-62%, squares 1-3 of 32). Only more steps helped, so this
+family buys them on the CPU: batch 32 instead of 64, the forward passes under bf16 autocast, and prompts padded
+to 24 tokens instead of 77 (the text encoder and the cross-attention keys shrink with them). A training step
+takes 0.35 s instead of 1.07 s in a quiet benchmark (0.41 s in the run), so the same budgets give 2.5x the
+steps and 1.27x the images. With everything else the same (tokenizer, VAE, decoder, latents, budgets, seed),
+at guidance 3, DDIM 20:
+
+| UNet stages (2 + 2b steps, inpaint steps) | shape | squares | size | position | all right | inpaint PSNR out |
+|---|---|---|---|---|---|---|
+| previous family: batch 64, fp32 (2,609 + 1,650, 766) | 63.5% | 1/32 | 89.4% | 97.7% | 57.3% | 32.1 dB |
+| batch 64, bf16 (3,041 + 1,919, 1,125) | 62.5% | 4/32 | 87.9% | 94.3% | 59.4% | 34.1 dB |
+| **this family**: batch 32, bf16, 24 tokens (6,628 + 3,876, 2,215) | 76.0% | 10/32 | 95.5% | 98.9% | 75.0% | 35.4 dB |
+
+Guidance 3 is the default because above it the samples overshoot: the sides of squares turn concave and shapes
+outgrow their size word.
 
 ## Where the squares are lost
 
@@ -243,60 +267,36 @@ above it the samples overshoot: the sides of squares turn concave and shapes out
 follows the grid's prompts through each stage an image can pass: the exact render of the grid's scene, the
 render encoded and decoded by the VAE, the render edited (img2img, DDIM 20, guidance 3) with its own prompt,
 and generation from noise. Per class, of 32 prompts each (fill: mean share of the shape's box it covers; the
-scorer calls a square from 0.9):
+scorer calls a square from 0.9), this family and, in brackets, the previous one:
 
 | stage | squares right | square fill | circles right | circle fill | triangles right |
 |---|---|---|---|---|---|
 | exact render | 32 | 1.000 | 32 | 0.783 | 32 |
 | VAE round trip (posterior mean) | 30 | 0.949 | 32 | 0.814 | 29 |
-| edit at strength 0.3 (from t = 300, alpha-bar 0.57) | 13 | 0.887 | 32 | 0.831 | 30 |
-| edit at strength 0.5 | 8 | 0.866 | 31 | 0.833 | 29 |
-| edit at strength 0.7 | 4 | 0.829 | 31 | 0.843 | 29 |
-| generated | 1 | 0.842 | 31 | 0.842 | 29 |
+| edit at strength 0.3 (from t = 300, alpha-bar 0.57) | 16 (13) | 0.896 (0.887) | 31 (32) | 0.812 (0.831) | 30 (30) |
+| edit at strength 0.5 | 11 (8) | 0.884 (0.866) | 32 (31) | 0.800 (0.833) | 30 (29) |
+| edit at strength 0.7 | 11 (4) | 0.879 (0.829) | 32 (31) | 0.791 (0.843) | 31 (29) |
+| generated | 10 (1) | 0.881 (0.842) | 32 (31) | 0.780 (0.842) | 31 (29) |
 
 ![Square prompts, top to bottom: exact, VAE round trip, edit at 0.3, 0.5 and 0.7, generated]({SQUARES_SHEET})
 
-Generated squares and circles have the same mean fill: the UNet draws one rounded box for both words, and
-pulls even an exact square towards it once an edit starts from t = 300. The VAE costs only the smallest
-squares their corners. One-off CPU fine-tunes of the shipped stage-2b weights (300 steps each, batch 64,
-learning rate 1e-4 with a cosine decay; not part of the training code) did not move squares beyond a plain
-fine-tune of the same length, which drew 5 of 32 at guidance 3 (fill 0.849):
-- a pixel loss through the frozen decoder on half of each batch (t < 500, weight 2): 3 of 32, fill 0.853;
-- squares drawn twice as often: 6 of 32, fill 0.858;
-- minimal pairs (each scene beside the same scene with circle and square swapped, same noise and timestep):
-  4 of 32, fill 0.849;
-- and four times as long, 1,200 plain steps (20 minutes): still 5 of 32 (fill 0.859), though all right rose to
-  64.6% and size to 95.5% (the shipped family: 57.3%, 89.4%). It is not shipped: it would take the
-  training past its two hours.
+The previous family drew one rounded box for both words (the same mean fill, 0.842, for squares and circles).
+This one tells them apart: its circles are true circles (fill 0.780 against 0.783 exact) and its large squares
+are squares (8 of the 11 prompts that say "large" at guidance 3, 2 of 10 without a size word). What it still
+rounds are small squares (0 of 11): a side of 10-19 px is 2.4-4.8 latent pixels, and their corners are what
+the UNet gets least of in training. The VAE costs only the smallest squares their corners (30 of 32 survive
+its round trip).
 
-Nor did the sampling side: a decoder fine-tuned for 12 minutes on the UNet's one-step predictions as well as
-on posterior samples: 3 of 32 (fill 0.850); 60 DDIM steps instead of 20: 1 of 32; guidance rescale 0.7 (Lin et
-al. 2023): 3 of 32, and on a second prompt grid all right fell from 62.5% to 58.3%; the DDPM sampler: 6 of 32.
-Nor is it the size and position words: stage 2 trained from scratch for 24 minutes (the feasibility run's
-time) on the same latents with prompts of shape, colour and background only (1,267 steps; this machine runs
-the UNet at 1.14 s a step, where the feasibility facts in the issue report 0.73 s and 1,971 steps) drew 0 of
-32 squares and 7 of 32 triangles at guidance 7.5 on those prompts (DDIM 20 on stage 2's schedule). The
-feasibility recipe itself (epsilon prediction, min-SNR-5, the same UNet, 24 minutes: 1,271 steps here) drew 1
-of 32 squares and 23 of 32 triangles at guidance 7.5, with colour 83% and background 95%; its 99% shape class
-does not reproduce on this machine under this scorer. Like the sweep, this points at training compute: the
-binding of "circle" and "square" to their outlines is what this budget does not reach.
-
-A faster step did not reach it either. `--precision bf16` runs the UNet stages' forward passes under bf16
-autocast (weights, optimiser state and loss stay fp32; on the shipped model's batches the loss moves by 0.1%
-and the gradient keeps cosine 0.9997): 0.75 s a step in a quiet benchmark, 0.83-0.89 s in the run, against
-1.04-1.07 s in fp32. With the shipped budgets it trained stage 2 for 3,041 steps, stage 2b for 1,919 (1.16x the
-shipped 4,259 in all) and inpainting for 1,125 (766), from the same tokenizer, VAE and latents. At guidance 3 it
-scored shape 62.5% (squares 4, circles 28, triangles 28 of 32), size 87.9%, position 94.3%, all right 59.4%
-(shipped: 63.5%, 89.4%, 97.7%, 57.3%), inpaint PSNR outside the mask 34.1 dB (32.1): the same model within the
-noise of the variants above, so the fp32 family stays shipped and fp32 stays the default.
-
-Two more probes of the shipped weights point the same way. A negative prompt that swaps the shape word (so that
-guidance amplifies only the difference between "square" and "circle") makes circles rounder as the scale rises
-(fill 0.778 at guidance 3, 0.631 at 15; 24 and 10 of 32 still judged circles) but squares no boxier (fill 0.804
-and 0.803; 4 and 2 of 32): the UNet has learnt what "circle" adds to the rounded box, not what "square" does.
-And a 300-step bf16 fine-tune with half of each batch from t < 300, where the corners are decided, drew 5 of 32
-squares, like the plain fine-tune of the same length, and kept 14 of 32 exact squares through an edit at 0.3
-(shipped: 13).
+What did not help, on the previous family (batch 64, fp32; each one-off run from its stage-2b weights, not
+part of the training code): 300-step fine-tunes (batch 64, learning rate 1e-4 with a cosine decay) with a
+pixel loss through the frozen decoder (3 of 32 squares), squares drawn twice as often (6), minimal pairs of
+scenes with circle and square swapped (4), half of each batch from t < 300 in bf16 (5), against 5 for a plain
+fine-tune of the same length and still 5 for 1,200 plain steps; a decoder fine-tuned on the UNet's one-step
+predictions (3); 60 DDIM steps (1); guidance rescale 0.7 (3); the DDPM sampler (6); a negative prompt with the
+shape word swapped (4 at guidance 3, 2 at 15: circles got rounder, squares no boxier); stage 2 from scratch on
+prompts of shape and colours only (0), and the feasibility recipe of the issue (epsilon prediction, min-SNR-5,
+24 minutes: 1 of 32 squares, 23 of 32 triangles at guidance 7.5). Every one of them kept the number of steps,
+and none moved squares; the batch-32 run above doubled the steps and did.
 
 ## Known problems
 
@@ -361,7 +361,8 @@ stored in fp16.
   one or two random boxes (25%), the whole image (5%); the masked image is zeroed under the
   mask and encoded with `latent_dist.sample()`, the mask nearest-downsampled to 16x16, exactly
   as `StableDiffusionInpaintPipeline` does; the targets are posterior means, as for `{T2I_NAME}`.
-  {_minutes(report.get("inpaint"))}, on the zero-terminal-SNR schedule, AdamW 5e-4, batch 64, EMA 0.998.
+  {_minutes(report.get("inpaint"))}, on the zero-terminal-SNR schedule, AdamW 5e-4,
+  {_compute(report.get("inpaint"))}, EMA 0.998.
 - The pipeline does not paste the original back outside the mask: the model has to reproduce it.
 {_inpaint_note(inp)}
 

@@ -29,8 +29,8 @@ from .vae import train_vae
 log = logging.getLogger("training.shapes")
 STAGES = ("tokenizer", "vae", "unet", "terminal", "inpaint", "decoder", "export", "eval", "card")
 # Shares of --budget-minutes (training time only; rendering, caching and eval come on top). The default
-# 110 minutes give VAE 12.1, stage 2 45.1, stage 2b 26.4 (about 1,650 steps on the 2-core machine), inpaint
-# 14.3 and decoder 12.1 minutes: the shipped family's recipe (see its model card for the exact runs).
+# 110 minutes give VAE 12.1, stage 2 45.1, stage 2b 26.4 (about 3,900 steps of batch 32 in bf16 on the 2-core
+# machine), inpaint 14.3 and decoder 12.1 minutes: the shipped family's recipe (see its model card for the runs).
 SHARES = {"vae": 0.11, "unet": 0.41, "terminal": 0.24, "inpaint": 0.13, "decoder": 0.11}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -48,10 +48,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="UNet stages' compute: fp32 (the shipped family's recipe) or bf16 autocast (fp32 weights, optimiser and "
-        "loss: 1.2-1.4x the steps per minute on the 2-core reference CPU; a full bf16 run scored the same as fp32, "
-        "see the model card); auto = bf16 where the CPU or GPU computes it natively, else fp32",
+        default="auto",
+        help="UNet stages' compute: bf16 autocast (fp32 weights, optimiser and loss; 1.4x the steps per minute on "
+        "the 2-core reference CPU, which the shipped family was trained with), fp32, or auto (the default) = bf16 "
+        "where the CPU or GPU computes it natively, else fp32 (emulated bf16 is slower than fp32)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=32,
+        help="batch size of the UNet stages (2, 2b, inpaint); the time budgets stay, so a smaller batch takes more "
+        "steps (the shipped family: 32; at 64 it drew 1 square in 32, see the model card)",
     )
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     for stage in SHARES:
@@ -66,7 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="eval: sampling steps")
     p.add_argument("--n", type=int, default=96, help="eval: prompts in the grid")
     p.add_argument("--log-dir", type=Path, default=Path("/tmp"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
+    return args
 
 
 class Run:
@@ -137,7 +147,7 @@ def main(argv: list[str]) -> int:
     precision = resolve_precision(args.precision)
 
     def unet_stage(name: str) -> UNetStage:
-        return UNetStage(w / "vae", w / "tokenizer", run.budget(name), seed, steps[name], precision)
+        return UNetStage(w / "vae", w / "tokenizer", run.budget(name), seed, steps[name], precision, args.batch)
 
     stages: dict[str, tuple[bool, Callable[[], Any]]] = {
         "tokenizer": ((w / "tokenizer" / "tokenizer.json").exists(), lambda: build_tokenizer(w / "tokenizer") and None),

@@ -72,7 +72,7 @@ def new_vae() -> AutoencoderKL:
 
 
 def new_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """A 2-layer, 64-wide CLIP text encoder with 77 positions."""
+    """A 2-layer, 64-wide CLIP text encoder with MAX_LENGTH positions."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

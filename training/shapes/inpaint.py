@@ -16,12 +16,12 @@ from .loop import EMA, Budget, Progress, UNetStage, autocast, finish_unet, optim
 from .loop import smooth as smoothed
 from .tensors import encode_moments, mask_latents, masks_to_tensor, sample_latents, to_tensor
 from .text import drop_prompts, token_ids
+from .tokenizer import MAX_LENGTH
 from .unet import N_LATENTS, P_EMPTY_PROMPT, diffusion_loss, load_or_build_cache, load_text_to_image
 
 log = logging.getLogger(__name__)
 
 N_PAIRS = 16_000
-BATCH = 64
 LR = 5e-4
 WARMUP = 50
 EMA_DECAY = 0.998
@@ -71,7 +71,7 @@ def train_inpaint(stage: UNetStage, t2i_dir: Path, out: Path) -> dict[str, float
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out.parent / "inpaint-latents.pt"
     cache: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.exists() else {}
-    if len(cache.get("ids", ())) != N_PAIRS:
+    if "ids" not in cache or cache["ids"].shape != (N_PAIRS, MAX_LENGTH):
         t2i_cache = load_or_build_cache(out.parent / "t2i-latents.pt", vae, tokenizer, seed + 1, N_LATENTS)
         cache = build_cache(vae, t2i_cache, seed + 1, N_PAIRS)
         torch.save(cache, cache_path)
@@ -87,12 +87,12 @@ def train_inpaint(stage: UNetStage, t2i_dir: Path, out: Path) -> dict[str, float
     progress = Progress("inpaint")
     smooth, step = 0.0, 0
     while not budget.done(step):
-        idx = torch.randint(N_PAIRS, (BATCH,), generator=gen)
+        idx = torch.randint(N_PAIRS, (stage.batch,), generator=gen)
         latents = cache["target_mean"][idx] * scale  # posterior means as targets (see unet.py)
         masked = sample_latents(cache["masked_mean"][idx], cache["masked_std"][idx], scale)
         ids = drop_prompts(cache["ids"][idx], empty, P_EMPTY_PROMPT, gen)
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (stage.batch,), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         with torch.no_grad():
             emb = text_encoder(ids)[0]
@@ -104,6 +104,6 @@ def train_inpaint(stage: UNetStage, t2i_dir: Path, out: Path) -> dict[str, float
         smooth = smoothed(smooth, loss.item(), step)
         progress.step(step, loss=smooth, lr=LR * budget.factor(step))
         step += 1
-    figures = finish_unet(ema, budget, progress, step, smooth, stage.precision)
+    figures = finish_unet(ema, budget, progress, step, smooth, stage.precision, stage.batch)
     unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     return figures

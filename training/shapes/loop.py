@@ -43,7 +43,7 @@ def autocast(precision: str, device: str = "cpu") -> AbstractContextManager[obje
 @dataclass(frozen=True)
 class UNetStage:
     """What every UNet stage (2, 2b, inpaint) is given: the VAE and tokenizer folders, its training time (or a
-    fixed step count instead), the run's seed and the compute precision (see resolve_precision)."""
+    fixed step count instead), the run's seed, the compute precision (see resolve_precision) and the batch size."""
 
     vae_dir: Path
     tokenizer_dir: Path
@@ -51,6 +51,7 @@ class UNetStage:
     seed: int
     steps: int | None = None
     precision: str = "fp32"
+    batch: int = 32
 
 
 def seed_everything(seed: int) -> None:
@@ -148,13 +149,13 @@ def plain_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
 
 
 def finish_unet(
-    ema: EMA, budget: Budget, progress: Progress, step: int, loss: float, precision: str
+    ema: EMA, budget: Budget, progress: Progress, step: int, loss: float, precision: str, batch: int
 ) -> dict[str, float | str]:
     """End a UNet stage: copy the EMA weights in and log and return the stage's figures."""
     ema.copy_to_params()
     figures = {"steps": step, "seconds": budget.elapsed(), "final_loss": loss}
     progress.step(step, force=True, **figures)
-    return {**figures, "precision": precision}
+    return {**figures, "precision": precision, "batch": batch}
 
 
 def smooth(previous: float, value: float, step: int) -> float:

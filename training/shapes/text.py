@@ -1,4 +1,4 @@
-"""Prompt tokenisation exactly as the pipelines do it: padded to 77 with the end token, no attention mask."""
+"""Prompt tokenisation exactly as the pipelines do it: padded to MAX_LENGTH with the end token, no attention mask."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .tokenizer import MAX_LENGTH
 
 
 def token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """N x 77 token ids."""
+    """N x MAX_LENGTH token ids."""
     enc = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     ids: torch.Tensor = enc.input_ids
     return ids

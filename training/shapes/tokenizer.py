@@ -11,7 +11,10 @@ from transformers import CLIPTokenizer
 
 from .grammar import WORDS
 
-MAX_LENGTH = 77
+# Prompts are padded to this many tokens (the pipelines pad to the tokenizer's model_max_length). The longest
+# prompt of the language is 13 tokens with its start and end tokens; 24 rather than SD's 77 leaves room and
+# makes a training step 1.4x faster at batch 32 (the text encoder and the cross-attention keys scale with it).
+MAX_LENGTH = 24
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
