@@ -168,7 +168,8 @@ def test_probe_follows_each_stage(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert probe.main([*args, "--json", str(out), "--sheet", str(sheet)]) == 0
     figures = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == figures
-    assert figures["guidance"] == 3.0, "the folder's default guidance was not used"
+    default = json.loads((SHAPES / "sdserve.json").read_text())["default_guidance_scale"]
+    assert figures["guidance"] == default, "the folder's default guidance was not used"
     stages = ["exact", "round_trip", "edit_0.3", "edit_0.6", "generated"]
     assert [k for k in figures if k not in ("model", "n", "steps", "guidance")] == stages
     for stage in stages:
