@@ -9,7 +9,7 @@ score on it (1/24 for background, colour and shape; 1/18 and 1/20 of the prompts
 position), so that a different CPU's last-bit differences cannot flip the result while regressions still
 fail (measured on the slice, `python -m quality --n 24 --schedulers EULER --variants ""`: background 100%,
 colour 100%, shape 87.5%, size 100%, position 100%, identical with EULER; inpaint recolour 100%, PSNR outside
-34.9 dB). Raise FLOORS to TARGETS when they hold.
+33.3 dB). Raise FLOORS to TARGETS when they hold.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_inpaint_recolours_and_keeps_the_rest(shapes: ServerThread) -> None:
     with Client(shapes.target) as c:
         plain = served.inpaint(c, items, steps=20)
         exact = served.inpaint(c, items, steps=20, preserve_unmasked=True)
-    # Targets: recolour >= 90% and PSNR outside >= 30 dB (34.9 dB on this slice, 36.1 dB on the full grid, at
+    # Targets: recolour >= 90% and PSNR outside >= 30 dB (33.3 dB on this slice, 35.1 dB on the full grid, at
     # the folder's default guidance 3).
     assert plain["recolour"] >= 0.90, plain
     assert plain["psnr_outside_db"] >= 30.0, plain

@@ -14,7 +14,11 @@ from transformers import CLIPTokenizer
 from service.settings import REPO_ROOT
 from training.shapes import cli, grammar, probe, sweep
 from training.shapes.configs import new_text_encoder, new_unet, train_scheduler
-from training.shapes.loop import Budget, Progress, autocast, resolve_precision, seed_everything
+from training.shapes.data import Scene, render
+from training.shapes.decoder import EDGE_WEIGHT, edge_weights
+from training.shapes.grammar import Attributes
+from training.shapes.loop import Budget, Progress, autocast, recon_loss, resolve_precision, seed_everything
+from training.shapes.tensors import to_tensor
 from training.shapes.text import token_ids
 from training.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 from training.shapes.unet import TERMINAL, fit, load_or_build_cache
@@ -47,6 +51,27 @@ def _train(
     run = (seed, "cpu", precision, batch)
     figures = fit(unet, text_encoder, latents, ids, empty, sched, TERMINAL, budget, progress, *run)
     return figures, before, unet.state_dict()
+
+
+def test_decoder_loss_weighs_edges_and_corners() -> None:
+    import numpy as np
+
+    x = to_tensor(np.asarray(render(Scene(Attributes("square", "red", "blue"), 16.0, 32.0, 32.0)))[None])
+    w = edge_weights(x)
+    assert w.shape == (1, 1, 64, 64)
+    # Flat background and the shape's inside weigh 1; the square's edge pixels weigh up to 1 + EDGE_WEIGHT.
+    assert float(w[0, 0, 2, 2]) == 1.0 and float(w[0, 0, 32, 32]) == 1.0
+    assert 1 + 0.5 * EDGE_WEIGHT <= float(w[0, 0, 32, 24]) <= 1 + EDGE_WEIGHT
+    # The same error costs more on an edge than on the background; unweighted, both cost the same.
+    err = torch.zeros_like(x)
+    on_edge, on_flat = err.clone(), err.clone()
+    on_edge[..., 32, 24] = 0.5
+    on_flat[..., 2, 2] = 0.5
+    assert recon_loss(x + on_edge, x)[0] == pytest.approx(float(recon_loss(x + on_flat, x)[0]))
+    edge_loss, edge_l1 = recon_loss(x + on_edge, x, w)
+    flat_loss, flat_l1 = recon_loss(x + on_flat, x, w)
+    assert float(edge_loss) > 2.5 * float(flat_loss) > 0
+    assert float(edge_l1) == pytest.approx(float(flat_l1))  # the logged L1 stays unweighted
 
 
 def test_fit_runs_the_steps_asked_and_is_seeded() -> None:

@@ -135,10 +135,17 @@ def optimise(
     ema.update()
 
 
-def recon_loss(rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1 + MSE reconstruction loss of a decoded batch, and its L1 part (both VAE stages)."""
-    l1 = (rec - x).abs().mean()
-    return l1 + (rec - x).pow(2).mean(), l1
+def recon_loss(
+    rec: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 + MSE reconstruction loss of a decoded batch, and its unweighted L1 part (both VAE stages). With
+    per-pixel weights (broadcast over channels) the loss is their weighted mean."""
+    d = rec - x
+    l1 = d.abs().mean()
+    if weights is None:
+        return l1 + d.pow(2).mean(), l1
+    w = weights.expand_as(d)
+    return ((d.abs() + d.pow(2)) * w).sum() / w.sum(), l1
 
 
 def plain_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
