@@ -321,6 +321,14 @@ units a small square and the circle in its box differ by 13.5 (summed squared di
 of side 10-19 px), only 2.4 times what a 1 px shift of the same square changes (5.7); for large squares (29-38
 px) the gap is 107.8, ten times their 1 px shift.
 
+Batch 16 instead of 32 (a full retrain of the three UNet stages with everything else the same: 0.26 instead of
+0.41 s a step, so 10,543 + 6,257 steps and 3,697 inpaint steps in the same budgets, 1.6x the steps and 0.8x
+the images) was far worse: `python -m training.shapes eval` at guidance 2 gave shape 52.1% (squares 0 of 32,
+triangles 19 of 32), size 87.9%, position 96.6%, all right 47.9%, inpaint PSNR outside 32.1 dB; its stage 2
+alone (SD betas, guidance 3, the three grids) scored shape 42.4% against 71.2% for batch 32, and ended on a
+higher training loss (0.0644 against 0.0582). So steps are not the whole story: at learning rate 1e-3 a batch
+of 16 learns less per minute than one of 32.
+
 ## Known problems
 
 {_known_problems(ev, report.get("notes", []))}
