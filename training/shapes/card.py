@@ -313,7 +313,9 @@ the shipped weights draw 3 of 33 small squares and score shape 82.6%): a sharper
 one shipped now: 34.0 instead of 31.9 dB, 52 instead of 41 of 60 small squares through the round trip) left
 generated small squares at 3 of 33 and shape at 82.6%, so the UNet's latents, not the decoder, round them;
 9-minute fine-tunes from the shipped weights (about 1,370 steps at batch 32): plain, 83.7% (small squares 2 of
-33); small shapes and squares drawn about twice as often, 79.5% (6 of 33, but squares without a size word fell
+33); the v loss weighted per latent pixel by 1 + 4 x the shape's edges (the decoder's local-contrast map,
+max-pooled to the 16x16 latent grid), 83.0% (1 of 33); small shapes and squares drawn about twice as often,
+79.5% (6 of 33, but squares without a size word fell
 from 19 to 11 of 30 and circles to 90 of 96); the pooled prompt added to the time embedding (zero-initialised),
 81.9% (1 of 33); guidance 3 for the first 8 steps then 1 or 2, or 5 for 6 steps then 1 (80.2-82.6%, 3-5 of 33);
 guidance rescale 0.7 at guidance 3 and 5 (76.4% and 71.5%). Why small squares are hard: in the UNet's latent
@@ -328,6 +330,17 @@ triangles 19 of 32), size 87.9%, position 96.6%, all right 47.9%, inpaint PSNR o
 alone (SD betas, guidance 3, the three grids) scored shape 42.4% against 71.2% for batch 32, and ended on a
 higher training loss (0.0644 against 0.0582). So steps are not the whole story: at learning rate 1e-3 a batch
 of 16 learns less per minute than one of 32.
+
+Batch 24 was then picked by an 8-minute proxy (stage 2 from scratch at each setting, then the EMA weights'
+v-prediction error on 2,048 fixed held-out noisy latents: batch 24 0.0852, 32 0.0874, 32 at learning rate 2e-3
+0.0899, 16 0.0906, 64 0.0921, 48 0.0927; batch 24 lowest in every timestep range). Its full retrain (the same
+procedure: 8,419 + 4,910 steps, 2,838 inpaint steps) ended stage 2 on a slightly lower training loss (0.0576
+against 0.0582) but drew squares hardly better than batch 16: shape 66.7% at guidance 2 (squares 3 of 32,
+circles 31, triangles 30), size 90.9%, position 95.4%, all right 60.4%, inpaint PSNR outside 33.0 dB. Its
+stage 2 alone (SD betas, guidance 3, the three grids) scored 59.0%, between batch 16's 42.4% and batch 32's
+71.2%. So in a 45-minute stage 2 batch 32 beats the smaller batches that an 8-minute run favours (early in
+training a small batch gains more per second; later the gradient noise of a small batch costs more than its
+extra steps buy), and the training loss and the held-out loss miss what decides the shape class.
 
 ## Known problems
 
