@@ -18,20 +18,24 @@ import torch
 
 from . import card
 from .decoder import train_decoder
-from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir
+from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir, terminal_dir, vae_dir
 from .inpaint import train_inpaint
 from .loop import PRECISIONS, UNetStage, resolve_precision
+from .reflow import train_reflow
 from .sample_eval import run_eval
 from .tokenizer import build_tokenizer
 from .unet import train_terminal, train_unet
 from .vae import train_vae
 
 log = logging.getLogger("training.shapes")
-STAGES = ("tokenizer", "vae", "unet", "terminal", "inpaint", "decoder", "export", "eval", "card")
-# Shares of --budget-minutes (training time only; rendering, caching and eval come on top). The default
-# 110 minutes give VAE 12.1, stage 2 45.1, stage 2b 26.4 (about 3,900 steps of batch 32 in bf16 on the 2-core
-# machine), inpaint 14.3 and decoder 12.1 minutes: the shipped family's recipe (see its model card for the runs).
-SHARES = {"vae": 0.11, "unet": 0.41, "terminal": 0.24, "inpaint": 0.13, "decoder": 0.11}
+STAGES = ("tokenizer", "vae", "unet", "terminal", "inpaint", "decoder", "reflow", "export", "eval", "card")
+# Each stage's training minutes at the default --budget-minutes (their sum, 115); another budget scales them all.
+# Training time only: rendering, caching, the reflow stage's sampling (about 4 minutes) and eval come on top.
+# Stage 2b's 26.4 minutes are about 3,900 steps of batch 32 in bf16 on the 2-core machine. This is the shipped
+# family's recipe (see its model card for the runs).
+MINUTES = {"vae": 12.1, "unet": 45.1, "terminal": 26.4, "inpaint": 14.3, "decoder": 12.1, "reflow": 5.0}
+DEFAULT_BUDGET = round(sum(MINUTES.values()), 1)
+SHARES = {stage: minutes / DEFAULT_BUDGET for stage, minutes in MINUTES.items()}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -42,7 +46,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("models"), help="where the model folders go")
     p.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"), help="stage checkpoints and caches")
     p.add_argument(
-        "--budget-minutes", type=float, default=110.0, help="training time of all stages together, split by SHARES"
+        "--budget-minutes",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help="training time of all stages together, split in proportion to MINUTES",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -163,13 +170,17 @@ def main(argv: list[str]) -> int:
         ),
         "inpaint": (
             _weights(w / "inpaint" / "unet"),
-            lambda: train_inpaint(unet_stage("inpaint"), t2i_dir(w), w / "inpaint"),
+            lambda: train_inpaint(unet_stage("inpaint"), terminal_dir(w), w / "inpaint"),
         ),
         "decoder": (
             _weights(w / "vae-tuned"),
             lambda: train_decoder(
                 w / "vae", w / "tokenizer", w, w / "vae-tuned", run.budget("decoder"), seed, steps["decoder"]
             ),
+        ),
+        "reflow": (
+            _weights(w / "t2i-reflow" / "unet"),
+            lambda: train_reflow(unet_stage("reflow"), terminal_dir(w), vae_dir(w), w / "t2i-reflow"),
         ),
         "export": (
             (out / T2I_NAME / "sdserve.json").exists() and (out / INPAINT_NAME / "sdserve.json").exists(),

@@ -65,9 +65,17 @@ def _stage_dir(preferred: Path, fallback: Path, weights: str) -> Path:
     return preferred if (preferred / weights).exists() else fallback
 
 
+_UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def terminal_dir(work: Path) -> Path:
+    """The text-to-image UNet the inpainting and reflow stages start from: stage 2b's if it ran, else stage 2's."""
+    return _stage_dir(work / "t2i-terminal", work / "t2i", _UNET)
+
+
 def t2i_dir(work: Path) -> Path:
-    """The text-to-image stage output to ship: the zero-terminal-SNR fine-tune if that stage ran."""
-    return _stage_dir(work / "t2i-terminal", work / "t2i", "unet/diffusion_pytorch_model.safetensors")
+    """The text-to-image stage output to ship: the reflow fine-tune if that stage ran, else terminal_dir."""
+    return _stage_dir(work / "t2i-reflow", terminal_dir(work), _UNET)
 
 
 def vae_dir(work: Path) -> Path:
