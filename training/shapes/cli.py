@@ -65,8 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=32,
         help="batch size of the UNet stages (2, 2b, inpaint); the time budgets stay, so a smaller batch takes more "
-        "steps (the shipped family: 32, 17 squares in 32; full retrains at 64, 24 and 16 drew 1, 3 and 0; see the "
-        "model card)",
+        "steps (the shipped family: 32, which drew 17 squares in 32 before stage 2c; full retrains at 64, 24 and 16 "
+        "drew 1, 3 and 0; see the model card)",
     )
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     for stage in SHARES:
