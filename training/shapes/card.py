@@ -247,7 +247,10 @@ for step previews; `inpaint_model` names the inpainting sibling.
 {_reflow(report.get("reflow"))}
 - Latent RGB projection fit: RMSE {ex.get("latent_rgb_rmse", 0):.3f} (in [-1, 1] units) against the
   box-downsampled decode: a rough preview only, this VAE's latents are far from linear in colour.
-- Wall time of the training stages: {_total_minutes(report):.0f} min. How the shipped folders were actually made:
+- Wall time of the training stages: {_total_minutes(report):.0f} min, at the recipe's minutes (`--budget-minutes 115`).
+  The default budget, 109 minutes, scales every stage by 0.95 so that a whole run from scratch (with rendering,
+  caching, the reflow stage's sampling, export and eval) fits in two hours on this machine; that run has not been
+  made. How the shipped folders were actually made:
 {_runs(report)}
 
 ## How the recipe and the default guidance were chosen
