@@ -402,6 +402,11 @@ service, PSNR to the input at strength 0.3: 27.8 dB before, 23.5 dB after; all a
 81.2% before, 85.4% after), and samplers other than DDIM, whose trajectories it was not fitted to, follow size
 and position words less (`make eval`: size 80.3-89.4%, position 88.5-90.8%, LCM 78.8% and 72.4%).
 
+The probe of Where the squares are lost, rerun on the reflowed UNet (`python -m training.shapes.probe --guidance
+3`): edits of exact renders at strength 0.3 / 0.5 / 0.7 keep 22 / 20 / 22 of 32 squares (14 / 12 / 12 before,
+square fill 0.919-0.922 against 0.875-0.894) and generation draws 22 (10 before, fill 0.924 against 0.879);
+circles 30 / 30 / 32 and 31 of 32 (32 each before), circle fill 0.809-0.827 (0.777-0.804 before).
+
 What did not help first (this session, from the stage-2b UNet's own samples too): fine-tuning the VAE decoder
 alone to map the UNet's generated latents to the same snapped renders (half of each batch; 6 minutes) left
 small squares at 2-4 of 33 and shape class at 84.4-85.4%, and cost reconstruction (held-out PSNR 34.0 to
