@@ -11,10 +11,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch==2.13.0 resolves to the CPU wheel on disk here; elsewhere pip takes it from PyPI (see README for CUDA).
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Two distributions, both editable and from this checkout in one pip call: the client `sdserve` (clients/python)
+# and the server `sdserve-server` (the root, with the dev tools), whose `sdserve` requirement then resolves to
+# clients/python, never to an index.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[server,dev]'
+	$(BIN)/pip install -q -e ./clients/python -e '.[dev]'
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -58,4 +61,4 @@ eval: install
 	$(BIN)/python -m quality
 
 clean:
-	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info clients/python/*.egg-info

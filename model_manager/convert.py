@@ -14,15 +14,20 @@ from model_manager.names import hub_revision_problem, name_problem, repo_id_prob
 from model_manager.ops import ImportRequest, OperationResult, PullRequest, VariantRequest
 from model_manager.progress import Progress
 from model_manager.store import (
+    DEFAULT_LEASE_SECONDS,
+    MAX_LEASE_SECONDS,
+    AliasFailure,
     AliasRecord,
     AliasRemoved,
     AliasSet,
     Change,
+    Corrupted,
     Published,
     Removed,
     Snapshot,
     StoredVariant,
     Usage,
+    VariantKey,
 )
 from sdserve.v1 import model_manager_pb2 as pb
 
@@ -116,6 +121,54 @@ def target(name: str, revision: str, variant: int, prefix: str = "") -> tuple[st
     return name, revision, v
 
 
+MAX_REASON_CHARS = 2000
+MAX_LEASED_VARIANTS = 1000
+
+
+def _variant_ref(ref: pb.VariantRef, field: str, violations: list[FieldViolation]) -> VariantKey:
+    _name(ref.name, f"{field}.name", violations)
+    _name(ref.revision, f"{field}.revision", violations)
+    variant = _variant(ref.variant, f"{field}.variant", violations)
+    if ref.variant == pb.WEIGHT_VARIANT_UNSPECIFIED:
+        violations.append(FieldViolation(f"{field}.variant", "is required: FP32, FP16, BF16 or INT8"))
+    return VariantKey(ref.name, ref.revision, variant)
+
+
+def lease_request(msg: pb.RenewModelLeasesRequest) -> tuple[str, list[VariantKey], float]:
+    """(holder, variants, seconds) of a RenewModelLeases request, validated."""
+    violations: list[FieldViolation] = []
+    _name(msg.holder, "holder", violations)
+    if len(msg.variants) > MAX_LEASED_VARIANTS:
+        violations.append(FieldViolation("variants", f"at most {MAX_LEASED_VARIANTS} entries, got {len(msg.variants)}"))
+    keys = [_variant_ref(ref, f"variants[{i}]", violations) for i, ref in enumerate(msg.variants)]
+    seconds = float(msg.lease_seconds or DEFAULT_LEASE_SECONDS)
+    if not 1 <= seconds <= MAX_LEASE_SECONDS:
+        violations.append(FieldViolation("lease_seconds", f"must be 1 to {MAX_LEASE_SECONDS:.0f}, got {seconds:.0f}"))
+    _raise(violations)
+    return msg.holder, keys, seconds
+
+
+def failure_report(msg: pb.ReportAliasFailureRequest) -> tuple[str, VariantKey, str]:
+    """(alias, target, reason) of a ReportAliasFailure request, validated."""
+    violations: list[FieldViolation] = []
+    _name(msg.alias, "alias", violations)
+    if not msg.HasField("target"):
+        violations.append(FieldViolation("target", "is required: name, revision and variant"))
+    key = _variant_ref(msg.target, "target", violations)
+    if not msg.reason:
+        violations.append(FieldViolation("reason", "is required"))
+    elif len(msg.reason) > MAX_REASON_CHARS:
+        violations.append(FieldViolation("reason", f"at most {MAX_REASON_CHARS} characters, got {len(msg.reason)}"))
+    _raise(violations)
+    return msg.alias, key, msg.reason
+
+
+def variant_ref(key: VariantKey) -> pb.VariantRef:
+    return pb.VariantRef(
+        name=key.name, revision=key.revision, variant=VARIANT_TO_PB.get(key.variant, pb.WEIGHT_VARIANT_UNSPECIFIED)
+    )
+
+
 def name_only(value: str, field: str, required: bool = True) -> str:
     violations: list[FieldViolation] = []
     _name(value, field, violations, required)
@@ -177,12 +230,21 @@ def stored_model(view: StoredVariant, files: bool = False) -> pb.StoredModel:
         out.quality.CopyFrom(q)
     if files and m is not None:
         out.files.extend(pb.StoredFile(path=f.path, size_bytes=f.size, sha256=f.sha256) for f in m.files)
+    if view.lease_holders:
+        out.lease_holders = view.lease_holders
+        out.lease_expire_time.CopyFrom(timestamp(view.lease_expires_at))
     return out
+
+
+def alias_failure(f: AliasFailure) -> pb.AliasFailure:
+    return pb.AliasFailure(
+        target=variant_ref(f.target), reason=f.reason, reporter=f.reporter, time=timestamp(f.at), reverted=f.reverted
+    )
 
 
 def alias(record: AliasRecord, layout: StoreLayout, present: bool = True) -> pb.Alias:
     path = layout.variant_dir(record.model, record.revision, record.variant) if present else ""
-    return pb.Alias(
+    out = pb.Alias(
         name=record.name,
         model=record.model,
         revision=record.revision,
@@ -190,6 +252,11 @@ def alias(record: AliasRecord, layout: StoreLayout, present: bool = True) -> pb.
         path=str(path),
         updated_time=timestamp(record.updated_at),
     )
+    if record.revert_to is not None:
+        out.revert_to.CopyFrom(variant_ref(record.revert_to))
+    if record.failure is not None:
+        out.last_failure.CopyFrom(alias_failure(record.failure))
+    return out
 
 
 def usage(u: Usage) -> pb.StoreUsage:
@@ -252,6 +319,11 @@ def change(c: Change, layout: StoreLayout) -> pb.WatchModelsResponse:
         out.alias_set.target.CopyFrom(stored_model(event.target))
         if event.previous is not None:
             out.alias_set.previous.CopyFrom(alias(event.previous, layout))
+        out.alias_set.reverted = event.reverted
+        out.alias_set.reason = event.reason
     elif isinstance(event, AliasRemoved):
         out.alias_removed.alias.CopyFrom(alias(event.alias, layout))
+    elif isinstance(event, Corrupted):
+        out.model_corrupted.model.CopyFrom(stored_model(event.variant))
+        out.model_corrupted.problems.extend(event.problems)
     return out

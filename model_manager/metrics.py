@@ -10,13 +10,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from model_manager import errors
 from model_manager.names import Variant
-from model_manager.store import CORRUPT, READY, Change, Removed, Store
+from model_manager.store import CORRUPT, READY, AliasSet, Change, Corrupted, Removed, ScrubReport, Store
 
 OPERATIONS = ("pull", "import", "create_variant")
 # Why an operation failed. Every value is fixed here: no repository id, name or message ever becomes a label.
@@ -110,6 +110,40 @@ class ManagerMetrics:
             ["rpc"],
             registry=r,
         )
+        self.corrupt_found = Counter(
+            "sdserve_manager_corrupt_variants_found",
+            "Published variants later found not to match their manifest (by a scrub, a SetAlias check or a "
+            "server's report) and marked CORRUPT; each counted once.",
+            registry=r,
+        )
+        self.alias_reverts = Counter(
+            "sdserve_manager_alias_reverts",
+            "Aliases moved back to their previous target because their target failed (corrupt, or a server could "
+            "not load it).",
+            registry=r,
+        )
+        self.scrub_runs = Counter("sdserve_manager_scrub_runs", "Completed scrubs of the store.", registry=r)
+        self.scrub_read_bytes = Counter(
+            "sdserve_manager_scrub_read_bytes", "Bytes of stored files read and hashed by scrubs.", registry=r
+        )
+        self.scrub_last_time = Gauge(
+            "sdserve_manager_scrub_last_run_timestamp_seconds",
+            "Unix time the last scrub finished; 0 until the first one.",
+            registry=r,
+        )
+        self.scrub_last_seconds = Gauge(
+            "sdserve_manager_scrub_last_duration_seconds", "How long the last scrub took.", registry=r
+        )
+        self.scrub_last_corrupt = Gauge(
+            "sdserve_manager_scrub_last_corrupt_variants",
+            "Variants the last scrub found not matching their manifest (and marked CORRUPT).",
+            registry=r,
+        )
+        self.scrub_interval = Gauge(
+            "sdserve_manager_scrub_interval_seconds",
+            "Seconds between scrubs (--scrub-interval-seconds; 0: off).",
+            registry=r,
+        )
         self._in_flight = dict.fromkeys(OPERATIONS, 0)
         self._watchers = 0
         self._lock = threading.Lock()
@@ -167,11 +201,24 @@ class ManagerMetrics:
             return self._watchers
 
     def on_store_change(self, change: Change) -> None:
-        """A Store listener: counts evictions (called under the store's lock, so it only increments)."""
+        """A Store listener: counts evictions, corrupt finds and alias reverts (called under the store's lock, so it
+        only increments)."""
         event = change.event
         if isinstance(event, Removed) and event.reason == "evicted":
             self.evictions.inc()
             self.evicted_bytes.inc(event.variant.size_bytes)
+        elif isinstance(event, Corrupted):
+            self.corrupt_found.inc()
+        elif isinstance(event, AliasSet) and event.reverted:
+            self.alias_reverts.inc()
+
+    def on_scrub(self, report: ScrubReport, finished_at: float) -> None:
+        """Records one finished scrub."""
+        self.scrub_runs.inc()
+        self.scrub_read_bytes.inc(report.bytes)
+        self.scrub_last_time.set(finished_at)
+        self.scrub_last_seconds.set(report.seconds)
+        self.scrub_last_corrupt.set(report.corrupt)
 
     def on_unauthenticated(self, method: str) -> None:
         """ApiKeyInterceptor's reject hook; `method` is a registered RPC, so the label stays bounded."""
@@ -232,6 +279,15 @@ class StoreCollector(Collector):
             models.add_metric([state, variant], n)
         yield models
         yield GaugeMetricFamily("sdserve_manager_aliases", "Aliases in the store.", value=len(self._store.aliases()))
+        holders, leased = self._store.lease_counts()
+        yield GaugeMetricFamily(
+            "sdserve_manager_lease_holders", "Servers holding unexpired leases on stored variants.", value=holders
+        )
+        yield GaugeMetricFamily(
+            "sdserve_manager_leased_variants",
+            "Stored variants that servers hold leases on (loaded or aliased there; never evicted).",
+            value=leased,
+        )
         running = GaugeMetricFamily(
             "sdserve_manager_operations_in_flight", "Pull, import and variant operations running.", labels=["operation"]
         )

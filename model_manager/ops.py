@@ -23,9 +23,10 @@ from model_manager.manifest import Manifest, Quality, Source, hash_folder
 from model_manager.metrics import ManagerMetrics
 from model_manager.names import NAME_RULE, name_problem
 from model_manager.progress import Reporter
+from model_manager.scrub import Scrubber
 from model_manager.selection import Pick, SelectionError, select
 from model_manager.settings import Settings
-from model_manager.store import READY, Store, StoredVariant, VariantKey
+from model_manager.store import READY, CorruptVariant, Store, StoredVariant, VariantKey
 from model_manager.weights import BadWeights, floating_dtype, is_pickle_name, looks_pickled, read_header
 
 if TYPE_CHECKING:
@@ -133,6 +134,10 @@ class Operations:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._references: dict[tuple[VariantKey, RenderSpec], Any] = {}
+        # Runs while the store is open (the server opens and closes it).
+        self.scrubber = Scrubber(store, settings.scrub_interval_seconds, self.metrics)
+        store.open_hooks.append(self.scrubber.start)
+        store.close_hooks.append(self.scrubber.stop)
 
     # ---- shared helpers -------------------------------------------------------------------
 
@@ -608,6 +613,21 @@ class Operations:
     # ---- small operations ----------------------------------------------------------------
 
     def set_alias(self, alias: str, model: str, revision: str, variant: str) -> Any:
-        """Resolves the target and points the alias at it (see Store.set_alias)."""
-        target = self.store.resolve(model, revision, variant)
+        """Resolves the target, verifies its files against its manifest, and points the alias at it (see
+        Store.set_alias). A target that fails is marked CORRUPT, the refusal is recorded on the alias, and the call
+        fails with FAILED_PRECONDITION naming the file and the rule; the alias does not move."""
+        try:
+            target = self.store.resolve(model, revision, variant)
+        except CorruptVariant as exc:
+            self.store.record_refusal(alias, exc.key, exc.message)
+            raise
+        problems = self.store.check_variant(target.key)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            message = (
+                f"alias {alias!r} cannot point at {target.key.label()}: its files do not match its manifest, so it "
+                f"is corrupt now: {problems[0]}{more}; pull or import it again, or choose another target"
+            )
+            self.store.record_refusal(alias, target.key, message)
+            raise errors.FailedPrecondition(message)
         return self.store.set_alias(alias, target)

@@ -23,6 +23,7 @@ from model_manager.store import Store
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
 from service.auth import ApiKeyInterceptor, load_keys
+from service.edge import EdgeInterceptor, bind
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class ManagerServer:
         self.ops = Operations(settings, self.store, hub, self.metrics)
         self.servicer = ModelManagerServicer(self.store, self.ops, settings)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        interceptors: list[Any] = []
+        # The edge goes first so it also wraps what the API-key check answers.
+        interceptors: list[Any] = [EdgeInterceptor()]
         try:
             keys = load_keys(settings.api_keys, settings.api_keys_file)
         except OSError as exc:
@@ -62,6 +64,7 @@ class ManagerServer:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
             ],
             interceptors=interceptors,
         )
@@ -83,9 +86,7 @@ class ManagerServer:
         await asyncio.to_thread(self.store.open)
         if s.port >= 0:
             address = f"{s.host}:{s.port}"
-            self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
-            if self.port == 0:
-                raise SystemExit(f"could not bind {s.host}:{s.port}")
+            self.port = bind(self.grpc, address, creds, "--port")
         if s.unix_socket:
             sock = Path(s.unix_socket)
             await asyncio.to_thread(_clear_socket, sock)
@@ -95,7 +96,10 @@ class ManagerServer:
             try:
                 self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
             except OSError as exc:
-                raise SystemExit(f"could not serve metrics on {s.metrics_host}:{s.metrics_port}: {exc}") from None
+                raise SystemExit(
+                    f"--metrics-port {s.metrics_port}: cannot listen on "
+                    f"{s.metrics_host}:{s.metrics_port}: {exc.strerror}"
+                ) from None
         await self.grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

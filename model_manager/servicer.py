@@ -187,6 +187,35 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
 
         return await self._call(context, run)
 
+    async def RenewModelLeases(
+        self, request: pb.RenewModelLeasesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RenewModelLeasesResponse:
+        def run() -> pb.RenewModelLeasesResponse:
+            holder, keys, seconds = convert.lease_request(request)
+            unknown, expires = self.store.renew_leases(holder, keys, seconds)
+            return pb.RenewModelLeasesResponse(
+                unknown=[convert.variant_ref(k) for k in unknown], expire_time=convert.timestamp(expires)
+            )
+
+        return await self._call(context, run)
+
+    async def ReportAliasFailure(
+        self, request: pb.ReportAliasFailureRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportAliasFailureResponse:
+        def run() -> pb.ReportAliasFailureResponse:
+            alias, target, reason = convert.failure_report(request)
+            log.warning(
+                "a server reports that an alias target fails",
+                extra={"alias": alias, "target": target.label(), "reason": reason, "peer": context.peer()},
+            )
+            record, reverted = self.store.report_failure(alias, target, reason)
+            present = self.store.get(record.key) is not None
+            return pb.ReportAliasFailureResponse(
+                alias=convert.alias(record, self.store.layout, present), reverted=reverted
+            )
+
+        return await self._call(context, run)
+
     async def SetAlias(
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SetAliasResponse:

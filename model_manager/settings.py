@@ -70,6 +70,12 @@ class Settings:
     verify_on_start: str = setting(
         "full", "Re-verify stored models at start: full (sha256 of every file), size (sizes only) or off."
     )
+    scrub_interval_seconds: float = setting(
+        86400.0,
+        "Seconds between scrubs, which read every stored file again and mark variants that no longer match their "
+        "manifest CORRUPT; 0 turns scrubbing off.",
+        float,
+    )
     partial_max_age_hours: float = setting(
         168.0, "Partial downloads older than this many hours are deleted at start; 0 keeps them forever.", float
     )
@@ -116,6 +122,8 @@ class Settings:
             problems.append("quality_steps must be at least 1")
         if self.quality_size < 0 or self.quality_size % 8:
             problems.append("quality_size must be 0 or a positive multiple of 8")
+        if self.scrub_interval_seconds < 0:
+            problems.append("scrub_interval_seconds must be 0 (off) or positive")
         if self.watch_queue < 1:
             problems.append("watch_queue must be at least 1")
         if self.hub_timeout <= 0:

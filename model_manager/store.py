@@ -1,4 +1,5 @@
-"""The model store: index of published variants, atomic publish and removal, aliases, pins, LRU eviction, events."""
+"""The model store: index of published variants, atomic publish and removal, integrity checks, aliases (with revert
+on failure), pins, server leases, LRU eviction, events."""
 
 from __future__ import annotations
 
@@ -12,19 +13,29 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from model_manager import errors
 from model_manager.layout import StoreLayout
-from model_manager.manifest import MANIFEST, Manifest, fsync_dir, fsync_tree, read_manifest, verify, write_json_atomic
+from model_manager.manifest import (
+    MANIFEST,
+    Manifest,
+    fsync_dir,
+    fsync_tree,
+    read_manifest,
+    verify,
+    write_json_atomic,
+)
 from model_manager.names import Variant, is_safe_component
 
 log = logging.getLogger(__name__)
 
 READY = "ready"
 CORRUPT = "corrupt"
+DEFAULT_LEASE_SECONDS = 60.0
+MAX_LEASE_SECONDS = 3600.0
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -37,6 +48,14 @@ class VariantKey:
 
     def label(self) -> str:
         return f"{self.name}@{self.revision[:12]}:{self.variant}"
+
+
+class CorruptVariant(errors.FailedPrecondition):
+    """The variant asked for is CORRUPT (FAILED_PRECONDITION); `key` names it."""
+
+    def __init__(self, message: str, key: VariantKey):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +72,34 @@ class StoredVariant:
     last_used: float
     pinned: bool
     aliases: tuple[str, ...]
+    # Servers holding an unexpired lease on it (it is loaded or aliased there), and when the last lease ends.
+    lease_holders: int = 0
+    lease_expires_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasFailure:
+    """A target an alias was pointed at that could not serve: refused by verification, found corrupt later, or
+    reported by a server that could not load it. `reverted`: the alias went back to its previous target."""
+
+    target: VariantKey
+    reason: str
+    reporter: str
+    at: float
+    reverted: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class AliasRecord:
-    """An alias and the variant it points at."""
+    """An alias, the variant it points at, the target it goes back to if that one fails, and the last failure."""
 
     name: str
     model: str
     revision: str
     variant: str
     updated_at: float
+    revert_to: VariantKey | None = None
+    failure: AliasFailure | None = None
 
     @property
     def key(self) -> VariantKey:
@@ -99,11 +135,14 @@ class Removed:
 
 @dataclasses.dataclass(frozen=True)
 class AliasSet:
-    """An alias was set; `target` is the variant it now points at."""
+    """An alias was set; `target` is the variant it now points at. `reverted`: the sidecar moved it back because
+    its target failed (`reason` says why)."""
 
     alias: AliasRecord
     target: StoredVariant
     previous: AliasRecord | None
+    reverted: bool = False
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +152,15 @@ class AliasRemoved:
     alias: AliasRecord
 
 
-StoreEvent = Published | Removed | AliasSet | AliasRemoved
+@dataclasses.dataclass(frozen=True)
+class Corrupted:
+    """A READY variant failed verification after it was published; it is CORRUPT now and must not be served."""
+
+    variant: StoredVariant
+    problems: tuple[str, ...]
+
+
+StoreEvent = Published | Removed | AliasSet | AliasRemoved | Corrupted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +183,16 @@ class Snapshot:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScrubReport:
+    """What one scrub read and found (`corrupt`: variants it marked CORRUPT)."""
+
+    checked: int
+    corrupt: int
+    bytes: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ReconcileReport:
     """What start-up reconciliation found and did."""
 
@@ -153,6 +210,13 @@ class _Entry:
     error: str
     size: int
     created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lease:
+    keys: frozenset[VariantKey]
+    seconds: float
+    expires: float  # on the store's clock
 
 
 Listener = Callable[[Change], None]
@@ -173,6 +237,7 @@ class Store:
         min_free_bytes: int = 0,
         verify_mode: str = "full",
         partial_max_age_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.layout = layout
         self.budget_bytes = budget_bytes
@@ -191,6 +256,12 @@ class Store:
         self._sequence = 0
         self._listeners: list[Listener] = []
         self._lock_fd: int | None = None
+        # Server leases by holder; `clock` (monotonic seconds) times them.
+        self.clock = clock
+        self._leases: dict[str, _Lease] = {}
+        # Called after open() has reconciled the store, and when close() starts (the scrubber uses them).
+        self.open_hooks: list[Callable[[], None]] = []
+        self.close_hooks: list[Callable[[], None]] = []
 
     # ---- start-up -------------------------------------------------------------------------
 
@@ -204,9 +275,14 @@ class Store:
             os.close(fd)
             raise SystemExit(f"another model manager holds the store {self.layout.root}") from None
         self._lock_fd = fd
-        return self.reconcile()
+        report = self.reconcile()
+        for hook in self.open_hooks:
+            hook()
+        return report
 
     def close(self) -> None:
+        for hook in self.close_hooks:
+            hook()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -230,6 +306,13 @@ class Store:
             dangling = tuple(a for a, rec in self._aliases.items() if rec.key not in self._entries)
             for alias in dangling:
                 log.warning("alias points at a missing variant", extra={"alias": alias})
+            for alias, rec in sorted(self._aliases.items()):
+                # An alias on a variant found corrupt at start goes back to its previous target, as it would have
+                # had the sidecar been running when the files changed.
+                target = self._entries.get(rec.key)
+                known = rec.failure is not None and rec.failure.target == rec.key and not rec.failure.reverted
+                if target is not None and target.state == CORRUPT and not known:
+                    self._fail_alias(alias, rec.key, f"{rec.key.label()} is corrupt: {target.error}", "sidecar")
             ready = sum(1 for e in self._entries.values() if e.state == READY)
             report = ReconcileReport(staging_removed, partials_removed, ready, len(self._entries) - ready, dangling)
             log.info("store reconciled", extra=dataclasses.asdict(report) | {"store": str(self.layout.root)})
@@ -300,6 +383,17 @@ class Store:
                 if key in self._entries:
                     self._last_used[key] = float(when)
         self._hub_refs = {str(k): str(v) for k, v in dict(data.get("hub_refs", {})).items()}
+        # Leases survive a sidecar restart with a fresh term, so eviction spares what servers hold until they
+        # subscribe again and renew (or, if they died meanwhile, until the term ends).
+        self._leases = {}
+        for holder, lease in dict(data.get("leases", {})).items():
+            try:
+                keys = frozenset(VariantKey(*str(k).split("/")) for k in lease["variants"])
+                seconds = min(max(float(lease["seconds"]), 1.0), MAX_LEASE_SECONDS)
+            except (KeyError, TypeError, ValueError):
+                log.warning("ignoring a malformed lease", extra={"holder": str(holder)})
+                continue
+            self._leases[str(holder)] = _Lease(keys, seconds, self.clock() + seconds)
 
     def _save_state(self) -> None:
         write_json_atomic(
@@ -308,6 +402,13 @@ class Store:
                 "pins": sorted(self._pins),
                 "last_used": {f"{k.name}/{k.revision}/{k.variant}": t for k, t in sorted(self._last_used.items())},
                 "hub_refs": self._hub_refs,
+                "leases": {
+                    holder: {
+                        "variants": sorted(f"{k.name}/{k.revision}/{k.variant}" for k in lease.keys),
+                        "seconds": lease.seconds,
+                    }
+                    for holder, lease in sorted(self._leases.items())
+                },
             },
         )
 
@@ -318,6 +419,7 @@ class Store:
                 record = AliasRecord(
                     alias, str(target["model"]), str(target["revision"]), str(target["variant"]),
                     float(target.get("updated_at", 0.0)),
+                    _key_from_json(target.get("revert_to")), _failure_from_json(target.get("last_failure")),
                 )  # fmt: skip
             except (KeyError, TypeError, ValueError):
                 log.warning("ignoring malformed alias", extra={"alias": alias})
@@ -326,18 +428,14 @@ class Store:
                 self._aliases[alias] = record
 
     def _save_aliases(self) -> None:
-        write_json_atomic(
-            self.layout.aliases,
-            {
-                a: {"model": r.model, "revision": r.revision, "variant": r.variant, "updated_at": r.updated_at}
-                for a, r in sorted(self._aliases.items())
-            },
-        )
+        write_json_atomic(self.layout.aliases, {a: _alias_to_json(r) for a, r in sorted(self._aliases.items())})
 
     # ---- reading --------------------------------------------------------------------------
 
     def _view(self, key: VariantKey) -> StoredVariant:
         entry = self._entries[key]
+        now = self.clock()
+        leases = [lease.expires for lease in self._leases.values() if key in lease.keys and lease.expires > now]
         return StoredVariant(
             key=key,
             path=self.layout.variant_dir(key.name, key.revision, key.variant),
@@ -349,6 +447,8 @@ class Store:
             last_used=self._last_used.get(key, entry.created_at),
             pinned=key.name in self._pins,
             aliases=tuple(sorted(a for a, r in self._aliases.items() if r.key == key)),
+            lease_holders=len(leases),
+            lease_expires_at=time.time() + max(leases) - now if leases else 0.0,
         )
 
     def variants(self, name: str = "") -> list[StoredVariant]:
@@ -402,8 +502,9 @@ class Store:
                 raise errors.NotFound(f"model {name!r} revision {revision[:12]} has no {variant} variant")
         ready = [v for v in candidates if v.state == READY]
         if not ready:
-            raise errors.FailedPrecondition(
-                f"{candidates[0].key.label()} is corrupt ({candidates[0].error}); pull or import it again"
+            raise CorruptVariant(
+                f"{candidates[0].key.label()} is corrupt ({candidates[0].error}); pull or import it again",
+                candidates[0].key,
             )
         return min(ready, key=lambda v: Variant(v.key.variant).rank)
 
@@ -539,7 +640,11 @@ class Store:
             previous = self._aliases.get(alias)
             now = time.time()
             k = target.key
-            record = AliasRecord(alias, k.name, k.revision, k.variant, now)
+            # Where the alias goes back to if this target fails: the target it leaves (kept when re-set in place).
+            revert_to = None
+            if previous is not None:
+                revert_to = previous.key if previous.key != k else previous.revert_to
+            record = AliasRecord(alias, k.name, k.revision, k.variant, now, revert_to)
             self._aliases[alias] = record
             self._save_aliases()
             if previous is not None and previous.key != record.key and previous.key in self._entries:
@@ -600,7 +705,191 @@ class Store:
                     del self._busy[key]
 
     def _protected(self, key: VariantKey) -> bool:
-        return key.name in self._pins or any(r.key == key for r in self._aliases.values()) or bool(self._busy.get(key))
+        return (
+            key.name in self._pins
+            or any(r.key == key for r in self._aliases.values())
+            or bool(self._busy.get(key))
+            or self._leased(key)
+        )
+
+    # ---- integrity ------------------------------------------------------------------------
+
+    def check_variant(self, key: VariantKey, *, rehash: bool = False, reporter: str = "sidecar") -> list[str]:
+        """Verifies a variant's files against its manifest (size and sha256; digests cached by stat unless `rehash`).
+
+        A READY variant that fails is marked CORRUPT (a Corrupted event) and every alias pointing at it goes back
+        to its previous target (see _fail_alias). Returns the problems (a CORRUPT variant's recorded error); raises
+        NotFound. Hashing runs outside the lock."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise errors.NotFound(f"{key.label()} is not in the store")
+            if entry.state != READY:
+                return [entry.error]
+            manifest = entry.manifest
+            folder = self.layout.variant_dir(key.name, key.revision, key.variant)
+        problems = (
+            verify(folder, manifest, full=True, rehash=rehash) if manifest is not None else [f"{MANIFEST}: missing"]
+        )
+        if problems:
+            with self._lock:
+                if self._entries.get(key) is entry:  # not removed or replaced meanwhile
+                    self._mark_corrupt(key, problems, reporter)
+        return problems
+
+    def _mark_corrupt(self, key: VariantKey, problems: list[str], reporter: str) -> bool:
+        entry = self._entries.get(key)
+        if entry is None or entry.state != READY:
+            return False
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        entry.state = CORRUPT
+        entry.error = problems[0] + more
+        log.error(
+            "stored variant failed verification; it is corrupt now",
+            extra={"variant": key.label(), "problems": problems, "found_by": reporter},
+        )
+        self._emit(Corrupted(self._view(key), tuple(problems)))
+        for alias, record in sorted(self._aliases.items()):
+            if record.key == key:
+                self._fail_alias(alias, key, f"{key.label()} is corrupt: {entry.error}", reporter)
+        return True
+
+    def _fail_alias(self, alias: str, target: VariantKey, reason: str, reporter: str) -> bool:
+        """Records that `alias`'s target failed; moves the alias back to its previous target when that is stored,
+        READY and verifies (emitting AliasSet with reverted=True). Returns whether it moved. Under the lock."""
+        record = self._aliases[alias]
+        back = record.revert_to
+        usable = back is not None and back != target and back in self._entries and self._entries[back].state == READY
+        if back is not None and usable:
+            manifest = self._entries[back].manifest
+            folder = self.layout.variant_dir(back.name, back.revision, back.variant)
+            problems = verify(folder, manifest, full=True) if manifest is not None else [f"{MANIFEST}: missing"]
+            if problems:
+                self._mark_corrupt(back, problems, reporter)
+                usable = False
+        now = time.time()
+        failure = AliasFailure(target, reason, reporter, now, usable)
+        if back is not None and usable:
+            moved = AliasRecord(alias, back.name, back.revision, back.variant, now, None, failure)
+            self._aliases[alias] = moved
+            self._save_aliases()
+            self._last_used[back] = now
+            self._save_state()
+            log.warning(
+                "alias target failed; the alias went back to its previous target",
+                extra={"alias": alias, "failed": target.label(), "target": back.label(), "reason": reason},
+            )
+            self._emit(AliasSet(moved, self._view(back), record, reverted=True, reason=reason))
+            return True
+        self._aliases[alias] = dataclasses.replace(record, failure=failure)
+        self._save_aliases()
+        log.warning(
+            "alias target failed and there is no previous target to go back to",
+            extra={"alias": alias, "failed": target.label(), "reason": reason},
+        )
+        return False
+
+    def report_failure(self, alias: str, target: VariantKey, reason: str) -> tuple[AliasRecord, bool]:
+        """A server could not serve `target` under `alias`: re-verifies the target's files (a mismatch marks it
+        CORRUPT), and if the alias still points at it, moves it back to its previous target (or records the
+        failure when there is none). Returns the alias after the report and whether this report moved it."""
+        started = time.time()
+        with self._lock:
+            if alias not in self._aliases:
+                raise errors.NotFound(f"alias {alias!r} does not exist")
+            present = target in self._entries
+        if present:
+            # From the cache where files are unchanged: a report must answer quickly, and the scrub re-reads.
+            self.check_variant(target, reporter="server")
+        with self._lock:
+            record = self._aliases.get(alias)
+            if record is None:
+                raise errors.NotFound(f"alias {alias!r} does not exist")
+            f = record.failure
+            handled = f is not None and f.target == target and f.at >= started  # by the check just made
+            if record.key == target and not handled:
+                moved = self._fail_alias(alias, target, f"a server could not load it: {reason}", "server")
+                return self._aliases[alias], moved
+            return record, handled and f is not None and f.reverted
+
+    def record_refusal(self, alias: str, target: VariantKey, reason: str) -> None:
+        """Records on an existing alias that SetAlias refused to point it at `target` (the alias did not move)."""
+        with self._lock:
+            record = self._aliases.get(alias)
+            if record is None:
+                return
+            failure = AliasFailure(target, reason, "sidecar", time.time(), False)
+            self._aliases[alias] = dataclasses.replace(record, failure=failure)
+            self._save_aliases()
+
+    def scrub(self, stop: threading.Event | None = None) -> ScrubReport:
+        """Reads every READY variant's files again (bypassing the hash cache) and marks mismatches CORRUPT."""
+        start = time.monotonic()
+        with self._lock:
+            keys = sorted(k for k, e in self._entries.items() if e.state == READY)
+        checked = corrupt = nbytes = 0
+        for key in keys:
+            if stop is not None and stop.is_set():
+                break
+            with self._lock:
+                entry = self._entries.get(key)
+                size = entry.size if entry is not None and entry.state == READY else -1
+            if size < 0:
+                continue
+            try:
+                problems = self.check_variant(key, rehash=True, reporter="scrub")
+            except errors.NotFound:
+                continue
+            checked += 1
+            nbytes += size
+            corrupt += bool(problems)
+        return ScrubReport(checked, corrupt, nbytes, time.monotonic() - start)
+
+    # ---- leases ---------------------------------------------------------------------------
+
+    def renew_leases(
+        self, holder: str, keys: Iterable[VariantKey], seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> tuple[list[VariantKey], float]:
+        """Replaces `holder`'s leases with `keys` (what that server has loaded or aliased now) for `seconds`;
+        leased variants are not evicted. An empty `keys` releases them. Returns (keys not in the store, when the
+        leases end as a Unix time)."""
+        with self._lock:
+            self._expire_leases()
+            wanted = frozenset(keys)
+            unknown = sorted(k for k in wanted if k not in self._entries)
+            known = wanted - set(unknown)
+            old = self._leases.get(holder)
+            if known:
+                self._leases[holder] = _Lease(known, seconds, self.clock() + seconds)
+            else:
+                self._leases.pop(holder, None)
+            if old is None or old.keys != known or old.seconds != seconds:
+                log.info(
+                    "leases renewed",
+                    extra={"holder": holder, "variants": sorted(k.label() for k in known), "seconds": seconds},
+                )
+                self._save_state()
+            return unknown, time.time() + seconds
+
+    def lease_counts(self) -> tuple[int, int]:
+        """(servers holding unexpired leases, stored variants leased by any of them)."""
+        with self._lock:
+            now = self.clock()
+            live = [lease for lease in self._leases.values() if lease.expires > now]
+            return len(live), len({k for lease in live for k in lease.keys if k in self._entries})
+
+    def _leased(self, key: VariantKey) -> bool:
+        now = self.clock()
+        return any(key in lease.keys and lease.expires > now for lease in self._leases.values())
+
+    def _expire_leases(self) -> None:
+        now = self.clock()
+        expired = sorted(h for h, lease in self._leases.items() if lease.expires <= now)
+        for holder in expired:
+            log.warning("lease expired: its server stopped renewing", extra={"holder": holder})
+            del self._leases[holder]
+        if expired:
+            self._save_state()
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int, label: str) -> Iterator[list[StoredVariant]]:
@@ -618,6 +907,7 @@ class Store:
                 self._reserved -= nbytes
 
     def _make_room(self, nbytes: int, label: str) -> list[StoredVariant]:
+        self._expire_leases()
         used = sum(e.size for e in self._entries.values())
         free = shutil.disk_usage(self.layout.root).free
         candidates = sorted(
@@ -629,7 +919,7 @@ class Store:
         if over_budget and used - evictable + self._reserved + nbytes > self.budget_bytes:
             raise errors.BudgetExceeded(
                 f"{label} needs {_size(nbytes)} but the store's budget is {_size(self.budget_bytes)}, with "
-                f"{_size(used - evictable)} held by pinned, aliased or in-use models"
+                f"{_size(used - evictable)} held by pinned, aliased or in-use models (loaded by a server counts)"
                 + (f" and {_size(self._reserved)} reserved by running operations" if self._reserved else "")
                 + "; raise --max-store-bytes, unpin or delete models"
             )
@@ -650,6 +940,41 @@ class Store:
         if evicted:
             self._save_state()
         return evicted
+
+
+def _key_to_json(key: VariantKey) -> dict[str, str]:
+    return {"model": key.name, "revision": key.revision, "variant": key.variant}
+
+
+def _key_from_json(data: Any) -> VariantKey | None:
+    if not isinstance(data, dict):
+        return None
+    key = VariantKey(str(data["model"]), str(data["revision"]), str(data["variant"]))
+    return key if all(is_safe_component(p) for p in dataclasses.astuple(key)) else None
+
+
+def _failure_from_json(data: Any) -> AliasFailure | None:
+    if not isinstance(data, dict):
+        return None
+    target = _key_from_json(data.get("target"))
+    if target is None:
+        return None
+    return AliasFailure(
+        target, str(data["reason"]), str(data.get("reporter", "")), float(data["at"]), bool(data.get("reverted"))
+    )
+
+
+def _alias_to_json(r: AliasRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": r.model, "revision": r.revision, "variant": r.variant, "updated_at": r.updated_at}
+    if r.revert_to is not None:
+        out["revert_to"] = _key_to_json(r.revert_to)
+    if r.failure is not None:
+        f = r.failure
+        out["last_failure"] = {
+            "target": _key_to_json(f.target), "reason": f.reason, "reporter": f.reporter, "at": f.at,
+            "reverted": f.reverted,
+        }  # fmt: skip
+    return out
 
 
 def _short(revision: str, key: VariantKey) -> bool:

@@ -25,6 +25,15 @@ def load_keys(inline: Iterable[str], path: str) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def bearer_token(value: str) -> str:
+    """The token of an `authorization` value using the Bearer scheme, else "".
+
+    The scheme is case-insensitive (RFC 7235 section 2.1) and the whitespace around the token is not part of it.
+    """
+    parts = value.split(None, 1)
+    return parts[1].strip() if len(parts) == 2 and parts[0].lower() == "bearer" else ""
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects calls without a valid `authorization: Bearer <key>` with UNAUTHENTICATED."""
 
@@ -36,8 +45,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _valid(self, metadata: Any) -> bool:
         token = ""
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[len("Bearer ") :]
+            if key == "authorization" and isinstance(value, str):
+                token = bearer_token(value) or token
         digest = hashlib.sha256(token.encode()).digest()
         ok = False
         for expected in self._digests:

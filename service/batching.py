@@ -7,8 +7,9 @@ import dataclasses
 import threading
 
 from service.jobs import Job
+from service.requests import ServedIdentity
 
-Key = tuple[str, str, int, int]  # model, revision, width, height
+Key = tuple[ServedIdentity, int, int]  # served identity, width, height
 # A batch size must beat the best smaller one by this factor to be preferred: noise is not a reason to batch.
 MARGIN = 0.97
 # Weight of a new measurement in the running average of a batch size's per-image step time.
@@ -27,6 +28,7 @@ class Limit:
     """The chosen limit for one model and resolution, and where it came from."""
 
     model: str
+    variant: str
     width: int
     height: int
     max_images: int
@@ -46,7 +48,7 @@ class BatchPolicy:
     @staticmethod
     def key_of(job: Job) -> Key:
         r = job.resolved
-        return (r.model, r.model_revision, r.width, r.height)
+        return (r.identity, r.width, r.height)
 
     def limit(self, job: Job) -> int:
         if self.max_images == 1:
@@ -82,6 +84,8 @@ class BatchPolicy:
     def limits(self) -> list[Limit]:
         with self._lock:
             return [
-                Limit(model=k[0], width=k[2], height=k[3], max_images=s.limit, source=s.source)
-                for k, s in sorted(self._stats.items())
+                Limit(
+                    model=k[0].model, variant=k[0].variant, width=k[1], height=k[2], max_images=s.limit, source=s.source
+                )
+                for k, s in sorted(self._stats.items(), key=lambda item: (item[0][0].slot, item[0][1], item[0][2]))
             ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TypeVar, cast
 
+import numpy as np
 from PIL import Image
 
 from sdserve.v1 import diffusion_pb2 as pb
@@ -67,6 +68,13 @@ def scheduler_to_proto(name: str) -> pb.Scheduler.ValueType:
     return pb.Scheduler.Value("SCHEDULER_" + name) if name else pb.SCHEDULER_UNSPECIFIED
 
 
+def decimal32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32: proto `float` fields arrive as float32, so 0.35
+    arrives as 0.3499999940, and diffusers' `int(steps * strength)` would lose a step against a caller who meant
+    0.35 (as a direct diffusers call with 0.35 would not)."""
+    return float(str(np.float32(value))) if math.isfinite(value) else value
+
+
 class _Checker:
     """Collects violations while reading fields."""
 
@@ -97,6 +105,7 @@ class _Checker:
         return value
 
     def real_range(self, field: str, value: float, low: float, high: float, low_open: bool = False) -> float:
+        value = decimal32(value)
         ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
         if not ok:
             bracket = "(" if low_open else "["
@@ -272,6 +281,8 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                 request_id=event.request_id,
                 queue_seconds=event.queue_seconds,
                 batch_size=event.batch_size,
+                model_variant=event.model_variant,
+                dtype=event.dtype,
             )
         )
     if isinstance(event, Progress):
@@ -327,6 +338,7 @@ def result_to_proto(event: Result) -> pb.ResultEvent:
             scheduler_class=r.scheduler_class,
             device=r.device,
             dtype=r.dtype,
+            model_variant=r.variant,
         ),
         timings=pb.Timings(
             queue_seconds=t.queue,

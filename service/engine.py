@@ -26,7 +26,7 @@ from service.prompt_cache import PromptCache
 from service.requests import Event, Failed, GenerationRequest, Outcome, Queued, Task
 from service.resolve import resolve
 from service.runner import BatchStats
-from service.settings import REPO_ROOT, Settings
+from service.settings import EMBEDDED_MODELS, Settings
 from service.tiny import TINY_NAME, build_tiny
 from service.worker import Worker, empty_device_cache
 
@@ -48,7 +48,7 @@ def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
     if TINY_NAME not in names:
         # Never write into the repository's own models/ (shipped, committed models only): use the last other
         # folder, which by default is the writable cache.
-        embedded = (REPO_ROOT / "models").resolve()
+        embedded = EMBEDDED_MODELS.resolve()
         others = [d for d in settings.model_dirs if d.resolve() != embedded]
         target = others[-1] if others else Path.home() / ".cache" / "sdserve" / "models"
         log.info("building the tiny default model", extra={"folder": str(target / TINY_NAME)})
@@ -130,7 +130,7 @@ class Engine:
         if self.batching.max_images == 1 or self.settings.batch_policy != "measured":
             return
         model = self.registry.get_loaded(entry)
-        key = (entry.name, entry.revision, entry.default_width, entry.default_height)
+        key = (entry.identity, entry.default_width, entry.default_height)
         size = 1
         best = float("inf")
         while size <= self.batching.max_images:
@@ -213,17 +213,40 @@ class Engine:
         """Hot swap: loads `entry` beside what `alias` serves now and warms it with one step, then points
         the alias at it atomically. Jobs already holding the old model finish on it; the old model is
         unloaded once nothing points at it (its memory goes when the last such job ends). A failed load
-        leaves the alias where it was. Call from a thread other than the worker's."""
+        leaves the alias where it was. Call from a thread other than the worker's.
+
+        The folder's files are verified against its manifest.json first (model_manager.manifest.verify_folder;
+        digests cached by stat): a mismatch fails the swap before anything is loaded. After a failed swap
+        `self.last_swap_error` says why (one line naming the file and the rule when files are at fault)."""
+        from model_manager.manifest import verify_folder
+
+        self.last_swap_error = ""
         if self.registry.slot_of(alias) == entry.slot:
             return True
-        self.registry.upsert(entry)
         start = time.perf_counter()
+        problems = verify_folder(entry.path)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            self.last_swap_error = f"its files do not match manifest.json: {problems[0]}{more}"
+            log.error(
+                "hot swap refused: the files do not match the manifest; the alias keeps its model",
+                extra={"alias": alias, "target": entry.slot, "problems": problems},
+            )
+            self.record_swap(False)
+            return False
+        self.registry.upsert(entry)
         try:
             self.warm_up(entry)
         except Exception as exc:
+            try:
+                _state, load_error = self.registry.state(entry.slot)
+            except KeyError:
+                load_error = ""
+            # A failed load keeps the loader's own reason on the slot; ModelUnusable only says that it failed.
+            self.last_swap_error = load_error or f"{type(exc).__name__}: {exc}"
             log.error(
                 "hot swap failed; the alias keeps its model",
-                extra={"alias": alias, "target": entry.slot, "error": f"{type(exc).__name__}: {exc}"},
+                extra={"alias": alias, "target": entry.slot, "error": self.last_swap_error},
             )
             self.record_swap(False)
             return False
@@ -252,7 +275,7 @@ class Engine:
         entry = next((e for e in self.registry.entries() if e.slot == slot_id), None)
         if self.registry.unload(slot_id):
             if entry is not None and self.prompt_cache is not None:
-                self.prompt_cache.drop_revision(entry.revision)
+                self.prompt_cache.drop(entry.identity)
             gc.collect()
             empty_device_cache(self.choice.type)
             log.info("model unloaded", extra={"model": slot_id})

@@ -8,9 +8,12 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
-from PIL import Image, ImageFilter, PngImagePlugin
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
 _FORMATS = {"PNG", "JPEG", "WEBP"}
+# Pillow reads 16-bit greyscale PNG as I;16 (older releases: I), values 0 to 65535.
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 # EXIF UserComment starts with an 8-byte character code; ASCII is safe because the JSON is ASCII-escaped.
 _EXIF_USER_COMMENT = 0x9286
 _EXIF_IFD = 0x8769
@@ -21,7 +24,13 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str) -> Image.Image:
-    """Decodes PNG/JPEG/WebP bytes into a fully loaded image in `mode`, enforcing size limits first."""
+    """Decodes PNG/JPEG/WebP bytes into a fully loaded image in `mode`, enforcing size limits first.
+
+    The pixels come back in display orientation (EXIF orientation applied, so callers check the rotated size),
+    8 bits per channel (16-bit greyscale is scaled, not clipped), and opaque: transparency is composited onto
+    white for colour images, as editors show a transparent canvas, and onto black for greyscale `L`, which is
+    how masks are read: a transparent mask pixel means "keep", whatever colour hides under it.
+    """
     if not data:
         raise ImageDecodeError("is required")
     if len(data) > max_bytes:
@@ -38,12 +47,51 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str) -> 
                     f"is {img.width}x{img.height} = {img.width * img.height} pixels; the limit is {max_pixels} pixels"
                 )
             img.load()
+            upright = _upright(img)
+            return flatten(upright, mode, 0 if mode == "L" else 255)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError(f"has more pixels than the limit of {max_pixels} pixels") from None
     except Exception as exc:  # Pillow raises many types for corrupt data.
         raise ImageDecodeError("is not a decodable PNG, JPEG or WebP image") from exc
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` rotated/mirrored as its EXIF orientation says; unchanged when the EXIF data is absent or unreadable."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # Malformed EXIF must not refuse pixels that decoded fine; showing them as stored is safe.
+        return img
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale as 8-bit: `I;16*` and `I` (PNG's 16-bit range) scaled by 255/65535, `F` read as
+    0 to 1; a PNG transparent grey level becomes alpha (`LA`). Other modes come back unchanged."""
+    if img.mode in _SIXTEEN_BIT:
+        wide = np.asarray(img).astype(np.float64)
+        grey = np.rint(np.clip(wide, 0, 65535) * (255 / 65535))
+    elif img.mode == "F":
+        wide = np.asarray(img).astype(np.float64)
+        grey = np.rint(np.clip(np.nan_to_num(wide, nan=0.0), 0.0, 1.0) * 255)
+    else:
+        return img
+    out = Image.fromarray(grey.astype(np.uint8))
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        alpha = Image.fromarray(((wide != key) * 255).astype(np.uint8))
+        out = Image.merge("LA", (out, alpha))
+    return out
+
+
+def flatten(img: Image.Image, mode: str, background: int) -> Image.Image:
+    """`img` in `mode` (`RGB` or `L`), 8-bit, with any alpha or transparent colour composited onto grey `background`."""
+    img = eight_bit(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = np.rint(rgba[..., :3] * alpha + float(background) * (1.0 - alpha)).astype(np.uint8)
+        img = Image.fromarray(rgb)
     return img.convert(mode)
 
 

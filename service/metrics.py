@@ -25,10 +25,10 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter(
             "sdserve_requests",
-            "Finished RPCs by method, model, task and outcome "
+            "Finished RPCs by method, model, weights variant, task and outcome "
             "(ok, invalid, not_found, failed_precondition, overloaded, cancelled, deadline, oom, unavailable, "
             "unauthenticated, internal).",
-            ["rpc", "model", "task", "outcome"],
+            ["rpc", "model", "variant", "task", "outcome"],
             registry=r,
         )
         self.queue_seconds = Histogram(
@@ -100,7 +100,7 @@ class StateCollector(Collector):
         self,
         queue_depths: Callable[[], dict[str, int]],
         in_flight: Callable[[], int],
-        loaded_models: Callable[[], Iterable[tuple[str, str, str, bool]]],
+        loaded_models: Callable[[], Iterable[tuple[str, str, str, str, bool]]],
         device: torch.device,
         extra: Callable[[], Iterable[Metric]] | None = None,
     ):
@@ -121,10 +121,13 @@ class StateCollector(Collector):
         yield depth
         yield GaugeMetricFamily("sdserve_in_flight_requests", "Requests started and not finished.", self._in_flight())
         loaded = GaugeMetricFamily(
-            "sdserve_model_loaded", "1 when the model is loaded on the device.", labels=["model", "revision", "dtype"]
+            "sdserve_model_loaded",
+            "1 when the model's weights are loaded on the device, by served identity (model, revision, stored weights "
+            "variant) and the dtype it computes in.",
+            labels=["model", "revision", "variant", "dtype"],
         )
-        for name, revision, dtype, is_loaded in self._loaded():
-            loaded.add_metric([name, revision, dtype], 1.0 if is_loaded else 0.0)
+        for name, revision, variant, dtype, is_loaded in self._loaded():
+            loaded.add_metric([name, revision, variant, dtype], 1.0 if is_loaded else 0.0)
         yield loaded
         yield GaugeMetricFamily(
             "sdserve_process_resident_memory_bytes",

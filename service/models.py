@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from model_manager.manifest import verify_folder
 from service.device import DeviceChoice
-from service.requests import Task
+from service.requests import ServedIdentity, Task
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ class ModelEntry:
     @property
     def slot(self) -> str:
         return self.key or self.name
+
+    @property
+    def identity(self) -> ServedIdentity:
+        """The value every request served by these weights is keyed on."""
+        return ServedIdentity(self.name, self.revision, self.variant, self.slot)
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -324,6 +330,13 @@ class ModelRegistry:
                     return companion.entry
             return entry
 
+    def entry_of(self, name: str) -> ModelEntry | None:
+        """The entry a name or alias (empty: the default) points at now, or None."""
+        with self._lock:
+            slot_id = self._slot_of(name or self.default_model)
+            slot = self._slots.get(slot_id) if slot_id else None
+            return slot.entry if slot is not None else None
+
     def state(self, slot_id: str) -> tuple[ModelState, str]:
         with self._lock:
             slot = self._slots[slot_id]
@@ -360,6 +373,13 @@ class ModelRegistry:
         with slot.lock:
             if slot.loaded is not None:
                 return slot.loaded
+            # Nothing is loaded unless its files match the sidecar's manifest (digests cached by stat).
+            problems = verify_folder(entry.path)
+            if problems:
+                slot.state = ModelState.FAILED
+                slot.error = f"files do not match manifest.json: {problems[0]}"
+                log.error("model refused", extra={"model": entry.slot, "problems": problems})
+                raise ModelUnusable(f"model {entry.name!r} cannot be loaded: its {slot.error}")
             slot.state = ModelState.LOADING
             try:
                 slot.loaded = load(entry, self._choice)

@@ -1,4 +1,4 @@
-"""An LRU cache of text-encoder outputs, bounded in bytes, keyed by model revision and prompt inputs."""
+"""An LRU cache of text-encoder outputs, bounded in bytes, keyed by served identity and prompt inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
-Key = tuple[str, str, str, int, bool]
+from service.requests import ServedIdentity
+
+# (served identity, prompt, negative prompt, clip skip, guidance on): the variant is part of the identity, so
+# fp16 and int8 text encoders of one revision never share an entry.
+Key = tuple[ServedIdentity, str, str, int, bool]
 Embeds = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -18,7 +22,7 @@ def _nbytes(value: Embeds) -> int:
 
 
 class PromptCache:
-    """Maps (revision, prompt, negative prompt, clip skip, guidance on) to (prompt, negative) embeddings."""
+    """Maps (served identity, prompt, negative prompt, clip skip, guidance on) to (prompt, negative) embeddings."""
 
     def __init__(self, max_bytes: int, on_lookup: Callable[[bool], None] | None = None):
         self.max_bytes = max_bytes
@@ -59,10 +63,10 @@ class PromptCache:
         self._report(False)
         return value
 
-    def drop_revision(self, revision: str) -> None:
-        """Forgets every entry of a model revision (after it is unloaded)."""
+    def drop(self, identity: ServedIdentity) -> None:
+        """Forgets every entry of one served identity (after its weights are unloaded)."""
         with self._lock:
-            for key in [k for k in self._items if k[0] == revision]:
+            for key in [k for k in self._items if k[0] == identity]:
                 self._bytes -= _nbytes(self._items.pop(key))
 
     def _report(self, hit: bool) -> None:
@@ -70,8 +74,8 @@ class PromptCache:
             self.on_lookup(hit)
 
 
-def cache_key(revision: str, prompt: str, negative: str, clip_skip: int, cfg: bool) -> Key:
-    return (revision, prompt, negative if cfg else "", clip_skip, cfg)
+def cache_key(identity: ServedIdentity, prompt: str, negative: str, clip_skip: int, cfg: bool) -> Key:
+    return (identity, prompt, negative if cfg else "", clip_skip, cfg)
 
 
 def stats(cache: PromptCache) -> dict[str, Any]:

@@ -89,12 +89,27 @@ class GenerationRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServedIdentity:
+    """Exactly which weights serve a request: everything that keys on a model keys on this one value
+    (batching, the prompt cache, the batch policy, events, logs and metrics)."""
+
+    model: str
+    revision: str
+    # The stored weights: fp32, fp16, bf16 or int8 (weight-only; computed in the server's dtype).
+    variant: str
+    # The registry slot holding these weights (folder name, or NAME@REVISION:VARIANT for store variants).
+    slot: str
+
+    def label(self) -> str:
+        return f"{self.model}@{self.revision[:12]}:{self.variant}"
+
+
+@dataclasses.dataclass(frozen=True)
 class ResolvedRequest:
     """A request bound to a model with every default filled in: what actually runs."""
 
     request: GenerationRequest
-    model: str
-    model_revision: str
+    identity: ServedIdentity
     width: int
     height: int
     steps: int
@@ -115,6 +130,18 @@ class ResolvedRequest:
         return self.request.task
 
     @property
+    def model(self) -> str:
+        return self.identity.model
+
+    @property
+    def model_revision(self) -> str:
+        return self.identity.revision
+
+    @property
+    def variant(self) -> str:
+        return self.identity.variant
+
+    @property
     def num_images(self) -> int:
         return len(self.seeds)
 
@@ -123,8 +150,7 @@ class ResolvedRequest:
         inpaint = self.request.inpaint
         return (
             self.task,
-            self.model,
-            self.model_revision,
+            self.identity,
             self.width,
             self.height,
             self.steps,
@@ -162,6 +188,8 @@ class Started:
     request_id: str
     queue_seconds: float
     batch_size: int
+    model_variant: str = ""
+    dtype: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

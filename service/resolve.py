@@ -5,10 +5,12 @@ from __future__ import annotations
 import secrets
 import uuid
 
-from service import schedulers
+from PIL import Image
+
+from service import imaging, schedulers
 from service.device import DeviceChoice
 from service.models import ModelEntry
-from service.requests import FieldViolation, GenerationRequest, InpaintArea, ResolvedRequest, Task
+from service.requests import FieldViolation, GenerationRequest, InpaintArea, InpaintSpec, ResolvedRequest, Task
 
 _U64 = 1 << 64
 
@@ -19,6 +21,34 @@ class InvalidForModel(ValueError):
     def __init__(self, violations: list[FieldViolation]):
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
         self.violations = tuple(violations)
+
+
+def crop_region(mask: Image.Image, spec: InpaintSpec, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box diffusers cuts out for `padding_mask_crop`: around the (blurred) mask, grown by the padding, then
+    widened toward width:height as far as the image allows."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    soft = imaging.blur_mask(imaging.binary_mask(mask, spec.invert_mask), spec.mask_blur)
+    box = VaeImageProcessor.get_crop_region(soft, width, height, pad=spec.mask_padding)
+    return (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+
+
+def crop_problem(image: Image.Image, mask: Image.Image, spec: InpaintSpec, width: int, height: int) -> str:
+    """Why MASK_ONLY cannot process this geometry ("" when it can): the cut-out box is scaled to fit width x height
+    keeping its aspect ratio, and a box far thinner than width:height (a thin image leaves no room to widen it)
+    scales to less than one pixel."""
+    x1, y1, x2, y2 = crop_region(mask, spec, width, height)
+    box_w, box_h = x2 - x1, y2 - y1
+    if box_w > 0 and box_h > 0:
+        fit_w = width if width / height < box_w / box_h else box_w * height // box_h
+        fit_h = height if width / height >= box_w / box_h else box_h * width // box_w
+        if fit_w >= 1 and fit_h >= 1:
+            return ""
+    return (
+        f"MASK_ONLY cannot process this image: the region around the mask is {box_w}x{box_h} px "
+        f"(image {image.width}x{image.height}, mask_padding {spec.mask_padding}), which scaled to fit {width}x{height} "
+        "is less than one pixel across; use INPAINT_AREA_WHOLE_IMAGE, or a width:height closer to the region's"
+    )
 
 
 def resolve(req: GenerationRequest, entry: ModelEntry, choice: DeviceChoice) -> ResolvedRequest:
@@ -46,6 +76,18 @@ def resolve(req: GenerationRequest, entry: ModelEntry, choice: DeviceChoice) -> 
     elif req.task is Task.INPAINT:
         strength = 1.0 if req.strength is None else req.strength
     steps = req.steps or entry.default_steps
+    limit = schedulers.max_steps(req.scheduler, entry.scheduler_config)
+    if steps > limit:
+        shown = req.scheduler or schedulers.native_name(entry.scheduler_config)
+        violations.append(
+            FieldViolation(
+                "params.steps", f"must be at most {limit} with scheduler {shown} for model {entry.name!r}; got {steps}"
+            )
+        )
+    if req.inpaint is not None and req.image is not None and req.inpaint.area is InpaintArea.MASK_ONLY:
+        problem = crop_problem(req.image, req.inpaint.mask, req.inpaint, width, height)
+        if problem:
+            violations.append(FieldViolation("area", problem))
     if req.task is not Task.GENERATE and int(steps * strength) < 1:
         violations.append(
             FieldViolation(
@@ -58,8 +100,7 @@ def resolve(req: GenerationRequest, entry: ModelEntry, choice: DeviceChoice) -> 
     seed = secrets.randbits(63) if req.seed is None else req.seed
     return ResolvedRequest(
         request=req,
-        model=entry.name,
-        model_revision=entry.revision,
+        identity=entry.identity,
         width=width,
         height=height,
         steps=steps,

@@ -54,6 +54,24 @@ class BatchStats:
     step_seconds: float
 
 
+def skip_layers(pipe: Any, prompt: str, clip_skip: int, device: Any) -> torch.Tensor:
+    """The prompt's embeddings from the text encoder's hidden state `clip_skip` layers before the last, through the
+    final layer norm: what diffusers' `encode_prompt(clip_skip=...)` computes. Done here because diffusers 0.42
+    reaches the norm through `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.
+    Like diffusers, only the prompt is skipped; the negative prompt uses the last layer."""
+    encoder = pipe.text_encoder
+    ids = pipe.tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    norm = getattr(encoder, "text_model", encoder).final_layer_norm
+    return norm(hidden).to(dtype=encoder.dtype, device=device)  # type: ignore[no-any-return]
+
+
 def encode_prompts(
     pipe: Any, model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,20 +82,21 @@ def encode_prompts(
         req = job.resolved.request
 
         def compute(req: GenerationRequest = req) -> tuple[torch.Tensor, torch.Tensor | None]:
+            skipped = skip_layers(pipe, req.prompt, req.clip_skip, model.choice.device) if req.clip_skip else None
             p, n = pipe.encode_prompt(
-                req.prompt,
+                None if skipped is not None else req.prompt,
                 model.choice.device,
                 1,
                 cfg,
                 req.negative_prompt if cfg else None,
-                clip_skip=req.clip_skip or None,
+                prompt_embeds=skipped,
             )
             return p, n
 
         if cache is None:
             p, n = compute()
         else:
-            key = cache_key(job.resolved.model_revision, req.prompt, req.negative_prompt, req.clip_skip, cfg)
+            key = cache_key(job.resolved.identity, req.prompt, req.negative_prompt, req.clip_skip, cfg)
             p, n = cache.get(key, compute)
         count = job.resolved.num_images
         pos.append(p.repeat(count, 1, 1))
@@ -231,6 +250,8 @@ def parameters_dict(job: Job, seed: int) -> dict[str, object]:
         "task": r.task.value,
         "model": r.model,
         "model_revision": r.model_revision,
+        "model_variant": r.variant,
+        "dtype": r.dtype,
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
         "width": r.width,

@@ -52,3 +52,12 @@ def build(name: str, config: Mapping[str, Any]) -> Any:
 def class_name(name: str, config: Mapping[str, Any]) -> str:
     """The diffusers class a scheduler name builds."""
     return str(config["_class_name"]) if not name else SCHEDULERS[name][0]
+
+
+def max_steps(name: str, config: Mapping[str, Any]) -> int:
+    """The most denoising steps the scheduler accepts for a model: its training timesteps, and for LCM the
+    distillation schedule's length (`original_inference_steps`, 50 unless the config says otherwise)."""
+    limit = int(config.get("num_train_timesteps", 1000))
+    if class_name(name, config) == "LCMScheduler":
+        limit = min(limit, int(config.get("original_inference_steps", 50)))
+    return limit

@@ -17,6 +17,7 @@ from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 from service import device, metrics
 from service.auth import ApiKeyInterceptor, load_keys
+from service.edge import EdgeInterceptor, bind
 from service.engine import Engine
 from service.jobs import Job
 from service.models import ModelEntry, ModelRegistry
@@ -46,6 +47,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # Let clients ping as often as every 10 s without being told off (GOAWAY too_many_pings).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Without this a second server on a busy port shares it silently and gets half the connections.
+        ("grpc.so_reuseport", 0),
     ]
     if settings.max_connection_age_s > 0:
         options += [
@@ -76,7 +79,8 @@ class Server:
         self.metrics = metrics.ServerMetrics()
         self.servicer = DiffusionServicer(self.engine, settings, self.metrics)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        interceptors: list[Any] = []
+        # The edge goes first so it also wraps what the API-key check answers.
+        interceptors: list[Any] = [EdgeInterceptor()]
         keys = load_keys(settings.api_keys, settings.api_keys_file)
         if keys:
             interceptors.append(ApiKeyInterceptor(keys, self._count_unauthenticated))
@@ -95,17 +99,17 @@ class Server:
 
     def _count_unauthenticated(self, method: str) -> None:
         rpc = method.rsplit("/", 1)[-1]
-        self.metrics.requests.labels(rpc, "unknown", "", "unauthenticated").inc()
+        self.metrics.requests.labels(rpc, "unknown", "", "", "unauthenticated").inc()
 
     def _wire_metrics(self) -> None:
         m = self.metrics
 
-        def loaded() -> list[tuple[str, str, str, bool]]:
+        def loaded() -> list[tuple[str, str, str, str, bool]]:
             dtype = self.engine.choice.dtype_name
             out = []
             for entry in self.registry.entries():
                 state, _ = self.registry.state(entry.slot)
-                out.append((entry.name, entry.revision, dtype, state.value == "loaded"))
+                out.append((entry.name, entry.revision, entry.variant, dtype, state.value == "loaded"))
             return out
 
         m.add_collector(
@@ -154,14 +158,19 @@ class Server:
         s = self.settings
         address = f"{s.host}:{s.port}"
         creds = server_credentials(s)
-        self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
-        if self.port == 0:
-            raise SystemExit(f"could not bind {address}")
+        self.port = bind(self.grpc, address, creds, "--port")
+        # Metrics first: a busy metrics port then stops start-up with one line, before gRPC serves anything.
+        if s.metrics_port >= 0:
+            try:
+                self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
+            except OSError as exc:
+                raise SystemExit(
+                    f"--metrics-port {s.metrics_port}: cannot listen on "
+                    f"{s.metrics_host}:{s.metrics_port}: {exc.strerror}"
+                ) from None
         await self._set_ready(NOT_SERVING)
         await self.health.set(LIVENESS_NAME, SERVING)
         await self.grpc.start()
-        if s.metrics_port >= 0:
-            self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
         if s.port_file:
             await asyncio.to_thread(Path(s.port_file).write_text, str(self.port))
         log.info(

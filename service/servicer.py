@@ -7,6 +7,7 @@ import hashlib
 import logging
 import platform
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -38,6 +39,22 @@ _STATE_ENUM = {
 _RPC_TASKS = {"Generate": Task.GENERATE, "Edit": Task.EDIT, "Inpaint": Task.INPAINT}
 _TASK_ENUM = {Task.GENERATE: pb.TASK_GENERATE, Task.EDIT: pb.TASK_EDIT, Task.INPAINT: pb.TASK_INPAINT}
 VERSION = "0.1.0"
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any], deadline: float | None) -> bool:
+    """Whether a call that ended without a result ran out of time rather than being cancelled by the client.
+    grpc cancels the handler at the caller's deadline, which is a hair earlier than `deadline` (measured after
+    the call arrived), so ask grpc for the time left as well."""
+    if deadline is None:
+        return False
+    remaining = context.time_remaining()
+    return time.monotonic() >= deadline - 0.001 or (remaining is not None and remaining <= 0.01)
+
+
+def _raw_request_id(request: Any) -> str:
+    """The caller's request id as sent (already validated or not), for log lines of refused requests."""
+    rid = getattr(getattr(request, "params", None), "request_id", "")
+    return rid if isinstance(rid, str) and len(rid) <= 128 and rid.isprintable() else ""
 
 
 class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
@@ -124,35 +141,53 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         except (asyncio.CancelledError, GeneratorExit):
             # GeneratorExit: the call ended (client cancel) while this generator was paused at a yield.
             if outcome is not Outcome.OK:
-                now = time.monotonic()
-                expired = deadline is not None and now >= deadline - 0.001
-                outcome = Outcome.DEADLINE if expired else Outcome.CANCELLED
+                outcome = Outcome.DEADLINE if _deadline_passed(context, deadline) else Outcome.CANCELLED
             raise
         finally:
             if job is not None and not job.finished:
                 self.engine.cancel(job)
-            self._account(rpc, task, req, job, outcome, arrived)
+            self._account(rpc, task, request, req, job, outcome, arrived)
+
+    def _model_labels(self, request: Any, job: Job | None) -> tuple[str, str]:
+        """(model, variant) for metrics and logs: the served identity when the request was queued, else the model
+        the request named if this server has it (an unknown name is `unknown`, so labels stay bounded)."""
+        if job is not None:
+            return job.resolved.model, job.resolved.variant
+        params = getattr(request, "params", None)
+        named = getattr(params, "model", "")
+        entry = self.engine.registry.entry_of(named if isinstance(named, str) else "")
+        return (entry.name, entry.variant) if entry is not None else ("unknown", "")
 
     def _account(
-        self, rpc: str, task: Task, req: GenerationRequest | None, job: Job | None, outcome: Outcome, arrived: float
+        self,
+        rpc: str,
+        task: Task,
+        request: Any,
+        req: GenerationRequest | None,
+        job: Job | None,
+        outcome: Outcome,
+        arrived: float,
     ) -> None:
-        model = job.resolved.model if job is not None else "unknown"
+        model, variant = self._model_labels(request, job)
         elapsed = time.monotonic() - arrived
         m = self.metrics
         if m is not None:
-            m.requests.labels(rpc, model, task.value, outcome.value).inc()
+            m.requests.labels(rpc, model, variant, task.value, outcome.value).inc()
             m.request_seconds.labels(rpc, outcome.value).observe(elapsed)
         fields: dict[str, object] = {
             "rpc": rpc,
             "model": model,
+            "variant": variant,
             "outcome": outcome.value,
             "total_seconds": round(elapsed, 4),
+            "request_id": _raw_request_id(request) or uuid.uuid4().hex,
         }
         if job is not None:
             r = job.resolved
             fields.update(
                 request_id=r.request_id,
                 revision=r.model_revision,
+                dtype=r.dtype,
                 steps=r.steps,
                 images=r.num_images,
                 width=r.width,
@@ -163,7 +198,6 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             )
         if req is not None:
             fields.update(
-                request_id=fields.get("request_id") or req.request_id,
                 prompt_chars=len(req.prompt),
                 prompt_sha256=hashlib.sha256(req.prompt.encode()).hexdigest()[:16],
                 negative_chars=len(req.negative_prompt),
@@ -235,7 +269,12 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             default_model=self.engine.registry.default_model,
             batch_limits=[
                 pb.BatchLimit(
-                    model=b.model, width=b.width, height=b.height, max_batch_images=b.max_images, source=b.source
+                    model=b.model,
+                    width=b.width,
+                    height=b.height,
+                    max_batch_images=b.max_images,
+                    source=b.source,
+                    variant=b.variant,
                 )
                 for b in self.engine.batching.limits()
             ],

@@ -12,11 +12,15 @@ from service.config_source import parse_bool, parse_list, parse_paths, setting
 
 PREFIX = "SDSERVE_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The embedded models: package data in an installed server (pyproject.toml installs models/ as
+# service/embedded_models), the repository's models/ folder in a checkout.
+_PACKAGED_MODELS = Path(__file__).resolve().parent / "embedded_models"
+EMBEDDED_MODELS = _PACKAGED_MODELS if _PACKAGED_MODELS.is_dir() else REPO_ROOT / "models"
 
 
 def _default_model_dirs() -> tuple[Path, ...]:
-    # The repository's own models (the embedded default) first, then the writable cache; missing ones are skipped.
-    return (REPO_ROOT / "models", Path.home() / ".cache" / "sdserve" / "models")
+    # The embedded models first, then the writable cache; missing ones are skipped.
+    return (EMBEDDED_MODELS, Path.home() / ".cache" / "sdserve" / "models")
 
 
 def _aliases(value: str) -> tuple[tuple[str, str], ...]:
@@ -42,7 +46,8 @@ class Settings:
     model_dirs: tuple[Path, ...] = setting(
         _default_model_dirs(),
         "Folders holding model folders (diffusers layout), separated by ':'. "
-        "Default: the repository's models/ and ~/.cache/sdserve/models.",
+        "Default: the embedded models (the repository's models/, or the installed server's copy) and "
+        "~/.cache/sdserve/models.",
         parse_paths,
     )
     default_model: str = setting(

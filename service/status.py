@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from service.requests import Failed, FieldViolation, Outcome
 
@@ -21,38 +22,28 @@ CODES: dict[Outcome, grpc.StatusCode] = {
     Outcome.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-DETAILS_KEY = "grpc-status-details-bin"
-
-
-def _pack(message: object) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
-    return packed
-
 
 def rich_status(failed: Failed) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """(code, message, trailing metadata carrying a google.rpc.Status with details)."""
     code = CODES[failed.outcome]
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=failed.message)
     if failed.violations:
-        status.details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in failed.violations
-                    ]
-                )
-            )
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in failed.violations
+            ]
         )
+        status.details.add().Pack(bad)
     if failed.retry_after_seconds > 0:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(failed.retry_after_seconds * 1e9))
-        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    metadata: tuple[tuple[str, bytes], ...] = ()
-    if status.details:
-        metadata = ((DETAILS_KEY, status.SerializeToString()),)
-    return code, failed.message, metadata
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    if not status.details:
+        return code, failed.message, ()
+    packed = rpc_status.to_status(status)
+    metadata = tuple((str(k), v if isinstance(v, bytes) else v.encode()) for k, v in packed.trailing_metadata)
+    return packed.code, packed.details, metadata
 
 
 def invalid(violations: tuple[FieldViolation, ...] | list[FieldViolation]) -> Failed:

@@ -1,17 +1,22 @@
 """Mirrors the model-manager sidecar's store into the registry by following its WatchModels stream;
-an alias that moves is hot-swapped. If the sidecar goes away, serving goes on and the watcher
-re-subscribes with backoff. Each load of a stored variant, and its use at most once per
-RECORD_USE_SECONDS, is reported back (RecordModelUse) so the sidecar's least-recently-used eviction
-sees what is served. The sidecar may require an API key and TLS (--manager-api-key,
---manager-ca-file, --manager-client-cert-file)."""
+an alias that moves is hot-swapped, and a variant the sidecar finds corrupt stops being served. If the
+sidecar goes away, serving goes on and the watcher re-subscribes with backoff. Each load of a stored
+variant, and its use at most once per RECORD_USE_SECONDS, is reported back (RecordModelUse) so the
+sidecar's least-recently-used eviction sees what is served; every variant loaded or aliased here is
+leased (RenewModelLeases, renewed every RENEW_SECONDS for LEASE_SECONDS) so it is never evicted, and a
+failed hot swap is reported (ReportAliasFailure) so the sidecar moves the alias back for good. The
+sidecar may require an API key and TLS (--manager-api-key, --manager-ca-file,
+--manager-client-cert-file)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -20,12 +25,15 @@ import grpc.aio
 from sdserve.v1 import model_manager_pb2 as mm
 from sdserve.v1 import model_manager_pb2_grpc as mm_grpc
 from service.engine import Engine
-from service.models import ModelEntry
+from service.models import ModelEntry, ModelState
 from service.settings import Settings
 from service.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 RECORD_USE_SECONDS = 300.0
+# Leases outlive two missed renewals; a server that dies releases its models within LEASE_SECONDS.
+LEASE_SECONDS = 60
+RENEW_SECONDS = 20.0
 
 VARIANTS = {
     mm.WEIGHT_VARIANT_FP32: "fp32",
@@ -96,14 +104,31 @@ class StoreWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._use_lock = threading.Lock()
         self._last_use_report: dict[str, float] = {}
+        # This server process's lease holder id at the sidecar, and the slots it last leased there.
+        self.holder = f"server-{uuid.uuid4().hex}"
+        self.leased: frozenset[str] = frozenset()
+        # Each is called on the event loop with the slot ids after every renewal the sidecar accepted.
+        self.lease_hooks: list[Callable[[frozenset[str]], None]] = []
+        self._renew = asyncio.Event()
+        self._lease_warned = False
         engine.registry.load_hooks.append(lambda entry, _seconds: self.note_use(entry, loaded=True))
         engine.finish_hooks.append(lambda job, _event: self.note_use(job.entry))
 
     async def run(self) -> None:
         """Subscribes forever (until cancelled), reconnecting with backoff after any failure."""
+        self._loop = asyncio.get_running_loop()
+        leases = asyncio.create_task(self._lease_loop())
+        try:
+            await self._follow()
+        finally:
+            leases.cancel()
+            # Best effort: a server that stops no longer holds its models (if this fails, the leases expire).
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._send_leases(frozenset()), 2.0)
+
+    async def _follow(self) -> None:
         backoff = 0.2
         metadata = manager_metadata(self.settings)
-        self._loop = asyncio.get_running_loop()
         while True:
             try:
                 async with self._channel() as channel:
@@ -146,6 +171,8 @@ class StoreWatcher:
                 return
             self._last_use_report[entry.key] = now
         asyncio.run_coroutine_threadsafe(self._record_use(*parsed), self._loop)
+        if loaded:
+            self._loop.call_soon_threadsafe(self._renew.set)
 
     async def _record_use(self, name: str, revision: str, variant: mm.WeightVariant.ValueType) -> None:
         request = mm.RecordModelUseRequest(name=name, revision=revision, variant=variant)
@@ -158,6 +185,81 @@ class StoreWatcher:
                 "could not report a model's use to the model manager",
                 extra={"model": f"{name}@{revision}", "error": str(exc)},
             )
+
+    def leased_slots(self) -> frozenset[str]:
+        """Stored-variant slots this server holds: loaded, loading, or what an alias or the default points at."""
+        registry = self.engine.registry
+        slots = set(registry.referenced())
+        for entry in registry.entries():
+            with contextlib.suppress(KeyError):
+                if registry.state(entry.slot)[0] in (ModelState.LOADED, ModelState.LOADING):
+                    slots.add(entry.slot)
+        return frozenset(s for s in slots if parse_slot_id(s) is not None)
+
+    async def _lease_loop(self) -> None:
+        """Renews the leases every RENEW_SECONDS, and at once after a load, a swap or a (re)subscription."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew.wait(), RENEW_SECONDS)
+            self._renew.clear()
+            await self._send_leases(self.leased_slots())
+
+    async def _send_leases(self, slots: frozenset[str]) -> None:
+        refs = []
+        for slot in sorted(slots):
+            parsed = parse_slot_id(slot)
+            if parsed is not None:
+                refs.append(mm.VariantRef(name=parsed[0], revision=parsed[1], variant=parsed[2]))
+        request = mm.RenewModelLeasesRequest(holder=self.holder, variants=refs, lease_seconds=LEASE_SECONDS)
+        try:
+            async with self._channel() as channel:
+                stub = mm_grpc.ModelManagerServiceStub(channel)
+                await stub.RenewModelLeases(request, timeout=10, metadata=manager_metadata(self.settings))
+        except (grpc.aio.AioRpcError, OSError) as exc:
+            old = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED
+            if old and self._lease_warned:
+                return
+            self._lease_warned = self._lease_warned or old
+            level = logging.WARNING if self.connected else logging.DEBUG
+            message = "the model manager is too old for leases; eviction may remove loaded models"
+            log.log(
+                level,
+                message if old else "could not renew model leases with the model manager",
+                extra={"error": str(exc)},
+            )
+            return
+        self.leased = slots
+        for hook in self.lease_hooks:
+            hook(slots)
+
+    async def _report_failure(self, alias: str, key: str, reason: str) -> None:
+        """Tells the sidecar that `alias` cannot be served by `key`; it moves the alias back (or records why not)."""
+        parsed = parse_slot_id(key)
+        if parsed is None:
+            return
+        target = mm.VariantRef(name=parsed[0], revision=parsed[1], variant=parsed[2])
+        request = mm.ReportAliasFailureRequest(alias=alias, target=target, reason=reason[:2000] or "unknown")
+        try:
+            async with self._channel() as channel:
+                stub = mm_grpc.ModelManagerServiceStub(channel)
+                reply = await stub.ReportAliasFailure(request, timeout=30, metadata=manager_metadata(self.settings))
+        except (grpc.aio.AioRpcError, OSError) as exc:
+            # The next snapshot (after a reconnect) tries the swap again and reports again.
+            log.warning(
+                "could not report a failed hot swap to the model manager",
+                extra={"alias": alias, "target": key, "error": str(exc)},
+            )
+            return
+        a = reply.alias
+        log.warning(
+            "reported a failed hot swap to the model manager",
+            extra={
+                "alias": alias,
+                "target": key,
+                "reverted": reply.reverted,
+                "now": f"{a.model}@{a.revision}:{VARIANTS.get(a.variant, 'unknown')}",
+            },
+        )
 
     def _channel(self) -> grpc.aio.Channel:
         creds = manager_credentials(self.settings)
@@ -173,8 +275,12 @@ class StoreWatcher:
                 log.info("model manager restarted; reconciling", extra={"instance": snap.instance_id})
             self.instance_id = snap.instance_id
             current = {slot_id(m): m for m in snap.models if m.state == mm.STORED_MODEL_STATE_READY}
-            for gone in set(self._models) - set(current):
+            corrupt = {slot_id(m) for m in snap.models if m.state == mm.STORED_MODEL_STATE_CORRUPT}
+            known = {e.slot for e in self.engine.registry.entries()}
+            for gone in set(self._models) - set(current) - corrupt:
                 self._drop(gone)
+            for sid in corrupt & known:
+                self._unserve(sid, ())
             self._models = current
             self._publish_names()
             for name in set(self._aliases) - {a.name for a in snap.aliases}:
@@ -194,9 +300,22 @@ class StoreWatcher:
             self._publish_names()
         elif kind == "alias_set":
             a = message.alias_set.alias
+            if message.alias_set.reverted:
+                log.warning(
+                    "the model manager moved an alias back to its previous target",
+                    extra={"alias": a.name, "target": f"{a.model}@{a.revision}", "reason": message.alias_set.reason},
+                )
             await self._set_alias(a.name, a.model, a.revision, a.variant, a.path)
         elif kind == "alias_removed":
             self._remove_alias(message.alias_removed.alias.name)
+        elif kind == "model_corrupted":
+            event = message.model_corrupted
+            sid = slot_id(event.model)
+            self._models.pop(sid, None)
+            self._unserve(sid, event.problems)
+            self._publish_names()
+        self._forget_orphans()
+        self._renew.set()
 
     def _entry(self, m: mm.StoredModel) -> ModelEntry:
         return ModelEntry.read(Path(m.path), name=m.name, key=slot_id(m))
@@ -228,6 +347,27 @@ class StoreWatcher:
             except (ValueError, OSError) as exc:
                 log.warning("stored model unreadable", extra={"model": sid, "error": str(exc)})
 
+    def _unserve(self, sid: str, problems: Iterable[str]) -> None:
+        """Stops serving a corrupt variant: its weights are dropped at once (jobs holding them finish). If an alias
+        or the default still points at it, the slot stays so that requests to it load it again, which verifies its
+        files and fails (FAILED_PRECONDITION naming the file) until it is repaired or the alias moves."""
+        registry = self.engine.registry
+        log.error("stored model is corrupt; not serving it", extra={"model": sid, "problems": list(problems)[:5]})
+        registry.unload(sid)
+        if sid not in registry.referenced():
+            registry.remove(sid)
+
+    def _forget_orphans(self) -> None:
+        """Forgets stored-variant slots the store no longer offers as READY (removed or corrupt) once no alias or
+        the default points at them, so their names stop resolving."""
+        registry = self.engine.registry
+        referenced = registry.referenced()
+        for entry in registry.entries():
+            sid = entry.slot
+            if parse_slot_id(sid) is not None and sid not in self._models and sid not in referenced:
+                registry.unload(sid)
+                registry.remove(sid)
+
     def _drop(self, sid: str) -> None:
         if sid in self.engine.registry.referenced():
             # An alias still serves it from memory; it goes when the alias moves.
@@ -250,8 +390,12 @@ class StoreWatcher:
                 extra={"alias": alias, "target": key, "error": str(exc)},
             )
             self.engine.record_swap(False)
+            await self._report_failure(alias, key, f"unreadable: {exc}")
             return
-        await run_in_fresh_thread(lambda: self.engine.swap(alias, entry), "sdserve-swap")
+        ok = await run_in_fresh_thread(lambda: self.engine.swap(alias, entry), "sdserve-swap")
+        if not ok:
+            # Every process must agree on what the alias serves: the sidecar moves it back, persistently.
+            await self._report_failure(alias, key, self.engine.last_swap_error)
 
     def _remove_alias(self, alias: str) -> None:
         self._aliases.discard(alias)

@@ -109,6 +109,8 @@ class Worker:
                     request_id=r.request_id,
                     queue_seconds=(job.started_at or job.enqueued_at) - job.enqueued_at,
                     batch_size=len(live),
+                    model_variant=r.variant,
+                    dtype=r.dtype,
                 )
             )
         stats: runner.BatchStats | None = None

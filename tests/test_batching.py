@@ -14,6 +14,7 @@ import torch
 from sdserve import Client, Progress, Result, SdserveError, Started
 from service.batching import BatchPolicy
 from service.prompt_cache import PromptCache, cache_key
+from service.requests import ServedIdentity
 from tests.harness import ServerThread, pixels, png, running, sample_image, sample_mask, wait_ledger
 
 # Batch size changes how CPU kernels block their sums, so the last bits of floats differ: every pixel of a
@@ -163,9 +164,12 @@ def test_batch_stops_when_every_member_is_cancelled(batching_server: ServerThrea
     assert all(e.steps_done < 150 and not e.decoded for e in entries)
 
 
+M = ServedIdentity("m", "r", "fp32", "m")
+
+
 def test_policy_explores_while_faster_and_settles() -> None:
     policy = BatchPolicy(max_images=8)
-    key = ("m", "r", 64, 64)
+    key = (M, 64, 64)
     policy.observe(key, 1, 0.100)
     assert policy.limits()[0].max_images == 2  # only batch 1 measured: try 2
     policy.observe(key, 2, 0.120)  # 60 ms per image: better
@@ -174,7 +178,7 @@ def test_policy_explores_while_faster_and_settles() -> None:
     assert policy.limits()[0].max_images == 8
     policy.observe(key, 8, 0.480)  # 60 ms per image: worse than 4
     assert policy.limits()[0].max_images == 4
-    big = ("m", "r", 512, 512)
+    big = (M, 512, 512)
     policy.observe(big, 1, 1.0)
     policy.observe(big, 2, 2.4)  # batching hurts large latents
     assert [lim.max_images for lim in policy.limits() if lim.width == 512] == [1]
@@ -182,7 +186,7 @@ def test_policy_explores_while_faster_and_settles() -> None:
 
 def test_policy_never_exceeds_max() -> None:
     policy = BatchPolicy(max_images=3)
-    key = ("m", "r", 8, 8)
+    key = (M, 8, 8)
     for size, t in ((1, 1.0), (2, 1.0), (3, 1.0)):
         policy.observe(key, size, t)
     assert policy.limits()[0].max_images == 3
@@ -213,11 +217,16 @@ def test_prompt_cache_is_bounded_in_bytes() -> None:
     size = 2 * 77 * 8 * 4
     cache = PromptCache(max_bytes=size * 2 + 10)
     for i in range(5):
-        cache.get(cache_key("rev", f"p{i}", "", 0, True), lambda: one)
+        cache.get(cache_key(M, f"p{i}", "", 0, True), lambda: one)
     assert len(cache) == 2 and cache.bytes <= cache.max_bytes
     assert cache.misses == 5 and cache.hits == 0
-    cache.get(cache_key("rev", "p4", "", 0, True), lambda: one)
+    cache.get(cache_key(M, "p4", "", 0, True), lambda: one)
     assert cache.hits == 1
     # Different negative prompts, clip skip or guidance are different keys; negatives are ignored without guidance.
-    assert cache_key("r", "p", "a", 0, True) != cache_key("r", "p", "b", 0, True)
-    assert cache_key("r", "p", "a", 0, False) == cache_key("r", "p", "b", 0, False)
+    assert cache_key(M, "p", "a", 0, True) != cache_key(M, "p", "b", 0, True)
+    assert cache_key(M, "p", "a", 0, False) == cache_key(M, "p", "b", 0, False)
+    # The stored weights variant is part of the key: an int8 text encoder never answers for an fp16 one.
+    int8 = ServedIdentity("m", "r", "int8", "m@r:int8")
+    assert cache_key(M, "p", "", 0, True) != cache_key(int8, "p", "", 0, True)
+    cache.get(cache_key(int8, "p4", "", 0, True), lambda: one)
+    assert cache.hits == 1 and cache.misses == 6

@@ -1,10 +1,7 @@
-"""The sdserve CLI against a real server: files written, progress shown, one-line errors, serve + SIGTERM."""
+"""The sdserve CLI against a real server: files written, progress shown, one-line errors (serve: test_cli_serve)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,83 +109,3 @@ def test_models_list_and_health(server: ServerThread) -> None:
     assert f"* {TINY}" in proc.stdout
     proc = run_cli(server, "health")
     assert proc.returncode == 0 and proc.stdout.strip() == "SERVING"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_serve_starts_server_and_sidecar_and_stops_both(models_dir: Path, tmp_path: Path) -> None:
-    port_file = tmp_path / "port"
-    manager_port = free_port()
-    env = dict(os.environ, SDSERVE_LOG_FORMAT="json")
-    proc = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "--port",
-            "0",
-            "--model-dirs",
-            str(models_dir),
-            "--model",
-            TINY,
-            "--metrics-port",
-            "-1",
-            "--store",
-            str(tmp_path / "store"),
-            "--manager-port",
-            str(manager_port),
-            "--manager-metrics-port",
-            "-1",
-            "--",
-            "--port-file",
-            str(port_file),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        health = subprocess.run(
-            [*CLI, "--target", "127.0.0.1:0", "health"], capture_output=True, text=True, timeout=60, check=False
-        )
-        assert health.returncode == 1  # nothing listens on port 0
-        # Wait (bounded) for the port file, then for SERVING.
-        for _ in range(600):
-            if port_file.exists() and port_file.read_text():
-                break
-            try:
-                proc.wait(0.1)
-                raise AssertionError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
-            except subprocess.TimeoutExpired:
-                pass
-        target = f"127.0.0.1:{port_file.read_text()}"
-        ready = subprocess.run(
-            [*CLI, "--target", target, "health", "--wait", "120"],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert ready.stdout.strip() == "SERVING"
-        with Client(target) as c:
-            assert c.generate("x", steps=1).image.width == 64
-        listing = subprocess.run(
-            [*CLI, "models", "list", "--manager", f"127.0.0.1:{manager_port}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert listing.returncode == 0, listing.stderr
-        assert (tmp_path / "store").is_dir()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        _, err = proc.communicate()
-        assert '"msg": "stopped"' in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -752,7 +752,7 @@ def test_dockerfiles_pass_hadolint() -> None:
 
 def test_dockerfiles_build_what_the_pods_expect(builds: dict[str, list[dict[str, Any]]]) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    torch_pin = next(r for r in pyproject["project"]["optional-dependencies"]["server"] if r.startswith("torch=="))
+    torch_pin = next(r for r in pyproject["project"]["dependencies"] if r.startswith("torch=="))
     run_as = pod_spec(builds["base"])["securityContext"]["runAsUser"]
     for name in DOCKERFILES:
         text = (DOCKER / name).read_text()
@@ -765,7 +765,8 @@ def test_dockerfiles_build_what_the_pods_expect(builds: dict[str, list[dict[str,
         ignore = (DOCKER / f"{name}.dockerignore").read_text().splitlines()
         assert ignore[[line.startswith("#") for line in ignore].index(False)] == "*", f"{name}: allowlist context"
         allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-        assert {"pyproject.toml", "README.md", "service", "model_manager", "clients/python/sdserve"} <= allowed
+        client = {"clients/python/pyproject.toml", "clients/python/README.md", "clients/python/sdserve"}
+        assert {"pyproject.toml", "README.md", "service", "model_manager", *client} <= allowed
         assert ("models" in allowed) == (name != "Dockerfile.manager")
         copies = re.findall(r"^COPY (.+) (\S+)$", text, re.M)
         sources = {src.rstrip("/").rstrip("*") for srcs, _ in copies for src in srcs.split()}

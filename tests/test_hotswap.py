@@ -4,6 +4,8 @@ zero failed requests, releases the old model, keeps serving through a bad swap a
 from __future__ import annotations
 
 import gc
+import json
+import shutil
 import threading
 import time
 import weakref
@@ -132,14 +134,17 @@ def test_swap_under_load_has_no_failures_and_releases_the_old_model(
 
 def test_swap_to_a_broken_model_keeps_the_old_one(sidecar: Sidecar, sources: Path, models_dir: Path) -> None:
     rev_a = imported(sidecar, sources, "a")
-    imported(sidecar, sources, "c")
+    # Files that match their manifest (the sidecar verifies those before an alias moves) but cannot be loaded:
+    # a UNet config that does not fit the weights.
+    broken = sources / "c-broken"
+    if not broken.exists():
+        shutil.copytree(sources / "c", broken)
+        config = json.loads((broken / "unet" / "config.json").read_text())
+        config["block_out_channels"] = [2 * n for n in config["block_out_channels"]]
+        (broken / "unet" / "config.json").write_text(json.dumps(config))
     with sidecar.client() as mc:
+        mc.import_model(str(broken), name="c")
         mc.set_alias("prod", "a")
-        listing = mc.list("c")
-    broken = Path(listing.models[0].path) / "unet" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(broken.read_bytes())
-    data[8:64] = b"\xff" * 56  # a corrupt safetensors header, same size
-    broken.write_bytes(bytes(data))
     with serving(models_dir, manager_target=sidecar.target, default_model="prod") as srv:
         swaps = SwapWatch(srv)
         with Client(srv.target) as c:

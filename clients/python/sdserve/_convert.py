@@ -87,6 +87,8 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             request_id=s.request_id,
             queue_seconds=s.queue_seconds,
             batch_size=s.batch_size,
+            model_variant=s.model_variant,
+            dtype=s.dtype,
         )
     if kind == "progress":
         p = msg.progress

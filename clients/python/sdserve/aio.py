@@ -52,7 +52,7 @@ class AsyncStream:
 
 
 class AsyncClient:
-    """An asyncio sdserve client. Use `async with` or await close()."""
+    """An asyncio sdserve client. Use `async with` or await close(). TLS as for `sdserve.Client`."""
 
     def __init__(
         self,
@@ -61,8 +61,9 @@ class AsyncClient:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls_server_name: str | None = None,
     ):
-        opts = channel_options(max_message_bytes)
+        opts = channel_options(max_message_bytes, tls_server_name)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import json
 import os
 import signal
-import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from sdserve.client import Client, Stream
+from sdserve.cli_args import Parser, add_connection_flags, connect, flag_error, read_file
+from sdserve.client import Stream
 from sdserve.errors import SdserveError
-from sdserve.models_cli import add_models_commands
+from sdserve.models_cli import add_models_commands, human_bytes
+from sdserve.supervisor import Child, Supervisor
 from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
 from sdserve.types import GenerationOptions, Progress, Queued, Result, Started
+from sdserve.v1 import diffusion_pb2 as pb
+
+# What `sdserve serve` needs beyond the client: the server distribution (pip install 'sdserve[server]').
+SERVER_MODULES = ("service", "model_manager", "grpc_reflection", "torch", "diffusers")
 
 
 class ProgressBar:
@@ -52,13 +62,6 @@ class ProgressBar:
         if self.tty:
             self.out.write("\n")
             self.out.flush()
-
-
-def _read(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise SdserveError("INVALID_ARGUMENT", f"{flag}: cannot read {path}: {exc.strerror}") from None
 
 
 def _options(ns: argparse.Namespace) -> GenerationOptions:
@@ -111,10 +114,15 @@ def _run_stream(stream: Stream, ns: argparse.Namespace) -> int:
                 bar.show(ev.step, ev.total_steps)
             elif isinstance(ev, Result):
                 bar.done()
+                written = []
                 for img, path in zip(ev.images, _out_paths(ns.out, len(ev.images)), strict=True):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     img.save(str(path))
-                    print(f"{path} seed={img.seed} {img.width}x{img.height} {ev.timings.total:.2f}s")
+                    written.append((path, img))
+                    if not ns.json:
+                        print(f"{path} seed={img.seed} {img.width}x{img.height} {ev.timings.total:.2f}s")
+                if ns.json:
+                    print(_json(_result_dict(ev, written)))
                 return 0
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -122,26 +130,38 @@ def _run_stream(stream: Stream, ns: argparse.Namespace) -> int:
     raise SdserveError("UNKNOWN", "the stream ended without a result")
 
 
-def _client(ns: argparse.Namespace) -> Client:
-    return Client(ns.target, api_key=ns.api_key or None)
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)
+
+
+def _result_dict(ev: Result, written: list[tuple[Path, Any]]) -> dict[str, Any]:
+    return {
+        "images": [
+            {"path": str(path), "seed": img.seed, "width": img.width, "height": img.height, "format": img.format}
+            for path, img in written
+        ],
+        "request_id": ev.request_id,
+        "parameters": ev.parameters,
+        "timings": dataclasses.asdict(ev.timings),
+    }
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
+    with connect(ns) as c:
         return _run_stream(c.stream_generate(ns.prompt, timeout=ns.timeout, **_options(ns)), ns)
 
 
 def cmd_edit(ns: argparse.Namespace) -> int:
-    image = _read(ns.image, "--image")
-    with _client(ns) as c:
+    image = read_file(ns.image, "--image")
+    with connect(ns) as c:
         stream = c.stream_edit(image, ns.prompt, strength=ns.strength, timeout=ns.timeout, **_options(ns))
         return _run_stream(stream, ns)
 
 
 def cmd_inpaint(ns: argparse.Namespace) -> int:
-    image = _read(ns.image, "--image")
-    mask = _read(ns.mask, "--mask")
-    with _client(ns) as c:
+    image = read_file(ns.image, "--image")
+    mask = read_file(ns.mask, "--mask")
+    with connect(ns) as c:
         stream = c.stream_inpaint(
             image,
             mask,
@@ -158,15 +178,64 @@ def cmd_inpaint(ns: argparse.Namespace) -> int:
         return _run_stream(stream, ns)
 
 
+def _scheduler_name(value: int) -> str:
+    try:
+        return pb.Scheduler.Name(value).removeprefix("SCHEDULER_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(value)
+
+
+def _fields(message: Any) -> dict[str, Any]:
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+
+
+def info_dict(info: pb.GetServerInfoResponse) -> dict[str, Any]:
+    """GetServerInfo as plain JSON values (the CLI's --json output)."""
+    data = {k: v for k, v in _fields(info).items() if k not in ("schedulers", "limits", "batch_limits")}
+    data["schedulers"] = [_scheduler_name(s) for s in info.schedulers]
+    data["limits"] = _fields(info.limits)
+    data["batch_limits"] = [_fields(b) for b in info.batch_limits]
+    return data
+
+
+def info_lines(info: pb.GetServerInfoResponse) -> list[str]:
+    """GetServerInfo for a person: one labelled line per topic."""
+    lim = info.limits
+    wait = f"{lim.default_max_queue_seconds:g} s" if lim.default_max_queue_seconds else "no limit"
+    lines = [
+        f"server       sdserve {info.version}",
+        f"device       {info.device}{f' ({info.device_name})' if info.device_name else ''}, dtype {info.dtype}",
+        f"default      {info.default_model or '-'}",
+        f"schedulers   {', '.join(_scheduler_name(s) for s in info.schedulers)}",
+        f"versions     python {info.python_version}, torch {info.torch_version}, "
+        f"diffusers {info.diffusers_version}, transformers {info.transformers_version}",
+        f"sizes        {lim.min_size}-{lim.max_size} px per side; input images up to {lim.max_input_pixels:,} px "
+        f"and {human_bytes(lim.max_image_bytes)}",
+        f"requests     up to {lim.max_steps} steps, {lim.max_images} images, {lim.max_prompt_chars} prompt "
+        f"characters, {human_bytes(lim.max_message_bytes)} messages",
+        f"queue        {lim.max_queue} requests per model; default longest wait: {wait}",
+    ]
+    for b in info.batch_limits:
+        variant = f" {b.variant}" if b.variant else ""
+        lines.append(
+            f"batch        {b.model}{variant} {b.width}x{b.height}: up to {b.max_batch_images} images ({b.source})"
+        )
+    return lines
+
+
 def cmd_info(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        print(c.server_info())
+    with connect(ns) as c:
+        info = c.server_info()
+    print(_json(info_dict(info)) if ns.json else "\n".join(info_lines(info)))
     return 0
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
+    with connect(ns) as c:
         models, default = c.list_models()
+    if ns.json:
+        print(_json({"default_model": default, "models": [dataclasses.asdict(m) for m in models]}))
+        return 0
     for m in models:
         mark = "*" if m.name == default else " "
         aliases = f" aliases={','.join(m.aliases)}" if m.aliases else ""
@@ -174,29 +243,69 @@ def cmd_list(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _health_state(ns: argparse.Namespace) -> str:
+    with connect(ns) as c:
+        try:
+            return c.health(ns.service, timeout=5)
+        except SdserveError as err:
+            if err.code == "INVALID_ARGUMENT":
+                raise
+            return err.code
+
+
 def cmd_health(ns: argparse.Namespace) -> int:
     """Checks grpc.health.v1; with --wait, polls until SERVING or the wait runs out."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    if ns.wait < 0:
+        raise flag_error("--wait", f"must be 0 or more seconds, got {ns.wait:g}")
     deadline = time.monotonic() + ns.wait
-    with grpc.insecure_channel(ns.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=5)
-                state = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            except grpc.RpcError as err:
-                state = err.code().name
-            if state == "SERVING" or time.monotonic() >= deadline:
-                print(state)
-                return 0 if state == "SERVING" else 1
-            time.sleep(0.5)
+    while True:
+        state = _health_state(ns)
+        if state == "SERVING" or time.monotonic() >= deadline:
+            print(_json({"service": ns.service, "status": state}) if ns.json else state)
+            return 0 if state == "SERVING" else 1
+        time.sleep(0.5)
+
+
+def _port(value: int | None, flag: str, low: int) -> None:
+    if value is not None and not low <= value <= 65535:
+        rule = {0: "0 (any free port) to 65535", 1: "1 to 65535", -1: "-1 (off), 0 (any free port) or 1 to 65535"}
+        raise flag_error(flag, f"must be {rule[low]}, got {value}")
+
+
+def _check_serve_flags(ns: argparse.Namespace) -> None:
+    _port(ns.port, "--port", 0)
+    _port(ns.metrics_port, "--metrics-port", -1)
+    if ns.no_manager:
+        return
+    _port(ns.manager_port, "--manager-port", 1)
+    _port(ns.manager_metrics_port, "--manager-metrics-port", -1)
+    if ns.manager_port == ns.port:
+        raise flag_error("--manager-port", f"must differ from --port (both {ns.port})")
+    server_metrics = 9400 if ns.metrics_port is None else ns.metrics_port
+    if ns.manager_metrics_port > 0 and ns.manager_metrics_port == server_metrics:
+        raise flag_error("--manager-metrics-port", f"must differ from --metrics-port (both {server_metrics})")
+
+
+def _absolute_paths(value: str) -> str:
+    """':'-separated folders made absolute (the sidecar may run elsewhere than the shell's folder)."""
+    return os.pathsep.join(str(Path(p).expanduser().resolve()) for p in value.split(os.pathsep) if p)
+
+
+def missing_server_modules() -> list[str]:
+    """Top-level modules `sdserve serve` needs that this environment lacks (a client-only install lacks them all)."""
+    return [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    """Starts the model-manager sidecar and the server, and stops both on Ctrl-C or SIGTERM."""
-    children: list[subprocess.Popen[bytes]] = []
+    """Starts the model-manager sidecar and the server, and stops both on Ctrl-C or SIGTERM (server first)."""
+    _check_serve_flags(ns)
+    missing = missing_server_modules()
+    if missing:
+        sys.stderr.write(
+            "sdserve: error: `sdserve serve` needs the server, which is not installed here "
+            f"(missing: {', '.join(missing)}); install it with: pip install 'sdserve[server]'\n"
+        )
+        return 1
     args = [sys.executable, "-m", "service", "--port", str(ns.port), "--host", ns.host]
     if ns.model:
         args += ["--default-model", ns.model]
@@ -204,41 +313,34 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         args += ["--model-dirs", ns.model_dirs]
     if ns.metrics_port is not None:
         args += ["--metrics-port", str(ns.metrics_port)]
-    if not ns.no_manager:
-        store = os.path.expanduser(ns.store)
-        children.append(
-            subprocess.Popen(
+    with tempfile.TemporaryDirectory(prefix="sdserve-serve-") as tmp:
+        manager = None
+        if not ns.no_manager:
+            ready = Path(tmp) / "manager.port"
+            manager = Child(
+                "model manager",
                 [
                     sys.executable,
                     "-m",
                     "model_manager",
                     "--store",
-                    store,
+                    str(Path(ns.store).expanduser()),
                     "--port",
                     str(ns.manager_port),
                     "--host",
                     "127.0.0.1",
-                ]
+                    "--metrics-port",
+                    str(ns.manager_metrics_port),
+                    "--import-roots",
+                    _absolute_paths(ns.import_roots),
+                    "--port-file",
+                    str(ready),
+                ],
+                ready_file=ready,
             )
-        )
-        args += ["--manager-target", f"127.0.0.1:{ns.manager_port}"]
-    args += ns.server_args
-    children.append(subprocess.Popen(args))
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    # The server drains first; the sidecar goes once the server has stopped.
-    server_code = children[-1].wait()
-    for child in children[:-1]:
-        if child.poll() is None:
-            child.terminate()
-    codes = [server_code] + [child.wait() for child in children[:-1]]
-    return max(codes, key=abs)
+            args += ["--manager-target", f"127.0.0.1:{ns.manager_port}"]
+        server = Child("server", args + ns.server_args)
+        return Supervisor(server, manager).run()
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -261,40 +363,72 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-id", default="", help="Request id echoed in the result and server logs.")
     p.add_argument("--timeout", type=float, help="Deadline in seconds.")
     p.add_argument("--quiet", action="store_true", help="No progress output.")
+    p.add_argument("--json", action="store_true", help="Print the written files, seeds and timings as JSON.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdserve", description="sdserve: Stable Diffusion over gRPC.")
-    parser.add_argument(
-        "--target", default=os.environ.get("SDSERVE_TARGET", "127.0.0.1:50051"), help="Server address host:port."
+def _default_import_roots() -> str:
+    """The current folder and the home folder; never the file system's root (a service's usual working folder)."""
+    cwd = Path.cwd()
+    folders = [str(cwd)] if cwd != Path(cwd.anchor) else []
+    return os.pathsep.join([*folders, str(Path.home())])
+
+
+def _add_serve(sub: Any, environ: Mapping[str, str]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="Start the model manager and the server on this machine (Ctrl-C or SIGTERM stops both).",
+        description="Starts the model-manager sidecar and the server as child processes. Ctrl-C or SIGTERM drains "
+        "the server, then stops the sidecar. A sidecar that dies after it served is restarted; if a child fails "
+        "otherwise, `sdserve serve` says which and exits non-zero. Flags after -- go to `python -m service`.",
     )
-    parser.add_argument("--api-key", default=os.environ.get("SDSERVE_API_KEY", ""), help="API key (bearer token).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("serve", help="Start the server on this machine (Ctrl-C or SIGTERM stops it).")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="Server port (default 50051; 0 picks a free one).")
+    p.add_argument("--host", default="127.0.0.1", help="Server interface (default 127.0.0.1; 0.0.0.0 for all).")
     p.add_argument("--model", default="", help="Default model (default: the embedded model).")
-    p.add_argument("--model-dirs", default="", help="Model folders, ':'-separated.")
+    p.add_argument("--model-dirs", default="", help="Model folders, ':'-separated (default: the server's).")
     p.add_argument("--metrics-port", type=int, help="Server /metrics port (default 9400; -1 off).")
-    p.add_argument("--store", default="~/.cache/sdserve/store", help="The model manager's store folder.")
-    p.add_argument("--manager-port", type=int, default=50052, help="The model manager's port (127.0.0.1).")
+    p.add_argument(
+        "--store",
+        default=environ.get("SDSERVE_MANAGER_STORE", "~/.cache/sdserve/store"),
+        help="The model manager's store folder (env SDSERVE_MANAGER_STORE; default ~/.cache/sdserve/store).",
+    )
+    p.add_argument("--manager-port", type=int, default=50052, help="The model manager's port on 127.0.0.1.")
     p.add_argument("--manager-metrics-port", type=int, default=9401, help="The sidecar's /metrics port (-1 off).")
+    p.add_argument(
+        "--import-roots",
+        default=environ.get("SDSERVE_MANAGER_IMPORT_ROOTS", _default_import_roots()),
+        metavar="DIRS",
+        help="Folders `sdserve models import` may read, ':'-separated; '' turns imports off "
+        "(env SDSERVE_MANAGER_IMPORT_ROOTS; default: the current folder, unless it is /, and your home folder).",
+    )
     p.add_argument("--no-manager", action="store_true", help="Serve --model-dirs only, without the sidecar.")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="Further `python -m service` flags after --.")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("generate", help="Text-to-image.")
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The `sdserve` parser; defaults read SDSERVE_TARGET, SDSERVE_API_KEY and the sidecar's store variables."""
+    env = os.environ if environ is None else environ
+    parser = Parser(prog="sdserve", description="sdserve: Stable Diffusion over gRPC.")
+    add_connection_flags(parser, env, top_level=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub, env)
+
+    def client_command(name: str, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+        add_connection_flags(p, env, top_level=False)
+        return p
+
+    p = client_command("generate", "Text-to-image.")
     _add_common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("edit", help="Image-to-image.")
+    p = client_command("edit", "Image-to-image.")
     _add_common(p)
     p.add_argument("--image", required=True, help="Input image (PNG, JPEG or WebP).")
     p.add_argument("--strength", type=float, help="How far to move from the input, (0, 1]; default 0.8.")
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("inpaint", help="Repaint the white part of a mask.")
+    p = client_command("inpaint", "Repaint the white part of a mask.")
     _add_common(p)
     p.add_argument("--image", required=True, help="Input image.")
     p.add_argument("--mask", required=True, help="Mask image, same size: white = repaint.")
@@ -306,18 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve-unmasked", action="store_true", help="Keep pixels outside the mask byte-exact.")
     p.set_defaults(func=cmd_inpaint)
 
-    p = sub.add_parser("health", help="Print the server's health; exit 0 when SERVING.")
+    p = client_command("health", "Print the server's health; exit 0 when SERVING.")
     p.add_argument("--service", default="", help="Health service name ('' = overall readiness).")
     p.add_argument("--wait", type=float, default=0.0, help="Poll up to this many seconds for SERVING.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_health)
 
-    p = sub.add_parser("info", help="Server device, versions and limits.")
+    p = client_command("info", "Server device, versions, schedulers and limits.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_info)
 
     models = sub.add_parser("models", help="Models: the model manager's store, and what the server serves.")
-    msub = models.add_subparsers(dest="models_command", required=True)
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     add_models_commands(msub)
     p = msub.add_parser("served", help="Models the server serves now, with their load state.")
+    add_connection_flags(p, env, top_level=False)
+    p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Unpack
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdserve import _convert
 from sdserve.errors import SdserveError, from_rpc_error
@@ -16,12 +17,29 @@ from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message limits raised past gRPC's 4 MiB default: result images are larger."""
-    return [
+def channel_options(max_message_bytes: int, tls_server_name: str | None = None) -> list[tuple[str, int | str]]:
+    """Message limits raised past gRPC's 4 MiB default (result images are larger), and the TLS name override."""
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if tls_server_name:
+        # Checked against the server's certificate instead of the target's host (an address, or a name behind a proxy).
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options
+
+
+def tls_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: roots to trust (empty: the system roots) and, for mutual TLS,
+    a client certificate chain and its key. Raises OSError when a file cannot be read."""
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -61,7 +79,10 @@ class Stream:
 
 
 class Client:
-    """A blocking sdserve client. Use as a context manager or call close()."""
+    """A blocking sdserve client. Use as a context manager or call close().
+
+    `credentials` (for example `tls_credentials(ca_file)`) make the channel TLS; `tls_server_name` is the name
+    checked in the server's certificate when it differs from the target's host."""
 
     def __init__(
         self,
@@ -71,8 +92,9 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        tls_server_name: str | None = None,
     ):
-        opts = channel_options(max_message_bytes)
+        opts = channel_options(max_message_bytes, tls_server_name)
         if channel is None:
             channel = (
                 grpc.secure_channel(target, credentials, options=opts)
@@ -81,6 +103,7 @@ class Client:
             )
         self._channel = channel
         self._stub = pb_grpc.DiffusionServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
         self._metadata = metadata(api_key)
 
     def close(self) -> None:
@@ -169,3 +192,13 @@ class Client:
             return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """grpc.health.v1 status of `service` ('' is readiness, 'liveness' the process): SERVING, NOT_SERVING, ..."""
+        try:
+            resp = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))

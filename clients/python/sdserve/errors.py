@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-
-_DETAILS_KEY = "grpc-status-details-bin"
+from grpc_status import rpc_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,25 +42,30 @@ class SdserveError(Exception):
         return f"{self.code}: {self.message}"
 
 
+def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status in the trailers (grpc-status-details-bin), or None. A status whose code or message
+    disagrees with the call's is ignored rather than trusted."""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return status
+
+
 def from_rpc_error(err: grpc.RpcError) -> SdserveError:
     """Decodes a grpc.RpcError (sync or aio) into an SdserveError."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
     violations: list[FieldViolation] = []
     retry: float | None = None
-    trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for item in trailers or ():
-        key, value = item[0], item[1]
-        if key != _DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                retry = info.retry_delay.ToNanoseconds() / 1e9
+    status = _rich_status(err) if hasattr(err, "trailing_metadata") else None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry = info.retry_delay.ToNanoseconds() / 1e9
     return SdserveError(code.name if code else "UNKNOWN", message or "", tuple(violations), retry)

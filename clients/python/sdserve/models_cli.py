@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from sdserve.cli_args import Parser
 from sdserve.errors import SdserveError
 from sdserve.models_client import (
     DEFAULT_TARGET,
     Alias,
     AliasRemoved,
     AliasSet,
+    ModelCorrupted,
     ModelManagerClient,
     ModelPublished,
     ModelRemoved,
@@ -120,9 +122,13 @@ def _quality(m: StoredModel) -> str:
     return f"{m.quality.psnr_db:.1f} dB" if m.quality.psnr_db is not None else "-"
 
 
+def _plain(value: Any) -> Any:
+    """A dataclass as a dict (None and other values unchanged), for JSON output."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+
 def _as_json(value: Any) -> str:
-    data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
-    return json.dumps(data, indent=2, default=str)
+    return json.dumps(_plain(value), indent=2, default=str)
 
 
 def _run_operation(stream: OperationStream, ns: argparse.Namespace, verb: str) -> int:
@@ -181,6 +187,9 @@ def cmd_alias_set(ns: argparse.Namespace) -> int:
     name, revision, variant = parse_target(ns.target)
     with _client(ns) as c:
         alias, previous = c.set_alias(ns.alias, name, revision=revision, variant=variant)
+    if ns.json:
+        print(_as_json({"alias": dataclasses.asdict(alias), "previous": _plain(previous)}))
+        return 0
     before = f" (was {_alias_target(previous)})" if previous is not None else ""
     print(f"{alias.name} -> {_alias_target(alias)}{before}")
     return 0
@@ -189,12 +198,25 @@ def cmd_alias_set(ns: argparse.Namespace) -> int:
 def cmd_alias_rm(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         alias = c.delete_alias(ns.alias)
+    if ns.json:
+        print(_as_json({"removed": dataclasses.asdict(alias)}))
+        return 0
     print(f"removed alias {alias.name} (was {_alias_target(alias)})")
     return 0
 
 
 def _alias_target(a: Alias) -> str:
     return f"{a.model}@{a.revision[:12]}:{a.variant}"
+
+
+def _alias_failure(a: Alias) -> str:
+    """'' or one line: the alias's last failed target, why, and whether the alias went back."""
+    f = a.last_failure
+    if f is None:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.at))
+    outcome = "went back to the previous target" if f.reverted else "the alias did not move"
+    return f"  last failure {when}: {f.target.label()} ({f.reporter}; {outcome}): {f.reason}"
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
@@ -206,12 +228,16 @@ def cmd_list(ns: argparse.Namespace) -> int:
     print(f"{'NAME':<28} {'REVISION':<12}  {'VARIANT':<7} {'SIZE':>10}  {'STATE':<7} {'PSNR':>8}  ALIASES")
     for m in listing.models:
         aliases = ",".join(m.aliases) + (" (pinned)" if m.pinned else "")
+        if m.lease_holders:
+            aliases += f" (loaded by {m.lease_holders} server(s))"
         print(
             f"{m.name:<28} {m.revision[:12]:<12}  {m.variant:<7} {human_bytes(m.size_bytes):>10}  {m.state:<7} "
             f"{_quality(m):>8}  {aliases}"
         )
     for a in listing.aliases:
         print(f"alias {a.name} -> {_alias_target(a)}{'' if a.path else '  (target missing)'}")
+        if a.last_failure is not None:
+            print(_alias_failure(a))
     u = listing.usage
     budget = f" of {human_bytes(u.budget_bytes)} budget" if u.budget_bytes else ""
     print(
@@ -253,9 +279,16 @@ def cmd_show(ns: argparse.Namespace) -> int:
         print(f"  created      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.created_at))}")
         print(f"  last used    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.last_used_at))}")
         print(f"  pinned       {'yes' if m.pinned else 'no'}; aliases: {', '.join(m.aliases) or 'none'}")
+        if m.lease_holders:
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.lease_expires_at))
+            print(f"  loaded by    {m.lease_holders} server(s), lease until {until} (not evicted)")
         if ns.files:
             for f in m.files:
                 print(f"    {f.sha256[:16]}  {f.size_bytes:>12}  {f.path}")
+    for a in details.aliases:
+        print(f"alias {a.name} -> {_alias_target(a)}")
+        if a.last_failure is not None:
+            print(_alias_failure(a))
     return 0
 
 
@@ -263,6 +296,9 @@ def cmd_rm(ns: argparse.Namespace) -> int:
     name, revision, variant = parse_target(ns.target)
     with _client(ns) as c:
         removed, freed = c.delete(name, revision=revision, variant=variant)
+    if ns.json:
+        print(_as_json({"removed": [dataclasses.asdict(m) for m in removed], "freed_bytes": freed}))
+        return 0
     for m in removed:
         print(f"removed {m.label()}")
     print(f"freed {human_bytes(freed)}")
@@ -280,6 +316,10 @@ def cmd_watch(ns: argparse.Namespace) -> int:
     with _client(ns) as c, c.watch() as stream:
         signal.signal(signal.SIGINT, lambda *_: stream.cancel())
         for ev in stream:
+            if ns.json:
+                # One object per line, so a consumer can read events as they come.
+                print(json.dumps({"event": type(ev).__name__, **_plain(ev)}, default=str), flush=True)
+                continue
             if isinstance(ev, Snapshot):
                 print(f"#{ev.sequence} snapshot: {len(ev.models)} variants, {len(ev.aliases)} aliases")
             elif isinstance(ev, ModelPublished):
@@ -287,7 +327,10 @@ def cmd_watch(ns: argparse.Namespace) -> int:
             elif isinstance(ev, ModelRemoved):
                 print(f"#{ev.sequence} {ev.reason} {ev.model.label()}")
             elif isinstance(ev, AliasSet):
-                print(f"#{ev.sequence} alias {ev.alias.name} -> {_alias_target(ev.alias)} {ev.alias.path}")
+                back = f" (went back: {ev.reason})" if ev.reverted else ""
+                print(f"#{ev.sequence} alias {ev.alias.name} -> {_alias_target(ev.alias)} {ev.alias.path}{back}")
+            elif isinstance(ev, ModelCorrupted):
+                print(f"#{ev.sequence} corrupt {ev.model.label()}: {'; '.join(ev.problems)}")
             elif isinstance(ev, AliasRemoved):
                 print(f"#{ev.sequence} alias {ev.alias.name} removed")
             sys.stdout.flush()
@@ -362,9 +405,11 @@ def add_models_commands(subparsers: Any) -> None:
     p = asub.add_parser("set", help="Point an alias at NAME[@REVISION][:VARIANT].")
     p.add_argument("alias", help="Alias, for example default.")
     p.add_argument("target", help="NAME[@REVISION][:VARIANT]; default: newest revision, preferred variant.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
     _common(p, cmd_alias_set)
     p = asub.add_parser("rm", help="Remove an alias.")
     p.add_argument("alias", help="Alias.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
     _common(p, cmd_alias_rm)
 
     p = subparsers.add_parser("list", help="Stored models, aliases and disk usage (from the model manager).")
@@ -380,6 +425,7 @@ def add_models_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("rm", help="Remove NAME, NAME@REVISION or NAME@REVISION:VARIANT from the store.")
     p.add_argument("target", help="NAME[@REVISION][:VARIANT].")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
     _common(p, cmd_rm)
 
     p = subparsers.add_parser("pin", help="Protect a model from eviction.")
@@ -392,11 +438,12 @@ def add_models_commands(subparsers: Any) -> None:
     _common(p, cmd_pin)
 
     p = subparsers.add_parser("watch", help="Print store changes as they happen (Ctrl-C stops).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object per event and line.")
     _common(p, cmd_watch)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdserve models", description="Manage the model store through the sidecar.")
+    parser = Parser(prog="sdserve models", description="Manage the model store through the sidecar.")
     add_models_commands(parser.add_subparsers(dest="models_command", required=True))
     return parser
 

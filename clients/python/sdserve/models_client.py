@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import grpc
@@ -89,14 +89,43 @@ class StoredModel:
     quality: VariantQuality | None
     unet_in_channels: int
     files: tuple[StoredFile, ...] = ()
+    # Servers holding an unexpired lease on it (loaded or aliased there: not evicted), and when the last one ends.
+    lease_holders: int = 0
+    lease_expires_at: float = 0.0
 
     def label(self) -> str:
         return f"{self.name}@{self.revision[:12]}:{self.variant}"
 
 
 @dataclasses.dataclass(frozen=True)
+class VariantRef:
+    """Names one stored variant."""
+
+    name: str
+    revision: str
+    variant: str
+
+    def label(self) -> str:
+        return f"{self.name}@{self.revision[:12]}:{self.variant}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasFailure:
+    """A target an alias was pointed at that could not serve, why, who found it (sidecar, scrub or server), when,
+    and whether the alias went back to its previous target because of it."""
+
+    target: VariantRef
+    reason: str
+    reporter: str
+    at: float
+    reverted: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Alias:
-    """An alias and the variant it points at (`path` is empty when the target is missing)."""
+    """An alias and the variant it points at (`path` is empty when the target is missing).
+
+    `revert_to` is where it goes back if its target fails; `last_failure` the last target that failed under it."""
 
     name: str
     model: str
@@ -104,6 +133,8 @@ class Alias:
     variant: str
     path: str
     updated_at: float
+    revert_to: VariantRef | None = None
+    last_failure: AliasFailure | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +224,16 @@ class ModelRemoved:
 
 @dataclasses.dataclass(frozen=True)
 class AliasSet:
-    """An alias now points at `target` (load target.path and swap)."""
+    """An alias now points at `target` (load target.path and swap). `reverted`: the sidecar moved it back because
+    the target it left failed (`reason`)."""
 
     sequence: int
     time: float
     alias: Alias
     target: StoredModel
     previous: Alias | None
+    reverted: bool = False
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +245,17 @@ class AliasRemoved:
     alias: Alias
 
 
-WatchEvent = Snapshot | ModelPublished | ModelRemoved | AliasSet | AliasRemoved
+@dataclasses.dataclass(frozen=True)
+class ModelCorrupted:
+    """A variant failed verification after it was published; it is CORRUPT now (problems: one line per file)."""
+
+    sequence: int
+    time: float
+    model: StoredModel
+    problems: tuple[str, ...]
+
+
+WatchEvent = Snapshot | ModelPublished | ModelRemoved | AliasSet | AliasRemoved | ModelCorrupted
 OperationEvent = OperationProgress | OperationResult
 
 
@@ -251,11 +295,27 @@ def _model(m: pb.StoredModel) -> StoredModel:
         ),
         unet_in_channels=m.unet_in_channels,
         files=tuple(StoredFile(f.path, f.size_bytes, f.sha256) for f in m.files),
+        lease_holders=m.lease_holders,
+        lease_expires_at=_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else 0.0,
     )
 
 
+def _ref(r: pb.VariantRef) -> VariantRef:
+    return VariantRef(r.name, r.revision, _PB_TO_VARIANT.get(r.variant, ""))
+
+
 def _alias(a: pb.Alias) -> Alias:
-    return Alias(a.name, a.model, a.revision, _PB_TO_VARIANT.get(a.variant, ""), a.path, _seconds(a.updated_time))
+    f = a.last_failure if a.HasField("last_failure") else None
+    return Alias(
+        a.name,
+        a.model,
+        a.revision,
+        _PB_TO_VARIANT.get(a.variant, ""),
+        a.path,
+        _seconds(a.updated_time),
+        _ref(a.revert_to) if a.HasField("revert_to") else None,
+        None if f is None else AliasFailure(_ref(f.target), f.reason, f.reporter, _seconds(f.time), f.reverted),
+    )
 
 
 def _usage(u: pb.StoreUsage) -> StoreUsage:
@@ -301,10 +361,19 @@ def watch_event(msg: pb.WatchModelsResponse) -> WatchEvent:
     if kind == "alias_set":
         e = msg.alias_set
         return AliasSet(
-            seq, when, _alias(e.alias), _model(e.target), _alias(e.previous) if e.HasField("previous") else None
+            seq,
+            when,
+            _alias(e.alias),
+            _model(e.target),
+            _alias(e.previous) if e.HasField("previous") else None,
+            e.reverted,
+            e.reason,
         )
     if kind == "alias_removed":
         return AliasRemoved(seq, when, _alias(msg.alias_removed.alias))
+    if kind == "model_corrupted":
+        c = msg.model_corrupted
+        return ModelCorrupted(seq, when, _model(c.model), tuple(c.problems))
     raise SdserveError("UNKNOWN", f"unknown WatchModels event {kind!r}")
 
 
@@ -520,6 +589,32 @@ class ModelManagerClient:
     def record_use(self, name: str, revision: str, variant: str) -> None:
         req = pb.RecordModelUseRequest(name=name, revision=revision, variant=_variant(variant))
         self._unary(self._stub.RecordModelUse, req)
+
+    def renew_leases(
+        self, holder: str, variants: Iterable[tuple[str, str, str]], *, lease_seconds: int = 0
+    ) -> tuple[tuple[VariantRef, ...], float]:
+        """Replaces `holder`'s leases with (name, revision, variant) triples for `lease_seconds` (0: the sidecar's
+        default); an empty list releases them. Returns (entries not in the store, when the leases end)."""
+        req = pb.RenewModelLeasesRequest(
+            holder=holder,
+            variants=[pb.VariantRef(name=n, revision=r, variant=_variant(v)) for n, r, v in variants],
+            lease_seconds=lease_seconds,
+        )
+        resp = self._unary(self._stub.RenewModelLeases, req)
+        return tuple(_ref(r) for r in resp.unknown), _seconds(resp.expire_time)
+
+    def report_alias_failure(
+        self, alias: str, model: str, revision: str, variant: str, reason: str
+    ) -> tuple[Alias, bool]:
+        """Tells the sidecar a server could not serve `alias`'s target; returns (the alias now, whether it moved
+        back to its previous target)."""
+        req = pb.ReportAliasFailureRequest(
+            alias=alias,
+            target=pb.VariantRef(name=model, revision=revision, variant=_variant(variant)),
+            reason=reason,
+        )
+        resp = self._unary(self._stub.ReportAliasFailure, req)
+        return _alias(resp.alias), resp.reverted
 
     def set_alias(self, alias: str, model: str, *, revision: str = "", variant: str = "") -> tuple[Alias, Alias | None]:
         """Points `alias` at a model (default: its newest revision and preferred variant); returns (new, previous)."""

@@ -90,6 +90,9 @@ class Started:
     request_id: str
     queue_seconds: float
     batch_size: int
+    # The stored weights serving the request (fp32, fp16, bf16, int8) and the dtype it computes in.
+    model_variant: str = ""
+    dtype: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,7 +147,9 @@ class _InpaintAreaEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InpaintAr
     """The whole image is resized to width x height and inpainted."""
     INPAINT_AREA_MASK_ONLY: _InpaintArea.ValueType  # 2
     """Only a box around the mask, grown by `mask_padding` pixels, is cut out at full resolution,
-    scaled to width x height, inpainted and pasted back ("inpaint only masked").
+    scaled to width x height, inpainted and pasted back ("inpaint only masked"). The box is widened toward
+    width:height as far as the image allows; a box that still scales to less than one pixel across (a very
+    thin image) is INVALID_ARGUMENT on `area`.
     """
 
 class InpaintArea(_InpaintArea, metaclass=_InpaintAreaEnumTypeWrapper):
@@ -159,7 +161,9 @@ INPAINT_AREA_WHOLE_IMAGE: InpaintArea.ValueType  # 1
 """The whole image is resized to width x height and inpainted."""
 INPAINT_AREA_MASK_ONLY: InpaintArea.ValueType  # 2
 """Only a box around the mask, grown by `mask_padding` pixels, is cut out at full resolution,
-scaled to width x height, inpainted and pasted back ("inpaint only masked").
+scaled to width x height, inpainted and pasted back ("inpaint only masked"). The box is widened toward
+width:height as far as the image allows; a box that still scales to less than one pixel across (a very
+thin image) is INVALID_ARGUMENT on `area`.
 """
 Global___InpaintArea: _TypeAlias = InpaintArea  # noqa: Y015
 
@@ -335,7 +339,9 @@ class GenerationParams(_message.Message):
     """Output height in pixels; as `width`."""
     steps: _builtins.int
     """Denoising steps, 1 to the server's `max_steps` (default 150). 0: the model's default (usually 20).
-    Edit and Inpaint run about steps x strength of them.
+    A scheduler may allow fewer: LCM at most the model's `original_inference_steps` (50 unless its
+    scheduler config says otherwise), every scheduler at most the model's training timesteps.
+    Edit and Inpaint run int(steps x strength) of them, at least 1.
     """
     guidance_scale: _builtins.float
     """Classifier-free guidance scale, 0 to 50. Absent: the model's default (usually 7.5).
@@ -440,7 +446,9 @@ class EditRequest(_message.Message):
     Its width and height must be multiples of 8 within the server's limits.
     """
     strength: _builtins.float
-    """How far to move from the input, above 0 to 1: 1 ignores the input entirely. Absent: 0.8."""
+    """How far to move from the input, above 0 to 1: 1 ignores the input entirely. Absent: 0.8.
+    Read as the shortest decimal of the float32 sent (0.35, not 0.3499999940), as a caller means it.
+    """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """The generation parameters."""
@@ -488,7 +496,7 @@ class InpaintRequest(_message.Message):
     invert_mask: _builtins.bool
     """Swap the mask's meaning: repaint the black part instead. Default false."""
     strength: _builtins.float
-    """How far to move from the input inside the mask, above 0 to 1. Absent: 1."""
+    """How far to move from the input inside the mask, above 0 to 1. Absent: 1. Read as in EditRequest."""
     area: Global___InpaintArea.ValueType
     """Which part of the image the model works on. Default: the whole image."""
     mask_padding: _builtins.int
@@ -563,6 +571,8 @@ class StartedEvent(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     QUEUE_SECONDS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MODEL_VARIANT_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that runs the request (an alias resolved to its name)."""
     model_revision: _builtins.str
@@ -573,6 +583,12 @@ class StartedEvent(_message.Message):
     """Seconds the request waited in the queue."""
     batch_size: _builtins.int
     """Requests that share this pipeline call (1 when not batched)."""
+    model_variant: _builtins.str
+    """The stored weights that serve the request: `fp32`, `fp16`, `bf16` or `int8` (int8 is weight-only and
+    computes in `dtype`). Model, revision and variant together are the served identity.
+    """
+    dtype: _builtins.str
+    """Torch dtype the request computes in, for example `float32` or `float16`."""
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The seed of each image, in order."""
@@ -586,10 +602,12 @@ class StartedEvent(_message.Message):
         request_id: _builtins.str = ...,
         queue_seconds: _builtins.float = ...,
         batch_size: _builtins.int = ...,
+        model_variant: _builtins.str = ...,
+        dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "model", b"model", "model_revision", b"model_revision", "queue_seconds", b"queue_seconds", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "dtype", b"dtype", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -737,6 +755,7 @@ class ResolvedParameters(_message.Message):
     SCHEDULER_CLASS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    MODEL_VARIANT_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """Task run."""
     model: _builtins.str
@@ -781,6 +800,8 @@ class ResolvedParameters(_message.Message):
     """Device type the request ran on, for example `cuda` or `cpu`."""
     dtype: _builtins.str
     """Torch dtype of the model, for example `float16`."""
+    model_variant: _builtins.str
+    """The stored weights that served the request: `fp32`, `fp16`, `bf16` or `int8`."""
     def __init__(
         self,
         *,
@@ -806,10 +827,11 @@ class ResolvedParameters(_message.Message):
         scheduler_class: _builtins.str = ...,
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
+        model_variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "clip_skip", b"clip_skip", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "model", b"model", "model_revision", b"model_revision", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "clip_skip", b"clip_skip", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1234,6 +1256,7 @@ class BatchLimit(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     MAX_BATCH_IMAGES_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     width: _builtins.int
@@ -1244,6 +1267,8 @@ class BatchLimit(_message.Message):
     """Largest number of images per pipeline call."""
     source: _builtins.str
     """How the limit was chosen, for example `calibrated` or `configured`."""
+    variant: _builtins.str
+    """The model's stored weights variant (`fp32`, `fp16`, `bf16`, `int8`): each variant has its own limit."""
     def __init__(
         self,
         *,
@@ -1252,10 +1277,11 @@ class BatchLimit(_message.Message):
         height: _builtins.int = ...,
         max_batch_images: _builtins.int = ...,
         source: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "max_batch_images", b"max_batch_images", "model", b"model", "source", b"source", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "max_batch_images", b"max_batch_images", "model", b"model", "source", b"source", "variant", b"variant", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -265,6 +265,8 @@ class StoredModel(_message.Message):
     QUALITY_FIELD_NUMBER: _builtins.int
     UNET_IN_CHANNELS_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    LEASE_HOLDERS_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name: 1 to 100 characters from `A-Z a-z 0-9 . _ -`, starting with a letter or digit,
     without `..`.
@@ -287,6 +289,10 @@ class StoredModel(_message.Message):
     """Whether the model (all its revisions and variants) is pinned against eviction."""
     unet_in_channels: _builtins.int
     """Input channels of the UNet: 4, or 9 for an inpainting model."""
+    lease_holders: _builtins.int
+    """Servers holding an unexpired lease on this variant (it is loaded or aliased there); while any do, it is
+    not evicted.
+    """
     @_builtins.property
     def source(self) -> Global___ModelSource:
         """Where the weights came from."""
@@ -311,6 +317,10 @@ class StoredModel(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredFile]:
         """The manifest's files; filled by GetStoredModel only."""
 
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last of those leases ends unless renewed; unset when there is none."""
+
     def __init__(
         self,
         *,
@@ -330,14 +340,92 @@ class StoredModel(_message.Message):
         quality: Global___VariantQuality | None = ...,
         unet_in_channels: _builtins.int = ...,
         files: _abc.Iterable[Global___StoredFile] | None = ...,
+        lease_holders: _builtins.int = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "last_used_time", b"last_used_time", "quality", b"quality", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "last_used_time", b"last_used_time", "lease_expire_time", b"lease_expire_time", "quality", b"quality", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "created_time", b"created_time", "description", b"description", "error", b"error", "files", b"files", "last_used_time", b"last_used_time", "name", b"name", "path", b"path", "pinned", b"pinned", "quality", b"quality", "revision", b"revision", "size_bytes", b"size_bytes", "source", b"source", "state", b"state", "unet_in_channels", b"unet_in_channels", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "created_time", b"created_time", "description", b"description", "error", b"error", "files", b"files", "last_used_time", b"last_used_time", "lease_expire_time", b"lease_expire_time", "lease_holders", b"lease_holders", "name", b"name", "path", b"path", "pinned", b"pinned", "quality", b"quality", "revision", b"revision", "size_bytes", b"size_bytes", "source", b"source", "state", b"state", "unet_in_channels", b"unet_in_channels", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredModel: _TypeAlias = StoredModel  # noqa: Y015
+
+@_typing.final
+class VariantRef(_message.Message):
+    """VariantRef names one stored variant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Model name."""
+    revision: _builtins.str
+    """Full revision."""
+    variant: Global___WeightVariant.ValueType
+    """Variant; required wherever a VariantRef is sent to the sidecar."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        variant: Global___WeightVariant.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "revision", b"revision", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantRef: _TypeAlias = VariantRef  # noqa: Y015
+
+@_typing.final
+class AliasFailure(_message.Message):
+    """AliasFailure records a target an alias was pointed at that could not serve."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REPORTER_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    REVERTED_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, naming the file and the rule where files are at fault, for example
+    `unet/diffusion_pytorch_model.safetensors: sha256 … does not match manifest.json's …`.
+    """
+    reporter: _builtins.str
+    """Who found it: `sidecar` (SetAlias verification or start-up), `scrub`, or `server` (ReportAliasFailure)."""
+    reverted: _builtins.bool
+    """True when the alias went back to its previous target because of it; false when the alias did not move
+    (SetAlias refused the target, or there was no usable previous target).
+    """
+    @_builtins.property
+    def target(self) -> Global___VariantRef:
+        """The target that failed."""
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        target: Global___VariantRef | None = ...,
+        reason: _builtins.str = ...,
+        reporter: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        reverted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reporter", b"reporter", "reverted", b"reverted", "target", b"target", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasFailure: _TypeAlias = AliasFailure  # noqa: Y015
 
 @_typing.final
 class Alias(_message.Message):
@@ -351,6 +439,8 @@ class Alias(_message.Message):
     VARIANT_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     UPDATED_TIME_FIELD_NUMBER: _builtins.int
+    REVERT_TO_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Alias name; the same rules as model names."""
     model: _builtins.str
@@ -365,6 +455,16 @@ class Alias(_message.Message):
     def updated_time(self) -> _timestamp_pb2.Timestamp:
         """When the alias was last set."""
 
+    @_builtins.property
+    def revert_to(self) -> Global___VariantRef:
+        """The target the alias goes back to if its current target fails: the one it pointed at before the last
+        SetAlias. Unset for a new alias and after a revert (an alias goes back one step only).
+        """
+
+    @_builtins.property
+    def last_failure(self) -> Global___AliasFailure:
+        """The last failed attempt to serve a target under this alias; cleared by the next successful SetAlias."""
+
     def __init__(
         self,
         *,
@@ -374,10 +474,12 @@ class Alias(_message.Message):
         variant: Global___WeightVariant.ValueType = ...,
         path: _builtins.str = ...,
         updated_time: _timestamp_pb2.Timestamp | None = ...,
+        revert_to: Global___VariantRef | None = ...,
+        last_failure: Global___AliasFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_time", b"updated_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "revert_to", b"revert_to", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "path", b"path", "revision", b"revision", "updated_time", b"updated_time", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "model", b"model", "name", b"name", "path", b"path", "revert_to", b"revert_to", "revision", b"revision", "updated_time", b"updated_time", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1003,6 +1105,132 @@ class RecordModelUseResponse(_message.Message):
 Global___RecordModelUseResponse: _TypeAlias = RecordModelUseResponse  # noqa: Y015
 
 @_typing.final
+class RenewModelLeasesRequest(_message.Message):
+    """RenewModelLeasesRequest replaces one server's leases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    holder: _builtins.str
+    """Who holds the leases: an id that stays the same for one server process (a random id made at start);
+    1 to 100 characters from `A-Z a-z 0-9 . _ -`.
+    """
+    lease_seconds: _builtins.int
+    """How long the leases last without another renewal, in seconds: 1 to 3600. Default: 60."""
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantRef]:
+        """Every stored variant the holder has loaded or aliased now; replaces the holder's earlier list. Empty
+        releases every lease of the holder. At most 1000 entries.
+        """
+
+    def __init__(
+        self,
+        *,
+        holder: _builtins.str = ...,
+        variants: _abc.Iterable[Global___VariantRef] | None = ...,
+        lease_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "lease_seconds", b"lease_seconds", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewModelLeasesRequest: _TypeAlias = RenewModelLeasesRequest  # noqa: Y015
+
+@_typing.final
+class RenewModelLeasesResponse(_message.Message):
+    """RenewModelLeasesResponse confirms the leases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def unknown(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantRef]:
+        """Entries of `variants` that are not in the store (nothing is leased for them)."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the leases end unless renewed."""
+
+    def __init__(
+        self,
+        *,
+        unknown: _abc.Iterable[Global___VariantRef] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewModelLeasesResponse: _TypeAlias = RenewModelLeasesResponse  # noqa: Y015
+
+@_typing.final
+class ReportAliasFailureRequest(_message.Message):
+    """ReportAliasFailureRequest says which alias target a server could not serve, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The alias."""
+    reason: _builtins.str
+    """Why it failed, as the server saw it; 1 to 2000 characters."""
+    @_builtins.property
+    def target(self) -> Global___VariantRef:
+        """The target the server tried to load: model name, full revision and variant (all required)."""
+
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        target: Global___VariantRef | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportAliasFailureRequest: _TypeAlias = ReportAliasFailureRequest  # noqa: Y015
+
+@_typing.final
+class ReportAliasFailureResponse(_message.Message):
+    """ReportAliasFailureResponse returns the alias after the report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    REVERTED_FIELD_NUMBER: _builtins.int
+    reverted: _builtins.bool
+    """True when this report moved the alias back to its previous target."""
+    @_builtins.property
+    def alias(self) -> Global___Alias:
+        """The alias now, with `last_failure` set."""
+
+    def __init__(
+        self,
+        *,
+        alias: Global___Alias | None = ...,
+        reverted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "reverted", b"reverted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportAliasFailureResponse: _TypeAlias = ReportAliasFailureResponse  # noqa: Y015
+
+@_typing.final
 class SetAliasRequest(_message.Message):
     """SetAliasRequest points an alias at a variant."""
 
@@ -1228,6 +1456,12 @@ class AliasSet(_message.Message):
     ALIAS_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     PREVIOUS_FIELD_NUMBER: _builtins.int
+    REVERTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reverted: _builtins.bool
+    """True when the sidecar moved the alias back to its previous target because the target it left failed."""
+    reason: _builtins.str
+    """Why it was moved back (set with `reverted`)."""
     @_builtins.property
     def alias(self) -> Global___Alias:
         """The alias after the change, with its target's folder."""
@@ -1246,14 +1480,48 @@ class AliasSet(_message.Message):
         alias: Global___Alias | None = ...,
         target: Global___StoredModel | None = ...,
         previous: Global___Alias | None = ...,
+        reverted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "previous", b"previous", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "previous", b"previous", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "previous", b"previous", "reason", b"reason", "reverted", b"reverted", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AliasSet: _TypeAlias = AliasSet  # noqa: Y015
+
+@_typing.final
+class ModelCorrupted(_message.Message):
+    """ModelCorrupted says a READY variant failed verification after it was published (a scrub, a SetAlias
+    check or a server's report found it). It stays listed as CORRUPT; do not serve it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___StoredModel:
+        """The variant, now CORRUPT, with `error` set."""
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every problem found, one line each, naming the file and the rule it broke."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___StoredModel | None = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "problems", b"problems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCorrupted: _TypeAlias = ModelCorrupted  # noqa: Y015
 
 @_typing.final
 class AliasRemoved(_message.Message):
@@ -1292,6 +1560,7 @@ class WatchModelsResponse(_message.Message):
     MODEL_REMOVED_FIELD_NUMBER: _builtins.int
     ALIAS_SET_FIELD_NUMBER: _builtins.int
     ALIAS_REMOVED_FIELD_NUMBER: _builtins.int
+    MODEL_CORRUPTED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increases by one per change within one sidecar instance; the snapshot carries the sequence
     number of the last change it includes.
@@ -1320,6 +1589,10 @@ class WatchModelsResponse(_message.Message):
     def alias_removed(self) -> Global___AliasRemoved:
         """An alias was removed."""
 
+    @_builtins.property
+    def model_corrupted(self) -> Global___ModelCorrupted:
+        """A variant failed verification and is CORRUPT now."""
+
     def __init__(
         self,
         *,
@@ -1330,12 +1603,13 @@ class WatchModelsResponse(_message.Message):
         model_removed: Global___ModelRemoved | None = ...,
         alias_set: Global___AliasSet | None = ...,
         alias_removed: Global___AliasRemoved | None = ...,
+        model_corrupted: Global___ModelCorrupted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias_removed", b"alias_removed", "alias_set", b"alias_set", "event", b"event", "model_published", b"model_published", "model_removed", b"model_removed", "snapshot", b"snapshot", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias_removed", b"alias_removed", "alias_set", b"alias_set", "event", b"event", "model_corrupted", b"model_corrupted", "model_published", b"model_published", "model_removed", b"model_removed", "snapshot", b"snapshot", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_removed", b"alias_removed", "alias_set", b"alias_set", "event", b"event", "model_published", b"model_published", "model_removed", b"model_removed", "sequence", b"sequence", "snapshot", b"snapshot", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_removed", b"alias_removed", "alias_set", b"alias_set", "event", b"event", "model_corrupted", b"model_corrupted", "model_published", b"model_published", "model_removed", b"model_removed", "sequence", b"sequence", "snapshot", b"snapshot", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "model_published", "model_removed", "alias_set", "alias_removed"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "model_published", "model_removed", "alias_set", "alias_removed", "model_corrupted"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

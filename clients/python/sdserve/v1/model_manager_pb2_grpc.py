@@ -34,6 +34,14 @@ class ModelManagerServiceStub:
     `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
     sha256 of every file in its `manifest.json`.
 
+    Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+    (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+    re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+    target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+    event), and every alias pointing at it goes back to its previous target when that one is stored and
+    verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+    the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+
     Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
     `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
     operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -47,7 +55,8 @@ class ModelManagerServiceStub:
     * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
     * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
     * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
-    removing a variant that an alias points at, or a single-file import with no tokenizer source.
+    removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+    alias on a variant whose files do not match its manifest (the message names the file and the rule).
     * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
     * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
     evicting every evictable variant; nothing was left behind.
@@ -104,6 +113,16 @@ class ModelManagerServiceStub:
                 request_serializer=sdserve_dot_v1_dot_model__manager__pb2.RecordModelUseRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.RecordModelUseResponse.FromString,
                 _registered_method=True)
+        self.RenewModelLeases = channel.unary_unary(
+                '/sdserve.v1.ModelManagerService/RenewModelLeases',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.RenewModelLeasesRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.RenewModelLeasesResponse.FromString,
+                _registered_method=True)
+        self.ReportAliasFailure = channel.unary_unary(
+                '/sdserve.v1.ModelManagerService/ReportAliasFailure',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.ReportAliasFailureRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.ReportAliasFailureResponse.FromString,
+                _registered_method=True)
         self.SetAlias = channel.unary_unary(
                 '/sdserve.v1.ModelManagerService/SetAlias',
                 request_serializer=sdserve_dot_v1_dot_model__manager__pb2.SetAliasRequest.SerializeToString,
@@ -130,6 +149,14 @@ class ModelManagerServiceServicer:
     `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
     sha256 of every file in its `manifest.json`.
 
+    Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+    (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+    re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+    target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+    event), and every alias pointing at it goes back to its previous target when that one is stored and
+    verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+    the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+
     Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
     `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
     operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -143,7 +170,8 @@ class ModelManagerServiceServicer:
     * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
     * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
     * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
-    removing a variant that an alias points at, or a single-file import with no tokenizer source.
+    removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+    alias on a variant whose files do not match its manifest (the message names the file and the rule).
     * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
     * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
     evicting every evictable variant; nothing was left behind.
@@ -205,6 +233,24 @@ class ModelManagerServiceServicer:
 
     def RecordModelUse(self, request, context):
         """RecordModelUse marks a variant as used now, for least-recently-used eviction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewModelLeases(self, request, context):
+        """RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+        are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+        leases expire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportAliasFailure(self, request, context):
+        """ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+        swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+        still points at it, moves the alias back to its previous target, persistently, recording the failure.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -274,6 +320,16 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.RecordModelUseRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_model__manager__pb2.RecordModelUseResponse.SerializeToString,
             ),
+            'RenewModelLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewModelLeases,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.RenewModelLeasesRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.RenewModelLeasesResponse.SerializeToString,
+            ),
+            'ReportAliasFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAliasFailure,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.ReportAliasFailureRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.ReportAliasFailureResponse.SerializeToString,
+            ),
             'SetAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAlias,
                     request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.SetAliasRequest.FromString,
@@ -306,6 +362,14 @@ class ModelManagerService:
     `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
     sha256 of every file in its `manifest.json`.
 
+    Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+    (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+    re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+    target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+    event), and every alias pointing at it goes back to its previous target when that one is stored and
+    verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+    the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+
     Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
     `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
     operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -319,7 +383,8 @@ class ModelManagerService:
     * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
     * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
     * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
-    removing a variant that an alias points at, or a single-file import with no tokenizer source.
+    removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+    alias on a variant whose files do not match its manifest (the message names the file and the rule).
     * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
     * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
     evicting every evictable variant; nothing was left behind.
@@ -536,6 +601,60 @@ class ModelManagerService:
             '/sdserve.v1.ModelManagerService/RecordModelUse',
             sdserve_dot_v1_dot_model__manager__pb2.RecordModelUseRequest.SerializeToString,
             sdserve_dot_v1_dot_model__manager__pb2.RecordModelUseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewModelLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/RenewModelLeases',
+            sdserve_dot_v1_dot_model__manager__pb2.RenewModelLeasesRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.RenewModelLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAliasFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/ReportAliasFailure',
+            sdserve_dot_v1_dot_model__manager__pb2.ReportAliasFailureRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.ReportAliasFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,14 @@ class ModelManagerServiceStub:
     `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
     sha256 of every file in its `manifest.json`.
 
+    Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+    (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+    re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+    target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+    event), and every alias pointing at it goes back to its previous target when that one is stored and
+    verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+    the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+
     Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
     `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
     operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -48,7 +56,8 @@ class ModelManagerServiceStub:
     * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
     * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
     * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
-      removing a variant that an alias points at, or a single-file import with no tokenizer source.
+      removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+      alias on a variant whose files do not match its manifest (the message names the file and the rule).
     * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
     * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
       evicting every evictable variant; nothing was left behind.
@@ -79,6 +88,16 @@ class ModelManagerServiceStub:
     """PinStoredModel pins or unpins a model: pinned models are never evicted."""
     RecordModelUse: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.RecordModelUseRequest, _model_manager_pb2.RecordModelUseResponse]
     """RecordModelUse marks a variant as used now, for least-recently-used eviction."""
+    RenewModelLeases: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.RenewModelLeasesRequest, _model_manager_pb2.RenewModelLeasesResponse]
+    """RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+    are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+    leases expire.
+    """
+    ReportAliasFailure: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.ReportAliasFailureRequest, _model_manager_pb2.ReportAliasFailureResponse]
+    """ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+    swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+    still points at it, moves the alias back to its previous target, persistently, recording the failure.
+    """
     SetAlias: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.SetAliasRequest, _model_manager_pb2.SetAliasResponse]
     """SetAlias points an alias at a model revision and variant; this is the hot swap."""
     DeleteAlias: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.DeleteAliasRequest, _model_manager_pb2.DeleteAliasResponse]
@@ -96,6 +115,14 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
     sha256 of every file in its `manifest.json`.
 
+    Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+    (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+    re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+    target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+    event), and every alias pointing at it goes back to its previous target when that one is stored and
+    verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+    the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+
     Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
     `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
     operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -109,7 +136,8 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
     * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
     * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
-      removing a variant that an alias points at, or a single-file import with no tokenizer source.
+      removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+      alias on a variant whose files do not match its manifest (the message names the file and the rule).
     * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
     * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
       evicting every evictable variant; nothing was left behind.
@@ -137,6 +165,16 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """PinStoredModel pins or unpins a model: pinned models are never evicted."""
     RecordModelUse: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.RecordModelUseRequest, _model_manager_pb2.RecordModelUseResponse]  # type: ignore[assignment]
     """RecordModelUse marks a variant as used now, for least-recently-used eviction."""
+    RenewModelLeases: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.RenewModelLeasesRequest, _model_manager_pb2.RenewModelLeasesResponse]  # type: ignore[assignment]
+    """RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+    are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+    leases expire.
+    """
+    ReportAliasFailure: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.ReportAliasFailureRequest, _model_manager_pb2.ReportAliasFailureResponse]  # type: ignore[assignment]
+    """ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+    swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+    still points at it, moves the alias back to its previous target, persistently, recording the failure.
+    """
     SetAlias: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.SetAliasRequest, _model_manager_pb2.SetAliasResponse]  # type: ignore[assignment]
     """SetAlias points an alias at a model revision and variant; this is the hot swap."""
     DeleteAlias: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.DeleteAliasRequest, _model_manager_pb2.DeleteAliasResponse]  # type: ignore[assignment]
@@ -153,6 +191,14 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
     sha256 of every file in its `manifest.json`.
 
+    Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+    (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+    re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+    target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+    event), and every alias pointing at it goes back to its previous target when that one is stored and
+    verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+    the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+
     Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
     `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
     operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -166,7 +212,8 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
     * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
     * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
-      removing a variant that an alias points at, or a single-file import with no tokenizer source.
+      removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+      alias on a variant whose files do not match its manifest (the message names the file and the rule).
     * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
     * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
       evicting every evictable variant; nothing was left behind.
@@ -240,6 +287,28 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_pb2.RecordModelUseResponse, _abc.Awaitable[_model_manager_pb2.RecordModelUseResponse]]:
         """RecordModelUse marks a variant as used now, for least-recently-used eviction."""
+
+    @_abc_1.abstractmethod
+    def RenewModelLeases(
+        self,
+        request: _model_manager_pb2.RenewModelLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_pb2.RenewModelLeasesResponse, _abc.Awaitable[_model_manager_pb2.RenewModelLeasesResponse]]:
+        """RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+        are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+        leases expire.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportAliasFailure(
+        self,
+        request: _model_manager_pb2.ReportAliasFailureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_pb2.ReportAliasFailureResponse, _abc.Awaitable[_model_manager_pb2.ReportAliasFailureResponse]]:
+        """ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+        swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+        still points at it, moves the alias back to its previous target, persistently, recording the failure.
+        """
 
     @_abc_1.abstractmethod
     def SetAlias(

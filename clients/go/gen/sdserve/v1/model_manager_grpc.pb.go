@@ -33,6 +33,14 @@ type ModelManagerServiceClient interface {
 	PinStoredModel(ctx context.Context, in *PinStoredModelRequest, opts ...grpc.CallOption) (*PinStoredModelResponse, error)
 	// RecordModelUse marks a variant as used now, for least-recently-used eviction.
 	RecordModelUse(ctx context.Context, in *RecordModelUseRequest, opts ...grpc.CallOption) (*RecordModelUseResponse, error)
+	// RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+	// are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+	// leases expire.
+	RenewModelLeases(ctx context.Context, in *RenewModelLeasesRequest, opts ...grpc.CallOption) (*RenewModelLeasesResponse, error)
+	// ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+	// swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+	// still points at it, moves the alias back to its previous target, persistently, recording the failure.
+	ReportAliasFailure(ctx context.Context, in *ReportAliasFailureRequest, opts ...grpc.CallOption) (*ReportAliasFailureResponse, error)
 	// SetAlias points an alias at a model revision and variant; this is the hot swap.
 	SetAlias(ctx context.Context, in *SetAliasRequest, opts ...grpc.CallOption) (*SetAliasResponse, error)
 	// DeleteAlias removes an alias.
@@ -190,6 +198,24 @@ func (c *modelManagerServiceClient) RecordModelUse(ctx context.Context, in *Reco
 	return out, nil
 }
 
+func (c *modelManagerServiceClient) RenewModelLeases(ctx context.Context, in *RenewModelLeasesRequest, opts ...grpc.CallOption) (*RenewModelLeasesResponse, error) {
+	out := new(RenewModelLeasesResponse)
+	err := c.cc.Invoke(ctx, "/sdserve.v1.ModelManagerService/RenewModelLeases", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelManagerServiceClient) ReportAliasFailure(ctx context.Context, in *ReportAliasFailureRequest, opts ...grpc.CallOption) (*ReportAliasFailureResponse, error) {
+	out := new(ReportAliasFailureResponse)
+	err := c.cc.Invoke(ctx, "/sdserve.v1.ModelManagerService/ReportAliasFailure", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *modelManagerServiceClient) SetAlias(ctx context.Context, in *SetAliasRequest, opts ...grpc.CallOption) (*SetAliasResponse, error) {
 	out := new(SetAliasResponse)
 	err := c.cc.Invoke(ctx, "/sdserve.v1.ModelManagerService/SetAlias", in, out, opts...)
@@ -260,6 +286,14 @@ type ModelManagerServiceServer interface {
 	PinStoredModel(context.Context, *PinStoredModelRequest) (*PinStoredModelResponse, error)
 	// RecordModelUse marks a variant as used now, for least-recently-used eviction.
 	RecordModelUse(context.Context, *RecordModelUseRequest) (*RecordModelUseResponse, error)
+	// RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+	// are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+	// leases expire.
+	RenewModelLeases(context.Context, *RenewModelLeasesRequest) (*RenewModelLeasesResponse, error)
+	// ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+	// swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+	// still points at it, moves the alias back to its previous target, persistently, recording the failure.
+	ReportAliasFailure(context.Context, *ReportAliasFailureRequest) (*ReportAliasFailureResponse, error)
 	// SetAlias points an alias at a model revision and variant; this is the hot swap.
 	SetAlias(context.Context, *SetAliasRequest) (*SetAliasResponse, error)
 	// DeleteAlias removes an alias.
@@ -296,6 +330,12 @@ func (UnimplementedModelManagerServiceServer) PinStoredModel(context.Context, *P
 }
 func (UnimplementedModelManagerServiceServer) RecordModelUse(context.Context, *RecordModelUseRequest) (*RecordModelUseResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RecordModelUse not implemented")
+}
+func (UnimplementedModelManagerServiceServer) RenewModelLeases(context.Context, *RenewModelLeasesRequest) (*RenewModelLeasesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RenewModelLeases not implemented")
+}
+func (UnimplementedModelManagerServiceServer) ReportAliasFailure(context.Context, *ReportAliasFailureRequest) (*ReportAliasFailureResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ReportAliasFailure not implemented")
 }
 func (UnimplementedModelManagerServiceServer) SetAlias(context.Context, *SetAliasRequest) (*SetAliasResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SetAlias not implemented")
@@ -472,6 +512,42 @@ func _ModelManagerService_RecordModelUse_Handler(srv interface{}, ctx context.Co
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelManagerService_RenewModelLeases_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenewModelLeasesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelManagerServiceServer).RenewModelLeases(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sdserve.v1.ModelManagerService/RenewModelLeases",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelManagerServiceServer).RenewModelLeases(ctx, req.(*RenewModelLeasesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelManagerService_ReportAliasFailure_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportAliasFailureRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelManagerServiceServer).ReportAliasFailure(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sdserve.v1.ModelManagerService/ReportAliasFailure",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelManagerServiceServer).ReportAliasFailure(ctx, req.(*ReportAliasFailureRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ModelManagerService_SetAlias_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SetAliasRequest)
 	if err := dec(in); err != nil {
@@ -552,6 +628,14 @@ var _ModelManagerService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecordModelUse",
 			Handler:    _ModelManagerService_RecordModelUse_Handler,
+		},
+		{
+			MethodName: "RenewModelLeases",
+			Handler:    _ModelManagerService_RenewModelLeases_Handler,
+		},
+		{
+			MethodName: "ReportAliasFailure",
+			Handler:    _ModelManagerService_ReportAliasFailure_Handler,
 		},
 		{
 			MethodName: "SetAlias",

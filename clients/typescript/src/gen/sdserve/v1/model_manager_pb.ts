@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sdserve/v1/model_manager.proto.
  */
 export const file_sdserve_v1_model_manager: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLqAwoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUiogEKBUFsaWFzEgwKBG5hbWUYASABKAkSDQoFbW9kZWwYAiABKAkSEAoIcmV2aXNpb24YAyABKAkSKgoHdmFyaWFudBgEIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIMCgRwYXRoGAUgASgJEjAKDHVwZGF0ZWRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAimQEKClN0b3JlVXNhZ2USEgoKc3RvcmVfcGF0aBgBIAEoCRISCgp1c2VkX2J5dGVzGAIgASgEEhQKDGJ1ZGdldF9ieXRlcxgDIAEoBBIXCg9wcm90ZWN0ZWRfYnl0ZXMYBCABKAQSFQoNcGFydGlhbF9ieXRlcxgFIAEoBBIdChVmaWxlc3lzdGVtX2ZyZWVfYnl0ZXMYBiABKAQigQEKEU9wZXJhdGlvblByb2dyZXNzEg0KBXN0YWdlGAEgASgJEgwKBGZpbGUYAiABKAkSEgoKZG9uZV9ieXRlcxgDIAEoBBITCgt0b3RhbF9ieXRlcxgEIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAUgASgEEg8KB21lc3NhZ2UYBiABKAki7wEKD09wZXJhdGlvblJlc3VsdBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSLwoOYWxzb19wdWJsaXNoZWQYAiADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhcKD2FscmVhZHlfcHJlc2VudBgDIAEoCBIPCgdvZmZsaW5lGAQgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBSABKAQSFQoNcmVzdW1lZF9ieXRlcxgGIAEoBBIoCgdldmljdGVkGAcgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJvChBQdWxsTW9kZWxSZXF1ZXN0Eg8KB3JlcG9faWQYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIMCgRuYW1lGAQgASgJIn4KEVB1bGxNb2RlbFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiWwoSSW1wb3J0TW9kZWxSZXF1ZXN0EgwKBHBhdGgYASABKAkSDAoEbmFtZRgCIAEoCRIUCgxhcmNoaXRlY3R1cmUYAyABKAkSEwoLY29uZmlnX2Zyb20YBCABKAkigAEKE0ltcG9ydE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCKUAQoUQ3JlYXRlVmFyaWFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EhwKD21lYXN1cmVfcXVhbGl0eRgEIAEoCEgAiAEBQhIKEF9tZWFzdXJlX3F1YWxpdHkiggEKFUNyZWF0ZVZhcmlhbnRSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IicKF0xpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0EgwKBG5hbWUYASABKAkijgEKGExpc3RTdG9yZWRNb2RlbHNSZXNwb25zZRInCgZtb2RlbHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzEiUKBXVzYWdlGAMgASgLMhYuc2RzZXJ2ZS52MS5TdG9yZVVzYWdlIiUKFUdldFN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJImcKFkdldFN0b3JlZE1vZGVsUmVzcG9uc2USKQoIdmFyaWFudHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzImYKGERlbGV0ZVN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQiWgoZRGVsZXRlU3RvcmVkTW9kZWxSZXNwb25zZRIoCgdyZW1vdmVkGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBITCgtmcmVlZF9ieXRlcxgCIAEoBCI1ChVQaW5TdG9yZWRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZwaW5uZWQYAiABKAgiQwoWUGluU3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiYwoVUmVjb3JkTW9kZWxVc2VSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCIYChZSZWNvcmRNb2RlbFVzZVJlc3BvbnNlIm0KD1NldEFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IlkKEFNldEFsaWFzUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEiMKCHByZXZpb3VzGAIgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIjChJEZWxldGVBbGlhc1JlcXVlc3QSDQoFYWxpYXMYASABKAkiNwoTRGVsZXRlQWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiFAoSV2F0Y2hNb2RlbHNSZXF1ZXN0IoUBCg1TdG9yZVNuYXBzaG90EicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSEgoKc3RvcmVfcGF0aBgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCSI4Cg5Nb2RlbFB1Ymxpc2hlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiRgoMTW9kZWxSZW1vdmVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIOCgZyZWFzb24YAiABKAkiegoIQWxpYXNTZXQSIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEicKBnRhcmdldBgCIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIwoIcHJldmlvdXMYAyABKAsyES5zZHNlcnZlLnYxLkFsaWFzIjAKDEFsaWFzUmVtb3ZlZBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMi0QIKE1dhdGNoTW9kZWxzUmVzcG9uc2USEAoIc2VxdWVuY2UYASABKAQSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoIc25hcHNob3QYAyABKAsyGS5zZHNlcnZlLnYxLlN0b3JlU25hcHNob3RIABI1Cg9tb2RlbF9wdWJsaXNoZWQYBCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsUHVibGlzaGVkSAASMQoNbW9kZWxfcmVtb3ZlZBgFIAEoCzIYLnNkc2VydmUudjEuTW9kZWxSZW1vdmVkSAASKQoJYWxpYXNfc2V0GAYgASgLMhQuc2RzZXJ2ZS52MS5BbGlhc1NldEgAEjEKDWFsaWFzX3JlbW92ZWQYByABKAsyGC5zZHNlcnZlLnYxLkFsaWFzUmVtb3ZlZEgAQgcKBWV2ZW50KpMBCg1XZWlnaHRWYXJpYW50Eh4KGldFSUdIVF9WQVJJQU5UX1VOU1BFQ0lGSUVEEAASFwoTV0VJR0hUX1ZBUklBTlRfRlAzMhABEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMTYQAhIXChNXRUlHSFRfVkFSSUFOVF9CRjE2EAMSFwoTV0VJR0hUX1ZBUklBTlRfSU5UOBAEKnQKEFN0b3JlZE1vZGVsU3RhdGUSIgoeU1RPUkVEX01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1RPUkVEX01PREVMX1NUQVRFX1JFQURZEAESHgoaU1RPUkVEX01PREVMX1NUQVRFX0NPUlJVUFQQAiqSAQoKU291cmNlS2luZBIbChdTT1VSQ0VfS0lORF9VTlNQRUNJRklFRBAAEhMKD1NPVVJDRV9LSU5EX0hVQhABEhwKGFNPVVJDRV9LSU5EX0xPQ0FMX0ZPTERFUhACEhsKF1NPVVJDRV9LSU5EX1NJTkdMRV9GSUxFEAMSFwoTU09VUkNFX0tJTkRfREVSSVZFRBAEMsAHChNNb2RlbE1hbmFnZXJTZXJ2aWNlEkoKCVB1bGxNb2RlbBIcLnNkc2VydmUudjEuUHVsbE1vZGVsUmVxdWVzdBodLnNkc2VydmUudjEuUHVsbE1vZGVsUmVzcG9uc2UwARJQCgtJbXBvcnRNb2RlbBIeLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlc3BvbnNlMAESVgoNQ3JlYXRlVmFyaWFudBIgLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlcXVlc3QaIS5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXNwb25zZTABEl0KEExpc3RTdG9yZWRNb2RlbHMSIy5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVzcG9uc2USVwoOR2V0U3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXNwb25zZRJgChFEZWxldGVTdG9yZWRNb2RlbBIkLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0GiUuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlElcKDlBpblN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUmVjb3JkTW9kZWxVc2USIS5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVxdWVzdBoiLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXNwb25zZRJFCghTZXRBbGlhcxIbLnNkc2VydmUudjEuU2V0QWxpYXNSZXF1ZXN0Ghwuc2RzZXJ2ZS52MS5TZXRBbGlhc1Jlc3BvbnNlEk4KC0RlbGV0ZUFsaWFzEh4uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1JlcXVlc3QaHy5zZHNlcnZlLnYxLkRlbGV0ZUFsaWFzUmVzcG9uc2USUAoLV2F0Y2hNb2RlbHMSHi5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVxdWVzdBofLnNkc2VydmUudjEuV2F0Y2hNb2RlbHNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSK4BAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWAoKVmFyaWFudFJlZhIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQilAEKDEFsaWFzRmFpbHVyZRImCgZ0YXJnZXQYASABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSDgoGcmVhc29uGAIgASgJEhAKCHJlcG9ydGVyGAMgASgJEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJldmVydGVkGAUgASgIIv0BCgVBbGlhcxIMCgRuYW1lGAEgASgJEg0KBW1vZGVsGAIgASgJEhAKCHJldmlzaW9uGAMgASgJEioKB3ZhcmlhbnQYBCABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQSDAoEcGF0aBgFIAEoCRIwCgx1cGRhdGVkX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKCXJldmVydF90bxgHIAEoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIuCgxsYXN0X2ZhaWx1cmUYCCABKAsyGC5zZHNlcnZlLnYxLkFsaWFzRmFpbHVyZSKZAQoKU3RvcmVVc2FnZRISCgpzdG9yZV9wYXRoGAEgASgJEhIKCnVzZWRfYnl0ZXMYAiABKAQSFAoMYnVkZ2V0X2J5dGVzGAMgASgEEhcKD3Byb3RlY3RlZF9ieXRlcxgEIAEoBBIVCg1wYXJ0aWFsX2J5dGVzGAUgASgEEh0KFWZpbGVzeXN0ZW1fZnJlZV9ieXRlcxgGIAEoBCKBAQoRT3BlcmF0aW9uUHJvZ3Jlc3MSDQoFc3RhZ2UYASABKAkSDAoEZmlsZRgCIAEoCRISCgpkb25lX2J5dGVzGAMgASgEEhMKC3RvdGFsX2J5dGVzGAQgASgEEhUKDXJlc3VtZWRfYnl0ZXMYBSABKAQSDwoHbWVzc2FnZRgGIAEoCSLvAQoPT3BlcmF0aW9uUmVzdWx0EiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIvCg5hbHNvX3B1Ymxpc2hlZBgCIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSFwoPYWxyZWFkeV9wcmVzZW50GAMgASgIEg8KB29mZmxpbmUYBCABKAgSGAoQZG93bmxvYWRlZF9ieXRlcxgFIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAYgASgEEigKB2V2aWN0ZWQYByADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIm8KEFB1bGxNb2RlbFJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBG5hbWUYBCABKAkifgoRUHVsbE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCJbChJJbXBvcnRNb2RlbFJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEhQKDGFyY2hpdGVjdHVyZRgDIAEoCRITCgtjb25maWdfZnJvbRgEIAEoCSKAAQoTSW1wb3J0TW9kZWxSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IpQBChRDcmVhdGVWYXJpYW50UmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQSHAoPbWVhc3VyZV9xdWFsaXR5GAQgASgISACIAQFCEgoQX21lYXN1cmVfcXVhbGl0eSKCAQoVQ3JlYXRlVmFyaWFudFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiJwoXTGlzdFN0b3JlZE1vZGVsc1JlcXVlc3QSDAoEbmFtZRgBIAEoCSKOAQoYTGlzdFN0b3JlZE1vZGVsc1Jlc3BvbnNlEicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSJQoFdXNhZ2UYAyABKAsyFi5zZHNlcnZlLnYxLlN0b3JlVXNhZ2UiJQoVR2V0U3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkiZwoWR2V0U3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMiZgoYRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCJaChlEZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlEigKB3JlbW92ZWQYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhMKC2ZyZWVkX2J5dGVzGAIgASgEIjUKFVBpblN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnBpbm5lZBgCIAEoCCJDChZQaW5TdG9yZWRNb2RlbFJlc3BvbnNlEikKCHZhcmlhbnRzGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJjChVSZWNvcmRNb2RlbFVzZVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IhgKFlJlY29yZE1vZGVsVXNlUmVzcG9uc2UiagoXUmVuZXdNb2RlbExlYXNlc1JlcXVlc3QSDgoGaG9sZGVyGAEgASgJEigKCHZhcmlhbnRzGAIgAygLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEhUKDWxlYXNlX3NlY29uZHMYAyABKA0idAoYUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEicKB3Vua25vd24YASADKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLwoLZXhwaXJlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImIKGVJlcG9ydEFsaWFzRmFpbHVyZVJlcXVlc3QSDQoFYWxpYXMYASABKAkSJgoGdGFyZ2V0GAIgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgDIAEoCSJQChpSZXBvcnRBbGlhc0ZhaWx1cmVSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYAiABKAgibQoPU2V0QWxpYXNSZXF1ZXN0Eg0KBWFsaWFzGAEgASgJEg0KBW1vZGVsGAIgASgJEhAKCHJldmlzaW9uGAMgASgJEioKB3ZhcmlhbnQYBCABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQiWQoQU2V0QWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSIwoIcHJldmlvdXMYAiABKAsyES5zZHNlcnZlLnYxLkFsaWFzIiMKEkRlbGV0ZUFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCSI3ChNEZWxldGVBbGlhc1Jlc3BvbnNlEiAKBWFsaWFzGAEgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIUChJXYXRjaE1vZGVsc1JlcXVlc3QihQEKDVN0b3JlU25hcHNob3QSJwoGbW9kZWxzGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIiCgdhbGlhc2VzGAIgAygLMhEuc2RzZXJ2ZS52MS5BbGlhcxISCgpzdG9yZV9wYXRoGAMgASgJEhMKC2luc3RhbmNlX2lkGAQgASgJIjgKDk1vZGVsUHVibGlzaGVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJGCgxNb2RlbFJlbW92ZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEg4KBnJlYXNvbhgCIAEoCSKcAQoIQWxpYXNTZXQSIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEicKBnRhcmdldBgCIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIwoIcHJldmlvdXMYAyABKAsyES5zZHNlcnZlLnYxLkFsaWFzEhAKCHJldmVydGVkGAQgASgIEg4KBnJlYXNvbhgFIAEoCSJKCg5Nb2RlbENvcnJ1cHRlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSEAoIcHJvYmxlbXMYAiADKAkiMAoMQWxpYXNSZW1vdmVkEiAKBWFsaWFzGAEgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyKIAwoTV2F0Y2hNb2RlbHNSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCghzbmFwc2hvdBgDIAEoCzIZLnNkc2VydmUudjEuU3RvcmVTbmFwc2hvdEgAEjUKD21vZGVsX3B1Ymxpc2hlZBgEIAEoCzIaLnNkc2VydmUudjEuTW9kZWxQdWJsaXNoZWRIABIxCg1tb2RlbF9yZW1vdmVkGAUgASgLMhguc2RzZXJ2ZS52MS5Nb2RlbFJlbW92ZWRIABIpCglhbGlhc19zZXQYBiABKAsyFC5zZHNlcnZlLnYxLkFsaWFzU2V0SAASMQoNYWxpYXNfcmVtb3ZlZBgHIAEoCzIYLnNkc2VydmUudjEuQWxpYXNSZW1vdmVkSAASNQoPbW9kZWxfY29ycnVwdGVkGAggASgLMhouc2RzZXJ2ZS52MS5Nb2RlbENvcnJ1cHRlZEgAQgcKBWV2ZW50KpMBCg1XZWlnaHRWYXJpYW50Eh4KGldFSUdIVF9WQVJJQU5UX1VOU1BFQ0lGSUVEEAASFwoTV0VJR0hUX1ZBUklBTlRfRlAzMhABEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMTYQAhIXChNXRUlHSFRfVkFSSUFOVF9CRjE2EAMSFwoTV0VJR0hUX1ZBUklBTlRfSU5UOBAEKnQKEFN0b3JlZE1vZGVsU3RhdGUSIgoeU1RPUkVEX01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1RPUkVEX01PREVMX1NUQVRFX1JFQURZEAESHgoaU1RPUkVEX01PREVMX1NUQVRFX0NPUlJVUFQQAiqSAQoKU291cmNlS2luZBIbChdTT1VSQ0VfS0lORF9VTlNQRUNJRklFRBAAEhMKD1NPVVJDRV9LSU5EX0hVQhABEhwKGFNPVVJDRV9LSU5EX0xPQ0FMX0ZPTERFUhACEhsKF1NPVVJDRV9LSU5EX1NJTkdMRV9GSUxFEAMSFwoTU09VUkNFX0tJTkRfREVSSVZFRBAEMoQJChNNb2RlbE1hbmFnZXJTZXJ2aWNlEkoKCVB1bGxNb2RlbBIcLnNkc2VydmUudjEuUHVsbE1vZGVsUmVxdWVzdBodLnNkc2VydmUudjEuUHVsbE1vZGVsUmVzcG9uc2UwARJQCgtJbXBvcnRNb2RlbBIeLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlc3BvbnNlMAESVgoNQ3JlYXRlVmFyaWFudBIgLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlcXVlc3QaIS5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXNwb25zZTABEl0KEExpc3RTdG9yZWRNb2RlbHMSIy5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVzcG9uc2USVwoOR2V0U3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXNwb25zZRJgChFEZWxldGVTdG9yZWRNb2RlbBIkLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0GiUuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlElcKDlBpblN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUmVjb3JkTW9kZWxVc2USIS5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVxdWVzdBoiLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXNwb25zZRJdChBSZW5ld01vZGVsTGVhc2VzEiMuc2RzZXJ2ZS52MS5SZW5ld01vZGVsTGVhc2VzUmVxdWVzdBokLnNkc2VydmUudjEuUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEmMKElJlcG9ydEFsaWFzRmFpbHVyZRIlLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVxdWVzdBomLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USRQoIU2V0QWxpYXMSGy5zZHNlcnZlLnYxLlNldEFsaWFzUmVxdWVzdBocLnNkc2VydmUudjEuU2V0QWxpYXNSZXNwb25zZRJOCgtEZWxldGVBbGlhcxIeLnNkc2VydmUudjEuRGVsZXRlQWxpYXNSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1Jlc3BvbnNlElAKC1dhdGNoTW9kZWxzEh4uc2RzZXJ2ZS52MS5XYXRjaE1vZGVsc1JlcXVlc3QaHy5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * ModelSource records where a stored variant came from.
@@ -295,6 +295,21 @@ export type StoredModel = Message<"sdserve.v1.StoredModel"> & {
    * @generated from field: repeated sdserve.v1.StoredFile files = 16;
    */
   files: StoredFile[];
+
+  /**
+   * Servers holding an unexpired lease on this variant (it is loaded or aliased there); while any do, it is
+   * not evicted.
+   *
+   * @generated from field: uint32 lease_holders = 17;
+   */
+  leaseHolders: number;
+
+  /**
+   * When the last of those leases ends unless renewed; unset when there is none.
+   *
+   * @generated from field: google.protobuf.Timestamp lease_expire_time = 18;
+   */
+  leaseExpireTime?: Timestamp | undefined;
 };
 
 /**
@@ -303,6 +318,92 @@ export type StoredModel = Message<"sdserve.v1.StoredModel"> & {
  */
 export const StoredModelSchema: GenMessage<StoredModel> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_model_manager, 3);
+
+/**
+ * VariantRef names one stored variant.
+ *
+ * @generated from message sdserve.v1.VariantRef
+ */
+export type VariantRef = Message<"sdserve.v1.VariantRef"> & {
+  /**
+   * Model name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Full revision.
+   *
+   * @generated from field: string revision = 2;
+   */
+  revision: string;
+
+  /**
+   * Variant; required wherever a VariantRef is sent to the sidecar.
+   *
+   * @generated from field: sdserve.v1.WeightVariant variant = 3;
+   */
+  variant: WeightVariant;
+};
+
+/**
+ * Describes the message sdserve.v1.VariantRef.
+ * Use `create(VariantRefSchema)` to create a new message.
+ */
+export const VariantRefSchema: GenMessage<VariantRef> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 4);
+
+/**
+ * AliasFailure records a target an alias was pointed at that could not serve.
+ *
+ * @generated from message sdserve.v1.AliasFailure
+ */
+export type AliasFailure = Message<"sdserve.v1.AliasFailure"> & {
+  /**
+   * The target that failed.
+   *
+   * @generated from field: sdserve.v1.VariantRef target = 1;
+   */
+  target?: VariantRef | undefined;
+
+  /**
+   * Why, naming the file and the rule where files are at fault, for example
+   * `unet/diffusion_pytorch_model.safetensors: sha256 … does not match manifest.json's …`.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * Who found it: `sidecar` (SetAlias verification or start-up), `scrub`, or `server` (ReportAliasFailure).
+   *
+   * @generated from field: string reporter = 3;
+   */
+  reporter: string;
+
+  /**
+   * When it was recorded.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 4;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * True when the alias went back to its previous target because of it; false when the alias did not move
+   * (SetAlias refused the target, or there was no usable previous target).
+   *
+   * @generated from field: bool reverted = 5;
+   */
+  reverted: boolean;
+};
+
+/**
+ * Describes the message sdserve.v1.AliasFailure.
+ * Use `create(AliasFailureSchema)` to create a new message.
+ */
+export const AliasFailureSchema: GenMessage<AliasFailure> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 5);
 
 /**
  * Alias is a name that points at one stored variant.
@@ -351,6 +452,21 @@ export type Alias = Message<"sdserve.v1.Alias"> & {
    * @generated from field: google.protobuf.Timestamp updated_time = 6;
    */
   updatedTime?: Timestamp | undefined;
+
+  /**
+   * The target the alias goes back to if its current target fails: the one it pointed at before the last
+   * SetAlias. Unset for a new alias and after a revert (an alias goes back one step only).
+   *
+   * @generated from field: sdserve.v1.VariantRef revert_to = 7;
+   */
+  revertTo?: VariantRef | undefined;
+
+  /**
+   * The last failed attempt to serve a target under this alias; cleared by the next successful SetAlias.
+   *
+   * @generated from field: sdserve.v1.AliasFailure last_failure = 8;
+   */
+  lastFailure?: AliasFailure | undefined;
 };
 
 /**
@@ -358,7 +474,7 @@ export type Alias = Message<"sdserve.v1.Alias"> & {
  * Use `create(AliasSchema)` to create a new message.
  */
 export const AliasSchema: GenMessage<Alias> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 4);
+  messageDesc(file_sdserve_v1_model_manager, 6);
 
 /**
  * StoreUsage is the store's disk usage.
@@ -414,7 +530,7 @@ export type StoreUsage = Message<"sdserve.v1.StoreUsage"> & {
  * Use `create(StoreUsageSchema)` to create a new message.
  */
 export const StoreUsageSchema: GenMessage<StoreUsage> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 5);
+  messageDesc(file_sdserve_v1_model_manager, 7);
 
 /**
  * OperationProgress reports a long operation's progress.
@@ -471,7 +587,7 @@ export type OperationProgress = Message<"sdserve.v1.OperationProgress"> & {
  * Use `create(OperationProgressSchema)` to create a new message.
  */
 export const OperationProgressSchema: GenMessage<OperationProgress> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 6);
+  messageDesc(file_sdserve_v1_model_manager, 8);
 
 /**
  * OperationResult is the outcome of a PullModel, ImportModel or CreateVariant call.
@@ -535,7 +651,7 @@ export type OperationResult = Message<"sdserve.v1.OperationResult"> & {
  * Use `create(OperationResultSchema)` to create a new message.
  */
 export const OperationResultSchema: GenMessage<OperationResult> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 7);
+  messageDesc(file_sdserve_v1_model_manager, 9);
 
 /**
  * PullModelRequest names a Hub repository, revision and variant.
@@ -579,7 +695,7 @@ export type PullModelRequest = Message<"sdserve.v1.PullModelRequest"> & {
  * Use `create(PullModelRequestSchema)` to create a new message.
  */
 export const PullModelRequestSchema: GenMessage<PullModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 8);
+  messageDesc(file_sdserve_v1_model_manager, 10);
 
 /**
  * PullModelResponse is one message of a PullModel stream.
@@ -616,7 +732,7 @@ export type PullModelResponse = Message<"sdserve.v1.PullModelResponse"> & {
  * Use `create(PullModelResponseSchema)` to create a new message.
  */
 export const PullModelResponseSchema: GenMessage<PullModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 9);
+  messageDesc(file_sdserve_v1_model_manager, 11);
 
 /**
  * ImportModelRequest names a local folder or file to import.
@@ -664,7 +780,7 @@ export type ImportModelRequest = Message<"sdserve.v1.ImportModelRequest"> & {
  * Use `create(ImportModelRequestSchema)` to create a new message.
  */
 export const ImportModelRequestSchema: GenMessage<ImportModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 10);
+  messageDesc(file_sdserve_v1_model_manager, 12);
 
 /**
  * ImportModelResponse is one message of an ImportModel stream.
@@ -701,7 +817,7 @@ export type ImportModelResponse = Message<"sdserve.v1.ImportModelResponse"> & {
  * Use `create(ImportModelResponseSchema)` to create a new message.
  */
 export const ImportModelResponseSchema: GenMessage<ImportModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 11);
+  messageDesc(file_sdserve_v1_model_manager, 13);
 
 /**
  * CreateVariantRequest names a stored revision and the variant to make of it.
@@ -744,7 +860,7 @@ export type CreateVariantRequest = Message<"sdserve.v1.CreateVariantRequest"> & 
  * Use `create(CreateVariantRequestSchema)` to create a new message.
  */
 export const CreateVariantRequestSchema: GenMessage<CreateVariantRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 12);
+  messageDesc(file_sdserve_v1_model_manager, 14);
 
 /**
  * CreateVariantResponse is one message of a CreateVariant stream.
@@ -781,7 +897,7 @@ export type CreateVariantResponse = Message<"sdserve.v1.CreateVariantResponse"> 
  * Use `create(CreateVariantResponseSchema)` to create a new message.
  */
 export const CreateVariantResponseSchema: GenMessage<CreateVariantResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 13);
+  messageDesc(file_sdserve_v1_model_manager, 15);
 
 /**
  * ListStoredModelsRequest filters the listing.
@@ -802,7 +918,7 @@ export type ListStoredModelsRequest = Message<"sdserve.v1.ListStoredModelsReques
  * Use `create(ListStoredModelsRequestSchema)` to create a new message.
  */
 export const ListStoredModelsRequestSchema: GenMessage<ListStoredModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 14);
+  messageDesc(file_sdserve_v1_model_manager, 16);
 
 /**
  * ListStoredModelsResponse lists the store.
@@ -837,7 +953,7 @@ export type ListStoredModelsResponse = Message<"sdserve.v1.ListStoredModelsRespo
  * Use `create(ListStoredModelsResponseSchema)` to create a new message.
  */
 export const ListStoredModelsResponseSchema: GenMessage<ListStoredModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 15);
+  messageDesc(file_sdserve_v1_model_manager, 17);
 
 /**
  * GetStoredModelRequest names a model.
@@ -858,7 +974,7 @@ export type GetStoredModelRequest = Message<"sdserve.v1.GetStoredModelRequest"> 
  * Use `create(GetStoredModelRequestSchema)` to create a new message.
  */
 export const GetStoredModelRequestSchema: GenMessage<GetStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 16);
+  messageDesc(file_sdserve_v1_model_manager, 18);
 
 /**
  * GetStoredModelResponse describes one model.
@@ -886,7 +1002,7 @@ export type GetStoredModelResponse = Message<"sdserve.v1.GetStoredModelResponse"
  * Use `create(GetStoredModelResponseSchema)` to create a new message.
  */
 export const GetStoredModelResponseSchema: GenMessage<GetStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 17);
+  messageDesc(file_sdserve_v1_model_manager, 19);
 
 /**
  * DeleteStoredModelRequest names what to remove.
@@ -921,7 +1037,7 @@ export type DeleteStoredModelRequest = Message<"sdserve.v1.DeleteStoredModelRequ
  * Use `create(DeleteStoredModelRequestSchema)` to create a new message.
  */
 export const DeleteStoredModelRequestSchema: GenMessage<DeleteStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 18);
+  messageDesc(file_sdserve_v1_model_manager, 20);
 
 /**
  * DeleteStoredModelResponse lists what was removed.
@@ -949,7 +1065,7 @@ export type DeleteStoredModelResponse = Message<"sdserve.v1.DeleteStoredModelRes
  * Use `create(DeleteStoredModelResponseSchema)` to create a new message.
  */
 export const DeleteStoredModelResponseSchema: GenMessage<DeleteStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 19);
+  messageDesc(file_sdserve_v1_model_manager, 21);
 
 /**
  * PinStoredModelRequest pins or unpins a model.
@@ -977,7 +1093,7 @@ export type PinStoredModelRequest = Message<"sdserve.v1.PinStoredModelRequest"> 
  * Use `create(PinStoredModelRequestSchema)` to create a new message.
  */
 export const PinStoredModelRequestSchema: GenMessage<PinStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 20);
+  messageDesc(file_sdserve_v1_model_manager, 22);
 
 /**
  * PinStoredModelResponse confirms the pin.
@@ -998,7 +1114,7 @@ export type PinStoredModelResponse = Message<"sdserve.v1.PinStoredModelResponse"
  * Use `create(PinStoredModelResponseSchema)` to create a new message.
  */
 export const PinStoredModelResponseSchema: GenMessage<PinStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 21);
+  messageDesc(file_sdserve_v1_model_manager, 23);
 
 /**
  * RecordModelUseRequest names a variant that was just used (for example loaded by the server).
@@ -1033,7 +1149,7 @@ export type RecordModelUseRequest = Message<"sdserve.v1.RecordModelUseRequest"> 
  * Use `create(RecordModelUseRequestSchema)` to create a new message.
  */
 export const RecordModelUseRequestSchema: GenMessage<RecordModelUseRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 22);
+  messageDesc(file_sdserve_v1_model_manager, 24);
 
 /**
  * RecordModelUseResponse is empty.
@@ -1048,7 +1164,135 @@ export type RecordModelUseResponse = Message<"sdserve.v1.RecordModelUseResponse"
  * Use `create(RecordModelUseResponseSchema)` to create a new message.
  */
 export const RecordModelUseResponseSchema: GenMessage<RecordModelUseResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 23);
+  messageDesc(file_sdserve_v1_model_manager, 25);
+
+/**
+ * RenewModelLeasesRequest replaces one server's leases.
+ *
+ * @generated from message sdserve.v1.RenewModelLeasesRequest
+ */
+export type RenewModelLeasesRequest = Message<"sdserve.v1.RenewModelLeasesRequest"> & {
+  /**
+   * Who holds the leases: an id that stays the same for one server process (a random id made at start);
+   * 1 to 100 characters from `A-Z a-z 0-9 . _ -`.
+   *
+   * @generated from field: string holder = 1;
+   */
+  holder: string;
+
+  /**
+   * Every stored variant the holder has loaded or aliased now; replaces the holder's earlier list. Empty
+   * releases every lease of the holder. At most 1000 entries.
+   *
+   * @generated from field: repeated sdserve.v1.VariantRef variants = 2;
+   */
+  variants: VariantRef[];
+
+  /**
+   * How long the leases last without another renewal, in seconds: 1 to 3600. Default: 60.
+   *
+   * @generated from field: uint32 lease_seconds = 3;
+   */
+  leaseSeconds: number;
+};
+
+/**
+ * Describes the message sdserve.v1.RenewModelLeasesRequest.
+ * Use `create(RenewModelLeasesRequestSchema)` to create a new message.
+ */
+export const RenewModelLeasesRequestSchema: GenMessage<RenewModelLeasesRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 26);
+
+/**
+ * RenewModelLeasesResponse confirms the leases.
+ *
+ * @generated from message sdserve.v1.RenewModelLeasesResponse
+ */
+export type RenewModelLeasesResponse = Message<"sdserve.v1.RenewModelLeasesResponse"> & {
+  /**
+   * Entries of `variants` that are not in the store (nothing is leased for them).
+   *
+   * @generated from field: repeated sdserve.v1.VariantRef unknown = 1;
+   */
+  unknown: VariantRef[];
+
+  /**
+   * When the leases end unless renewed.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 2;
+   */
+  expireTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message sdserve.v1.RenewModelLeasesResponse.
+ * Use `create(RenewModelLeasesResponseSchema)` to create a new message.
+ */
+export const RenewModelLeasesResponseSchema: GenMessage<RenewModelLeasesResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 27);
+
+/**
+ * ReportAliasFailureRequest says which alias target a server could not serve, and why.
+ *
+ * @generated from message sdserve.v1.ReportAliasFailureRequest
+ */
+export type ReportAliasFailureRequest = Message<"sdserve.v1.ReportAliasFailureRequest"> & {
+  /**
+   * The alias.
+   *
+   * @generated from field: string alias = 1;
+   */
+  alias: string;
+
+  /**
+   * The target the server tried to load: model name, full revision and variant (all required).
+   *
+   * @generated from field: sdserve.v1.VariantRef target = 2;
+   */
+  target?: VariantRef | undefined;
+
+  /**
+   * Why it failed, as the server saw it; 1 to 2000 characters.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message sdserve.v1.ReportAliasFailureRequest.
+ * Use `create(ReportAliasFailureRequestSchema)` to create a new message.
+ */
+export const ReportAliasFailureRequestSchema: GenMessage<ReportAliasFailureRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 28);
+
+/**
+ * ReportAliasFailureResponse returns the alias after the report.
+ *
+ * @generated from message sdserve.v1.ReportAliasFailureResponse
+ */
+export type ReportAliasFailureResponse = Message<"sdserve.v1.ReportAliasFailureResponse"> & {
+  /**
+   * The alias now, with `last_failure` set.
+   *
+   * @generated from field: sdserve.v1.Alias alias = 1;
+   */
+  alias?: Alias | undefined;
+
+  /**
+   * True when this report moved the alias back to its previous target.
+   *
+   * @generated from field: bool reverted = 2;
+   */
+  reverted: boolean;
+};
+
+/**
+ * Describes the message sdserve.v1.ReportAliasFailureResponse.
+ * Use `create(ReportAliasFailureResponseSchema)` to create a new message.
+ */
+export const ReportAliasFailureResponseSchema: GenMessage<ReportAliasFailureResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 29);
 
 /**
  * SetAliasRequest points an alias at a variant.
@@ -1090,7 +1334,7 @@ export type SetAliasRequest = Message<"sdserve.v1.SetAliasRequest"> & {
  * Use `create(SetAliasRequestSchema)` to create a new message.
  */
 export const SetAliasRequestSchema: GenMessage<SetAliasRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 24);
+  messageDesc(file_sdserve_v1_model_manager, 30);
 
 /**
  * SetAliasResponse returns the alias as set.
@@ -1118,7 +1362,7 @@ export type SetAliasResponse = Message<"sdserve.v1.SetAliasResponse"> & {
  * Use `create(SetAliasResponseSchema)` to create a new message.
  */
 export const SetAliasResponseSchema: GenMessage<SetAliasResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 25);
+  messageDesc(file_sdserve_v1_model_manager, 31);
 
 /**
  * DeleteAliasRequest names an alias.
@@ -1139,7 +1383,7 @@ export type DeleteAliasRequest = Message<"sdserve.v1.DeleteAliasRequest"> & {
  * Use `create(DeleteAliasRequestSchema)` to create a new message.
  */
 export const DeleteAliasRequestSchema: GenMessage<DeleteAliasRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 26);
+  messageDesc(file_sdserve_v1_model_manager, 32);
 
 /**
  * DeleteAliasResponse returns the removed alias.
@@ -1160,7 +1404,7 @@ export type DeleteAliasResponse = Message<"sdserve.v1.DeleteAliasResponse"> & {
  * Use `create(DeleteAliasResponseSchema)` to create a new message.
  */
 export const DeleteAliasResponseSchema: GenMessage<DeleteAliasResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 27);
+  messageDesc(file_sdserve_v1_model_manager, 33);
 
 /**
  * WatchModelsRequest subscribes to store changes.
@@ -1175,7 +1419,7 @@ export type WatchModelsRequest = Message<"sdserve.v1.WatchModelsRequest"> & {
  * Use `create(WatchModelsRequestSchema)` to create a new message.
  */
 export const WatchModelsRequestSchema: GenMessage<WatchModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 28);
+  messageDesc(file_sdserve_v1_model_manager, 34);
 
 /**
  * StoreSnapshot is the whole store at the moment a subscription starts.
@@ -1217,7 +1461,7 @@ export type StoreSnapshot = Message<"sdserve.v1.StoreSnapshot"> & {
  * Use `create(StoreSnapshotSchema)` to create a new message.
  */
 export const StoreSnapshotSchema: GenMessage<StoreSnapshot> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 29);
+  messageDesc(file_sdserve_v1_model_manager, 35);
 
 /**
  * ModelPublished says a variant was published (it is READY).
@@ -1238,7 +1482,7 @@ export type ModelPublished = Message<"sdserve.v1.ModelPublished"> & {
  * Use `create(ModelPublishedSchema)` to create a new message.
  */
 export const ModelPublishedSchema: GenMessage<ModelPublished> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 30);
+  messageDesc(file_sdserve_v1_model_manager, 36);
 
 /**
  * ModelRemoved says a variant was removed (deleted or evicted); its folder is gone.
@@ -1266,7 +1510,7 @@ export type ModelRemoved = Message<"sdserve.v1.ModelRemoved"> & {
  * Use `create(ModelRemovedSchema)` to create a new message.
  */
 export const ModelRemovedSchema: GenMessage<ModelRemoved> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 31);
+  messageDesc(file_sdserve_v1_model_manager, 37);
 
 /**
  * AliasSet says an alias now points at a variant: load `target.path` and swap.
@@ -1294,6 +1538,20 @@ export type AliasSet = Message<"sdserve.v1.AliasSet"> & {
    * @generated from field: sdserve.v1.Alias previous = 3;
    */
   previous?: Alias | undefined;
+
+  /**
+   * True when the sidecar moved the alias back to its previous target because the target it left failed.
+   *
+   * @generated from field: bool reverted = 4;
+   */
+  reverted: boolean;
+
+  /**
+   * Why it was moved back (set with `reverted`).
+   *
+   * @generated from field: string reason = 5;
+   */
+  reason: string;
 };
 
 /**
@@ -1301,7 +1559,36 @@ export type AliasSet = Message<"sdserve.v1.AliasSet"> & {
  * Use `create(AliasSetSchema)` to create a new message.
  */
 export const AliasSetSchema: GenMessage<AliasSet> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 32);
+  messageDesc(file_sdserve_v1_model_manager, 38);
+
+/**
+ * ModelCorrupted says a READY variant failed verification after it was published (a scrub, a SetAlias
+ * check or a server's report found it). It stays listed as CORRUPT; do not serve it.
+ *
+ * @generated from message sdserve.v1.ModelCorrupted
+ */
+export type ModelCorrupted = Message<"sdserve.v1.ModelCorrupted"> & {
+  /**
+   * The variant, now CORRUPT, with `error` set.
+   *
+   * @generated from field: sdserve.v1.StoredModel model = 1;
+   */
+  model?: StoredModel | undefined;
+
+  /**
+   * Every problem found, one line each, naming the file and the rule it broke.
+   *
+   * @generated from field: repeated string problems = 2;
+   */
+  problems: string[];
+};
+
+/**
+ * Describes the message sdserve.v1.ModelCorrupted.
+ * Use `create(ModelCorruptedSchema)` to create a new message.
+ */
+export const ModelCorruptedSchema: GenMessage<ModelCorrupted> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 39);
 
 /**
  * AliasRemoved says an alias no longer exists.
@@ -1322,7 +1609,7 @@ export type AliasRemoved = Message<"sdserve.v1.AliasRemoved"> & {
  * Use `create(AliasRemovedSchema)` to create a new message.
  */
 export const AliasRemovedSchema: GenMessage<AliasRemoved> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 33);
+  messageDesc(file_sdserve_v1_model_manager, 40);
 
 /**
  * WatchModelsResponse is one message of a WatchModels stream. The first is always a snapshot.
@@ -1390,6 +1677,14 @@ export type WatchModelsResponse = Message<"sdserve.v1.WatchModelsResponse"> & {
      */
     value: AliasRemoved;
     case: "aliasRemoved";
+  } | {
+    /**
+     * A variant failed verification and is CORRUPT now.
+     *
+     * @generated from field: sdserve.v1.ModelCorrupted model_corrupted = 8;
+     */
+    value: ModelCorrupted;
+    case: "modelCorrupted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -1398,7 +1693,7 @@ export type WatchModelsResponse = Message<"sdserve.v1.WatchModelsResponse"> & {
  * Use `create(WatchModelsResponseSchema)` to create a new message.
  */
 export const WatchModelsResponseSchema: GenMessage<WatchModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 34);
+  messageDesc(file_sdserve_v1_model_manager, 41);
 
 /**
  * WeightVariant is the numeric format of a stored variant's weights.
@@ -1541,6 +1836,14 @@ export const SourceKindSchema: GenEnum<SourceKind> = /*@__PURE__*/
  * `<store>/models/<name>/<revision>/<variant>/`, published atomically and listed with the
  * sha256 of every file in its `manifest.json`.
  *
+ * Integrity: nothing is aliased unless its files match the manifest. SetAlias verifies the target
+ * (sha256 of every file, cached by each file's device, inode, size, mtime and ctime), a periodic scrub
+ * re-reads every READY variant (`--scrub-interval-seconds`), and a server that cannot load an alias's
+ * target reports it (ReportAliasFailure). A variant that fails becomes CORRUPT (a `model_corrupted`
+ * event), and every alias pointing at it goes back to its previous target when that one is stored and
+ * verifies, persistently, with the failure recorded on the alias (`last_failure`); with no previous target
+ * the alias stays, and servers refuse to serve it (FAILED_PRECONDITION).
+ *
  * Long operations (PullModel, ImportModel, CreateVariant) are server-streaming: zero or more
  * `progress` messages, then one `result`, then status OK. Cancelling the call cancels the
  * operation: nothing is published and the staging folder is removed; bytes already downloaded
@@ -1554,7 +1857,8 @@ export const SourceKindSchema: GenEnum<SourceKind> = /*@__PURE__*/
  * * NOT_FOUND: the model, revision, variant, alias or Hub repository does not exist.
  * * ALREADY_EXISTS: the model name is taken by a different source; choose another `name`.
  * * FAILED_PRECONDITION: the request is valid but the store's state refuses it, for example
- *   removing a variant that an alias points at, or a single-file import with no tokenizer source.
+ *   removing a variant that an alias points at, a single-file import with no tokenizer source, or an
+ *   alias on a variant whose files do not match its manifest (the message names the file and the rule).
  * * PERMISSION_DENIED: the Hub refused access (gated or private repository; check the token).
  * * RESOURCE_EXHAUSTED: the operation does not fit the disk budget or the disk, even after
  *   evicting every evictable variant; nothing was left behind.
@@ -1646,6 +1950,30 @@ export const ModelManagerService: GenService<{
     methodKind: "unary";
     input: typeof RecordModelUseRequestSchema;
     output: typeof RecordModelUseResponseSchema;
+  },
+  /**
+   * RenewModelLeases declares every stored variant one server has loaded or aliased now; leased variants
+   * are never evicted. Servers renew well within the lease; a server that dies stops renewing and its
+   * leases expire.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.RenewModelLeases
+   */
+  renewModelLeases: {
+    methodKind: "unary";
+    input: typeof RenewModelLeasesRequestSchema;
+    output: typeof RenewModelLeasesResponseSchema;
+  },
+  /**
+   * ReportAliasFailure tells the sidecar that a server could not load or serve an alias's target (its hot
+   * swap failed). The sidecar re-reads the target's files (a mismatch marks it CORRUPT) and, if the alias
+   * still points at it, moves the alias back to its previous target, persistently, recording the failure.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.ReportAliasFailure
+   */
+  reportAliasFailure: {
+    methodKind: "unary";
+    input: typeof ReportAliasFailureRequestSchema;
+    output: typeof ReportAliasFailureResponseSchema;
   },
   /**
    * SetAlias points an alias at a model revision and variant; this is the hot swap.

@@ -1,0 +1,112 @@
+"""Shared argparse pieces of the sdserve CLI: one-line usage errors and the server connection flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from sdserve.client import Client
+from sdserve.errors import FieldViolation, SdserveError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line ("sdserve generate: error: ...") and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def flag_error(flag: str, rule: str) -> SdserveError:
+    """A bad command-line value: printed as one line, '--flag: rule', exit status 2."""
+    return SdserveError("INVALID_ARGUMENT", f"{flag}: {rule}", (FieldViolation(flag, rule),))
+
+
+def read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise flag_error(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def add_connection_flags(p: argparse.ArgumentParser, environ: Mapping[str, str], *, top_level: bool) -> None:
+    """--target, --api-key and the TLS flags. They go before the command (`sdserve --target X info`) or after it
+    (`sdserve info --target X`); after it wins. Only the top level holds defaults, so an absent flag after the
+    command leaves the one before it alone."""
+
+    def default(value: Any) -> Any:
+        return value if top_level else argparse.SUPPRESS
+
+    g = p.add_argument_group("connection to the server (before or after the command)")
+    g.add_argument(
+        "--target",
+        default=default(environ.get("SDSERVE_TARGET", DEFAULT_TARGET)),
+        metavar="HOST:PORT",
+        help=f"Server address (env SDSERVE_TARGET; default {DEFAULT_TARGET}).",
+    )
+    g.add_argument(
+        "--api-key",
+        default=default(environ.get("SDSERVE_API_KEY", "")),
+        metavar="KEY",
+        help="API key, sent as 'authorization: Bearer KEY' (env SDSERVE_API_KEY).",
+    )
+    g.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="Connect with TLS, trusting the system's roots (implied by every other --tls-* flag).",
+    )
+    g.add_argument("--tls-ca-file", default=default(""), metavar="PEM", help="Roots to trust instead of the system's.")
+    g.add_argument(
+        "--tls-cert-file",
+        "--tls-client-cert-file",
+        dest="tls_cert_file",
+        default=default(""),
+        metavar="PEM",
+        help="Client certificate chain, for a server that requires mutual TLS (with --tls-key-file).",
+    )
+    g.add_argument(
+        "--tls-key-file",
+        "--tls-client-key-file",
+        dest="tls_key_file",
+        default=default(""),
+        metavar="PEM",
+        help="Private key of --tls-cert-file.",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        default=default(""),
+        metavar="NAME",
+        help="Name to verify in the server's certificate (default: the host in --target).",
+    )
+
+
+def credentials(ns: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the connection flags; None for plaintext."""
+    if bool(ns.tls_cert_file) != bool(ns.tls_key_file):
+        given, missing = ("--tls-cert-file", "--tls-key-file")[:: 1 if ns.tls_cert_file else -1]
+        raise flag_error(given, f"needs {missing} too (a client certificate goes with its key)")
+    if not (ns.tls or ns.tls_ca_file or ns.tls_cert_file or ns.tls_server_name):
+        return None
+    root = read_file(ns.tls_ca_file, "--tls-ca-file") if ns.tls_ca_file else None
+    cert = read_file(ns.tls_cert_file, "--tls-cert-file") if ns.tls_cert_file else None
+    key = read_file(ns.tls_key_file, "--tls-key-file") if ns.tls_key_file else None
+    return grpc.ssl_channel_credentials(root, key, cert)
+
+
+def connect(ns: argparse.Namespace) -> Client:
+    """A Client for the server named by the connection flags."""
+    target = ns.target.strip()
+    if not target:
+        raise flag_error("--target", "must be HOST:PORT (or SDSERVE_TARGET), got an empty value")
+    return Client(
+        target,
+        api_key=ns.api_key or None,
+        credentials=credentials(ns),
+        tls_server_name=ns.tls_server_name or None,
+    )
