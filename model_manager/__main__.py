@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -25,24 +24,9 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)
     logging.getLogger(__name__).info("starting", extra=settings.redacted())
     from model_manager.server import serve
+    from service.startup import run_main
 
-    try:
-        asyncio.run(serve(settings))
-    except SystemExit as exc:
-        if not isinstance(exc.code, str):
-            raise
-        # Start-up refusals (a busy port, another sidecar holding the store) already say what: one line.
-        sys.stderr.write(f"python -m model_manager: error: {exc.code}\n")
-        sys.stderr.flush()
-        os._exit(1)
-    except OSError as exc:
-        # An unreadable store or file is the operator's to fix: one line, not a traceback (--log-level DEBUG has it).
-        logging.getLogger(__name__).debug("start-up failed", exc_info=True)
-        what = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-        sys.stderr.write(f"python -m model_manager: error: {what}\n")
-        sys.stderr.flush()
-        # Skip finalizers: a half-started gRPC server's would complain that its event loop is closed.
-        os._exit(1)
+    run_main("python -m model_manager", serve(settings))
 
 
 if __name__ == "__main__":

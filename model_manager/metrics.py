@@ -306,15 +306,7 @@ class StoreCollector(Collector):
         )
 
 
-def start_http(metrics: ManagerMetrics, host: str, port: int) -> tuple[Any, int]:
-    """Serves /metrics on host:port in a background thread; returns (server, bound port)."""
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return server, int(server.server_port)
-
-
 def stop_http(server: Any) -> None:
-    """Stops a server returned by start_http."""
+    """Stops a server returned by service.startup.serve_metrics."""
     server.shutdown()
     server.server_close()

@@ -23,7 +23,8 @@ from model_manager.store import Store
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
 from service.auth import ApiKeyInterceptor, load_keys
-from service.edge import EdgeInterceptor, bind
+from service.edge import EdgeInterceptor
+from service.startup import bind, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,7 @@ class ManagerServer:
             if not self.grpc.add_insecure_port(f"unix:{sock}"):
                 raise SystemExit(f"could not bind unix:{sock}")
         if s.metrics_port >= 0:
-            try:
-                self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
-            except OSError as exc:
-                raise SystemExit(
-                    f"--metrics-port {s.metrics_port}: cannot listen on "
-                    f"{s.metrics_host}:{s.metrics_port}: {exc.strerror}"
-                ) from None
+            self._metrics_http, self.metrics_port = serve_metrics(self.metrics.registry, s.metrics_host, s.metrics_port)
         await self.grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import logging
 import os
 import sys
 import warnings
@@ -22,30 +19,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from service.server import serve
+    from service.startup import run_main
 
-    try:
-        asyncio.run(serve(settings))
-    except SystemExit as exc:
-        if not isinstance(exc.code, str):
-            raise
-        # Start-up refusals (a busy port) already say what and which flag: one line with the program's name.
-        sys.stderr.write(f"python -m service: error: {exc.code}\n")
-        sys.stderr.flush()
-        os._exit(1)
-    except OSError as exc:
-        # A busy port or an unreadable file is the operator's to fix: one line, not a traceback (--log-level DEBUG
-        # still shows it). /metrics is the one listener bound as a plain socket, so a busy address is its port.
-        logging.getLogger(__name__).debug("start-up failed", exc_info=True)
-        what = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE and settings.metrics_port > 0:
-            where = f"{settings.metrics_host}:{settings.metrics_port}"
-            what = f"--metrics-port {settings.metrics_port}: {where} is in use"
-        elif exc.filename:
-            what = f"{exc.filename}: {what}"
-        sys.stderr.write(f"python -m service: error: {what}\n")
-        sys.stderr.flush()
-        # Skip finalizers: the half-started gRPC server's would complain that its event loop is closed.
-        os._exit(1)
+    run_main("python -m service", serve(settings))
 
 
 if __name__ == "__main__":

@@ -166,18 +166,6 @@ def _wrap_stream(behavior: Any, method: str) -> Any:
     return call
 
 
-def bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None, flag: str) -> int:
-    """Adds a listening port; a port another process holds stops start-up with one line naming the flag
-    (grpc.so_reuseport is off, so a busy port fails instead of being silently shared)."""
-    try:
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise SystemExit(f"{flag}: cannot listen on {address} (in use, or not an address of this machine)")
-    return port
-
-
 class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every unary-request handler: lenient decoding and a catch-all. Install it first."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import psutil
 import torch
@@ -168,11 +167,3 @@ def device_memory(device: torch.device) -> Iterable[Metric]:
         family = GaugeMetricFamily(name, doc, labels=["device"])
         family.add_metric(label, float(value))
         yield family
-
-
-def start_http(metrics: ServerMetrics, host: str, port: int) -> tuple[Any, int]:
-    """Serves /metrics on host:port in a background thread; returns (server, bound port)."""
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return server, int(server.server_port)

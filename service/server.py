@@ -17,7 +17,7 @@ from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 from service import device, metrics
 from service.auth import ApiKeyInterceptor, load_keys
-from service.edge import EdgeInterceptor, bind
+from service.edge import EdgeInterceptor
 from service.engine import Engine
 from service.jobs import Job
 from service.models import ModelEntry, ModelRegistry
@@ -25,6 +25,7 @@ from service.requests import Event, Failed, Outcome, Result
 from service.runner import BatchStats
 from service.servicer import DiffusionServicer
 from service.settings import Settings
+from service.startup import bind, serve_metrics
 from service.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,7 @@ class Server:
         self.port = bind(self.grpc, address, creds, "--port")
         # Metrics first: a busy metrics port then stops start-up with one line, before gRPC serves anything.
         if s.metrics_port >= 0:
-            try:
-                self._metrics_http, self.metrics_port = metrics.start_http(self.metrics, s.metrics_host, s.metrics_port)
-            except OSError as exc:
-                raise SystemExit(
-                    f"--metrics-port {s.metrics_port}: cannot listen on "
-                    f"{s.metrics_host}:{s.metrics_port}: {exc.strerror}"
-                ) from None
+            self._metrics_http, self.metrics_port = serve_metrics(self.metrics.registry, s.metrics_host, s.metrics_port)
         await self._set_ready(NOT_SERVING)
         await self.health.set(LIVENESS_NAME, SERVING)
         await self.grpc.start()
