@@ -386,39 +386,55 @@ def test_inpaint_answers_within_the_contract(stub: pb_grpc.DiffusionServiceStub,
 # ---- bytes no generated client would send ---------------------------------------------------------------------------
 
 
+def _varint(value: int) -> bytes:
+    out = b""
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out += bytes([byte | (0x80 if value else 0)])
+        if not value:
+            return out
+
+
 def _wire_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field, written by hand so any bytes can go in."""
-    size = len(payload)
-    varint = b""
-    while True:
-        byte, size = size & 0x7F, size >> 7
-        varint += bytes([byte | (0x80 if size else 0)])
-        if not size:
-            break
-    return bytes([number << 3 | 2]) + varint + payload
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def raw_generate(server: ServerThread, body: bytes) -> grpc.RpcError:
+def raw_call(server: ServerThread, rpc: str, body: bytes) -> grpc.RpcError:
     with grpc.insecure_channel(server.target) as ch:
         # No serializers: the bytes go out as they are, and come back undecoded.
-        call = ch.unary_stream("/sdserve.v1.DiffusionService/Generate", None, None)
+        call = ch.unary_stream(f"/sdserve.v1.DiffusionService/{rpc}", None, None)
         with pytest.raises(grpc.RpcError) as info:
             list(call(body, timeout=30))
     return info.value
 
 
-def test_invalid_utf8_prompt_names_the_field(contract_server: ServerThread, stub: pb_grpc.DiffusionServiceStub) -> None:
-    body = _wire_field(1, _wire_field(2, b"caf\xc3 \xff\xfe"))  # GenerateRequest.params.prompt
-    err = raw_generate(contract_server, body)
+NOT_UTF8 = b"caf\xc3 \xff\xfe"
+
+
+@pytest.mark.parametrize(
+    ("rpc", "body", "field"),
+    [
+        ("Generate", _wire_field(1, _wire_field(2, NOT_UTF8)), "params.prompt"),
+        ("Generate", _wire_field(1, _wire_field(3, NOT_UTF8)), "params.negative_prompt"),
+        ("Edit", _wire_field(1, _wire_field(1, NOT_UTF8)) + _wire_field(2, b"png"), "params.model"),
+        ("Inpaint", _wire_field(1, _wire_field(14, NOT_UTF8)), "params.request_id"),
+    ],
+    ids=["generate-prompt", "generate-negative-prompt", "edit-model", "inpaint-request-id"],
+)
+def test_invalid_utf8_names_the_field(
+    contract_server: ServerThread, stub: pb_grpc.DiffusionServiceStub, rpc: str, body: bytes, field: str
+) -> None:
+    err = raw_call(contract_server, rpc, body)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
-    assert "params.prompt" in {field for field, _ in bad_request(err)}
+    assert field in {name for name, _ in bad_request(err)}
     check_still_serving(stub)
 
 
 def test_malformed_wire_format_is_invalid_argument(
     contract_server: ServerThread, stub: pb_grpc.DiffusionServiceStub
 ) -> None:
-    err = raw_generate(contract_server, b"\x0a\xff\xff\xff\xff\x0f")  # params claims ~4 GiB of payload
+    err = raw_call(contract_server, "Generate", b"\x0a\xff\xff\xff\xff\x0f")  # params claims ~4 GiB of payload
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
     assert bad_request(err)
     check_still_serving(stub)
