@@ -43,7 +43,7 @@ lint: install
 	$(BIN)/buf lint
 
 typecheck: install
-	$(BIN)/mypy service model_manager clients/python/sdserve tests training quality bench
+	$(BIN)/mypy service model_manager sdserve_core clients/python/sdserve tests training quality bench
 
 test: install deps check-gen check-breaking lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -10,7 +10,7 @@ import warnings
 
 def main() -> None:
     from model_manager.settings import Settings
-    from service import logs
+    from sdserve_core import logs
 
     settings = Settings.from_sources(sys.argv[1:])
     logs.configure(settings.log_format, settings.log_level)
@@ -24,7 +24,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)
     logging.getLogger(__name__).info("starting", extra=settings.redacted())
     from model_manager.server import serve
-    from service.startup import run_main
+    from sdserve_core.startup import run_main
 
     run_main("python -m model_manager", serve(settings))
 

@@ -9,7 +9,6 @@ from google.protobuf import timestamp_pb2
 from model_manager import errors
 from model_manager.errors import FieldViolation
 from model_manager.layout import StoreLayout
-from model_manager.manifest import Manifest
 from model_manager.names import hub_revision_problem, name_problem, repo_id_problem
 from model_manager.ops import ImportRequest, OperationResult, PullRequest, VariantRequest
 from model_manager.progress import Progress
@@ -30,6 +29,7 @@ from model_manager.store import (
     VariantKey,
 )
 from sdserve.v1 import model_manager_pb2 as pb
+from sdserve_core.manifest import Manifest
 
 VARIANT_TO_PB = {
     "fp32": pb.WEIGHT_VARIANT_FP32,

@@ -307,6 +307,6 @@ class StoreCollector(Collector):
 
 
 def stop_http(server: Any) -> None:
-    """Stops a server returned by service.startup.serve_metrics."""
+    """Stops a server returned by sdserve_core.startup.serve_metrics."""
     server.shutdown()
     server.server_close()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from model_manager import errors
 from model_manager.errors import FieldViolation
 from model_manager.hub import Hub, HubUnreachable, RemoteFile, RepoSnapshot
-from model_manager.manifest import Manifest, Quality, Source, hash_folder
+from model_manager.manifest import hash_folder
 from model_manager.metrics import ManagerMetrics
 from model_manager.names import NAME_RULE, name_problem
 from model_manager.progress import Reporter
@@ -28,6 +28,7 @@ from model_manager.selection import Pick, SelectionError, select
 from model_manager.settings import Settings
 from model_manager.store import READY, CorruptVariant, Store, StoredVariant, VariantKey
 from model_manager.weights import BadWeights, floating_dtype, is_pickle_name, looks_pickled, read_header
+from sdserve_core.manifest import Manifest, Quality, Source
 
 if TYPE_CHECKING:
     from model_manager.quality import RenderSpec

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_manager import quant
+from sdserve_core import quant
 
 PROMPT = "a red cube and a blue sphere on a wooden table, studio light"
 SEED = 0

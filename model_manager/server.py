@@ -22,9 +22,9 @@ from model_manager.settings import Settings
 from model_manager.store import Store
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
-from service.auth import ApiKeyInterceptor, load_keys
-from service.edge import EdgeInterceptor
-from service.startup import bind, serve_metrics
+from sdserve_core.auth import ApiKeyInterceptor, load_keys
+from sdserve_core.edge import EdgeInterceptor
+from sdserve_core.startup import bind, serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from service import config_source
-from service.config_source import parse_bool, parse_list, parse_paths, setting
+from sdserve_core import config_source
+from sdserve_core.config_source import parse_bool, parse_list, parse_paths, setting
 
 PREFIX = "SDSERVE_MANAGER_"
 DEFAULT_STORE = Path.home() / ".cache" / "sdserve" / "store"

@@ -19,16 +19,9 @@ from typing import Any
 
 from model_manager import errors
 from model_manager.layout import StoreLayout
-from model_manager.manifest import (
-    MANIFEST,
-    Manifest,
-    fsync_dir,
-    fsync_tree,
-    read_manifest,
-    verify,
-    write_json_atomic,
-)
+from model_manager.manifest import fsync_dir, fsync_tree, read_manifest, write_json_atomic
 from model_manager.names import Variant, is_safe_component
+from sdserve_core.manifest import MANIFEST, Manifest, verify
 
 log = logging.getLogger(__name__)
 

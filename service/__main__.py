@@ -8,7 +8,7 @@ import warnings
 
 
 def main() -> None:
-    from service import logs
+    from sdserve_core import logs
     from service.settings import Settings
 
     settings = Settings.from_sources(sys.argv[1:])
@@ -18,8 +18,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from sdserve_core.startup import run_main
     from service.server import serve
-    from service.startup import run_main
 
     run_main("python -m service", serve(settings))
 

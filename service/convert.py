@@ -9,10 +9,10 @@ import numpy as np
 from PIL import Image
 
 from sdserve.v1 import diffusion_pb2 as pb
+from sdserve_core.status import FieldViolation
 from service import imaging, schedulers
 from service.requests import (
     Event,
-    FieldViolation,
     GenerationRequest,
     InpaintArea,
     InpaintSpec,

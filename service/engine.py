@@ -215,10 +215,10 @@ class Engine:
         unloaded once nothing points at it (its memory goes when the last such job ends). A failed load
         leaves the alias where it was. Call from a thread other than the worker's.
 
-        The folder's files are verified against its manifest.json first (model_manager.manifest.verify_folder;
+        The folder's files are verified against its manifest.json first (sdserve_core.manifest.verify_folder;
         digests cached by stat): a mismatch fails the swap before anything is loaded. After a failed swap
         `self.last_swap_error` says why (one line naming the file and the rule when files are at fault)."""
-        from model_manager.manifest import verify_folder
+        from sdserve_core.manifest import verify_folder
 
         self.last_swap_error = ""
         if self.registry.slot_of(alias) == entry.slot:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from model_manager.manifest import verify_folder
+from sdserve_core.manifest import verify_folder
 from service.device import DeviceChoice
 from service.requests import ServedIdentity, Task
 
@@ -177,8 +177,8 @@ def load(entry: ModelEntry, choice: DeviceChoice) -> LoadedModel:
     start = time.perf_counter()
     common: dict[str, Any] = {"torch_dtype": choice.dtype, "use_safetensors": True}
     if entry.variant == "int8":
-        # int8 weight-only variants keep int8 weights on the device (see model_manager/quant.py).
-        from model_manager.quant import load_int8_component
+        # int8 weight-only variants keep int8 weights on the device (see sdserve_core/quant.py).
+        from sdserve_core.quant import load_int8_component
 
         unet = load_int8_component(UNet2DConditionModel, entry.path, "unet", choice.dtype, choice.device)
         text_encoder = load_int8_component(CLIPTextModel, entry.path, "text_encoder", choice.dtype, choice.device)

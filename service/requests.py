@@ -7,6 +7,8 @@ import enum
 
 from PIL import Image
 
+from sdserve_core.status import FieldViolation
+
 
 class Task(enum.Enum):
     """What a request asks for."""
@@ -161,14 +163,6 @@ class ResolvedRequest:
             # Cropped inpaints work on a per-request region, so they never share a call.
             None if inpaint is None else (inpaint.area, id(inpaint) if inpaint.area is InpaintArea.MASK_ONLY else 0),
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldViolation:
-    """One bad field: its path in the request and the rule it broke."""
-
-    field: str
-    description: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,10 +7,11 @@ import uuid
 
 from PIL import Image
 
+from sdserve_core.status import FieldViolation
 from service import imaging, schedulers
 from service.device import DeviceChoice
 from service.models import ModelEntry
-from service.requests import FieldViolation, GenerationRequest, InpaintArea, InpaintSpec, ResolvedRequest, Task
+from service.requests import GenerationRequest, InpaintArea, InpaintSpec, ResolvedRequest, Task
 
 _U64 = 1 << 64
 

@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
+from sdserve_core.auth import ApiKeyInterceptor, load_keys
+from sdserve_core.edge import EdgeInterceptor
+from sdserve_core.startup import bind, serve_metrics
 from service import device, metrics
-from service.auth import ApiKeyInterceptor, load_keys
-from service.edge import EdgeInterceptor
 from service.engine import Engine
 from service.jobs import Job
 from service.models import ModelEntry, ModelRegistry
@@ -25,7 +26,6 @@ from service.requests import Event, Failed, Outcome, Result
 from service.runner import BatchStats
 from service.servicer import DiffusionServicer
 from service.settings import Settings
-from service.startup import bind, serve_metrics
 from service.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)

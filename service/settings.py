@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from service import config_source
-from service.config_source import parse_bool, parse_list, parse_paths, setting
+from sdserve_core import config_source
+from sdserve_core.config_source import parse_bool, parse_list, parse_paths, setting
 
 PREFIX = "SDSERVE_"
 REPO_ROOT = Path(__file__).resolve().parent.parent

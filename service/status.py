@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from service.requests import Failed, FieldViolation, Outcome
+from sdserve_core.status import FieldViolation, invalid_message, pack
+from service.requests import Failed, Outcome
 
 CODES: dict[Outcome, grpc.StatusCode] = {
     Outcome.OK: grpc.StatusCode.OK,
@@ -25,28 +23,9 @@ CODES: dict[Outcome, grpc.StatusCode] = {
 
 def rich_status(failed: Failed) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """(code, message, trailing metadata carrying a google.rpc.Status with details)."""
-    code = CODES[failed.outcome]
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=failed.message)
-    if failed.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in failed.violations
-            ]
-        )
-        status.details.add().Pack(bad)
-    if failed.retry_after_seconds > 0:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(failed.retry_after_seconds * 1e9))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    if not status.details:
-        return code, failed.message, ()
-    packed = rpc_status.to_status(status)
-    metadata = tuple((str(k), v if isinstance(v, bytes) else v.encode()) for k, v in packed.trailing_metadata)
-    return packed.code, packed.details, metadata
+    return pack(CODES[failed.outcome], failed.message, failed.violations, failed.retry_after_seconds)
 
 
 def invalid(violations: tuple[FieldViolation, ...] | list[FieldViolation]) -> Failed:
     """The INVALID_ARGUMENT outcome; the message lists the violations too, for clients without details."""
-    message = "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations)
-    return Failed(Outcome.INVALID, message, tuple(violations))
+    return Failed(Outcome.INVALID, invalid_message(violations), tuple(violations))

@@ -766,7 +766,7 @@ def test_dockerfiles_build_what_the_pods_expect(builds: dict[str, list[dict[str,
         assert ignore[[line.startswith("#") for line in ignore].index(False)] == "*", f"{name}: allowlist context"
         allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
         client = {"clients/python/pyproject.toml", "clients/python/README.md", "clients/python/sdserve"}
-        assert {"pyproject.toml", "README.md", "service", "model_manager", *client} <= allowed
+        assert {"pyproject.toml", "README.md", "service", "model_manager", "sdserve_core", *client} <= allowed
         assert ("models" in allowed) == (name != "Dockerfile.manager")
         copies = re.findall(r"^COPY (.+) (\S+)$", text, re.M)
         sources = {src.rstrip("/").rstrip("*") for srcs, _ in copies for src in srcs.split()}

@@ -18,7 +18,7 @@ from service.settings import REPO_ROOT
 
 CLIENT_DIR = REPO_ROOT / "clients" / "python"
 # What each distribution is built from: the build runs on a copy of these, so the checkout stays untouched.
-SERVER_SOURCES = ("pyproject.toml", "README.md", "service", "model_manager", "models")
+SERVER_SOURCES = ("pyproject.toml", "README.md", "service", "model_manager", "sdserve_core", "models")
 CLIENT_SOURCES = ("pyproject.toml", "README.md", "sdserve")
 EMBEDDED = ("shapes", "shapes-inpainting")
 
@@ -81,7 +81,7 @@ def test_client_wheel_carries_only_sdserve(wheels: dict[str, Path]) -> None:
 
 def test_server_wheel_carries_the_server_the_sidecar_and_the_embedded_models(wheels: dict[str, Path]) -> None:
     files = set(names(wheels["server"]))
-    assert top_level(wheels["server"]) == {"service", "model_manager"}
+    assert top_level(wheels["server"]) == {"service", "model_manager", "sdserve_core"}
     for model in EMBEDDED:
         shipped = {p.relative_to(REPO_ROOT / "models").as_posix() for p in (REPO_ROOT / "models" / model).rglob("*")}
         shipped = {p for p in shipped if (REPO_ROOT / "models" / p).is_file()}

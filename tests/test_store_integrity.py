@@ -13,8 +13,9 @@ import pytest
 
 from model_manager import errors
 from model_manager.layout import StoreLayout
-from model_manager.manifest import HASHES, MANIFEST, Manifest, Source, hash_folder, verify_folder
+from model_manager.manifest import hash_folder
 from model_manager.store import CORRUPT, READY, AliasSet, Change, Corrupted, Store, StoredVariant, VariantKey
+from sdserve_core.manifest import HASHES, MANIFEST, Manifest, Source, verify_folder
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from model_manager.manifest import read_manifest, verify
+from model_manager.manifest import read_manifest
 from sdserve.errors import SdserveError
 from sdserve.models_client import ModelManagerClient, OperationResult
+from sdserve_core.manifest import verify
 from tests.model_manager.harness import BIG_REPO, TINY_REPO, Sidecar
 from tests.model_manager.hubserver import HubServer, Stall
 

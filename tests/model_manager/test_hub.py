@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from model_manager.manifest import read_manifest, verify
+from model_manager.manifest import read_manifest
 from sdserve.errors import SdserveError
 from sdserve.models_client import OperationProgress
+from sdserve_core.manifest import verify
 from service.models import ModelEntry
 from tests.model_manager.harness import BIG_REPO, TINY_REPO, Sidecar
 from tests.model_manager.hubserver import Cut, HubServer, Stall

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_manager import quality, quant
+from model_manager import quality
+from model_manager.quant import weight_bytes
 from sdserve.errors import SdserveError
 from sdserve.models_client import StoredModel
+from sdserve_core import quant
 from service.models import ModelEntry
 from tests.model_manager.harness import TINY_REPO, Sidecar, render_served
 
@@ -93,7 +95,7 @@ def test_int8_loads_with_load_int8_component_within_the_stated_psnr(
     assert unet.down_blocks[0].resnets[0].conv1.weight_int8.dtype == torch.int8
     assert isinstance(unet.conv_in, torch.nn.Conv2d), "conv_in stays in float"
     full = UNet2DConditionModel.from_pretrained(fp32, subfolder="unet", use_safetensors=True)
-    assert quant.weight_bytes(unet) < 0.35 * quant.weight_bytes(full)
+    assert weight_bytes(unet) < 0.35 * weight_bytes(full)
     assert text.dtype == torch.float32
     image = quality.render(folder, "int8", SPEC)
     reference = quality.render(fp32, "fp32", SPEC)

@@ -15,8 +15,7 @@ import grpc.aio
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import DecodeError, Message
 
-from service import status as rich
-from service.requests import FieldViolation
+from sdserve_core.status import FieldViolation, invalid_message, pack
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +114,10 @@ def _request_id(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> st
 
 
 async def _refuse(request: Undecodable, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
-    failed = rich.invalid(request.violations())
-    log.info("request", extra={"rpc": method.rsplit("/", 1)[-1], "outcome": "invalid", "error": failed.message})
-    code, message, metadata = rich.rich_status(failed)
+    violations = request.violations()
+    message = invalid_message(violations)
+    log.info("request", extra={"rpc": method.rsplit("/", 1)[-1], "outcome": "invalid", "error": message})
+    code, message, metadata = pack(grpc.StatusCode.INVALID_ARGUMENT, message, violations)
     await context.abort(code, message, trailing_metadata=metadata)
 
 
