@@ -25,6 +25,7 @@ from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
 from sdserve_core.auth import ApiKeyInterceptor, load_keys
 from sdserve_core.edge import EdgeInterceptor
 from sdserve_core.startup import bind, serve_metrics
+from sdserve_core.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class ManagerServer:
     async def start(self) -> int:
         """Reconciles the store, binds, and reports SERVING; returns the TCP port (0 without TCP)."""
         s = self.settings
-        creds = server_credentials(s)
+        creds = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
         await asyncio.to_thread(self.store.open)
         if s.port >= 0:
             address = f"{s.host}:{s.port}"
@@ -127,19 +128,6 @@ class ManagerServer:
             self._metrics_http = None
         self.store.unsubscribe(self.metrics.on_store_change)
         self.store.close()
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings' PEM files (TCP only); mutual TLS when a client CA is given."""
-    if not settings.tls_cert_file:
-        return None
-    try:
-        key = Path(settings.tls_key_file).read_bytes()
-        cert = Path(settings.tls_cert_file).read_bytes()
-        ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-    except OSError as exc:
-        raise SystemExit(f"cannot read a TLS file: {exc}") from None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def _loopback(host: str) -> bool:

@@ -18,6 +18,7 @@ from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 from sdserve_core.auth import ApiKeyInterceptor, load_keys
 from sdserve_core.edge import EdgeInterceptor
 from sdserve_core.startup import bind, serve_metrics
+from sdserve_core.tls import server_credentials
 from service import device, metrics
 from service.engine import Engine
 from service.jobs import Job
@@ -57,16 +58,6 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
         ]
     return options
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings' PEM files; mutual TLS when a client CA is given."""
-    if not settings.tls_cert_file:
-        return None
-    key = Path(settings.tls_key_file).read_bytes()
-    cert = Path(settings.tls_cert_file).read_bytes()
-    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class Server:
@@ -158,7 +149,7 @@ class Server:
         """Binds, reports NOT_SERVING, loads and warms the default model, then reports SERVING."""
         s = self.settings
         address = f"{s.host}:{s.port}"
-        creds = server_credentials(s)
+        creds = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
         self.port = bind(self.grpc, address, creds, "--port")
         # Metrics first: a busy metrics port then stops start-up with one line, before gRPC serves anything.
         if s.metrics_port >= 0:

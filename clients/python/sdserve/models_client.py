@@ -9,6 +9,9 @@ from typing import Any, Literal
 import grpc
 
 from sdserve.client import metadata
+
+# Re-exported (the store commands read the same PEM files); `as` marks it public for type checkers.
+from sdserve.client import tls_credentials as tls_credentials  # noqa: PLC0414
 from sdserve.errors import SdserveError, from_rpc_error
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
@@ -446,19 +449,6 @@ class WatchStream:
 
     def __exit__(self, *exc: object) -> None:
         self.cancel()
-
-
-def tls_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
-    """TLS channel credentials from PEM files: roots to trust (empty: the system roots) and, for mutual TLS,
-    a client certificate chain and its key."""
-
-    def read(path: str) -> bytes | None:
-        if not path:
-            return None
-        with open(path, "rb") as fh:
-            return fh.read()
-
-    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 class ModelManagerClient:
