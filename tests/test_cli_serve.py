@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sdserve import Client
 from service.tiny import build_tiny
 from tests.harness import TINY
+from tests.procs import busy_port
 
 CLI = [sys.executable, "-m", "sdserve.cli"]
 
@@ -186,10 +187,7 @@ def test_a_dead_sidecar_is_restarted_and_sigterm_stops_the_server_first_with_sta
 
 
 def test_a_sidecar_that_cannot_start_stops_serve_with_one_line(models_dir: Path, tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = busy.getsockname()[1]
+    with busy_port() as taken:
         serve = Serve(
             tmp_path,
             "--port", "0",
@@ -212,10 +210,7 @@ def test_a_sidecar_that_cannot_start_stops_serve_with_one_line(models_dir: Path,
 
 
 def test_a_busy_server_metrics_port_is_one_line_and_a_non_zero_exit(models_dir: Path, tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = busy.getsockname()[1]
+    with busy_port() as taken:
         serve = Serve(
             tmp_path,
             "--port", "0", "--model-dirs", str(models_dir), "--model", TINY,

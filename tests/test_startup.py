@@ -3,12 +3,13 @@ names the flag or file, exit status 1, no traceback."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.procs import busy_port
 
 PROGRAMS = {"service": ["--metrics-port", "-1"], "model_manager": ["--metrics-port", "-1", "--store"]}
 
@@ -42,10 +43,7 @@ def test_an_unreadable_tls_file_is_one_line(module: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("module", list(PROGRAMS))
 def test_a_busy_grpc_port_is_one_line_naming_the_flag(module: str, tmp_path: Path) -> None:
-    with socket.socket(socket.AF_INET) as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         proc = run(module, tmp_path, "--host", "127.0.0.1", "--port", str(port))
     line = one_error_line(proc, module)
     assert f"--port: cannot listen on 127.0.0.1:{port}" in line
