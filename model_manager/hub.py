@@ -178,12 +178,23 @@ class Hub:
         cancel: threading.Event,
         on_resumed: Callable[[int], None] | None,
     ) -> tuple[int, int]:
-        import httpx2
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-        from huggingface_hub.file_download import http_get
-        from huggingface_hub.utils import build_hf_headers
+        """Fetches `file` into `part`, verifies it and moves it to `dest`; returns (fetched, resumed) bytes."""
+        resumed = self._resumable_bytes(file, part, on_resumed)
+        fetched = 0
 
+        def count(n: int) -> None:
+            nonlocal fetched
+            fetched += n
+            on_bytes(n)
+
+        self._fetch(snapshot, file, part, resumed, functools.partial(_ByteCounter, count, cancel))
+        self._verify(file, part)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, dest)
+        return fetched, resumed
+
+    def _resumable_bytes(self, file: RemoteFile, part: Path, on_resumed: Callable[[int], None] | None) -> int:
+        """Bytes of `file` already in its partial download (one larger than the file is deleted); reports a resume."""
         resumed = part.stat().st_size if part.exists() else 0
         if resumed > file.size:
             part.unlink()
@@ -192,16 +203,20 @@ class Hub:
             log.info("resuming download", extra={"file": file.path, "have": resumed, "size": file.size})
             if on_resumed is not None:
                 on_resumed(resumed)
+        return resumed
+
+    def _fetch(
+        self, snapshot: RepoSnapshot, file: RemoteFile, part: Path, resumed: int, counter: Callable[..., _ByteCounter]
+    ) -> None:
+        """Appends the rest of `file` to `part` from byte `resumed` on and syncs it; transfer failures become errors."""
+        import httpx2
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+        from huggingface_hub.file_download import http_get
+        from huggingface_hub.utils import build_hf_headers
+
         url = hf_hub_url(snapshot.repo_id, file.path, revision=snapshot.commit, endpoint=self.endpoint)
         headers = build_hf_headers(token=self.token)
-        fetched = 0
-
-        def count(n: int) -> None:
-            nonlocal fetched
-            fetched += n
-            on_bytes(n)
-
-        counter = functools.partial(_ByteCounter, count, cancel)
         try:
             with part.open("r+b" if resumed else "wb") as fh:
                 fh.seek(resumed)
@@ -230,10 +245,6 @@ class Hub:
                     f"{file.path}: the Hub sent a different size than it lists ({exc})"
                 ) from None
             raise
-        self._verify(file, part)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, dest)
-        return fetched, resumed
 
     def _verify(self, file: RemoteFile, path: Path) -> None:
         size = path.stat().st_size

@@ -65,7 +65,16 @@ class ManagerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._register_operation_metrics(self.registry)
+        self._register_event_metrics(self.registry)
+        self._register_scrub_metrics(self.registry)
+        self._in_flight = dict.fromkeys(OPERATIONS, 0)
+        self._watchers = 0
+        self._lock = threading.Lock()
+        self._create_zero_series()
+
+    def _register_operation_metrics(self, r: CollectorRegistry) -> None:
+        """Outcomes of pull, import and create_variant operations, downloaded bytes, failures and variant timings."""
         self.operations = Counter(
             "sdserve_manager_operations",
             "Finished pull, import and create_variant operations by outcome (ok or a failure reason: "
@@ -98,6 +107,9 @@ class ManagerMetrics:
             buckets=VARIANT_BUCKETS,
             registry=r,
         )
+
+    def _register_event_metrics(self, r: CollectorRegistry) -> None:
+        """Counters of store events (evictions, corrupt variants found, alias reverts) and of refused calls."""
         self.evictions = Counter(
             "sdserve_manager_evictions", "Variants evicted to keep the store within its budget.", registry=r
         )
@@ -122,6 +134,9 @@ class ManagerMetrics:
             "not load it).",
             registry=r,
         )
+
+    def _register_scrub_metrics(self, r: CollectorRegistry) -> None:
+        """Scrub runs, bytes read, and the time, duration and corrupt finds of the last scrub."""
         self.scrub_runs = Counter("sdserve_manager_scrub_runs", "Completed scrubs of the store.", registry=r)
         self.scrub_read_bytes = Counter(
             "sdserve_manager_scrub_read_bytes", "Bytes of stored files read and hashed by scrubs.", registry=r
@@ -144,9 +159,9 @@ class ManagerMetrics:
             "Seconds between scrubs (--scrub-interval-seconds; 0: off).",
             registry=r,
         )
-        self._in_flight = dict.fromkeys(OPERATIONS, 0)
-        self._watchers = 0
-        self._lock = threading.Lock()
+
+    def _create_zero_series(self) -> None:
+        """Creates every (operation, outcome) and failure-reason series, so each is exported as 0 before it happens."""
         for op in OPERATIONS:
             for outcome in ("ok", *REASONS):
                 self.operations.labels(op, outcome)
@@ -240,6 +255,14 @@ class StoreCollector(Collector):
         return []
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._space()
+        yield self._stored_models()
+        yield GaugeMetricFamily("sdserve_manager_aliases", "Aliases in the store.", value=len(self._store.aliases()))
+        yield from self._leases()
+        yield from self._activity()
+
+    def _space(self) -> Iterator[Metric]:
+        """Store bytes, budget, protected and partial bytes, and the free space of its file system."""
         usage = self._store.usage()
         gauges = (
             ("sdserve_manager_store_bytes", "Bytes of the published variants in the store.", usage.used_bytes),
@@ -267,6 +290,9 @@ class StoreCollector(Collector):
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=float(value))
+
+    def _stored_models(self) -> Metric:
+        """Stored variants by state and variant, every combination present (0 when none)."""
         counts = {(s, v): 0 for s in STATES for v in VARIANTS}
         for stored in self._store.variants():
             key = (stored.state, stored.key.variant)
@@ -277,8 +303,10 @@ class StoreCollector(Collector):
         )
         for (state, variant), n in counts.items():
             models.add_metric([state, variant], n)
-        yield models
-        yield GaugeMetricFamily("sdserve_manager_aliases", "Aliases in the store.", value=len(self._store.aliases()))
+        return models
+
+    def _leases(self) -> Iterator[Metric]:
+        """Servers holding leases, and the stored variants they hold them on."""
         holders, leased = self._store.lease_counts()
         yield GaugeMetricFamily(
             "sdserve_manager_lease_holders", "Servers holding unexpired leases on stored variants.", value=holders
@@ -288,6 +316,9 @@ class StoreCollector(Collector):
             "Stored variants that servers hold leases on (loaded or aliased there; never evicted).",
             value=leased,
         )
+
+    def _activity(self) -> Iterator[Metric]:
+        """Running operations, open watch streams and the process's resident memory."""
         running = GaugeMetricFamily(
             "sdserve_manager_operations_in_flight", "Pull, import and variant operations running.", labels=["operation"]
         )

@@ -28,10 +28,12 @@ from model_manager.selection import Pick, SelectionError, select
 from model_manager.settings import Settings
 from model_manager.store import READY, CorruptVariant, Store, StoredVariant, VariantKey
 from model_manager.weights import BadWeights, floating_dtype, is_pickle_name, looks_pickled, read_header
+from sdserve_core import model_folder
 from sdserve_core.manifest import Manifest, Quality, Source
 
 if TYPE_CHECKING:
     from model_manager.quality import RenderSpec
+    from model_manager.single_file import Converted
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +110,67 @@ def _strip_pipeline_extras(folder: Path) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_sdserve_json(folder: Path, base: dict[str, Any], **fields: Any) -> None:
-    """Writes sdserve.json: `base` (defaults carried from the source) updated with `fields`."""
-    data = dict(base)
-    data.update(fields)
-    data.setdefault("format", 1)
-    (folder / "sdserve.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _check_weights(folder: Path) -> None:
     for path in sorted(folder.rglob("*.safetensors")):
         try:
             read_header(path)
         except BadWeights as exc:
             raise errors.DataLoss(f"{path.relative_to(folder)}: {exc}; nothing was published") from None
+
+
+def _inspect_checkpoint(req: ImportRequest, path: Path) -> tuple[str, str]:
+    """Checks a single-file checkpoint's header and architecture; returns (architecture, weights variant)."""
+    from model_manager import single_file
+
+    if req.architecture and req.architecture not in single_file.ARCHITECTURES:
+        raise errors.invalid_field(
+            "architecture", f"must be one of {', '.join(single_file.ARCHITECTURES)}, or empty to detect it"
+        )
+    try:
+        read_header(path)
+    except BadWeights as exc:
+        raise errors.DataLoss(f"{path}: {exc}") from None
+    try:
+        with single_file.LazyCheckpoint(path) as ckpt:
+            architecture = req.architecture or ("" if req.config_from else single_file.detect(ckpt))
+            variant = single_file.weights_variant(ckpt)
+    except single_file.ConversionError as exc:
+        raise errors.invalid_field("path", f"{path.name}: {exc}") from None
+    return architecture, variant
+
+
+def _checkpoint_revision(path: Path, identity: str, size: int, rep: Reporter) -> str:
+    """The revision of an imported checkpoint: sha256 of its config identity and its bytes, reported as hashing."""
+    rep.stage("hashing", size)
+    digest = hashlib.sha256(identity.encode() + b"\0")
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            rep.advance(len(chunk))
+    return digest.hexdigest()[:16]
+
+
+def _convert_checkpoint(
+    req: ImportRequest, path: Path, config_dir: Path, vocab_dir: Path, staging: Path, architecture: str, rep: Reporter
+) -> Converted:
+    """Converts a single-file checkpoint into a diffusers folder in `staging`; a failure names the field to blame."""
+    from model_manager import single_file
+
+    try:
+        return single_file.convert(path, config_dir, vocab_dir, staging, architecture or "the config_from model", rep)
+    except single_file.ConversionError as exc:
+        field = "architecture" if req.architecture else "config_from" if req.config_from else "path"
+        raise errors.invalid(FieldViolation(field, f"{path.name}: {exc}")) from None
+
+
+def _checkpoint_meta(req: ImportRequest, path: Path, config_dir: Path, architecture: str) -> tuple[dict[str, Any], str]:
+    """(sdserve.json defaults of the configs' model, without its revision; description) of a converted checkpoint."""
+    meta = model_folder.read_meta_dict(config_dir)
+    meta.pop("revision", None)
+    description = str(meta.get("description") or "")
+    if req.config_from or not description:
+        description = f"{path.name}, converted with the configs of {req.config_from or architecture}"
+    return meta, description
 
 
 class Operations:
@@ -135,10 +184,8 @@ class Operations:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._references: dict[tuple[VariantKey, RenderSpec], Any] = {}
-        # Runs while the store is open (the server opens and closes it).
+        # Runs while the store is open: the sidecar's server starts it after opening the store and stops it first.
         self.scrubber = Scrubber(store, settings.scrub_interval_seconds, self.metrics)
-        store.open_hooks.append(self.scrubber.start)
-        store.close_hooks.append(self.scrubber.stop)
 
     # ---- shared helpers -------------------------------------------------------------------
 
@@ -279,9 +326,9 @@ class Operations:
                 rep.finish_stage()
                 _check_weights(staging)
                 _strip_pipeline_extras(staging)
-                meta = _read_json(staging / "sdserve.json")
+                meta = model_folder.read_meta_dict(staging)
                 description = str(meta.get("description") or f"{req.repo_id} from the Hugging Face Hub")
-                _write_sdserve_json(
+                model_folder.write_meta(
                     staging, meta, name=name, revision=snap.commit, variant=stored, description=description
                 )
                 source = Source("hub", repo_id=req.repo_id, requested_revision=req.revision, commit=snap.commit)
@@ -365,8 +412,8 @@ class Operations:
                 with self.store.reserve(estimate, f"making {key.label()}") as evicted, self._staging(key.name) as st:
                     with self.metrics.timed_variant(target):
                         variants.make_variant(source.path, st, target, rep)
-                    meta = _read_json(source.path / "sdserve.json")
-                    _write_sdserve_json(st, meta, variant=target)
+                    meta = model_folder.read_meta_dict(source.path)
+                    model_folder.write_meta(st, meta, variant=target)
                     q = self._measure(key, st, measure, rep)
                     assert source.manifest is not None
                     origin = source.manifest.source
@@ -487,9 +534,9 @@ class Operations:
                         self.store.touch(key)
                         return OperationResult(existing, already_present=True)
                     _strip_pipeline_extras(staging)
-                    meta = _read_json(staging / "sdserve.json")
+                    meta = model_folder.read_meta_dict(staging)
                     description = str(meta.get("description") or f"imported from {folder}")
-                    _write_sdserve_json(
+                    model_folder.write_meta(
                         staging, meta, name=name, revision=revision, variant=variant, description=description
                     )
                     source = Source("local_folder", path=str(folder))
@@ -548,35 +595,15 @@ class Operations:
         )
 
     def _import_single_file(self, req: ImportRequest, path: Path, rep: Reporter) -> OperationResult:
-        from model_manager import single_file
-
-        if req.architecture and req.architecture not in single_file.ARCHITECTURES:
-            raise errors.invalid_field(
-                "architecture", f"must be one of {', '.join(single_file.ARCHITECTURES)}, or empty to detect it"
-            )
-        try:
-            read_header(path)
-        except BadWeights as exc:
-            raise errors.DataLoss(f"{path}: {exc}") from None
-        try:
-            with single_file.LazyCheckpoint(path) as ckpt:
-                architecture = req.architecture or ("" if req.config_from else single_file.detect(ckpt))
-                variant = single_file.weights_variant(ckpt)
-        except single_file.ConversionError as exc:
-            raise errors.invalid_field("path", f"{path.name}: {exc}") from None
+        """Converts a single-file checkpoint with the configs of its architecture (or config_from) and publishes it."""
+        architecture, variant = _inspect_checkpoint(req, path)
         name = self._default_name(req, path.stem)
         self._check_name(name, "name", "single_file")
         config_dir, identity = self._config_source(req, architecture)
         vocab_dir = self._vocabulary(config_dir)
         size = path.stat().st_size
         with self._name_lock(name, rep):
-            rep.stage("hashing", size)
-            digest = hashlib.sha256(identity.encode() + b"\0")
-            with path.open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
-                    rep.advance(len(chunk))
-            revision = digest.hexdigest()[:16]
+            revision = _checkpoint_revision(path, identity, size, rep)
             key = VariantKey(name, revision, variant)
             existing = self.store.get(key)
             if existing is not None and existing.state == READY:
@@ -587,19 +614,9 @@ class Operations:
                     self.store.reserve(size + (4 << 20), f"importing {path.name}") as evicted,
                     self._staging(name) as staging,
                 ):
-                    try:
-                        converted = single_file.convert(
-                            path, config_dir, vocab_dir, staging, architecture or "the config_from model", rep
-                        )
-                    except single_file.ConversionError as exc:
-                        field = "architecture" if req.architecture else "config_from" if req.config_from else "path"
-                        raise errors.invalid(FieldViolation(field, f"{path.name}: {exc}")) from None
-                    meta = _read_json(config_dir / "sdserve.json")
-                    meta.pop("revision", None)
-                    description = str(meta.get("description") or "")
-                    if req.config_from or not description:
-                        description = f"{path.name}, converted with the configs of {req.config_from or architecture}"
-                    _write_sdserve_json(
+                    converted = _convert_checkpoint(req, path, config_dir, vocab_dir, staging, architecture, rep)
+                    meta, description = _checkpoint_meta(req, path, config_dir, architecture)
+                    model_folder.write_meta(
                         staging, meta, name=name, revision=revision, variant=converted.variant, description=description
                     )
                     source = Source("single_file", path=str(path), architecture=architecture or identity)

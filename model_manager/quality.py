@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from sdserve_core import quant
+from sdserve_core import families
+from sdserve_core.components import load_components
+from sdserve_core.model_folder import native_size
+from sdserve_core.pipeline.call import PipelineCall
+from sdserve_core.pipeline.run import run
+from sdserve_core.tasks import Task
 
 PROMPT = "a red cube and a blue sphere on a wooden table, studio light"
 SEED = 0
@@ -31,11 +35,7 @@ class RenderSpec:
 
 def default_size(folder: Path) -> int:
     """The model's native image size in pixels (UNet sample size times the VAE's scale factor)."""
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    sample = unet.get("sample_size", 64)
-    sample = sample[0] if isinstance(sample, list) else int(sample)
-    return int(sample * 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1))
+    return native_size(folder)[0]
 
 
 def compute_dtype(variant: str, device: str) -> torch.dtype:
@@ -45,35 +45,7 @@ def compute_dtype(variant: str, device: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}.get(variant, torch.float32)
 
 
-def load_components(folder: Path, variant: str, device: str) -> dict[str, Any]:
-    """The pipeline components of a stored variant (int8 through quant.load_int8_component); safetensors only."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    dtype = compute_dtype(variant, device)
-    common: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
-    if variant == "int8":
-        unet = quant.load_int8_component(UNet2DConditionModel, folder, "unet", dtype, device)
-        text_encoder = quant.load_int8_component(CLIPTextModel, folder, "text_encoder", dtype, device)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **common).to(device)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **common).to(device)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **common).to(device)
-    return {
-        "unet": unet,
-        "text_encoder": text_encoder,
-        "vae": vae,
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        "scheduler": DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
-
-
-def _inpaint_inputs(size: int) -> tuple[Any, Any]:
-    from PIL import Image
-
+def _inpaint_inputs(size: int) -> tuple[Image.Image, Image.Image]:
     ramp = np.linspace(0, 255, size, dtype=np.float32)
     rgb = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128.0)], -1)
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -85,32 +57,30 @@ _RENDER_LOCK = threading.Lock()
 
 
 def render(folder: Path, variant: str, spec: RenderSpec) -> np.ndarray:
-    """The variant's image for `spec` as float32 RGB in [0, 1] (H, W, 3)."""
-    import diffusers
+    """The variant's image for `spec` as float32 RGB in [0, 1] (H, W, 3), rendered with DDIM (the folder's
+    scheduler config) through the server's own pipeline path (sdserve_core.pipeline)."""
+    from diffusers import DDIMScheduler
 
     size = spec.size or default_size(folder)
     # Renders share torch's thread pool; one at a time keeps them from starving each other and the server.
     with _RENDER_LOCK, torch.inference_mode():
-        components = load_components(folder, variant, spec.device)
-        in_channels = int(components["unet"].config.in_channels)
-        generator = torch.Generator("cpu").manual_seed(spec.seed)
-        common: dict[str, Any] = {
-            "prompt": PROMPT,
-            "num_inference_steps": spec.steps,
-            "guidance_scale": 7.5,
-            "height": size,
-            "width": size,
-            "generator": generator,
-            "output_type": "np",
-        }
-        if in_channels == 9:
-            pipe = diffusers.StableDiffusionInpaintPipeline(**components)
-            image, mask = _inpaint_inputs(size)
-            common.update(image=image, mask_image=mask)
-        else:
-            pipe = diffusers.StableDiffusionPipeline(**components)
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe(**common).images[0]
+        components = load_components(folder, variant, compute_dtype(variant, spec.device), spec.device)
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        inpaint_only = Task.GENERATE not in families.get(components.family).tasks(components.in_channels)
+        image, mask = _inpaint_inputs(size) if inpaint_only else (None, None)
+        call = PipelineCall(
+            task=Task.INPAINT if inpaint_only else Task.GENERATE,
+            steps=spec.steps,
+            width=size,
+            height=size,
+            generators=torch.Generator("cpu").manual_seed(spec.seed),
+            output_type="np",
+            guidance_scale=7.5,
+            prompt=PROMPT,
+            images=image,
+            masks=mask,
+        )
+        out = run(components, call, scheduler)[0]
     return np.asarray(out, dtype=np.float32)
 
 

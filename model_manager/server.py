@@ -86,6 +86,7 @@ class ManagerServer:
         s = self.settings
         creds = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
         await asyncio.to_thread(self.store.open)
+        self.ops.scrubber.start()
         if s.port >= 0:
             address = f"{s.host}:{s.port}"
             self.port = bind(self.grpc, address, creds, "--port")
@@ -127,6 +128,7 @@ class ManagerServer:
             metrics.stop_http(self._metrics_http)
             self._metrics_http = None
         self.store.unsubscribe(self.metrics.on_store_change)
+        self.ops.scrubber.stop()
         self.store.close()
 
 

@@ -252,9 +252,6 @@ class Store:
         # Server leases by holder; `clock` (monotonic seconds) times them.
         self.clock = clock
         self._leases: dict[str, _Lease] = {}
-        # Called after open() has reconciled the store, and when close() starts (the scrubber uses them).
-        self.open_hooks: list[Callable[[], None]] = []
-        self.close_hooks: list[Callable[[], None]] = []
 
     # ---- start-up -------------------------------------------------------------------------
 
@@ -268,14 +265,9 @@ class Store:
             os.close(fd)
             raise SystemExit(f"another model manager holds the store {self.layout.root}") from None
         self._lock_fd = fd
-        report = self.reconcile()
-        for hook in self.open_hooks:
-            hook()
-        return report
+        return self.reconcile()
 
     def close(self) -> None:
-        for hook in self.close_hooks:
-            hook()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from model_manager import quant
 from model_manager.progress import Reporter
 from model_manager.weights import DTYPE_BYTES, read_header
+from sdserve_core import quant
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")

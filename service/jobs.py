@@ -22,6 +22,7 @@ class Job:
         loop: asyncio.AbstractEventLoop,
         deadline: float | None,
         max_queue_seconds: float = 0.0,
+        on_finish: Callable[[Job, Event], None] | None = None,
     ):
         self.resolved = resolved
         self.entry = entry
@@ -42,7 +43,7 @@ class Job:
         self.decoded = False
         self.first_progress_at: float | None = None
         # Called once, from the posting thread, when the job reaches its terminal event.
-        self.on_finish: Callable[[Job, Event], None] | None = None
+        self._on_finish = on_finish
 
     @property
     def finished(self) -> bool:
@@ -55,8 +56,8 @@ class Job:
         if isinstance(event, (Result, Failed)):
             self._finished.set()
             self.outcome = Outcome.OK if isinstance(event, Result) else event.outcome
-            if self.on_finish is not None:
-                self.on_finish(self, event)
+            if self._on_finish is not None:
+                self._on_finish(self, event)
         elif self.cancelled.is_set():
             return
         elif self.first_progress_at is None and isinstance(event, Progress):

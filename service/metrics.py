@@ -21,7 +21,12 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._register_request_metrics(self.registry)
+        self._register_batch_metrics(self.registry)
+        self._register_model_metrics(self.registry)
+
+    def _register_request_metrics(self, r: CollectorRegistry) -> None:
+        """Finished RPCs by outcome and the time requests spend queued, running, stepping and in total."""
         self.requests = Counter(
             "sdserve_requests",
             "Finished RPCs by method, model, weights variant, task and outcome "
@@ -65,6 +70,9 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _register_batch_metrics(self, r: CollectorRegistry) -> None:
+        """Images returned, and the images and requests each pipeline call batches."""
         self.images = Counter("sdserve_images_generated", "Images returned to callers.", ["model", "task"], registry=r)
         self.batch_images = Histogram(
             "sdserve_batch_images", "Images per pipeline call.", ["model"], buckets=BATCH_BUCKETS, registry=r
@@ -72,6 +80,9 @@ class ServerMetrics:
         self.batch_requests = Histogram(
             "sdserve_batch_requests", "Requests per pipeline call.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
+
+    def _register_model_metrics(self, r: CollectorRegistry) -> None:
+        """Model load times, alias hot swaps and prompt-embedding cache lookups."""
         self.model_load_seconds = Histogram(
             "sdserve_model_load_seconds",
             "Time to load a model onto the device.",

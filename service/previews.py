@@ -22,7 +22,7 @@ def latent_rgb(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
 
 def full_vae(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     """Decodes latents with the model's VAE: exact colours, one decoder pass per preview."""
-    vae = model.components["vae"]
+    vae = model.components.vae
     with torch.inference_mode():
         decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     arr = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

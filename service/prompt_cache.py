@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from service.observers import Observer
 from service.requests import ServedIdentity
 
 # (served identity, prompt, negative prompt, clip skip, guidance on): the variant is part of the identity, so
@@ -24,9 +25,9 @@ def _nbytes(value: Embeds) -> int:
 class PromptCache:
     """Maps (served identity, prompt, negative prompt, clip skip, guidance on) to (prompt, negative) embeddings."""
 
-    def __init__(self, max_bytes: int, on_lookup: Callable[[bool], None] | None = None):
+    def __init__(self, max_bytes: int, observer: Observer | None = None):
         self.max_bytes = max_bytes
-        self.on_lookup = on_lookup
+        self._observer = observer or Observer()
         self._items: collections.OrderedDict[Key, Embeds] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -70,8 +71,7 @@ class PromptCache:
                 self._bytes -= _nbytes(self._items.pop(key))
 
     def _report(self, hit: bool) -> None:
-        if self.on_lookup is not None:
-            self.on_lookup(hit)
+        self._observer.prompt_cache_lookup(hit)
 
 
 def cache_key(identity: ServedIdentity, prompt: str, negative: str, clip_skip: int, cfg: bool) -> Key:

@@ -1,4 +1,4 @@
-"""Frozen request and event types used inside the server (protobuf stops at convert.py)."""
+"""Frozen request and event types used inside the server (protobuf stops at validation.py and convert.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,29 @@ import enum
 from PIL import Image
 
 from sdserve_core.status import FieldViolation
+from sdserve_core.tasks import Task
 
-
-class Task(enum.Enum):
-    """What a request asks for."""
-
-    GENERATE = "generate"
-    EDIT = "edit"
-    INPAINT = "inpaint"
+__all__ = [
+    "Event",
+    "Failed",
+    "GenerationRequest",
+    "InpaintArea",
+    "InpaintSpec",
+    "Outcome",
+    "OutputSpec",
+    "PreviewImage",
+    "PreviewMode",
+    "PreviewSpec",
+    "Progress",
+    "Queued",
+    "ResolvedRequest",
+    "Result",
+    "ResultImage",
+    "ServedIdentity",
+    "Started",
+    "Task",
+    "Timings",
+]
 
 
 class PreviewMode(enum.Enum):
@@ -246,12 +261,14 @@ class Outcome(enum.Enum):
     OK = "ok"
     INVALID = "invalid"
     NOT_FOUND = "not_found"
-    UNAVAILABLE_MODEL = "failed_precondition"
+    FAILED_PRECONDITION = "failed_precondition"
     OVERLOADED = "overloaded"
     CANCELLED = "cancelled"
     DEADLINE = "deadline"
     OOM = "oom"
     UNAVAILABLE = "unavailable"
+    # Refused by the API-key check before the servicer saw it (counted, never a Failed event).
+    UNAUTHENTICATED = "unauthenticated"
     INTERNAL = "internal"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,21 @@ from sdserve_core.edge import EdgeInterceptor
 from sdserve_core.startup import bind, serve_metrics
 from sdserve_core.tls import server_credentials
 from service import device, metrics
-from service.engine import Engine
+from service.accounting import Accounting
+from service.admission import Admission
+from service.batch_call import BatchStats
+from service.batching import BatchPolicy
+from service.job_queue import JobQueue
 from service.jobs import Job
-from service.models import ModelEntry, ModelRegistry
-from service.requests import Event, Failed, Outcome, Result
-from service.runner import BatchStats
+from service.lifecycle import ModelLifecycle
+from service.models import ModelRegistry, ModelState
+from service.observers import Observer, Observers
+from service.prompt_cache import PromptCache
+from service.requests import Failed, Outcome
 from service.servicer import DiffusionServicer
 from service.settings import Settings
 from service.threads import run_in_fresh_thread
+from service.worker import DeviceWorker
 
 log = logging.getLogger(__name__)
 
@@ -60,97 +67,120 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-class Server:
-    """One sdserve server process: start(), port, drain(), stop()."""
+class _IdleSignal(Observer):
+    """Sets an asyncio event (from any thread) whenever the last active request finishes."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def idle(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.event.set)
+
+
+class Server:
+    """One sdserve server process: start(), port, drain(), stop(). `observers` hear of the server's work as well
+    as its own metrics (tests pass one to wait for outcomes and swaps)."""
+
+    def __init__(self, settings: Settings, observers: Sequence[Observer] = ()):
         self.settings = settings
-        choice = device.choose(settings.device, settings.dtype)
-        self.registry = ModelRegistry(settings.model_dirs, choice, settings.aliases)
-        self.engine = Engine(settings, choice, self.registry)
+        self.choice = device.choose(settings.device, settings.dtype)
         self.metrics = metrics.ServerMetrics()
-        self.servicer = DiffusionServicer(self.engine, settings, self.metrics)
+        self._idle = _IdleSignal()
+        self.usage: Any = None
+        if settings.manager_target:
+            from service.watcher import UsageLog
+
+            self.usage = UsageLog()
+        self.accounting = Accounting(self.metrics)
+        usage = [self.usage] if self.usage is not None else []
+        told = Observers([self.accounting, self._idle, *usage, *observers])
+        self.registry = ModelRegistry(settings.model_dirs, self.choice, settings.aliases, told)
+        self._told = told
+        self._build_core(told)
+        self.servicer = DiffusionServicer(
+            self.admission, self.registry, self.batching, self.choice, settings, self.accounting
+        )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        # The edge goes first so it also wraps what the API-key check answers.
-        interceptors: list[Any] = [EdgeInterceptor()]
-        keys = load_keys(settings.api_keys, settings.api_keys_file)
-        if keys:
-            interceptors.append(ApiKeyInterceptor(keys, self._count_unauthenticated))
-        self.grpc = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-        pb_grpc.add_DiffusionServiceServicer_to_server(self.servicer, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.grpc = self._build_grpc()
         self.port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
-        self._idle = asyncio.Event()
         # The model-manager follower (service.watcher.StoreWatcher) when --manager-target is set.
         self.watcher: Any = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._wire_metrics()
-
-    def _count_unauthenticated(self, method: str) -> None:
-        rpc = method.rsplit("/", 1)[-1]
-        self.metrics.requests.labels(rpc, "unknown", "", "", "unauthenticated").inc()
-
-    def _wire_metrics(self) -> None:
-        m = self.metrics
-
-        def loaded() -> list[tuple[str, str, str, str, bool]]:
-            dtype = self.engine.choice.dtype_name
-            out = []
-            for entry in self.registry.entries():
-                state, _ = self.registry.state(entry.slot)
-                out.append((entry.name, entry.revision, entry.variant, dtype, state.value == "loaded"))
-            return out
-
-        m.add_collector(
-            metrics.StateCollector(self.queue_depths, self.engine.in_flight, loaded, self.engine.choice.device)
+        self.metrics.add_collector(
+            metrics.StateCollector(
+                self.admission.queue_depths, self.admission.in_flight, self._loaded, self.choice.device
+            )
         )
 
-        def on_finish(job: Job, event: Event) -> None:
-            r = job.resolved
-            labels = (r.model, r.task.value)
-            if job.started_at is not None:
-                m.queue_seconds.labels(*labels).observe(job.started_at - job.enqueued_at)
-            if isinstance(event, Result):
-                m.inference_seconds.labels(*labels).observe(time.monotonic() - (job.started_at or job.enqueued_at))
-                m.images.labels(*labels).inc(len(event.images))
-            if job.first_progress_at is not None:
-                m.first_progress_seconds.labels(*labels).observe(job.first_progress_at - job.arrived_at)
+    def _build_core(self, told: Observer) -> None:
+        """The queue, the device worker, the model lifecycle and admission, wired through `told`."""
+        s = self.settings
+        self.queue = JobQueue(s.max_queue)
+        self.batching = BatchPolicy(s.max_batch_images)
+        limit: Callable[[Job], int] = (
+            self.batching.limit if s.batch_policy == "measured" else lambda job: s.max_batch_images
+        )
+        self.prompt_cache = PromptCache(s.prompt_cache_bytes, told) if s.prompt_cache_bytes > 0 else None
+        learner = _BatchLearner(self.batching)
+        self.worker = DeviceWorker(
+            self.queue,
+            self.registry,
+            self.choice.type,
+            limit,
+            s.batch_wait_ms / 1000.0,
+            self.prompt_cache,
+            Observers([learner, told]),
+        )
+        self.lifecycle = ModelLifecycle(
+            s,
+            self.choice,
+            self.registry,
+            self.worker,
+            self.batching,
+            self.prompt_cache,
+            told,
+            in_use=lambda: self.admission.slots_in_use(),  # noqa: PLW0108 (admission is built next)
+        )
+        self.admission = Admission(s, self.choice, self.registry, self.queue, Observers([self.lifecycle, told]))
 
-        def on_batch(jobs: list[Job], stats: BatchStats) -> None:
-            model = jobs[0].resolved.model
-            m.batch_requests.labels(model).observe(len(jobs))
-            m.batch_images.labels(model).observe(stats.images)
-            if stats.steps:
-                m.step_seconds.labels(model).observe(stats.step_seconds)
+    def _build_grpc(self) -> grpc.aio.Server:
+        """The gRPC server with its services, health, reflection and interceptors (the edge first, so it also
+        wraps what the API-key check answers)."""
+        interceptors: list[Any] = [EdgeInterceptor()]
+        keys = load_keys(self.settings.api_keys, self.settings.api_keys_file)
+        if keys:
+            interceptors.append(ApiKeyInterceptor(keys, self.accounting.unauthenticated))
+        server = grpc.aio.server(options=grpc_options(self.settings), interceptors=interceptors)
+        pb_grpc.add_DiffusionServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
 
-        def on_load(entry: ModelEntry, seconds: float) -> None:
-            m.model_load_seconds.labels(entry.name).observe(seconds)
-
-        self.engine.finish_hooks.append(on_finish)
-        self.engine.worker.batch_hooks.append(on_batch)
-        self.engine.swap_hooks.append(lambda ok: m.swaps.labels("ok" if ok else "failed").inc())
-        self.registry.load_hooks.append(on_load)
-        if self.engine.prompt_cache is not None:
-            self.engine.prompt_cache.on_lookup = lambda hit: m.prompt_cache.labels("hit" if hit else "miss").inc()
-
-    def queue_depths(self) -> dict[str, int]:
-        depths = dict.fromkeys((e.name for e in self.registry.entries()), 0)
-        depths.update(self.engine.queue.depth_by_model())
-        return depths
+    def _loaded(self) -> list[tuple[str, str, str, str, bool]]:
+        dtype = self.choice.dtype_name
+        out = []
+        for entry in self.registry.entries():
+            state, _ = self.registry.state(entry.slot)
+            out.append((entry.name, entry.revision, entry.variant, dtype, state is ModelState.LOADED))
+        return out
 
     async def _set_ready(self, status: Any) -> None:
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
 
     async def start(self) -> int:
-        """Binds, reports NOT_SERVING, loads and warms the default model, then reports SERVING."""
+        """Binds, reports NOT_SERVING, starts the device worker, follows the model manager if one is set, loads
+        and warms the default model, then reports SERVING."""
         s = self.settings
-        address = f"{s.host}:{s.port}"
         creds = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
-        self.port = bind(self.grpc, address, creds, "--port")
+        self.port = bind(self.grpc, f"{s.host}:{s.port}", creds, "--port")
         # Metrics first: a busy metrics port then stops start-up with one line, before gRPC serves anything.
         if s.metrics_port >= 0:
             self._metrics_http, self.metrics_port = serve_metrics(self.metrics.registry, s.metrics_host, s.metrics_port)
@@ -163,33 +193,34 @@ class Server:
             "listening",
             extra={"host": s.host, "port": self.port, "tls": bool(creds), "metrics_port": self.metrics_port},
         )
-        loop = asyncio.get_running_loop()
-
-        def idle() -> None:
-            loop.call_soon_threadsafe(self._idle.set)
-
-        self.engine.on_idle = idle
+        self._idle.bind(asyncio.get_running_loop())
+        self.worker.start()
         if s.manager_target:
-            from service.watcher import StoreWatcher
-
-            self.watcher = StoreWatcher(s.manager_target, self.engine, s.max_message_bytes, settings=s)
-            self._watch_task = asyncio.create_task(self.watcher.run())
-            try:
-                await asyncio.wait_for(self.watcher.synced.wait(), s.manager_wait_seconds)
-            except TimeoutError:
-                log.warning(
-                    "no snapshot from the model manager yet; serving local models", extra={"target": s.manager_target}
-                )
-        await run_in_fresh_thread(self.engine.start, "sdserve-startup")
+            await self._follow_manager()
+        await run_in_fresh_thread(self.lifecycle.start, "sdserve-startup")
         await self._set_ready(SERVING)
-        log.info("serving", extra={"default_model": self.registry.default_model, "device": self.engine.choice.type})
+        log.info("serving", extra={"default_model": self.registry.default, "device": self.choice.type})
         return self.port
+
+    async def _follow_manager(self) -> None:
+        """Starts following the model manager and waits (up to --manager-wait-seconds) for its first snapshot."""
+        from service.watcher import StoreWatcher
+
+        s = self.settings
+        self.watcher = StoreWatcher(s.manager_target, self.lifecycle, s, self.usage, observer=self._told)
+        self._watch_task = asyncio.create_task(self.watcher.run())
+        try:
+            await asyncio.wait_for(self.watcher.synced.wait(), s.manager_wait_seconds)
+        except TimeoutError:
+            log.warning(
+                "no snapshot from the model manager yet; serving local models", extra={"target": s.manager_target}
+            )
 
     async def drain(self, grace: float, force: asyncio.Event | None = None) -> int:
         """Stops admitting work (NOT_SERVING, new calls UNAVAILABLE) and waits up to `grace` seconds for
         in-flight streams; what is left (or everything, once `force` is set) ends UNAVAILABLE.
         Returns how many requests were cut off."""
-        self.servicer.draining = True
+        self.admission.begin_drain()
         await self._set_ready(NOT_SERVING)
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wait_idle())]
         if force is not None:
@@ -197,7 +228,7 @@ class Server:
         _, pending = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         for w in pending:
             w.cancel()
-        left = self.engine.abort_all(
+        left = self.admission.abort_all(
             Failed(Outcome.UNAVAILABLE, "the server shut down before this request finished; retry elsewhere")
         )
         if left:
@@ -205,11 +236,11 @@ class Server:
         return left
 
     async def _wait_idle(self) -> None:
-        while self.engine.active_count():
-            self._idle.clear()
-            if not self.engine.active_count():
+        while self.admission.active_count():
+            self._idle.event.clear()
+            if not self.admission.active_count():
                 break
-            await self._idle.wait()
+            await self._idle.event.wait()
 
     async def stop(self, grace: float = 5.0, force: asyncio.Event | None = None) -> None:
         """Drains, then stops the gRPC server, the worker and the metrics endpoint."""
@@ -219,10 +250,22 @@ class Server:
         await self.health.enter_graceful_shutdown()
         # Streams already ended; the short grace lets their final status frames flush.
         await self.grpc.stop(1.0)
-        await asyncio.to_thread(self.engine.stop, 10.0)
+        self.admission.stop()
+        await asyncio.to_thread(self.worker.join, 10.0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+
+
+class _BatchLearner(Observer):
+    """Feeds each live batch's measured step time to the batch policy."""
+
+    def __init__(self, policy: BatchPolicy):
+        self._policy = policy
+
+    def batch_ran(self, jobs: list[Job], stats: BatchStats) -> None:
+        if stats.steps >= 2:
+            self._policy.observe(BatchPolicy.key_of(jobs[0]), stats.images, stats.step_seconds)
 
 
 async def serve(settings: Settings) -> None:
@@ -239,6 +282,6 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, on_signal)
     await server.start()
     await first.wait()
-    log.info("draining", extra={"grace_seconds": settings.grace_seconds, "active": server.engine.active_count()})
+    log.info("draining", extra={"grace_seconds": settings.grace_seconds, "active": server.admission.active_count()})
     await server.stop(settings.grace_seconds, second)
     log.info("stopped")

@@ -11,12 +11,13 @@ CODES: dict[Outcome, grpc.StatusCode] = {
     Outcome.OK: grpc.StatusCode.OK,
     Outcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     Outcome.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Outcome.UNAVAILABLE_MODEL: grpc.StatusCode.FAILED_PRECONDITION,
+    Outcome.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Outcome.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Outcome.CANCELLED: grpc.StatusCode.CANCELLED,
     Outcome.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
     Outcome.OOM: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Outcome.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Outcome.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Outcome.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from sdserve_core import model_folder
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 TINY_NAME = "tiny-sd"
 
@@ -62,61 +69,28 @@ def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
 
     `in_channels` 9 makes an inpainting UNet (latents + mask + masked-image latents).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     folder = Path(folder)
     if (folder / "model_index.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            vocab_size=514,
-            max_position_embeddings=77,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    _write_tiny(tmp, seed, in_channels)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another process published it first; theirs is identical.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_tiny(tmp: Path, seed: int, in_channels: int) -> None:
+    """Builds the components from `seed` and saves them, with model_index.json and sdserve.json, to `tmp`."""
+    unet = _tiny_unet(seed, in_channels)
+    vae = _tiny_vae(seed + 1)
+    text_encoder = _tiny_text_encoder(seed + 2)
+    scheduler = _tiny_scheduler()
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     vae.save_pretrained(tmp / "vae", safe_serialization=True)
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -131,12 +105,77 @@ def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
         "default_steps": 20,
         "default_guidance_scale": 7.5,
     }
-    (tmp / "sdserve.json").write_text(json.dumps(meta, indent=2))
-    try:
-        tmp.rename(folder)
-    except OSError:
-        # Another process published it first; theirs is identical.
-        import shutil
+    # Written byte for byte as the tiny model always was: its revision is a hash of its files, and results and
+    # image metadata carry that revision (model_folder.write_meta sorts keys, which would change it).
+    (tmp / model_folder.META_FILE).write_text(json.dumps(meta, indent=2))
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+def _tiny_unet(seed: int, in_channels: int) -> UNet2DConditionModel:
+    """A two-level UNet with cross-attention, random weights from `seed`."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def _tiny_vae(seed: int) -> AutoencoderKL:
+    """A three-level VAE with 4 latent channels, random weights from `seed`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _tiny_text_encoder(seed: int) -> CLIPTextModel:
+    """A three-layer CLIP text encoder over the byte-level vocabulary of write_tokenizer, random weights from `seed`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=514,
+            max_position_embeddings=77,
+        )
+    )
+
+
+def _tiny_scheduler() -> DDIMScheduler:
+    """The SD 1.x DDIM scheduler configuration."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )

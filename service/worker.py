@@ -1,4 +1,4 @@
-"""The thread that owns the device: takes batches from the queue and runs them."""
+"""The thread that owns the device: runs device work (warm-up, calibration) and batches of jobs from the queue."""
 
 from __future__ import annotations
 
@@ -6,29 +6,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
-from service import runner
-from service.dispatch import JobQueue
+from service import batch_call
+from service.errors import INTERNAL, OUT_OF_MEMORY, ServiceError, to_failed
+from service.job_queue import DeviceWork, JobQueue
 from service.jobs import Job
-from service.models import ModelRegistry, ModelUnusable
+from service.models import ModelRegistry
+from service.observers import Observer
 from service.prompt_cache import PromptCache
 from service.requests import Failed, Outcome, Started
 
 log = logging.getLogger(__name__)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Device out-of-memory: torch's OutOfMemoryError (CUDA, XPU) or a failed CPU/MPS allocation."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+T = TypeVar("T")
 
 
 def empty_device_cache(device_type: str) -> None:
-    """Returns cached device memory to the driver after an out-of-memory error."""
+    """Returns cached device memory to the driver (after an out-of-memory error or an unload)."""
     if device_type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif device_type == "mps" and torch.backends.mps.is_available():
@@ -37,8 +33,8 @@ def empty_device_cache(device_type: str) -> None:
         torch.xpu.empty_cache()
 
 
-class Worker:
-    """Runs queued jobs one batch at a time on one device."""
+class DeviceWorker:
+    """Runs device work and queued jobs, one batch at a time, on the one thread that uses the device."""
 
     def __init__(
         self,
@@ -47,7 +43,8 @@ class Worker:
         device_type: str,
         batch_limit: Callable[[Job], int],
         batch_wait_seconds: float,
-        cache: PromptCache | None = None,
+        cache: PromptCache | None,
+        observer: Observer,
     ):
         self._queue = queue
         self._registry = registry
@@ -55,10 +52,9 @@ class Worker:
         self._limit = batch_limit
         self._wait = batch_wait_seconds
         self._cache = cache
-        # Called after each pipeline call that ran, with its jobs and what it measured.
-        self.batch_hooks: list[Callable[[list[Job], runner.BatchStats], None]] = []
+        # Told after each pipeline call that ran, with its jobs and what it measured.
+        self._observer = observer
         self._thread = threading.Thread(target=self._loop, name="sdserve-worker", daemon=True)
-        self.busy = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
@@ -66,13 +62,22 @@ class Worker:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def run(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` on the worker's thread, ahead of queued jobs and never beside a batch, and returns its result
+        (or raises its exception). Blocks the caller; on the worker's own thread it runs at once."""
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            return fn()
+        work = DeviceWork(fn)
+        self._queue.put_work(work)
+        result: T = work.future.result()
+        return result
+
     def _loop(self) -> None:
-        while (batch := self._queue.take(self._limit, self._wait)) is not None:
-            self.busy.set()
-            try:
-                self._run(batch)
-            finally:
-                self.busy.clear()
+        while (taken := self._queue.take(self._limit, self._wait)) is not None:
+            if isinstance(taken, DeviceWork):
+                taken.run()
+            else:
+                self._run(taken)
 
     def _admit(self, batch: list[Job]) -> list[Job]:
         """Drops jobs that were cancelled, expired or waited too long; marks the rest started."""
@@ -95,10 +100,8 @@ class Worker:
                 live.append(job)
         return live
 
-    def _run(self, batch: list[Job]) -> None:
-        live = self._admit(batch)
-        if not live:
-            return
+    @staticmethod
+    def _post_started(live: list[Job]) -> None:
         for job in live:
             r = job.resolved
             job.post(
@@ -113,33 +116,32 @@ class Worker:
                     dtype=r.dtype,
                 )
             )
-        stats: runner.BatchStats | None = None
+
+    def _run(self, batch: list[Job]) -> None:
+        live = self._admit(batch)
+        if not live:
+            return
+        self._post_started(live)
+        stats: batch_call.BatchStats | None = None
         try:
             model = self._registry.get_loaded(live[0].entry)
-            stats = runner.run_batch(model, live, self._cache)
-        except ModelUnusable as exc:
-            self._fail(live, Failed(Outcome.UNAVAILABLE_MODEL, str(exc)))
+            stats = batch_call.run_batch(model, live, self._cache)
         except Exception as exc:
-            if is_oom(exc):
-                log.warning("device out of memory", extra={"model": live[0].resolved.model, "batch": len(live)})
-                empty_device_cache(self._device_type)
-                self._fail(
-                    live,
-                    Failed(
-                        Outcome.OOM,
-                        "out of device memory: the request did not fit; retry with fewer or smaller images",
-                        (),
-                        1.0,
-                    ),
-                )
-            else:
-                log.exception("pipeline failed", extra={"model": live[0].resolved.model})
-                self._fail(live, Failed(Outcome.INTERNAL, "internal error"))
+            self._fail(live, self._failure(live, exc))
         finally:
             self._fail(live, Failed(Outcome.INTERNAL, "internal error: the request ended without a result"))
             if stats is not None:
-                for hook in self.batch_hooks:
-                    hook(live, stats)
+                self._observer.batch_ran(live, stats)
+
+    def _failure(self, live: list[Job], exc: Exception) -> Failed:
+        """How a failed pipeline call ends its jobs (logged here; mapped by service.errors)."""
+        failed = to_failed(exc)
+        if failed is OUT_OF_MEMORY:
+            log.warning("device out of memory", extra={"model": live[0].resolved.model, "batch": len(live)})
+            empty_device_cache(self._device_type)
+        elif failed is INTERNAL and not isinstance(exc, ServiceError):
+            log.exception("pipeline failed", extra={"model": live[0].resolved.model})
+        return failed
 
     @staticmethod
     def _fail(jobs: list[Job], event: Failed) -> None:

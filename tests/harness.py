@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.engine import LedgerEntry
+from service.admission import LedgerEntry
 from service.jobs import Job
+from service.observers import Observer
+from service.requests import Event
 from service.server import Server
 from service.settings import Settings
 from service.tiny import build_tiny
@@ -31,11 +33,48 @@ def build_models(folder: Path) -> Path:
     return folder
 
 
+class Recorder(Observer):
+    """Records what a test server reports (finished requests, hot swaps, lease renewals) so tests can wait for it."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.finished: set[str] = set()
+        self.swaps: list[bool] = []
+        self.leased: list[frozenset[str]] = []
+
+    def request_finished(self, job: Job, event: Event) -> None:
+        with self.cond:
+            self.finished.add(job.resolved.request_id)
+            self.cond.notify_all()
+
+    def swap_finished(self, alias: str, ok: bool) -> None:
+        with self.cond:
+            self.swaps.append(ok)
+            self.cond.notify_all()
+
+    def leases_renewed(self, slots: frozenset[str]) -> None:
+        with self.cond:
+            self.leased.append(slots)
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Any, timeout: float = 120.0) -> None:
+        """Blocks until predicate(self) holds (checked under the lock after every report)."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: predicate(self), timeout), "timed out waiting for the server"
+
+    def wait_swaps(self, count: int, timeout: float = 120.0) -> list[bool]:
+        """The results of the first `count` hot swaps, waiting for them."""
+        self.wait_for(lambda r: len(r.swaps) >= count, timeout)
+        with self.cond:
+            return list(self.swaps)
+
+
 class ServerThread:
-    """A real sdserve Server running on its own event loop in a daemon thread."""
+    """A real sdserve Server running on its own event loop in a daemon thread; `recorder` hears what it reports."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.recorder = Recorder()
         self.loop = asyncio.new_event_loop()
         self.server: Server | None = None
         self.port = 0
@@ -46,7 +85,7 @@ class ServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.server = Server(self.settings)
+            self.server = Server(self.settings, observers=[self.recorder])
             self.port = self.loop.run_until_complete(self.server.start())
         except BaseException as exc:
             self._error = exc
@@ -129,21 +168,9 @@ def sample_mask(w: int = 64, h: int = 64) -> Image.Image:
 
 
 def wait_ledger(server: ServerThread, request_id: str, timeout: float = 60.0) -> LedgerEntry:
-    """Waits until the server has recorded `request_id`'s terminal outcome (signalled by a finish hook)."""
+    """Waits until the server has recorded `request_id`'s terminal outcome (reported to the test's recorder)."""
     assert server.server is not None
-    engine = server.server.engine
-    done = threading.Event()
-
-    def hook(job: Job, _event: object) -> None:
-        if job.resolved.request_id == request_id:
-            done.set()
-
-    engine.finish_hooks.append(hook)
-    try:
-        if not any(e.request_id == request_id for e in engine.outcomes()):
-            assert done.wait(timeout), f"no outcome for {request_id}"
-    finally:
-        engine.finish_hooks.remove(hook)
-    entries = [e for e in engine.outcomes() if e.request_id == request_id]
+    server.recorder.wait_for(lambda r: request_id in r.finished, timeout)
+    entries = [e for e in server.server.admission.outcomes() if e.request_id == request_id]
     assert len(entries) == 1, entries
     return entries[0]

@@ -36,8 +36,8 @@ def run_batched(srv: ServerThread, calls: list[Callable[[Client], object]]) -> l
         events = iter(blocker)
         next(e for e in events if isinstance(e, Progress))
         assert srv.server is not None
-        engine = srv.server.engine
-        base = engine.queue.depth()
+        queue = srv.server.queue
+        base = queue.depth()
 
         def run(i: int) -> None:
             try:
@@ -48,7 +48,7 @@ def run_batched(srv: ServerThread, calls: list[Callable[[Client], object]]) -> l
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
         for t in threads:
             t.start()
-        assert engine.queue.wait_depth(base + len(calls), 60), "requests did not queue"
+        assert queue.wait_depth(base + len(calls), 60), "requests did not queue"
         blocker.cancel()
         for t in threads:
             t.join(120)
@@ -202,7 +202,7 @@ def test_server_info_shows_calibrated_limits(server: ServerThread) -> None:
 
 def test_prompt_cache_hits_give_identical_images(server: ServerThread) -> None:
     assert server.server is not None
-    cache = server.server.engine.prompt_cache
+    cache = server.server.prompt_cache
     assert cache is not None
     with Client(server.target) as c:
         first = c.generate("cache me please", seed=3, steps=2)

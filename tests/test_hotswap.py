@@ -48,23 +48,15 @@ def imported(car: Sidecar, sources: Path, name: str) -> str:
 
 
 class SwapWatch:
-    """Signals each finished hot swap (a hook the engine calls after a swap, ok or failed)."""
+    """The hot swaps the server reports (to the test's recorder) from now on, ok or failed."""
 
     def __init__(self, server: ServerThread):
-        assert server.server is not None
-        self.results: list[bool] = []
-        self.cond = threading.Condition()
-        server.server.engine.swap_hooks.append(self._hook)
-
-    def _hook(self, ok: bool) -> None:
-        with self.cond:
-            self.results.append(ok)
-            self.cond.notify_all()
+        self.recorder = server.recorder
+        with self.recorder.cond:
+            self.base = len(self.recorder.swaps)
 
     def wait(self, count: int, timeout: float = 120) -> list[bool]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.results) >= count, timeout), self.results
-            return list(self.results)
+        return self.recorder.wait_swaps(self.base + count, timeout)[self.base :]
 
 
 def served_revision(client: Client, model: str = "prod") -> str:
@@ -79,12 +71,12 @@ def test_swap_under_load_has_no_failures_and_releases_the_old_model(
         mc.set_alias("prod", "a")
     with serving(models_dir, manager_target=sidecar.target, default_model="prod") as srv:
         assert srv.server is not None
-        registry = srv.server.engine.registry
+        registry = srv.server.registry
         swaps = SwapWatch(srv)
         with Client(srv.target) as c:
             assert served_revision(c) == rev_a
-            old = registry.get_loaded(registry.resolve("prod", Task.GENERATE))
-            old_unet = weakref.ref(old.components["unet"])
+            old = registry.get_loaded(registry.lookup("prod", Task.GENERATE))
+            old_unet = weakref.ref(old.components.unet)
             old_slot = old.entry.slot
             del old
             stop = threading.Event()

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from sdserve import Client, Progress, Queued, Result, SdserveError, Started
-from service import imaging, runner
-from service.engine import LedgerEntry
+from service import batch_call, imaging
+from service.admission import LedgerEntry
 from service.jobs import Job
 from service.requests import GenerationRequest, Outcome, Task
-from service.resolve import resolve
+from service.validation import bind
 from tests.harness import TINY, ServerThread, pixels, png, running, sample_image, sample_mask, wait_ledger
 
 LONG = {"steps": 150, "width": 256, "height": 256}
@@ -26,7 +26,7 @@ LONG = {"steps": 150, "width": 256, "height": 256}
 
 def ledger(server: ServerThread, request_id: str) -> LedgerEntry:
     assert server.server is not None
-    entries = [e for e in server.server.engine.outcomes() if e.request_id == request_id]
+    entries = [e for e in server.server.admission.outcomes() if e.request_id == request_id]
     assert len(entries) == 1, entries
     return entries[0]
 
@@ -66,7 +66,7 @@ def test_cancel_while_queued_never_runs(client: Client, server: ServerThread) ->
     entry = wait_ledger(server, "queued-cancel")
     assert entry.outcome is Outcome.CANCELLED
     assert not entry.started
-    assert server.server is not None and server.server.engine.queue.depth() == 0
+    assert server.server is not None and server.server.queue.depth() == 0
     blocker.cancel()
     assert wait_ledger(server, "blocker").outcome is Outcome.CANCELLED
 
@@ -81,17 +81,17 @@ def test_deadline_stops_the_request(client: Client, server: ServerThread) -> Non
     assert client.generate("after", steps=2).image.width == 64
 
 
-def test_runner_stops_within_one_step_and_skips_decode(server: ServerThread, models_dir: Path) -> None:
+def test_batch_call_stops_within_one_step_and_skips_decode(server: ServerThread, models_dir: Path) -> None:
     """An expired job stops at the first step boundary: one step run, no VAE decode, DEADLINE."""
     assert server.server is not None
-    engine = server.server.engine
-    entry = engine.registry.resolve(TINY, Task.GENERATE)
-    model = engine.registry.get_loaded(entry)
+    registry = server.server.registry
+    entry = registry.lookup(TINY, Task.GENERATE)
+    model = registry.get_loaded(entry)
     loop = asyncio.new_event_loop()
     try:
         req = GenerationRequest(task=Task.GENERATE, model=TINY, prompt="x", steps=50, seed=1)
-        job = Job(resolve(req, entry, engine.choice), entry, loop, deadline=0.0)
-        runner.run_batch(model, [job])
+        job = Job(bind(req, entry, server.server.choice), entry, loop, deadline=0.0)
+        batch_call.run_batch(model, [job])
         assert job.steps_done == 0 and not job.decoded
         assert job.outcome is Outcome.DEADLINE
     finally:

@@ -165,7 +165,7 @@ def test_ledger_matches_metrics_under_mixed_load(metered: ServerThread) -> None:
         assert delta(outcome, after) == seen[code], (outcome, seen)
     wait_for(lambda: sample(scrape(port), "sdserve_in_flight_requests") == 0, "in-flight back to 0")
     assert sample(scrape(port), "sdserve_queue_depth") == 0
-    assert metered.server.engine.active_count() == 0
+    assert metered.server.admission.active_count() == 0
 
 
 def test_api_keys(models_dir: Path, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_alternating_variants_are_never_batched_together(server_s: ServerThread)
 
 def test_prompt_cache_is_keyed_by_variant(server_s: ServerThread) -> None:
     assert server_s.server is not None
-    cache = server_s.server.engine.prompt_cache
+    cache = server_s.server.prompt_cache
     assert cache is not None
     prompt = "a blue triangle on the left"
     clean = {}

@@ -196,7 +196,7 @@ def test_jpeg_input_accepted(client: Client) -> None:
 
 def test_invalid_request_leaves_nothing_queued(client: Client, server: ServerThread) -> None:
     assert server.server is not None
-    before = len(server.server.engine.outcomes())
+    before = len(server.server.admission.outcomes())
     expect(lambda: client.generate("ok", width=13), "INVALID_ARGUMENT", "params.width")
-    assert server.server.engine.queue.depth() == 0
-    assert len(server.server.engine.outcomes()) == before
+    assert server.server.queue.depth() == 0
+    assert len(server.server.admission.outcomes()) == before

@@ -198,24 +198,26 @@ def hub_files(folder: Path, with_fp16: bool = True) -> dict[str, bytes]:
 
 
 def render_served(folder: Path, seed: int = 7, steps: int = 3, size: int = 64) -> np.ndarray:
-    """The image the inference server's own loader and pipeline make from a stored folder (float RGB in [0, 1])."""
+    """The image the inference server's own loader and pipeline path make from a stored folder (float RGB in
+    [0, 1])."""
     from diffusers import DDIMScheduler
 
+    from sdserve_core.pipeline.call import PipelineCall
+    from sdserve_core.pipeline.run import run
     from service import device
     from service.models import ModelEntry, load
     from service.requests import Task
 
     entry = ModelEntry.read(folder)
     loaded = load(entry, device.choose("cpu", "float32"))
-    pipe = loaded.pipeline(Task.GENERATE, DDIMScheduler.from_config(entry.scheduler_config))
-    generator = torch.Generator("cpu").manual_seed(seed)
-    with torch.inference_mode():
-        out = pipe(
-            prompt="a tiny test image",
-            num_inference_steps=steps,
-            height=size,
-            width=size,
-            generator=generator,
-            output_type="np",
-        )
-    return np.asarray(out.images[0], dtype=np.float32)
+    call = PipelineCall(
+        task=Task.GENERATE,
+        steps=steps,
+        width=size,
+        height=size,
+        generators=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        prompt="a tiny test image",
+    )
+    images = run(loaded.components, call, DDIMScheduler.from_config(entry.scheduler_config))
+    return np.asarray(images[0], dtype=np.float32)

@@ -61,17 +61,12 @@ def imported(car: Sidecar, sources: Path, name: str) -> tuple[str, str]:
 
 
 class LeaseWatch:
-    """Wakes the test on each lease renewal the server's watcher makes (a hook, not a timer)."""
+    """Wakes the test on each lease renewal the server's watcher makes (its leases_changed condition, not a timer)."""
 
     def __init__(self, server: ServerThread):
         assert server.server is not None and server.server.watcher is not None
         self.watcher = server.server.watcher
-        self.cond = threading.Condition()
-        self.watcher.lease_hooks.append(self._hook)
-
-    def _hook(self, _slots: frozenset[str]) -> None:
-        with self.cond:
-            self.cond.notify_all()
+        self.cond: threading.Condition = self.watcher.leases_changed
 
     def wait_for(self, predicate: object, timeout: float = 60) -> None:
         with self.cond:
@@ -126,7 +121,7 @@ def test_an_alias_whose_target_turns_corrupt_goes_back_and_the_corrupt_weights_a
         mc.set_alias("prod", "b")
     with follower(models_dir, sidecar, default_model="prod") as srv, Client(srv.target) as c:
         assert srv.server is not None
-        registry = srv.server.engine.registry
+        registry = srv.server.registry
         swaps, leases = SwapWatch(srv), LeaseWatch(srv)
         assert served_revision(c) == rev_b
         slot_b = registry.slot_of("prod")
@@ -150,7 +145,7 @@ def test_an_alias_with_nothing_to_go_back_to_refuses_to_serve_its_corrupt_target
         mc.set_alias("solo", "c")
     with follower(models_dir, sidecar) as srv, Client(srv.target) as c:
         assert srv.server is not None
-        registry = srv.server.engine.registry
+        registry = srv.server.registry
         leases = LeaseWatch(srv)
         assert served_revision(c, model="solo") == rev_c
         slot_c = registry.slot_of("solo")

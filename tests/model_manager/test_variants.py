@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from model_manager import quality
-from model_manager.quant import weight_bytes
 from sdserve.errors import SdserveError
 from sdserve.models_client import StoredModel
 from sdserve_core import quant
+from sdserve_core.quant import weight_bytes
 from service.models import ModelEntry
 from tests.model_manager.harness import TINY_REPO, Sidecar, render_served
 

@@ -1,9 +1,9 @@
-"""Typed clients for the model-manager sidecar (sdserve.v1.ModelManagerService): sync, plus an asyncio watcher."""
+"""Typed clients for the model-manager sidecar (sdserve.v1.ModelManagerService): sync, and asyncio for servers."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import grpc
@@ -387,11 +387,28 @@ def _variant(value: str, field: str = "variant") -> Any:
         raise SdserveError("INVALID_ARGUMENT", f"{field}: must be fp32, fp16, bf16 or int8, got {value!r}") from None
 
 
-def _channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
+def _lease_request(holder: str, variants: Iterable[tuple[str, str, str]], seconds: int) -> pb.RenewModelLeasesRequest:
+    return pb.RenewModelLeasesRequest(
+        holder=holder,
+        variants=[pb.VariantRef(name=n, revision=r, variant=_variant(v)) for n, r, v in variants],
+        lease_seconds=seconds,
+    )
+
+
+def _failure_request(alias: str, model: str, revision: str, variant: str, reason: str) -> pb.ReportAliasFailureRequest:
+    return pb.ReportAliasFailureRequest(
+        alias=alias, target=pb.VariantRef(name=model, revision=revision, variant=_variant(variant)), reason=reason
+    )
+
+
+def _channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The message limits, with `extra` channel arguments added (one named here replaces its default)."""
+    options: dict[str, Any] = {
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+    }
+    options.update(extra)
+    return list(options.items())
 
 
 class OperationStream:
@@ -585,11 +602,7 @@ class ModelManagerClient:
     ) -> tuple[tuple[VariantRef, ...], float]:
         """Replaces `holder`'s leases with (name, revision, variant) triples for `lease_seconds` (0: the sidecar's
         default); an empty list releases them. Returns (entries not in the store, when the leases end)."""
-        req = pb.RenewModelLeasesRequest(
-            holder=holder,
-            variants=[pb.VariantRef(name=n, revision=r, variant=_variant(v)) for n, r, v in variants],
-            lease_seconds=lease_seconds,
-        )
+        req = _lease_request(holder, variants, lease_seconds)
         resp = self._unary(self._stub.RenewModelLeases, req)
         return tuple(_ref(r) for r in resp.unknown), _seconds(resp.expire_time)
 
@@ -598,11 +611,7 @@ class ModelManagerClient:
     ) -> tuple[Alias, bool]:
         """Tells the sidecar a server could not serve `alias`'s target; returns (the alias now, whether it moved
         back to its previous target)."""
-        req = pb.ReportAliasFailureRequest(
-            alias=alias,
-            target=pb.VariantRef(name=model, revision=revision, variant=_variant(variant)),
-            reason=reason,
-        )
+        req = _failure_request(alias, model, revision, variant, reason)
         resp = self._unary(self._stub.ReportAliasFailure, req)
         return _alias(resp.alias), resp.reverted
 
@@ -621,7 +630,11 @@ class ModelManagerClient:
 
 
 class AsyncModelManagerClient:
-    """An asyncio client for what a server needs from the sidecar: watch, list and record_use."""
+    """An asyncio client for what a server needs from the sidecar: watch, list, record_use, renew_leases and
+    report_alias_failure. Errors are SdserveError, as from ModelManagerClient.
+
+    `timeout` is each unary call's deadline unless the call names its own; `options` are gRPC channel arguments,
+    e.g. ("grpc.max_receive_message_length", N), replacing this client's defaults of the same name."""
 
     def __init__(
         self,
@@ -630,11 +643,13 @@ class AsyncModelManagerClient:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = 30.0,
+        options: Iterable[tuple[str, Any]] = (),
     ):
+        opts = _channel_options(options)
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=_channel_options())
+            grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None
-            else grpc.aio.insecure_channel(target, options=_channel_options())
+            else grpc.aio.insecure_channel(target, options=opts)
         )
         self._stub = pb_grpc.ModelManagerServiceStub(self._channel)
         self._metadata = metadata(api_key)
@@ -649,31 +664,54 @@ class AsyncModelManagerClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def watch(self) -> AsyncIterator[WatchEvent]:
-        """A Snapshot, then one event per change; raises SdserveError when the stream fails (re-subscribe then)."""
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def watch(self) -> AsyncGenerator[WatchEvent, None]:
+        """A Snapshot, then one event per change; raises SdserveError when the stream fails (re-subscribe then).
+        Events of a kind this client does not know (sent by a newer sidecar) are skipped."""
         call = self._stub.WatchModels(pb.WatchModelsRequest(), metadata=self._metadata)
         try:
             async for msg in call:
-                yield watch_event(msg)
+                if msg.WhichOneof("event") is not None:
+                    yield watch_event(msg)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
             call.cancel()
 
-    async def list(self, name: str = "") -> Listing:
-        try:
-            resp = await self._stub.ListStoredModels(
-                pb.ListStoredModelsRequest(name=name), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+    async def list(self, name: str = "", *, timeout: float | None = None) -> Listing:
+        resp = await self._unary(self._stub.ListStoredModels, pb.ListStoredModelsRequest(name=name), timeout)
         return Listing(
             tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage)
         )
 
-    async def record_use(self, name: str, revision: str, variant: str) -> None:
+    async def record_use(self, name: str, revision: str, variant: str, *, timeout: float | None = None) -> None:
         req = pb.RecordModelUseRequest(name=name, revision=revision, variant=_variant(variant))
-        try:
-            await self._stub.RecordModelUse(req, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        await self._unary(self._stub.RecordModelUse, req, timeout)
+
+    async def renew_leases(
+        self,
+        holder: str,
+        variants: Iterable[tuple[str, str, str]],
+        *,
+        lease_seconds: int = 0,
+        timeout: float | None = None,
+    ) -> tuple[tuple[VariantRef, ...], float]:
+        """Replaces `holder`'s leases with (name, revision, variant) triples for `lease_seconds` (0: the sidecar's
+        default); an empty list releases them. Returns (entries not in the store, when the leases end)."""
+        req = _lease_request(holder, variants, lease_seconds)
+        resp = await self._unary(self._stub.RenewModelLeases, req, timeout)
+        return tuple(_ref(r) for r in resp.unknown), _seconds(resp.expire_time)
+
+    async def report_alias_failure(
+        self, alias: str, model: str, revision: str, variant: str, reason: str, *, timeout: float | None = None
+    ) -> tuple[Alias, bool]:
+        """Tells the sidecar a server could not serve `alias`'s target; returns (the alias now, whether it moved
+        back to its previous target)."""
+        req = _failure_request(alias, model, revision, variant, reason)
+        resp = await self._unary(self._stub.ReportAliasFailure, req, timeout)
+        return _alias(resp.alias), resp.reverted

@@ -1,0 +1,82 @@
+"""PipelineCall: everything one pipeline call needs, whoever asks (a server batch, warm-up, calibration, the
+sidecar's quality render), and the arguments every task passes the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeAlias, TypeVar
+
+import torch
+from PIL import Image
+
+from sdserve_core.tasks import Task
+
+T = TypeVar("T")
+# One value for the whole call, or one per image (passed to diffusers as a list).
+OneOrEach: TypeAlias = "T | tuple[T, ...]"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineCall:
+    """One pipeline call. Prompts are given either as text (`prompt`) or as embeddings (`prompt_embeds` and, with
+    classifier-free guidance, `negative_embeds`). None means the pipeline's own default where it has one."""
+
+    task: Task
+    steps: int
+    width: int
+    height: int
+    generators: OneOrEach[torch.Generator]
+    output_type: str = "pil"  # "pil", "np" or "latent"
+    guidance_scale: float | None = None
+    prompt: str | tuple[str, ...] | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_embeds: torch.Tensor | None = None
+    # Edit and inpaint: the init images; inpaint: the masks (white is repainted).
+    images: OneOrEach[Image.Image] | None = None
+    masks: OneOrEach[Image.Image] | None = None
+    strength: float | None = None
+    # Inpaint only: repaint a crop around the mask with this many pixels of padding (diffusers' padding_mask_crop).
+    mask_padding: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise ValueError("a PipelineCall takes either prompts or prompt embeddings")
+        if self.negative_embeds is not None and self.prompt_embeds is None:
+            raise ValueError("negative embeddings come with prompt embeddings")
+        if self.task is not Task.GENERATE and self.images is None:
+            raise ValueError(f"{self.task.value} needs init images")
+        if self.task is Task.INPAINT and self.masks is None:
+            raise ValueError("inpaint needs masks")
+        if self.mask_padding is not None and self.task is not Task.INPAINT:
+            raise ValueError("mask_padding is for inpaint only")
+
+    @property
+    def count(self) -> int:
+        """How many images the call makes (one per generator)."""
+        return len(self.generators) if isinstance(self.generators, tuple) else 1
+
+
+def one_or_list(value: OneOrEach[T]) -> T | list[T]:
+    """The diffusers form of a one-or-per-image value: the value itself, or a list."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def first(value: OneOrEach[T]) -> T:
+    """The value for the first image."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def common_kwargs(call: PipelineCall) -> dict[str, Any]:
+    """The arguments every task passes: prompt or embeddings, steps, guidance, generators and output type."""
+    kwargs: dict[str, Any] = {}
+    if call.prompt is not None:
+        kwargs["prompt"] = one_or_list(call.prompt)
+    else:
+        kwargs["prompt_embeds"] = call.prompt_embeds
+        kwargs["negative_prompt_embeds"] = call.negative_embeds
+    kwargs["num_inference_steps"] = call.steps
+    if call.guidance_scale is not None:
+        kwargs["guidance_scale"] = call.guidance_scale
+    kwargs["generator"] = one_or_list(call.generators)
+    kwargs["output_type"] = call.output_type
+    return kwargs

@@ -1,0 +1,86 @@
+"""Runs a PipelineCall: builds the family's pipeline and its arguments, then calls it. The one place in the
+repository that calls a diffusers pipeline; warm-up and batch-size calibration are calls like any other."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdserve_core import families
+from sdserve_core.components import Components
+from sdserve_core.pipeline import edit, generate, inpaint
+from sdserve_core.pipeline.call import PipelineCall
+from sdserve_core.pipeline.steps import StepCallback
+from sdserve_core.tasks import Task
+
+KWARGS: dict[Task, Callable[[PipelineCall], dict[str, Any]]] = {
+    Task.GENERATE: generate.kwargs,
+    Task.EDIT: edit.kwargs,
+    Task.INPAINT: inpaint.kwargs,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A pipeline object and its arguments, ready to run: what `prepare` builds before the clock starts."""
+
+    pipe: Any
+    kwargs: dict[str, Any]
+
+    def __call__(self, on_step: StepCallback | None = None) -> Any:
+        """Runs the pipeline (inference mode) and returns its `.images`; StopDenoising from `on_step` propagates."""
+        extra: dict[str, Any] = {} if on_step is None else {"callback_on_step_end": on_step}
+        with torch.inference_mode():
+            return self.pipe(**self.kwargs, **extra).images
+
+
+def prepare(components: Components, call: PipelineCall, scheduler: Any) -> Prepared:
+    """The family's pipeline for the call's task over `components` with `scheduler`, and the task's arguments."""
+    pipe = families.get(components.family).pipeline(components, call.task, scheduler)
+    return Prepared(pipe, KWARGS[call.task](call))
+
+
+def run(components: Components, call: PipelineCall, scheduler: Any, on_step: StepCallback | None = None) -> Any:
+    """Runs `call` and returns the pipeline's `.images` (PIL images, an array for "np", latents for "latent")."""
+    return prepare(components, call, scheduler)(on_step)
+
+
+def warm_up(components: Components, task: Task, width: int, height: int, scheduler: Any) -> None:
+    """One denoising step of an empty prompt at `width` x `height` (seed 0). Edit and inpaint start from a black
+    image at strength 1.0; inpaint repaints all of it (a white mask)."""
+    size = (width, height)
+    image = None if task is Task.GENERATE else Image.new("RGB", size)
+    call = PipelineCall(
+        task=task,
+        steps=1,
+        width=width,
+        height=height,
+        generators=torch.Generator("cpu").manual_seed(0),
+        output_type="pil",
+        prompt="",
+        images=image,
+        masks=Image.new("L", size, 255) if task is Task.INPAINT else None,
+        strength=None if task is Task.GENERATE else 1.0,
+    )
+    run(components, call, scheduler)
+
+
+def step_seconds(components: Components, images: int, steps: int, width: int, height: int, scheduler: Any) -> float:
+    """Seconds per denoising step of a batch of `images` empty prompts at `width` x `height` (seeds 0, 1, ...),
+    measured between the first and the last step's end (setup and decoding excluded: latents are not decoded)."""
+    clock = StepCallback()
+    call = PipelineCall(
+        task=Task.GENERATE,
+        steps=steps,
+        width=width,
+        height=height,
+        generators=tuple(torch.Generator("cpu").manual_seed(i) for i in range(images)),
+        output_type="latent",
+        prompt=("",) * images,
+    )
+    run(components, call, scheduler, clock)
+    return clock.seconds_per_step()

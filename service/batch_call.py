@@ -1,0 +1,199 @@
+"""Runs one pipeline call for a batch of compatible jobs and posts their events."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdserve_core import families
+from sdserve_core.pipeline.call import PipelineCall
+from sdserve_core.pipeline.run import prepare
+from sdserve_core.pipeline.steps import StepCallback, StopDenoising
+from service import postprocess, previews, schedulers
+from service.jobs import Job
+from service.models import LoadedModel
+from service.prompt_cache import PromptCache, cache_key
+from service.requests import GenerationRequest, InpaintArea, PreviewMode, Progress, Result, Task, Timings
+
+# (job, index of its first image in the batch, its image count)
+Span = tuple[Job, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """What one pipeline call did: images, denoising steps finished, and the denoising loop's seconds."""
+
+    images: int
+    steps: int
+    denoise_seconds: float
+    # Seconds per step between the first and last step callbacks (setup excluded); 0 when unknown.
+    step_seconds: float
+
+
+def encode_prompts(
+    model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings for every image of every job, in batch order (through the cache when given)."""
+    family = families.get(model.components.family)
+    pos: list[torch.Tensor] = []
+    neg: list[torch.Tensor] = []
+    for job in jobs:
+        req = job.resolved.request
+
+        def compute(req: GenerationRequest = req) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return family.encode_prompt(
+                model.components, req.prompt, req.negative_prompt, req.clip_skip, cfg, model.choice.device
+            )
+
+        if cache is None:
+            p, n = compute()
+        else:
+            key = cache_key(job.resolved.identity, req.prompt, req.negative_prompt, req.clip_skip, cfg)
+            p, n = cache.get(key, compute)
+        count = job.resolved.num_images
+        pos.append(p.repeat(count, 1, 1))
+        if n is not None:
+            neg.append(n.repeat(count, 1, 1))
+    return torch.cat(pos), (torch.cat(neg) if neg else None)
+
+
+def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -> PipelineCall:
+    """The pipeline call of a batch (equal batch keys): the jobs' embeddings, seeds, init images and masks."""
+    first = jobs[0].resolved
+    cfg = first.guidance_scale > 1.0
+    generators = tuple(torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.resolved.seeds)
+    with torch.inference_mode():
+        prompt_embeds, negative_embeds = encode_prompts(model, jobs, cfg, cache)
+    images: list[Image.Image] = []
+    masks: list[Image.Image] = []
+    if first.task is not Task.GENERATE:
+        for job in jobs:
+            imgs, msks = postprocess.prepare_inputs(job)
+            images += imgs
+            masks += msks
+    inpaint = first.task is Task.INPAINT
+    mask_padding = None
+    if inpaint:
+        spec = first.request.inpaint
+        assert spec is not None
+        # Cropped jobs never share a call (their batch keys differ), so the crop is the call's.
+        mask_padding = spec.mask_padding if spec.area is InpaintArea.MASK_ONLY else None
+    return PipelineCall(
+        task=first.task,
+        steps=first.steps,
+        width=first.width,
+        height=first.height,
+        generators=generators,
+        output_type="pil",
+        guidance_scale=first.guidance_scale,
+        prompt_embeds=prompt_embeds,
+        negative_embeds=negative_embeds,
+        images=None if first.task is Task.GENERATE else tuple(images),
+        masks=tuple(masks) if inpaint else None,
+        strength=None if first.task is Task.GENERATE else first.strength,
+        mask_padding=mask_padding,
+    )
+
+
+class BatchObserver:
+    """Watches a batch's steps: ends jobs that were cancelled or ran out of time, stops the loop when none is
+    left, and posts each live job's progress with its due previews."""
+
+    def __init__(self, model: LoadedModel, spans: list[Span]):
+        self.model = model
+        self.spans = spans
+
+    def go_on(self) -> bool:
+        now = time.monotonic()
+        live = False
+        for job, _, _ in self.spans:
+            if job.finished:
+                continue
+            if job.should_stop(now):
+                job.post(job.stop_event(now))
+            else:
+                live = True
+        return live
+
+    def on_step(self, step: int, total: int, latents: torch.Tensor) -> None:
+        for job, start, count in self.spans:
+            if job.finished:
+                continue
+            spec = job.resolved.request.preview
+            shots: tuple[Any, ...] = ()
+            due = step % spec.every_n_steps == 0 or step == total
+            if spec.mode is not PreviewMode.NONE and due:
+                r = job.resolved
+                shots = previews.render(self.model, latents[start : start + count], spec, max(r.width, r.height))
+            job.steps_done = step
+            job.post(Progress(step=step, total_steps=total, previews=shots))
+
+
+def spans_of(jobs: list[Job]) -> list[Span]:
+    """Each job with the index of its first image in the batch and its image count."""
+    spans: list[Span] = []
+    offset = 0
+    for job in jobs:
+        spans.append((job, offset, job.resolved.num_images))
+        offset += job.resolved.num_images
+    return spans
+
+
+def run_batch(model: LoadedModel, jobs: list[Job], cache: PromptCache | None = None) -> BatchStats:
+    """Runs `jobs` (equal batch keys) as one pipeline call; posts progress and results, or raises."""
+    first = jobs[0].resolved
+    t_start = time.perf_counter()
+    scheduler = schedulers.build(first.scheduler, model.entry.scheduler_config)
+    spans = spans_of(jobs)
+    call = build_call(model, jobs, cache)
+    prepared = prepare(model.components, call, scheduler)
+    t_prepared = time.perf_counter()
+    clock = StepCallback(BatchObserver(model, spans))
+    try:
+        images: list[Image.Image] = prepared(clock)
+    except StopDenoising:
+        return _stats(call.count, jobs, clock, t_prepared)
+    t_decoded = time.perf_counter()
+    for job in jobs:
+        job.decoded = True
+    _post_results(spans, images, clock, (t_start, t_prepared, t_decoded))
+    return _stats(call.count, jobs, clock, t_prepared)
+
+
+def _post_results(
+    spans: list[Span], images: list[Image.Image], clock: StepCallback, marks: tuple[float, float, float]
+) -> None:
+    """Posts each live job's encoded images and timings (or its stop event if it was stopped meanwhile)."""
+    t_start, t_prepared, t_decoded = marks
+    denoised = clock.last or t_prepared
+    now = time.monotonic()
+    for job, start, count in spans:
+        if job.finished:
+            continue
+        if job.should_stop(now):
+            job.post(job.stop_event(now))
+            continue
+        t_enc = time.perf_counter()
+        results = postprocess.finish_images(job, images[start : start + count])
+        t_done = time.perf_counter()
+        timings = Timings(
+            queue=(job.started_at or job.enqueued_at) - job.enqueued_at,
+            prepare=t_prepared - t_start,
+            denoise=denoised - t_prepared,
+            decode=t_decoded - denoised,
+            encode=t_done - t_enc,
+            total=time.monotonic() - job.arrived_at,
+            preview=clock.preview,
+        )
+        job.post(Result(images=tuple(results), resolved=job.resolved, timings=timings))
+
+
+def _stats(images: int, jobs: list[Job], clock: StepCallback, t_prepared: float) -> BatchStats:
+    steps = max(j.steps_done for j in jobs)
+    denoise = (clock.last or t_prepared) - t_prepared
+    per_step = (clock.last - clock.first) / (steps - 1) if steps > 1 else denoise
+    return BatchStats(images, steps, denoise, per_step)
