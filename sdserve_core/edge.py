@@ -5,6 +5,7 @@ so no call ever ends UNKNOWN or with a class name in its message. Used by the se
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -133,6 +134,9 @@ def _passes(exc: BaseException) -> bool:
 
 
 def _wrap_unary(behavior: Any, method: str) -> Any:
+    """Wraps a handler that returns its reply, or (response streaming in the write() style, like the health
+    service's Watch) a coroutine that writes its replies through the context and returns nothing."""
+
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Undecodable):
             await _refuse(request, context, method)
@@ -180,8 +184,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         parse = _lenient(handler.request_deserializer)
         if handler.response_streaming:
+            # An async generator yields its replies; a coroutine writes them through context.write().
+            wrap = _wrap_stream if inspect.isasyncgenfunction(handler.unary_stream) else _wrap_unary
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), parse, handler.response_serializer
+                wrap(handler.unary_stream, method), parse, handler.response_serializer
             )
         return grpc.unary_unary_rpc_method_handler(
             _wrap_unary(handler.unary_unary, method), parse, handler.response_serializer

@@ -8,8 +8,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdserve_core.status import FieldViolation
 from service import device, status
@@ -30,9 +32,10 @@ from service.models import ModelRegistry, ModelState
 from service.observers import Observer
 from service.prompt_cache import PromptCache, cache_key
 from service.requests import Outcome, Task
+from service.server import SERVICE_NAME
 from service.settings import Settings
 from service.worker import DeviceWorker
-from tests.harness import TINY, make_settings
+from tests.harness import TINY, ServerThread, make_settings
 
 
 class Parts:
@@ -111,6 +114,7 @@ def test_device_work_goes_before_queued_jobs_and_never_beside_a_running_one() ->
     taker = threading.Thread(target=take_all)
     taker.start()
     assert running.wait(30)
+
     def second_work() -> str:
         order.append("second")
         return "done"
@@ -183,3 +187,13 @@ def test_every_exception_maps_to_one_outcome_and_status(exc: BaseException, outc
 
 def test_every_outcome_has_a_status_code() -> None:
     assert set(status.CODES) == set(Outcome)
+
+
+@pytest.mark.parametrize("service", ["", SERVICE_NAME, "liveness"])
+def test_health_watch_streams_through_the_edge(server: ServerThread, service: str) -> None:
+    """The health service's Watch writes its replies through the context (not a generator); the edge interceptor
+    must pass those through, as kubelet-style watchers and `grpc_health_probe -watch` use it."""
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

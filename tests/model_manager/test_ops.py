@@ -198,6 +198,10 @@ def test_api_keys(
     with grpc.insecure_channel(car.target) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # Watch streams through the edge interceptor too (its handler writes through the context).
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         answers = list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([request]), timeout=10))
         services = {s.name for s in answers[0].list_services_response.service}
