@@ -122,7 +122,12 @@ class ModelLifecycle(Observer):
     # Start-up ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Picks the default model and, when configured, loads it, warms it and calibrates batch sizes."""
+        """Picks the default model and, when configured, loads it, warms it and calibrates batch sizes, all on the
+        device worker: no other thread runs torch meanwhile (a second live OpenMP thread team on a small CPU slows
+        the worker's steps and would skew the calibration; see service/threads.py)."""
+        self._worker.run(self._start)
+
+    def _start(self) -> None:
         if self._settings.torch_threads:
             torch.set_num_threads(self._settings.torch_threads)
         self._registry.set_default(pick_default_model(self._settings, self._registry))
@@ -130,7 +135,7 @@ class ModelLifecycle(Observer):
             entry = self._registry.lookup("", Task.GENERATE)
             self.warm_up(entry)
             if self._settings.calibrate_batching:
-                self._worker.run(lambda: self.calibrate(entry))
+                self.calibrate(entry)
 
     # Store changes (the model-manager watcher) ---------------------------------------------------------
 
@@ -259,8 +264,8 @@ class ModelLifecycle(Observer):
     # Device work ------------------------------------------------------------------------------------
 
     def warm_up(self, entry: ModelEntry) -> float:
-        """Loads `entry` (on the calling thread) and runs one denoising step at its default size on the device
-        worker; returns the seconds taken."""
+        """Loads `entry` (on the calling thread: a hot swap loads beside serving) and runs one denoising step at its
+        default size on the device worker; returns the seconds taken."""
         start = time.perf_counter()
         model = self._registry.get_loaded(entry)
         self._worker.run(lambda: _one_step(model, entry))
