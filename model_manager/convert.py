@@ -327,3 +327,69 @@ def change(c: Change, layout: StoreLayout) -> pb.WatchModelsResponse:
         out.model_corrupted.model.CopyFrom(stored_model(event.variant))
         out.model_corrupted.problems.extend(event.problems)
     return out
+
+
+# ---- replies ----------------------------------------------------------------------------------
+
+AliasRows = list[tuple[AliasRecord, StoredVariant | None]]
+
+
+def _aliases(rows: AliasRows, layout: StoreLayout) -> list[pb.Alias]:
+    return [alias(r, layout, t is not None) for r, t in rows]
+
+
+def list_reply(
+    views: list[StoredVariant], rows: AliasRows, u: Usage, layout: StoreLayout
+) -> pb.ListStoredModelsResponse:
+    """ListStoredModels: the variants, every alias (whether its target is present) and the store's usage."""
+    return pb.ListStoredModelsResponse(
+        models=[stored_model(v) for v in views], aliases=_aliases(rows, layout), usage=usage(u)
+    )
+
+
+def get_reply(views: list[StoredVariant], rows: AliasRows, layout: StoreLayout) -> pb.GetStoredModelResponse:
+    """GetStoredModel: one model's variants with their files, and the aliases that point at it."""
+    return pb.GetStoredModelResponse(
+        variants=[stored_model(v, files=True) for v in views], aliases=_aliases(rows, layout)
+    )
+
+
+def delete_reply(removed: list[StoredVariant]) -> pb.DeleteStoredModelResponse:
+    """DeleteStoredModel: what was removed and the bytes freed."""
+    return pb.DeleteStoredModelResponse(
+        removed=[stored_model(v) for v in removed], freed_bytes=sum(v.size_bytes for v in removed)
+    )
+
+
+def pin_reply(views: list[StoredVariant]) -> pb.PinStoredModelResponse:
+    return pb.PinStoredModelResponse(variants=[stored_model(v) for v in views])
+
+
+def use_reply() -> pb.RecordModelUseResponse:
+    return pb.RecordModelUseResponse()
+
+
+def lease_reply(unknown: list[VariantKey], expires: float) -> pb.RenewModelLeasesResponse:
+    """RenewModelLeases: the variants the store does not have, and when the leases end."""
+    return pb.RenewModelLeasesResponse(unknown=[variant_ref(k) for k in unknown], expire_time=timestamp(expires))
+
+
+def failure_reply(
+    record: AliasRecord, present: bool, reverted: bool, layout: StoreLayout
+) -> pb.ReportAliasFailureResponse:
+    """ReportAliasFailure: the alias now, and whether it moved back."""
+    return pb.ReportAliasFailureResponse(alias=alias(record, layout, present), reverted=reverted)
+
+
+def set_alias_reply(
+    record: AliasRecord, previous: AliasRecord | None, previous_present: bool, layout: StoreLayout
+) -> pb.SetAliasResponse:
+    """SetAlias: the alias now and, when it existed, what it pointed at before."""
+    out = pb.SetAliasResponse(alias=alias(record, layout))
+    if previous is not None:
+        out.previous.CopyFrom(alias(previous, layout, previous_present))
+    return out
+
+
+def delete_alias_reply(record: AliasRecord, present: bool, layout: StoreLayout) -> pb.DeleteAliasResponse:
+    return pb.DeleteAliasResponse(alias=alias(record, layout, present))

@@ -130,11 +130,8 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
     ) -> pb.ListStoredModelsResponse:
         def run() -> pb.ListStoredModelsResponse:
             name = convert.name_only(request.name, "name", required=False)
-            layout = self.store.layout
-            return pb.ListStoredModelsResponse(
-                models=[convert.stored_model(v) for v in self.store.variants(name)],
-                aliases=[convert.alias(r, layout, t is not None) for r, t in self.store.aliases()],
-                usage=convert.usage(self.store.usage()),
+            return convert.list_reply(
+                self.store.variants(name), self.store.aliases(), self.store.usage(), self.store.layout
             )
 
         return await self._call(context, run)
@@ -147,11 +144,8 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
             views = self.store.variants(name)
             if not views:
                 raise errors.NotFound(f"model {name!r} is not in the store")
-            layout = self.store.layout
-            return pb.GetStoredModelResponse(
-                variants=[convert.stored_model(v, files=True) for v in views],
-                aliases=[convert.alias(r, layout, t is not None) for r, t in self.store.aliases() if r.model == name],
-            )
+            rows = [(r, t) for r, t in self.store.aliases() if r.model == name]
+            return convert.get_reply(views, rows, self.store.layout)
 
         return await self._call(context, run)
 
@@ -161,9 +155,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         def run() -> pb.DeleteStoredModelResponse:
             name, revision, variant = convert.target(request.name, request.revision, request.variant)
             removed = self.store.remove(name, revision, variant)
-            return pb.DeleteStoredModelResponse(
-                removed=[convert.stored_model(v) for v in removed], freed_bytes=sum(v.size_bytes for v in removed)
-            )
+            return convert.delete_reply(removed)
 
         return await self._call(context, run)
 
@@ -173,7 +165,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         def run() -> pb.PinStoredModelResponse:
             name = convert.name_only(request.name, "name")
             views = self.store.pin(name, request.pinned)
-            return pb.PinStoredModelResponse(variants=[convert.stored_model(v) for v in views])
+            return convert.pin_reply(views)
 
         return await self._call(context, run)
 
@@ -183,7 +175,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         def run() -> pb.RecordModelUseResponse:
             name, revision, variant = convert.target(request.name, request.revision, request.variant)
             self.store.touch(self.store.resolve(name, revision, variant).key)
-            return pb.RecordModelUseResponse()
+            return convert.use_reply()
 
         return await self._call(context, run)
 
@@ -193,9 +185,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         def run() -> pb.RenewModelLeasesResponse:
             holder, keys, seconds = convert.lease_request(request)
             unknown, expires = self.store.renew_leases(holder, keys, seconds)
-            return pb.RenewModelLeasesResponse(
-                unknown=[convert.variant_ref(k) for k in unknown], expire_time=convert.timestamp(expires)
-            )
+            return convert.lease_reply(unknown, expires)
 
         return await self._call(context, run)
 
@@ -210,9 +200,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
             )
             record, reverted = self.store.report_failure(alias, target, reason)
             present = self.store.get(record.key) is not None
-            return pb.ReportAliasFailureResponse(
-                alias=convert.alias(record, self.store.layout, present), reverted=reverted
-            )
+            return convert.failure_reply(record, present, reverted, self.store.layout)
 
         return await self._call(context, run)
 
@@ -223,11 +211,8 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
             alias = convert.name_only(request.alias, "alias")
             model, revision, variant = convert.target(request.model, request.revision, request.variant, prefix="m")
             record, previous, _target = self.ops.set_alias(alias, model, revision, variant)
-            layout = self.store.layout
-            out = pb.SetAliasResponse(alias=convert.alias(record, layout))
-            if previous is not None:
-                out.previous.CopyFrom(convert.alias(previous, layout, self.store.get(previous.key) is not None))
-            return out
+            previous_present = previous is not None and self.store.get(previous.key) is not None
+            return convert.set_alias_reply(record, previous, previous_present, self.store.layout)
 
         return await self._call(context, run)
 
@@ -237,7 +222,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         def run() -> pb.DeleteAliasResponse:
             record = self.store.delete_alias(convert.name_only(request.alias, "alias"))
             present = self.store.get(record.key) is not None
-            return pb.DeleteAliasResponse(alias=convert.alias(record, self.store.layout, present))
+            return convert.delete_alias_reply(record, present, self.store.layout)
 
         return await self._call(context, run)
 
