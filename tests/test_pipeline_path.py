@@ -130,27 +130,68 @@ def assert_identical(ours: Any, theirs: Any) -> None:
         assert a_arr.shape == b_arr.shape and np.array_equal(a_arr, b_arr)
 
 
+def assert_parity(
+    components: Components,
+    folder: Path,
+    task: Task,
+    seed: int,
+    count: int,
+    steps: int,
+    *,
+    size: int = 64,
+    scheduler: str = "DDIMScheduler",
+    negative: str = "",
+    guidance: float = 7.5,
+    call: dict[str, Any] | None = None,
+    theirs: dict[str, Any] | None = None,
+) -> Any:
+    """Runs `task` through sdserve_core.pipeline.run with the family's embeddings (as the server does) and through
+    diffusers' own pipeline with the text prompt, the same seeds and `theirs`; asserts identical images and returns
+    ours."""
+    p, n = embeds(components, count, negative)
+    ours = run(
+        components,
+        PipelineCall(
+            task,
+            steps,
+            size,
+            size,
+            gens(seed, count),
+            guidance_scale=guidance,
+            prompt_embeds=p,
+            negative_embeds=n,
+            **(call or {}),
+        ),
+        scheduler_of(folder, scheduler),
+    )
+    common: dict[str, Any] = {
+        "prompt": PROMPT,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "generator": list(gens(seed, count)),
+    }
+    if negative:
+        common["negative_prompt"] = negative
+    assert_identical(ours, direct(folder, task, scheduler_of(folder, scheduler), **common, **(theirs or {})))
+    return ours
+
+
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerAncestralDiscreteScheduler"])
 def test_generate_with_embeddings_is_diffusers(tiny: Components, models_dir: Path, scheduler: str) -> None:
-    folder = models_dir / TINY
-    p, n = embeds(tiny, 2, "blue")
-    call = PipelineCall(Task.GENERATE, 3, 64, 64, gens(42, 2), guidance_scale=6.0, prompt_embeds=p, negative_embeds=n)
-    ours = run(tiny, call, scheduler_of(folder, scheduler))
-    theirs = direct(
-        folder,
+    sized = {"num_images_per_prompt": 2, "height": 64, "width": 64}
+    ours = assert_parity(
+        tiny,
+        models_dir / TINY,
         Task.GENERATE,
-        scheduler_of(folder, scheduler),
-        prompt=PROMPT,
-        negative_prompt="blue",
-        num_inference_steps=3,
-        guidance_scale=6.0,
-        generator=list(gens(42, 2)),
-        num_images_per_prompt=2,
-        height=64,
-        width=64,
+        42,
+        2,
+        3,
+        scheduler=scheduler,
+        negative="blue",
+        guidance=6.0,
+        theirs=sized,
     )
     assert all(isinstance(i, Image.Image) for i in ours)
-    assert_identical(ours, theirs)
 
 
 def test_generate_with_a_text_prompt_and_one_generator_is_diffusers(tiny: Components, models_dir: Path) -> None:
@@ -175,110 +216,42 @@ def test_generate_with_a_text_prompt_and_one_generator_is_diffusers(tiny: Compon
 
 
 def test_edit_is_diffusers(tiny: Components, models_dir: Path) -> None:
-    folder = models_dir / TINY
     image = sample_image()
-    p, n = embeds(tiny, 1)
-    call = PipelineCall(
-        Task.EDIT,
-        4,
-        64,
-        64,
-        gens(7, 1),
-        guidance_scale=7.5,
-        prompt_embeds=p,
-        negative_embeds=n,
-        images=(image,),
-        strength=0.6,
-    )
-    ours = run(tiny, call, scheduler_of(folder))
-    theirs = direct(
-        folder,
-        Task.EDIT,
-        scheduler_of(folder),
-        prompt=PROMPT,
-        image=image,
-        strength=0.6,
-        num_inference_steps=4,
-        guidance_scale=7.5,
-        generator=list(gens(7, 1)),
-    )
-    assert_identical(ours, theirs)
+    call = {"images": (image,), "strength": 0.6}
+    assert_parity(tiny, models_dir / TINY, Task.EDIT, 7, 1, 4, call=call, theirs={"image": image, "strength": 0.6})
 
 
 @pytest.mark.parametrize("model", [TINY, TINY_INPAINT])
 def test_inpaint_is_diffusers(tiny: Components, tiny_inpaint: Components, models_dir: Path, model: str) -> None:
     components = tiny if model == TINY else tiny_inpaint
-    folder = models_dir / model
     image, mask = sample_image(), sample_mask()
-    p, n = embeds(components, 2)
-    call = PipelineCall(
-        Task.INPAINT,
-        3,
-        64,
-        64,
-        gens(3, 2),
-        guidance_scale=7.5,
-        prompt_embeds=p,
-        negative_embeds=n,
-        images=(image, image),
-        masks=(mask, mask),
-        strength=0.9,
-    )
-    ours = run(components, call, scheduler_of(folder))
-    theirs = direct(
-        folder,
-        Task.INPAINT,
-        scheduler_of(folder),
-        prompt=PROMPT,
-        image=[image, image],
-        mask_image=[mask, mask],
-        strength=0.9,
-        num_inference_steps=3,
-        guidance_scale=7.5,
-        generator=list(gens(3, 2)),
-        num_images_per_prompt=2,
-        height=64,
-        width=64,
-    )
-    assert_identical(ours, theirs)
+    call = {"images": (image, image), "masks": (mask, mask), "strength": 0.9}
+    theirs = {
+        "image": [image, image],
+        "mask_image": [mask, mask],
+        "strength": 0.9,
+        "num_images_per_prompt": 2,
+        "height": 64,
+        "width": 64,
+    }
+    assert_parity(components, models_dir / model, Task.INPAINT, 3, 2, 3, call=call, theirs=theirs)
 
 
 def test_inpaint_mask_only_is_diffusers_padding_mask_crop(tiny_inpaint: Components, models_dir: Path) -> None:
-    folder = models_dir / TINY_INPAINT
     image, mask = sample_image(96, 96), sample_mask(96, 96)
-    p, n = embeds(tiny_inpaint, 2)
-    call = PipelineCall(
-        Task.INPAINT,
-        3,
-        32,
-        32,
-        gens(9, 2),
-        guidance_scale=7.5,
-        prompt_embeds=p,
-        negative_embeds=n,
-        images=(image, image),
-        masks=(mask, mask),
-        strength=1.0,
-        mask_padding=8,
-    )
-    ours = run(tiny_inpaint, call, scheduler_of(folder))
-    theirs = direct(
-        folder,
-        Task.INPAINT,
-        scheduler_of(folder),
-        prompt=PROMPT,
-        image=image,
-        mask_image=mask,
-        padding_mask_crop=8,
-        num_inference_steps=3,
-        guidance_scale=7.5,
-        generator=list(gens(9, 2)),
-        num_images_per_prompt=2,
-        height=32,
-        width=32,
+    call = {"images": (image, image), "masks": (mask, mask), "strength": 1.0, "mask_padding": 8}
+    theirs = {
+        "image": image,
+        "mask_image": mask,
+        "padding_mask_crop": 8,
+        "num_images_per_prompt": 2,
+        "height": 32,
+        "width": 32,
+    }
+    ours = assert_parity(
+        tiny_inpaint, models_dir / TINY_INPAINT, Task.INPAINT, 9, 2, 3, size=32, call=call, theirs=theirs
     )
     assert ours[0].size == (96, 96)
-    assert_identical(ours, theirs)
 
 
 class Watch:
