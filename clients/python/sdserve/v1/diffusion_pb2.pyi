@@ -227,6 +227,62 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """The last load failed; see `error`."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _RefinerMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RefinerModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RefinerMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REFINER_MODE_UNSPECIFIED: _RefinerMode.ValueType  # 0
+    """LATENT_HANDOFF (the default)."""
+    REFINER_MODE_LATENT_HANDOFF: _RefinerMode.ValueType  # 1
+    """"Ensemble of experts": the base model denoises the first `switch_at` of the schedule and hands its
+    latents, undecoded, to the refiner, which denoises the rest. Total denoising steps stay `steps`.
+    """
+    REFINER_MODE_IMAGE: _RefinerMode.ValueType  # 2
+    """The base model runs the whole schedule and decodes; the refiner then runs image-to-image on the result
+    at `strength` (int(steps x strength) refiner steps, at least 1).
+    """
+
+class RefinerMode(_RefinerMode, metaclass=_RefinerModeEnumTypeWrapper):
+    """RefinerMode selects how the refiner takes over from the base model."""
+
+REFINER_MODE_UNSPECIFIED: RefinerMode.ValueType  # 0
+"""LATENT_HANDOFF (the default)."""
+REFINER_MODE_LATENT_HANDOFF: RefinerMode.ValueType  # 1
+""""Ensemble of experts": the base model denoises the first `switch_at` of the schedule and hands its
+latents, undecoded, to the refiner, which denoises the rest. Total denoising steps stay `steps`.
+"""
+REFINER_MODE_IMAGE: RefinerMode.ValueType  # 2
+"""The base model runs the whole schedule and decodes; the refiner then runs image-to-image on the result
+at `strength` (int(steps x strength) refiner steps, at least 1).
+"""
+Global___RefinerMode: _TypeAlias = RefinerMode  # noqa: Y015
+
+class _DenoisePass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DenoisePassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenoisePass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DENOISE_PASS_UNSPECIFIED: _DenoisePass.ValueType  # 0
+    """Not set (servers before passes existed): the only pass."""
+    DENOISE_PASS_BASE: _DenoisePass.ValueType  # 1
+    """The request's own model."""
+    DENOISE_PASS_REFINER: _DenoisePass.ValueType  # 2
+    """The refiner's pass (RefinerOptions)."""
+
+class DenoisePass(_DenoisePass, metaclass=_DenoisePassEnumTypeWrapper):
+    """DenoisePass is one denoising pass of a request."""
+
+DENOISE_PASS_UNSPECIFIED: DenoisePass.ValueType  # 0
+"""Not set (servers before passes existed): the only pass."""
+DENOISE_PASS_BASE: DenoisePass.ValueType  # 1
+"""The request's own model."""
+DENOISE_PASS_REFINER: DenoisePass.ValueType  # 2
+"""The refiner's pass (RefinerOptions)."""
+Global___DenoisePass: _TypeAlias = DenoisePass  # noqa: Y015
+
 @_typing.final
 class PreviewOptions(_message.Message):
     """PreviewOptions asks for intermediate images while denoising."""
@@ -323,6 +379,10 @@ class GenerationParams(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SECONDS_FIELD_NUMBER: _builtins.int
+    PROMPT_2_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
+    CONDITIONING_FIELD_NUMBER: _builtins.int
+    REFINER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name or alias. Empty: the server's default model for the task."""
     prompt: _builtins.str
@@ -366,6 +426,12 @@ class GenerationParams(_message.Message):
     """Longest time, in seconds, this request may wait in the queue before it starts; a request that
     waited longer fails with DEADLINE_EXCEEDED without running. 0: the server's default.
     """
+    prompt_2: _builtins.str
+    """SDXL only: the prompt for the second text encoder (OpenCLIP ViT-bigG). Empty: `prompt`.
+    Same limit as `prompt`. Naming it for a model of another family is INVALID_ARGUMENT.
+    """
+    negative_prompt_2: _builtins.str
+    """SDXL only: the negative prompt for the second text encoder. Empty: `negative_prompt`."""
     @_builtins.property
     def preview(self) -> Global___PreviewOptions:
         """Previews while denoising. Default: none."""
@@ -373,6 +439,14 @@ class GenerationParams(_message.Message):
     @_builtins.property
     def output(self) -> Global___OutputOptions:
         """Encoding of the result images. Default: PNG with parameters embedded."""
+
+    @_builtins.property
+    def conditioning(self) -> Global___MicroConditioning:
+        """SDXL only: the size and crop micro-conditioning. Unset fields take the defaults documented there."""
+
+    @_builtins.property
+    def refiner(self) -> Global___RefinerOptions:
+        """SDXL only: a second pass with a refiner model in the same request. Unset: no second pass."""
 
     def __init__(
         self,
@@ -392,10 +466,14 @@ class GenerationParams(_message.Message):
         output: Global___OutputOptions | None = ...,
         request_id: _builtins.str = ...,
         max_queue_seconds: _builtins.float = ...,
+        prompt_2: _builtins.str = ...,
+        negative_prompt_2: _builtins.str = ...,
+        conditioning: Global___MicroConditioning | None = ...,
+        refiner: Global___RefinerOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "output", b"output", "preview", b"preview", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "output", b"output", "preview", b"preview", "refiner", b"refiner", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "clip_skip", b"clip_skip", "guidance_scale", b"guidance_scale", "height", b"height", "max_queue_seconds", b"max_queue_seconds", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output", b"output", "preview", b"preview", "prompt", b"prompt", "request_id", b"request_id", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "height", b"height", "max_queue_seconds", b"max_queue_seconds", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "output", b"output", "preview", b"preview", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "request_id", b"request_id", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -407,6 +485,182 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
+
+@_typing.final
+class ImageSize(_message.Message):
+    """ImageSize is a size in pixels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    """Width in pixels, 1 to 16384."""
+    height: _builtins.int
+    """Height in pixels, 1 to 16384."""
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageSize: _TypeAlias = ImageSize  # noqa: Y015
+
+@_typing.final
+class CropOffset(_message.Message):
+    """CropOffset is the top-left corner of a crop, in pixels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_FIELD_NUMBER: _builtins.int
+    LEFT_FIELD_NUMBER: _builtins.int
+    top: _builtins.int
+    """Pixels from the top, 0 to 16384."""
+    left: _builtins.int
+    """Pixels from the left, 0 to 16384."""
+    def __init__(
+        self,
+        *,
+        top: _builtins.int = ...,
+        left: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["left", b"left", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CropOffset: _TypeAlias = CropOffset  # noqa: Y015
+
+@_typing.final
+class MicroConditioning(_message.Message):
+    """MicroConditioning is SDXL's size and crop conditioning (the `add_time_ids` of the SDXL UNet). The model
+    was trained to associate these values with image quality and framing: an `original_size` below
+    `target_size` asks for an upscaled-looking image, a non-zero crop offset for a cropped one.
+    Refused for models of other families.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGINAL_SIZE_FIELD_NUMBER: _builtins.int
+    CROPS_COORDS_TOP_LEFT_FIELD_NUMBER: _builtins.int
+    TARGET_SIZE_FIELD_NUMBER: _builtins.int
+    NEGATIVE_ORIGINAL_SIZE_FIELD_NUMBER: _builtins.int
+    NEGATIVE_CROPS_COORDS_TOP_LEFT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_TARGET_SIZE_FIELD_NUMBER: _builtins.int
+    AESTHETIC_SCORE_FIELD_NUMBER: _builtins.int
+    NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _builtins.int
+    aesthetic_score: _builtins.float
+    """Refiner models only (their UNet is conditioned on an aesthetic score): the score to aim for,
+    0 to 10. Absent: 6.0. Applies to the refiner pass of a base + refiner request, and to Edit and
+    Inpaint requests that name a refiner model directly.
+    """
+    negative_aesthetic_score: _builtins.float
+    """Refiner models only: the score of the negative branch, 0 to 10. Absent: 2.5."""
+    @_builtins.property
+    def original_size(self) -> Global___ImageSize:
+        """The size the model should treat the source image as having had. Unset: the output size."""
+
+    @_builtins.property
+    def crops_coords_top_left(self) -> Global___CropOffset:
+        """Crop offset to condition on. Unset: (0, 0), an uncropped image."""
+
+    @_builtins.property
+    def target_size(self) -> Global___ImageSize:
+        """The size the model should aim for. Unset: the output size."""
+
+    @_builtins.property
+    def negative_original_size(self) -> Global___ImageSize:
+        """The same three for the negative (unconditional) branch of classifier-free guidance.
+        Unset: the positive values (diffusers' defaults).
+        """
+
+    @_builtins.property
+    def negative_crops_coords_top_left(self) -> Global___CropOffset:
+        """Negative crop offset. Unset: (0, 0)."""
+
+    @_builtins.property
+    def negative_target_size(self) -> Global___ImageSize:
+        """Negative target size. Unset: the positive target size."""
+
+    def __init__(
+        self,
+        *,
+        original_size: Global___ImageSize | None = ...,
+        crops_coords_top_left: Global___CropOffset | None = ...,
+        target_size: Global___ImageSize | None = ...,
+        negative_original_size: Global___ImageSize | None = ...,
+        negative_crops_coords_top_left: Global___CropOffset | None = ...,
+        negative_target_size: Global___ImageSize | None = ...,
+        aesthetic_score: _builtins.float | None = ...,
+        negative_aesthetic_score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_negative_aesthetic_score", b"_negative_aesthetic_score", "aesthetic_score", b"aesthetic_score", "crops_coords_top_left", b"crops_coords_top_left", "negative_aesthetic_score", b"negative_aesthetic_score", "negative_crops_coords_top_left", b"negative_crops_coords_top_left", "negative_original_size", b"negative_original_size", "negative_target_size", b"negative_target_size", "original_size", b"original_size", "target_size", b"target_size"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_negative_aesthetic_score", b"_negative_aesthetic_score", "aesthetic_score", b"aesthetic_score", "crops_coords_top_left", b"crops_coords_top_left", "negative_aesthetic_score", b"negative_aesthetic_score", "negative_crops_coords_top_left", b"negative_crops_coords_top_left", "negative_original_size", b"negative_original_size", "negative_target_size", b"negative_target_size", "original_size", b"original_size", "target_size", b"target_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__aesthetic_score: _TypeAlias = _typing.Literal["aesthetic_score"]  # noqa: Y015
+    _WhichOneofArgType__aesthetic_score: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score"]  # noqa: Y015
+    _WhichOneofReturnType__negative_aesthetic_score: _TypeAlias = _typing.Literal["negative_aesthetic_score"]  # noqa: Y015
+    _WhichOneofArgType__negative_aesthetic_score: _TypeAlias = _typing.Literal["_negative_aesthetic_score", b"_negative_aesthetic_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__aesthetic_score) -> _WhichOneofReturnType__aesthetic_score | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__negative_aesthetic_score) -> _WhichOneofReturnType__negative_aesthetic_score | None: ...
+
+Global___MicroConditioning: _TypeAlias = MicroConditioning  # noqa: Y015
+
+@_typing.final
+class RefinerOptions(_message.Message):
+    """RefinerOptions adds a refiner pass to a request on an SDXL base model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    SWITCH_AT_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Name or alias of an SDXL refiner model (one whose ListModels `tasks` include refinement, or any SDXL
+    model with the same latent space). Required when `refiner` is set; NOT_FOUND when no such model exists,
+    FAILED_PRECONDITION when it is not an SDXL model or the base model is not one.
+    """
+    mode: Global___RefinerMode.ValueType
+    """How the refiner takes over. Default: LATENT_HANDOFF."""
+    switch_at: _builtins.float
+    """LATENT_HANDOFF: the fraction of the denoising schedule the base model runs (diffusers'
+    `denoising_end` / `denoising_start`), above 0 and below 1. Absent: 0.8.
+    """
+    strength: _builtins.float
+    """IMAGE: how far the refiner moves from the base model's image, above 0 to 1. Absent: 0.3."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        mode: Global___RefinerMode.ValueType = ...,
+        switch_at: _builtins.float | None = ...,
+        strength: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "_switch_at", b"_switch_at", "strength", b"strength", "switch_at", b"switch_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "_switch_at", b"_switch_at", "mode", b"mode", "model", b"model", "strength", b"strength", "switch_at", b"switch_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    _WhichOneofReturnType__switch_at: _TypeAlias = _typing.Literal["switch_at"]  # noqa: Y015
+    _WhichOneofArgType__switch_at: _TypeAlias = _typing.Literal["_switch_at", b"_switch_at"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__switch_at) -> _WhichOneofReturnType__switch_at | None: ...
+
+Global___RefinerOptions: _TypeAlias = RefinerOptions  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
@@ -573,6 +827,10 @@ class StartedEvent(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MODEL_VARIANT_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    REFINER_MODEL_FIELD_NUMBER: _builtins.int
+    REFINER_MODEL_REVISION_FIELD_NUMBER: _builtins.int
+    REFINER_MODEL_VARIANT_FIELD_NUMBER: _builtins.int
+    MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that runs the request (an alias resolved to its name)."""
     model_revision: _builtins.str
@@ -589,6 +847,16 @@ class StartedEvent(_message.Message):
     """
     dtype: _builtins.str
     """Torch dtype the request computes in, for example `float32` or `float16`."""
+    refiner_model: _builtins.str
+    """The refiner that runs the second pass (empty without one): name, revision and variant, as for the base."""
+    refiner_model_revision: _builtins.str
+    """The refiner's revision."""
+    refiner_model_variant: _builtins.str
+    """The refiner's stored weights variant."""
+    memory_strategy: _builtins.str
+    """Memory strategies this request runs with, comma-separated and sorted (for example
+    `vae_tiling,vae_slicing`), or `none`. See GetServerInfoResponse.memory.
+    """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The seed of each image, in order."""
@@ -604,10 +872,14 @@ class StartedEvent(_message.Message):
         batch_size: _builtins.int = ...,
         model_variant: _builtins.str = ...,
         dtype: _builtins.str = ...,
+        refiner_model: _builtins.str = ...,
+        refiner_model_revision: _builtins.str = ...,
+        refiner_model_variant: _builtins.str = ...,
+        memory_strategy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "dtype", b"dtype", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "dtype", b"dtype", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -660,11 +932,16 @@ class ProgressEvent(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     PREVIEWS_FIELD_NUMBER: _builtins.int
+    DENOISE_PASS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Steps finished so far, 1 to total_steps."""
     total_steps: _builtins.int
     """Denoising loop iterations this request runs (fewer than `steps` for Edit and Inpaint with
     strength below 1; about twice `steps` for Heun).
+    """
+    denoise_pass: Global___DenoisePass.ValueType
+    """Which denoising pass the step belongs to: BASE, or REFINER for the second pass of a request with a
+    refiner. `step` and `total_steps` count within the pass.
     """
     @_builtins.property
     def previews(self) -> _containers.RepeatedCompositeFieldContainer[Global___Preview]:
@@ -676,10 +953,11 @@ class ProgressEvent(_message.Message):
         step: _builtins.int = ...,
         total_steps: _builtins.int = ...,
         previews: _abc.Iterable[Global___Preview] | None = ...,
+        denoise_pass: Global___DenoisePass.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["previews", b"previews", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoise_pass", b"denoise_pass", "previews", b"previews", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -756,6 +1034,13 @@ class ResolvedParameters(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     MODEL_VARIANT_FIELD_NUMBER: _builtins.int
+    PROMPT_2_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
+    CONDITIONING_FIELD_NUMBER: _builtins.int
+    REFINER_FIELD_NUMBER: _builtins.int
+    REFINER_MODEL_REVISION_FIELD_NUMBER: _builtins.int
+    REFINER_MODEL_VARIANT_FIELD_NUMBER: _builtins.int
+    MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """Task run."""
     model: _builtins.str
@@ -802,6 +1087,24 @@ class ResolvedParameters(_message.Message):
     """Torch dtype of the model, for example `float16`."""
     model_variant: _builtins.str
     """The stored weights that served the request: `fp32`, `fp16`, `bf16` or `int8`."""
+    prompt_2: _builtins.str
+    """Prompt for the second text encoder (SDXL; empty for other families)."""
+    negative_prompt_2: _builtins.str
+    """Negative prompt for the second text encoder (SDXL)."""
+    refiner_model_revision: _builtins.str
+    """The refiner's revision and variant (with `refiner`)."""
+    refiner_model_variant: _builtins.str
+    """The refiner's stored weights variant."""
+    memory_strategy: _builtins.str
+    """Memory strategies used, as in StartedEvent.memory_strategy."""
+    @_builtins.property
+    def conditioning(self) -> Global___MicroConditioning:
+        """The micro-conditioning used, defaults filled in (SDXL; unset for other families)."""
+
+    @_builtins.property
+    def refiner(self) -> Global___RefinerOptions:
+        """The refiner pass, defaults filled in (unset without one)."""
+
     def __init__(
         self,
         *,
@@ -828,10 +1131,17 @@ class ResolvedParameters(_message.Message):
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
         model_variant: _builtins.str = ...,
+        prompt_2: _builtins.str = ...,
+        negative_prompt_2: _builtins.str = ...,
+        conditioning: Global___MicroConditioning | None = ...,
+        refiner: Global___RefinerOptions | None = ...,
+        refiner_model_revision: _builtins.str = ...,
+        refiner_model_variant: _builtins.str = ...,
+        memory_strategy: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conditioning", b"conditioning", "refiner", b"refiner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "clip_skip", b"clip_skip", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1090,6 +1400,8 @@ class ModelInfo(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     INPAINT_MODEL_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    REFINER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name, unique on this server."""
     revision: _builtins.str
@@ -1110,6 +1422,10 @@ class ModelInfo(_message.Message):
     """A one-line description."""
     inpaint_model: _builtins.str
     """The model used for Inpaint requests that name this model, when it is not an inpainting model itself."""
+    family: _builtins.str
+    """Model family: `sd15` (SD 1.x and 2.x layouts) or `sdxl` (SDXL base, refiner and inpainting)."""
+    refiner: _builtins.bool
+    """True for an SDXL refiner: it runs Edit and can be named as a request's RefinerOptions.model."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases that point at it."""
@@ -1133,10 +1449,12 @@ class ModelInfo(_message.Message):
         error: _builtins.str = ...,
         description: _builtins.str = ...,
         inpaint_model: _builtins.str = ...,
+        family: _builtins.str = ...,
+        refiner: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_height", b"default_height", "default_width", b"default_width", "description", b"description", "error", b"error", "inpaint_model", b"inpaint_model", "name", b"name", "revision", b"revision", "state", b"state", "tasks", b"tasks", "unet_in_channels", b"unet_in_channels", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_height", b"default_height", "default_width", b"default_width", "description", b"description", "error", b"error", "family", b"family", "inpaint_model", b"inpaint_model", "name", b"name", "refiner", b"refiner", "revision", b"revision", "state", b"state", "tasks", b"tasks", "unet_in_channels", b"unet_in_channels", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1305,6 +1623,7 @@ class GetServerInfoResponse(_message.Message):
     DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
     TRANSFORMERS_VERSION_FIELD_NUMBER: _builtins.int
     BATCH_LIMITS_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """sdserve version."""
     device: _builtins.str
@@ -1335,6 +1654,10 @@ class GetServerInfoResponse(_message.Message):
     def batch_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchLimit]:
         """Batch size limits per model and resolution, once chosen."""
 
+    @_builtins.property
+    def memory(self) -> Global___MemoryPolicy:
+        """How the server saves memory on big requests."""
+
     def __init__(
         self,
         *,
@@ -1350,11 +1673,69 @@ class GetServerInfoResponse(_message.Message):
         default_model: _builtins.str = ...,
         transformers_version: _builtins.str = ...,
         batch_limits: _abc.Iterable[Global___BatchLimit] | None = ...,
+        memory: Global___MemoryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "limits", b"limits", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "limits", b"limits", "memory", b"memory", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class MemoryPolicy(_message.Message):
+    """MemoryPolicy says which memory strategies the server applies and when. Each mode is `auto` (chosen
+    per request from its size and the device's measured free memory), `on` or `off`, set in the server's
+    settings (`vae_tiling`, `vae_slicing`, `attention_slicing`, `cpu_offload`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VAE_TILING_FIELD_NUMBER: _builtins.int
+    VAE_TILING_MIN_PIXELS_FIELD_NUMBER: _builtins.int
+    VAE_SLICING_FIELD_NUMBER: _builtins.int
+    ATTENTION_SLICING_FIELD_NUMBER: _builtins.int
+    CPU_OFFLOAD_FIELD_NUMBER: _builtins.int
+    DEVICE_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    OFFLOADED_MODELS_FIELD_NUMBER: _builtins.int
+    vae_tiling: _builtins.str
+    """VAE tiling: decode (and encode) in overlapping tiles, so memory stops growing with the image area."""
+    vae_tiling_min_pixels: _builtins.int
+    """`auto` tiles requests of at least this many output pixels (width x height), or smaller ones when the
+    device's free memory cannot hold a whole-image decode.
+    """
+    vae_slicing: _builtins.str
+    """VAE slicing: decode a batch one image at a time."""
+    attention_slicing: _builtins.str
+    """Attention slicing: compute attention in slices (`auto`: only where PyTorch's scaled-dot-product
+    attention is unavailable).
+    """
+    cpu_offload: _builtins.str
+    """Model CPU offload: keep components in host memory and move each to the device while it runs
+    (`auto`: when the device's free memory cannot hold the model; never on a CPU device).
+    """
+    device_free_bytes: _builtins.int
+    """The device's free memory in bytes when last measured (0 when it cannot be measured, as on CPU)."""
+    @_builtins.property
+    def offloaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models loaded with CPU offload."""
+
+    def __init__(
+        self,
+        *,
+        vae_tiling: _builtins.str = ...,
+        vae_tiling_min_pixels: _builtins.int = ...,
+        vae_slicing: _builtins.str = ...,
+        attention_slicing: _builtins.str = ...,
+        cpu_offload: _builtins.str = ...,
+        device_free_bytes: _builtins.int = ...,
+        offloaded_models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_slicing", b"attention_slicing", "cpu_offload", b"cpu_offload", "device_free_bytes", b"device_free_bytes", "offloaded_models", b"offloaded_models", "vae_slicing", b"vae_slicing", "vae_tiling", b"vae_tiling", "vae_tiling_min_pixels", b"vae_tiling_min_pixels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryPolicy: _TypeAlias = MemoryPolicy  # noqa: Y015

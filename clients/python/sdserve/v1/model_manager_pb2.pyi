@@ -267,6 +267,8 @@ class StoredModel(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     LEASE_HOLDERS_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name: 1 to 100 characters from `A-Z a-z 0-9 . _ -`, starting with a letter or digit,
     without `..`.
@@ -292,6 +294,10 @@ class StoredModel(_message.Message):
     lease_holders: _builtins.int
     """Servers holding an unexpired lease on this variant (it is loaded or aliased there); while any do, it is
     not evicted.
+    """
+    family: _builtins.str
+    """Model family, from the folder's pipeline class: `sd15` (SD 1.x and 2.x layouts) or `sdxl` (SDXL base,
+    refiner and inpainting).
     """
     @_builtins.property
     def source(self) -> Global___ModelSource:
@@ -321,6 +327,12 @@ class StoredModel(_message.Message):
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the last of those leases ends unless renewed; unset when there is none."""
 
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks the model can run: `generate`, `edit`, `inpaint`, and `refine` for an SDXL refiner (which runs
+        Edit and serves as a second pass only).
+        """
+
     def __init__(
         self,
         *,
@@ -342,10 +354,12 @@ class StoredModel(_message.Message):
         files: _abc.Iterable[Global___StoredFile] | None = ...,
         lease_holders: _builtins.int = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        family: _builtins.str = ...,
+        tasks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "last_used_time", b"last_used_time", "lease_expire_time", b"lease_expire_time", "quality", b"quality", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "created_time", b"created_time", "description", b"description", "error", b"error", "files", b"files", "last_used_time", b"last_used_time", "lease_expire_time", b"lease_expire_time", "lease_holders", b"lease_holders", "name", b"name", "path", b"path", "pinned", b"pinned", "quality", b"quality", "revision", b"revision", "size_bytes", b"size_bytes", "source", b"source", "state", b"state", "unet_in_channels", b"unet_in_channels", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "created_time", b"created_time", "description", b"description", "error", b"error", "family", b"family", "files", b"files", "last_used_time", b"last_used_time", "lease_expire_time", b"lease_expire_time", "lease_holders", b"lease_holders", "name", b"name", "path", b"path", "pinned", b"pinned", "quality", b"quality", "revision", b"revision", "size_bytes", b"size_bytes", "source", b"source", "state", b"state", "tasks", b"tasks", "unet_in_channels", b"unet_in_channels", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

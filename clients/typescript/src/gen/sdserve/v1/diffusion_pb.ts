@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sdserve/v1/diffusion.proto.
  */
 export const file_sdserve_v1_diffusion: GenFile = /*@__PURE__*/
-  fileDesc("ChpzZHNlcnZlL3YxL2RpZmZ1c2lvbi5wcm90bxIKc2RzZXJ2ZS52MSKaAQoOUHJldmlld09wdGlvbnMSJQoEbW9kZRgBIAEoDjIXLnNkc2VydmUudjEuUHJldmlld01vZGUSFQoNZXZlcnlfbl9zdGVwcxgCIAEoDRIQCghtYXhfZWRnZRgDIAEoDRInCgZmb3JtYXQYBCABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYBSABKA0ifQoNT3V0cHV0T3B0aW9ucxInCgZmb3JtYXQYASABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYAiABKA0SHQoQZW1iZWRfcGFyYW1ldGVycxgDIAEoCEgAiAEBQhMKEV9lbWJlZF9wYXJhbWV0ZXJzIpwDChBHZW5lcmF0aW9uUGFyYW1zEg0KBW1vZGVsGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSACIAQESKAoJc2NoZWR1bGVyGAggASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISEQoEc2VlZBgJIAEoBEgBiAEBEhIKCm51bV9pbWFnZXMYCiABKA0SEQoJY2xpcF9za2lwGAsgASgNEisKB3ByZXZpZXcYDCABKAsyGi5zZHNlcnZlLnYxLlByZXZpZXdPcHRpb25zEikKBm91dHB1dBgNIAEoCzIZLnNkc2VydmUudjEuT3V0cHV0T3B0aW9ucxISCgpyZXF1ZXN0X2lkGA4gASgJEhkKEW1heF9xdWV1ZV9zZWNvbmRzGA8gASgBQhEKD19ndWlkYW5jZV9zY2FsZUIHCgVfc2VlZCI/Cg9HZW5lcmF0ZVJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zIm4KC0VkaXRSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcxINCgVpbWFnZRgCIAEoDBIVCghzdHJlbmd0aBgDIAEoAkgAiAEBQgsKCV9zdHJlbmd0aCKVAgoOSW5wYWludFJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zEg0KBWltYWdlGAIgASgMEgwKBG1hc2sYAyABKAwSEQoJbWFza19ibHVyGAQgASgNEhMKC2ludmVydF9tYXNrGAUgASgIEhUKCHN0cmVuZ3RoGAYgASgCSACIAQESJQoEYXJlYRgHIAEoDjIXLnNkc2VydmUudjEuSW5wYWludEFyZWESGQoMbWFza19wYWRkaW5nGAggASgNSAGIAQESGQoRcHJlc2VydmVfdW5tYXNrZWQYCSABKAhCCwoJX3N0cmVuZ3RoQg8KDV9tYXNrX3BhZGRpbmciHwoLUXVldWVkRXZlbnQSEAoIcG9zaXRpb24YASABKA0iqQEKDFN0YXJ0ZWRFdmVudBINCgVzZWVkcxgBIAMoBBINCgVtb2RlbBgCIAEoCRIWCg5tb2RlbF9yZXZpc2lvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhUKDXF1ZXVlX3NlY29uZHMYBSABKAESEgoKYmF0Y2hfc2l6ZRgGIAEoDRIVCg1tb2RlbF92YXJpYW50GAcgASgJEg0KBWR0eXBlGAggASgJIm4KB1ByZXZpZXcSDQoFaW5kZXgYASABKA0SDAoEZGF0YRgCIAEoDBInCgZmb3JtYXQYAyABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg0KBXdpZHRoGAQgASgNEg4KBmhlaWdodBgFIAEoDSJZCg1Qcm9ncmVzc0V2ZW50EgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0SJQoIcHJldmlld3MYAyADKAsyEy5zZHNlcnZlLnYxLlByZXZpZXciegoFSW1hZ2USDQoFaW5kZXgYASABKA0SDAoEZGF0YRgCIAEoDBInCgZmb3JtYXQYAyABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg0KBXdpZHRoGAQgASgNEg4KBmhlaWdodBgFIAEoDRIMCgRzZWVkGAYgASgEIooEChJSZXNvbHZlZFBhcmFtZXRlcnMSHgoEdGFzaxgBIAEoDjIQLnNkc2VydmUudjEuVGFzaxINCgVtb2RlbBgCIAEoCRIWCg5tb2RlbF9yZXZpc2lvbhgDIAEoCRIOCgZwcm9tcHQYBCABKAkSFwoPbmVnYXRpdmVfcHJvbXB0GAUgASgJEg0KBXdpZHRoGAYgASgNEg4KBmhlaWdodBgHIAEoDRINCgVzdGVwcxgIIAEoDRIWCg5ndWlkYW5jZV9zY2FsZRgJIAEoAhIoCglzY2hlZHVsZXIYCiABKA4yFS5zZHNlcnZlLnYxLlNjaGVkdWxlchIMCgRzZWVkGAsgASgEEhIKCm51bV9pbWFnZXMYDCABKA0SEQoJY2xpcF9za2lwGA0gASgNEhAKCHN0cmVuZ3RoGA4gASgCEhEKCW1hc2tfYmx1chgPIAEoDRIlCgRhcmVhGBAgASgOMhcuc2RzZXJ2ZS52MS5JbnBhaW50QXJlYRIUCgxtYXNrX3BhZGRpbmcYESABKA0SGQoRcHJlc2VydmVfdW5tYXNrZWQYEiABKAgSEwoLaW52ZXJ0X21hc2sYEyABKAgSFwoPc2NoZWR1bGVyX2NsYXNzGBQgASgJEg4KBmRldmljZRgVIAEoCRINCgVkdHlwZRgWIAEoCRIVCg1tb2RlbF92YXJpYW50GBcgASgJIrIBCgdUaW1pbmdzEhUKDXF1ZXVlX3NlY29uZHMYASABKAESFwoPcHJlcGFyZV9zZWNvbmRzGAIgASgBEhcKD2Rlbm9pc2Vfc2Vjb25kcxgDIAEoARIWCg5kZWNvZGVfc2Vjb25kcxgEIAEoARIWCg5lbmNvZGVfc2Vjb25kcxgFIAEoARIVCg10b3RhbF9zZWNvbmRzGAYgASgBEhcKD3ByZXZpZXdfc2Vjb25kcxgHIAEoASKeAQoLUmVzdWx0RXZlbnQSIQoGaW1hZ2VzGAEgAygLMhEuc2RzZXJ2ZS52MS5JbWFnZRIyCgpwYXJhbWV0ZXJzGAIgASgLMh4uc2RzZXJ2ZS52MS5SZXNvbHZlZFBhcmFtZXRlcnMSJAoHdGltaW5ncxgDIAEoCzITLnNkc2VydmUudjEuVGltaW5ncxISCgpyZXF1ZXN0X2lkGAQgASgJIs0BChBHZW5lcmF0ZVJlc3BvbnNlEikKBnF1ZXVlZBgBIAEoCzIXLnNkc2VydmUudjEuUXVldWVkRXZlbnRIABIrCgdzdGFydGVkGAIgASgLMhguc2RzZXJ2ZS52MS5TdGFydGVkRXZlbnRIABItCghwcm9ncmVzcxgDIAEoCzIZLnNkc2VydmUudjEuUHJvZ3Jlc3NFdmVudEgAEikKBnJlc3VsdBgEIAEoCzIXLnNkc2VydmUudjEuUmVzdWx0RXZlbnRIAEIHCgVldmVudCLJAQoMRWRpdFJlc3BvbnNlEikKBnF1ZXVlZBgBIAEoCzIXLnNkc2VydmUudjEuUXVldWVkRXZlbnRIABIrCgdzdGFydGVkGAIgASgLMhguc2RzZXJ2ZS52MS5TdGFydGVkRXZlbnRIABItCghwcm9ncmVzcxgDIAEoCzIZLnNkc2VydmUudjEuUHJvZ3Jlc3NFdmVudEgAEikKBnJlc3VsdBgEIAEoCzIXLnNkc2VydmUudjEuUmVzdWx0RXZlbnRIAEIHCgVldmVudCLMAQoPSW5wYWludFJlc3BvbnNlEikKBnF1ZXVlZBgBIAEoCzIXLnNkc2VydmUudjEuUXVldWVkRXZlbnRIABIrCgdzdGFydGVkGAIgASgLMhguc2RzZXJ2ZS52MS5TdGFydGVkRXZlbnRIABItCghwcm9ncmVzcxgDIAEoCzIZLnNkc2VydmUudjEuUHJvZ3Jlc3NFdmVudEgAEikKBnJlc3VsdBgEIAEoCzIXLnNkc2VydmUudjEuUmVzdWx0RXZlbnRIAEIHCgVldmVudCITChFMaXN0TW9kZWxzUmVxdWVzdCKZAgoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSJQoFc3RhdGUYAyABKA4yFi5zZHNlcnZlLnYxLk1vZGVsU3RhdGUSDwoHYWxpYXNlcxgEIAMoCRIfCgV0YXNrcxgFIAMoDjIQLnNkc2VydmUudjEuVGFzaxIPCgd2YXJpYW50GAYgASgJEhUKDWRlZmF1bHRfd2lkdGgYByABKA0SFgoOZGVmYXVsdF9oZWlnaHQYCCABKA0SGAoQdW5ldF9pbl9jaGFubmVscxgJIAEoDRINCgVlcnJvchgKIAEoCRITCgtkZXNjcmlwdGlvbhgLIAEoCRIVCg1pbnBhaW50X21vZGVsGAwgASgJIlIKEkxpc3RNb2RlbHNSZXNwb25zZRIlCgZtb2RlbHMYASADKAsyFS5zZHNlcnZlLnYxLk1vZGVsSW5mbxIVCg1kZWZhdWx0X21vZGVsGAIgASgJIhYKFEdldFNlcnZlckluZm9SZXF1ZXN0IvEBCgZMaW1pdHMSEAoIbWluX3NpemUYASABKA0SEAoIbWF4X3NpemUYAiABKA0SGAoQbWF4X2lucHV0X3BpeGVscxgDIAEoBBIXCg9tYXhfaW1hZ2VfYnl0ZXMYBCABKAQSEQoJbWF4X3N0ZXBzGAUgASgNEhIKCm1heF9pbWFnZXMYBiABKA0SGAoQbWF4X3Byb21wdF9jaGFycxgHIAEoDRIZChFtYXhfbWVzc2FnZV9ieXRlcxgIIAEoBBIRCgltYXhfcXVldWUYCSABKA0SIQoZZGVmYXVsdF9tYXhfcXVldWVfc2Vjb25kcxgKIAEoASJ1CgpCYXRjaExpbWl0Eg0KBW1vZGVsGAEgASgJEg0KBXdpZHRoGAIgASgNEg4KBmhlaWdodBgDIAEoDRIYChBtYXhfYmF0Y2hfaW1hZ2VzGAQgASgNEg4KBnNvdXJjZRgFIAEoCRIPCgd2YXJpYW50GAYgASgJItgCChVHZXRTZXJ2ZXJJbmZvUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoCRIOCgZkZXZpY2UYAiABKAkSEwoLZGV2aWNlX25hbWUYAyABKAkSDQoFZHR5cGUYBCABKAkSFQoNdG9yY2hfdmVyc2lvbhgFIAEoCRIZChFkaWZmdXNlcnNfdmVyc2lvbhgGIAEoCRIWCg5weXRob25fdmVyc2lvbhgHIAEoCRIpCgpzY2hlZHVsZXJzGAggAygOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISIgoGbGltaXRzGAkgASgLMhIuc2RzZXJ2ZS52MS5MaW1pdHMSFQoNZGVmYXVsdF9tb2RlbBgKIAEoCRIcChR0cmFuc2Zvcm1lcnNfdmVyc2lvbhgLIAEoCRIsCgxiYXRjaF9saW1pdHMYDCADKAsyFi5zZHNlcnZlLnYxLkJhdGNoTGltaXQqnAIKCVNjaGVkdWxlchIZChVTQ0hFRFVMRVJfVU5TUEVDSUZJRUQQABISCg5TQ0hFRFVMRVJfRERJTRABEhIKDlNDSEVEVUxFUl9QTkRNEAISEgoOU0NIRURVTEVSX0REUE0QAxIRCg1TQ0hFRFVMRVJfTE1TEAQSEwoPU0NIRURVTEVSX0VVTEVSEAUSHQoZU0NIRURVTEVSX0VVTEVSX0FOQ0VTVFJBTBAGEhIKDlNDSEVEVUxFUl9IRVVOEAcSFgoSU0NIRURVTEVSX0RQTVBQXzJNEAgSHQoZU0NIRURVTEVSX0RQTVBQXzJNX0tBUlJBUxAJEhMKD1NDSEVEVUxFUl9VTklQQxAKEhEKDVNDSEVEVUxFUl9MQ00QCypvCgtJbWFnZUZvcm1hdBIcChhJTUFHRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBJTUFHRV9GT1JNQVRfUE5HEAESFQoRSU1BR0VfRk9STUFUX0pQRUcQAhIVChFJTUFHRV9GT1JNQVRfV0VCUBADKnoKC1ByZXZpZXdNb2RlEhwKGFBSRVZJRVdfTU9ERV9VTlNQRUNJRklFRBAAEhUKEVBSRVZJRVdfTU9ERV9OT05FEAESGwoXUFJFVklFV19NT0RFX0xBVEVOVF9SR0IQAhIZChVQUkVWSUVXX01PREVfRlVMTF9WQUUQAyplCgtJbnBhaW50QXJlYRIcChhJTlBBSU5UX0FSRUFfVU5TUEVDSUZJRUQQABIcChhJTlBBSU5UX0FSRUFfV0hPTEVfSU1BR0UQARIaChZJTlBBSU5UX0FSRUFfTUFTS19PTkxZEAIqUAoEVGFzaxIUChBUQVNLX1VOU1BFQ0lGSUVEEAASEQoNVEFTS19HRU5FUkFURRABEg0KCVRBU0tfRURJVBACEhAKDFRBU0tfSU5QQUlOVBADKosBCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTTU9ERUxfU1RBVEVfT05fRElTSxABEhcKE01PREVMX1NUQVRFX0xPQURJTkcQAhIWChJNT0RFTF9TVEFURV9MT0FERUQQAxIWChJNT0RFTF9TVEFURV9GQUlMRUQQBDKBAwoQRGlmZnVzaW9uU2VydmljZRJHCghHZW5lcmF0ZRIbLnNkc2VydmUudjEuR2VuZXJhdGVSZXF1ZXN0Ghwuc2RzZXJ2ZS52MS5HZW5lcmF0ZVJlc3BvbnNlMAESOwoERWRpdBIXLnNkc2VydmUudjEuRWRpdFJlcXVlc3QaGC5zZHNlcnZlLnYxLkVkaXRSZXNwb25zZTABEkQKB0lucGFpbnQSGi5zZHNlcnZlLnYxLklucGFpbnRSZXF1ZXN0Ghsuc2RzZXJ2ZS52MS5JbnBhaW50UmVzcG9uc2UwARJLCgpMaXN0TW9kZWxzEh0uc2RzZXJ2ZS52MS5MaXN0TW9kZWxzUmVxdWVzdBoeLnNkc2VydmUudjEuTGlzdE1vZGVsc1Jlc3BvbnNlElQKDUdldFNlcnZlckluZm8SIC5zZHNlcnZlLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GiEuc2RzZXJ2ZS52MS5HZXRTZXJ2ZXJJbmZvUmVzcG9uc2ViBnByb3RvMw");
+  fileDesc("ChpzZHNlcnZlL3YxL2RpZmZ1c2lvbi5wcm90bxIKc2RzZXJ2ZS52MSKaAQoOUHJldmlld09wdGlvbnMSJQoEbW9kZRgBIAEoDjIXLnNkc2VydmUudjEuUHJldmlld01vZGUSFQoNZXZlcnlfbl9zdGVwcxgCIAEoDRIQCghtYXhfZWRnZRgDIAEoDRInCgZmb3JtYXQYBCABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYBSABKA0ifQoNT3V0cHV0T3B0aW9ucxInCgZmb3JtYXQYASABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYAiABKA0SHQoQZW1iZWRfcGFyYW1ldGVycxgDIAEoCEgAiAEBQhMKEV9lbWJlZF9wYXJhbWV0ZXJzIqsEChBHZW5lcmF0aW9uUGFyYW1zEg0KBW1vZGVsGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSACIAQESKAoJc2NoZWR1bGVyGAggASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISEQoEc2VlZBgJIAEoBEgBiAEBEhIKCm51bV9pbWFnZXMYCiABKA0SEQoJY2xpcF9za2lwGAsgASgNEisKB3ByZXZpZXcYDCABKAsyGi5zZHNlcnZlLnYxLlByZXZpZXdPcHRpb25zEikKBm91dHB1dBgNIAEoCzIZLnNkc2VydmUudjEuT3V0cHV0T3B0aW9ucxISCgpyZXF1ZXN0X2lkGA4gASgJEhkKEW1heF9xdWV1ZV9zZWNvbmRzGA8gASgBEhAKCHByb21wdF8yGBAgASgJEhkKEW5lZ2F0aXZlX3Byb21wdF8yGBEgASgJEjMKDGNvbmRpdGlvbmluZxgSIAEoCzIdLnNkc2VydmUudjEuTWljcm9Db25kaXRpb25pbmcSKwoHcmVmaW5lchgTIAEoCzIaLnNkc2VydmUudjEuUmVmaW5lck9wdGlvbnNCEQoPX2d1aWRhbmNlX3NjYWxlQgcKBV9zZWVkIioKCUltYWdlU2l6ZRINCgV3aWR0aBgBIAEoDRIOCgZoZWlnaHQYAiABKA0iJwoKQ3JvcE9mZnNldBILCgN0b3AYASABKA0SDAoEbGVmdBgCIAEoDSLGAwoRTWljcm9Db25kaXRpb25pbmcSLAoNb3JpZ2luYWxfc2l6ZRgBIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEjUKFWNyb3BzX2Nvb3Jkc190b3BfbGVmdBgCIAEoCzIWLnNkc2VydmUudjEuQ3JvcE9mZnNldBIqCgt0YXJnZXRfc2l6ZRgDIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEjUKFm5lZ2F0aXZlX29yaWdpbmFsX3NpemUYBCABKAsyFS5zZHNlcnZlLnYxLkltYWdlU2l6ZRI+Ch5uZWdhdGl2ZV9jcm9wc19jb29yZHNfdG9wX2xlZnQYBSABKAsyFi5zZHNlcnZlLnYxLkNyb3BPZmZzZXQSMwoUbmVnYXRpdmVfdGFyZ2V0X3NpemUYBiABKAsyFS5zZHNlcnZlLnYxLkltYWdlU2l6ZRIcCg9hZXN0aGV0aWNfc2NvcmUYByABKAJIAIgBARIlChhuZWdhdGl2ZV9hZXN0aGV0aWNfc2NvcmUYCCABKAJIAYgBAUISChBfYWVzdGhldGljX3Njb3JlQhsKGV9uZWdhdGl2ZV9hZXN0aGV0aWNfc2NvcmUikAEKDlJlZmluZXJPcHRpb25zEg0KBW1vZGVsGAEgASgJEiUKBG1vZGUYAiABKA4yFy5zZHNlcnZlLnYxLlJlZmluZXJNb2RlEhYKCXN3aXRjaF9hdBgDIAEoAkgAiAEBEhUKCHN0cmVuZ3RoGAQgASgCSAGIAQFCDAoKX3N3aXRjaF9hdEILCglfc3RyZW5ndGgiPwoPR2VuZXJhdGVSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcyJuCgtFZGl0UmVxdWVzdBIsCgZwYXJhbXMYASABKAsyHC5zZHNlcnZlLnYxLkdlbmVyYXRpb25QYXJhbXMSDQoFaW1hZ2UYAiABKAwSFQoIc3RyZW5ndGgYAyABKAJIAIgBAUILCglfc3RyZW5ndGgilQIKDklucGFpbnRSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcxINCgVpbWFnZRgCIAEoDBIMCgRtYXNrGAMgASgMEhEKCW1hc2tfYmx1chgEIAEoDRITCgtpbnZlcnRfbWFzaxgFIAEoCBIVCghzdHJlbmd0aBgGIAEoAkgAiAEBEiUKBGFyZWEYByABKA4yFy5zZHNlcnZlLnYxLklucGFpbnRBcmVhEhkKDG1hc2tfcGFkZGluZxgIIAEoDUgBiAEBEhkKEXByZXNlcnZlX3VubWFza2VkGAkgASgIQgsKCV9zdHJlbmd0aEIPCg1fbWFza19wYWRkaW5nIh8KC1F1ZXVlZEV2ZW50EhAKCHBvc2l0aW9uGAEgASgNIpgCCgxTdGFydGVkRXZlbnQSDQoFc2VlZHMYASADKAQSDQoFbW9kZWwYAiABKAkSFgoObW9kZWxfcmV2aXNpb24YAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCRIVCg1xdWV1ZV9zZWNvbmRzGAUgASgBEhIKCmJhdGNoX3NpemUYBiABKA0SFQoNbW9kZWxfdmFyaWFudBgHIAEoCRINCgVkdHlwZRgIIAEoCRIVCg1yZWZpbmVyX21vZGVsGAkgASgJEh4KFnJlZmluZXJfbW9kZWxfcmV2aXNpb24YCiABKAkSHQoVcmVmaW5lcl9tb2RlbF92YXJpYW50GAsgASgJEhcKD21lbW9yeV9zdHJhdGVneRgMIAEoCSJuCgdQcmV2aWV3Eg0KBWluZGV4GAEgASgNEgwKBGRhdGEYAiABKAwSJwoGZm9ybWF0GAMgASgOMhcuc2RzZXJ2ZS52MS5JbWFnZUZvcm1hdBINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0iiAEKDVByb2dyZXNzRXZlbnQSDAoEc3RlcBgBIAEoDRITCgt0b3RhbF9zdGVwcxgCIAEoDRIlCghwcmV2aWV3cxgDIAMoCzITLnNkc2VydmUudjEuUHJldmlldxItCgxkZW5vaXNlX3Bhc3MYBCABKA4yFy5zZHNlcnZlLnYxLkRlbm9pc2VQYXNzInoKBUltYWdlEg0KBWluZGV4GAEgASgNEgwKBGRhdGEYAiABKAwSJwoGZm9ybWF0GAMgASgOMhcuc2RzZXJ2ZS52MS5JbWFnZUZvcm1hdBINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SDAoEc2VlZBgGIAEoBCLxBQoSUmVzb2x2ZWRQYXJhbWV0ZXJzEh4KBHRhc2sYASABKA4yEC5zZHNlcnZlLnYxLlRhc2sSDQoFbW9kZWwYAiABKAkSFgoObW9kZWxfcmV2aXNpb24YAyABKAkSDgoGcHJvbXB0GAQgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgFIAEoCRINCgV3aWR0aBgGIAEoDRIOCgZoZWlnaHQYByABKA0SDQoFc3RlcHMYCCABKA0SFgoOZ3VpZGFuY2Vfc2NhbGUYCSABKAISKAoJc2NoZWR1bGVyGAogASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISDAoEc2VlZBgLIAEoBBISCgpudW1faW1hZ2VzGAwgASgNEhEKCWNsaXBfc2tpcBgNIAEoDRIQCghzdHJlbmd0aBgOIAEoAhIRCgltYXNrX2JsdXIYDyABKA0SJQoEYXJlYRgQIAEoDjIXLnNkc2VydmUudjEuSW5wYWludEFyZWESFAoMbWFza19wYWRkaW5nGBEgASgNEhkKEXByZXNlcnZlX3VubWFza2VkGBIgASgIEhMKC2ludmVydF9tYXNrGBMgASgIEhcKD3NjaGVkdWxlcl9jbGFzcxgUIAEoCRIOCgZkZXZpY2UYFSABKAkSDQoFZHR5cGUYFiABKAkSFQoNbW9kZWxfdmFyaWFudBgXIAEoCRIQCghwcm9tcHRfMhgYIAEoCRIZChFuZWdhdGl2ZV9wcm9tcHRfMhgZIAEoCRIzCgxjb25kaXRpb25pbmcYGiABKAsyHS5zZHNlcnZlLnYxLk1pY3JvQ29uZGl0aW9uaW5nEisKB3JlZmluZXIYGyABKAsyGi5zZHNlcnZlLnYxLlJlZmluZXJPcHRpb25zEh4KFnJlZmluZXJfbW9kZWxfcmV2aXNpb24YHCABKAkSHQoVcmVmaW5lcl9tb2RlbF92YXJpYW50GB0gASgJEhcKD21lbW9yeV9zdHJhdGVneRgeIAEoCSKyAQoHVGltaW5ncxIVCg1xdWV1ZV9zZWNvbmRzGAEgASgBEhcKD3ByZXBhcmVfc2Vjb25kcxgCIAEoARIXCg9kZW5vaXNlX3NlY29uZHMYAyABKAESFgoOZGVjb2RlX3NlY29uZHMYBCABKAESFgoOZW5jb2RlX3NlY29uZHMYBSABKAESFQoNdG90YWxfc2Vjb25kcxgGIAEoARIXCg9wcmV2aWV3X3NlY29uZHMYByABKAEingEKC1Jlc3VsdEV2ZW50EiEKBmltYWdlcxgBIAMoCzIRLnNkc2VydmUudjEuSW1hZ2USMgoKcGFyYW1ldGVycxgCIAEoCzIeLnNkc2VydmUudjEuUmVzb2x2ZWRQYXJhbWV0ZXJzEiQKB3RpbWluZ3MYAyABKAsyEy5zZHNlcnZlLnYxLlRpbWluZ3MSEgoKcmVxdWVzdF9pZBgEIAEoCSLNAQoQR2VuZXJhdGVSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiyQEKDEVkaXRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQizAEKD0lucGFpbnRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3QiugIKCU1vZGVsSW5mbxIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuc2RzZXJ2ZS52MS5Nb2RlbFN0YXRlEg8KB2FsaWFzZXMYBCADKAkSHwoFdGFza3MYBSADKA4yEC5zZHNlcnZlLnYxLlRhc2sSDwoHdmFyaWFudBgGIAEoCRIVCg1kZWZhdWx0X3dpZHRoGAcgASgNEhYKDmRlZmF1bHRfaGVpZ2h0GAggASgNEhgKEHVuZXRfaW5fY2hhbm5lbHMYCSABKA0SDQoFZXJyb3IYCiABKAkSEwoLZGVzY3JpcHRpb24YCyABKAkSFQoNaW5wYWludF9tb2RlbBgMIAEoCRIOCgZmYW1pbHkYDSABKAkSDwoHcmVmaW5lchgOIAEoCCJSChJMaXN0TW9kZWxzUmVzcG9uc2USJQoGbW9kZWxzGAEgAygLMhUuc2RzZXJ2ZS52MS5Nb2RlbEluZm8SFQoNZGVmYXVsdF9tb2RlbBgCIAEoCSIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLxAQoGTGltaXRzEhAKCG1pbl9zaXplGAEgASgNEhAKCG1heF9zaXplGAIgASgNEhgKEG1heF9pbnB1dF9waXhlbHMYAyABKAQSFwoPbWF4X2ltYWdlX2J5dGVzGAQgASgEEhEKCW1heF9zdGVwcxgFIAEoDRISCgptYXhfaW1hZ2VzGAYgASgNEhgKEG1heF9wcm9tcHRfY2hhcnMYByABKA0SGQoRbWF4X21lc3NhZ2VfYnl0ZXMYCCABKAQSEQoJbWF4X3F1ZXVlGAkgASgNEiEKGWRlZmF1bHRfbWF4X3F1ZXVlX3NlY29uZHMYCiABKAEidQoKQmF0Y2hMaW1pdBINCgVtb2RlbBgBIAEoCRINCgV3aWR0aBgCIAEoDRIOCgZoZWlnaHQYAyABKA0SGAoQbWF4X2JhdGNoX2ltYWdlcxgEIAEoDRIOCgZzb3VyY2UYBSABKAkSDwoHdmFyaWFudBgGIAEoCSKCAwoVR2V0U2VydmVySW5mb1Jlc3BvbnNlEg8KB3ZlcnNpb24YASABKAkSDgoGZGV2aWNlGAIgASgJEhMKC2RldmljZV9uYW1lGAMgASgJEg0KBWR0eXBlGAQgASgJEhUKDXRvcmNoX3ZlcnNpb24YBSABKAkSGQoRZGlmZnVzZXJzX3ZlcnNpb24YBiABKAkSFgoOcHl0aG9uX3ZlcnNpb24YByABKAkSKQoKc2NoZWR1bGVycxgIIAMoDjIVLnNkc2VydmUudjEuU2NoZWR1bGVyEiIKBmxpbWl0cxgJIAEoCzISLnNkc2VydmUudjEuTGltaXRzEhUKDWRlZmF1bHRfbW9kZWwYCiABKAkSHAoUdHJhbnNmb3JtZXJzX3ZlcnNpb24YCyABKAkSLAoMYmF0Y2hfbGltaXRzGAwgAygLMhYuc2RzZXJ2ZS52MS5CYXRjaExpbWl0EigKBm1lbW9yeRgNIAEoCzIYLnNkc2VydmUudjEuTWVtb3J5UG9saWN5IrsBCgxNZW1vcnlQb2xpY3kSEgoKdmFlX3RpbGluZxgBIAEoCRIdChV2YWVfdGlsaW5nX21pbl9waXhlbHMYAiABKAQSEwoLdmFlX3NsaWNpbmcYAyABKAkSGQoRYXR0ZW50aW9uX3NsaWNpbmcYBCABKAkSEwoLY3B1X29mZmxvYWQYBSABKAkSGQoRZGV2aWNlX2ZyZWVfYnl0ZXMYBiABKAQSGAoQb2ZmbG9hZGVkX21vZGVscxgHIAMoCSqcAgoJU2NoZWR1bGVyEhkKFVNDSEVEVUxFUl9VTlNQRUNJRklFRBAAEhIKDlNDSEVEVUxFUl9ERElNEAESEgoOU0NIRURVTEVSX1BORE0QAhISCg5TQ0hFRFVMRVJfRERQTRADEhEKDVNDSEVEVUxFUl9MTVMQBBITCg9TQ0hFRFVMRVJfRVVMRVIQBRIdChlTQ0hFRFVMRVJfRVVMRVJfQU5DRVNUUkFMEAYSEgoOU0NIRURVTEVSX0hFVU4QBxIWChJTQ0hFRFVMRVJfRFBNUFBfMk0QCBIdChlTQ0hFRFVMRVJfRFBNUFBfMk1fS0FSUkFTEAkSEwoPU0NIRURVTEVSX1VOSVBDEAoSEQoNU0NIRURVTEVSX0xDTRALKm8KC0ltYWdlRm9ybWF0EhwKGElNQUdFX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhQKEElNQUdFX0ZPUk1BVF9QTkcQARIVChFJTUFHRV9GT1JNQVRfSlBFRxACEhUKEUlNQUdFX0ZPUk1BVF9XRUJQEAMqegoLUHJldmlld01vZGUSHAoYUFJFVklFV19NT0RFX1VOU1BFQ0lGSUVEEAASFQoRUFJFVklFV19NT0RFX05PTkUQARIbChdQUkVWSUVXX01PREVfTEFURU5UX1JHQhACEhkKFVBSRVZJRVdfTU9ERV9GVUxMX1ZBRRADKmUKC0lucGFpbnRBcmVhEhwKGElOUEFJTlRfQVJFQV9VTlNQRUNJRklFRBAAEhwKGElOUEFJTlRfQVJFQV9XSE9MRV9JTUFHRRABEhoKFklOUEFJTlRfQVJFQV9NQVNLX09OTFkQAipQCgRUYXNrEhQKEFRBU0tfVU5TUEVDSUZJRUQQABIRCg1UQVNLX0dFTkVSQVRFEAESDQoJVEFTS19FRElUEAISEAoMVEFTS19JTlBBSU5UEAMqiwEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNNT0RFTF9TVEFURV9PTl9ESVNLEAESFwoTTU9ERUxfU1RBVEVfTE9BRElORxACEhYKEk1PREVMX1NUQVRFX0xPQURFRBADEhYKEk1PREVMX1NUQVRFX0ZBSUxFRBAEKmQKC1JlZmluZXJNb2RlEhwKGFJFRklORVJfTU9ERV9VTlNQRUNJRklFRBAAEh8KG1JFRklORVJfTU9ERV9MQVRFTlRfSEFORE9GRhABEhYKElJFRklORVJfTU9ERV9JTUFHRRACKlwKC0Rlbm9pc2VQYXNzEhwKGERFTk9JU0VfUEFTU19VTlNQRUNJRklFRBAAEhUKEURFTk9JU0VfUEFTU19CQVNFEAESGAoUREVOT0lTRV9QQVNTX1JFRklORVIQAjKBAwoQRGlmZnVzaW9uU2VydmljZRJHCghHZW5lcmF0ZRIbLnNkc2VydmUudjEuR2VuZXJhdGVSZXF1ZXN0Ghwuc2RzZXJ2ZS52MS5HZW5lcmF0ZVJlc3BvbnNlMAESOwoERWRpdBIXLnNkc2VydmUudjEuRWRpdFJlcXVlc3QaGC5zZHNlcnZlLnYxLkVkaXRSZXNwb25zZTABEkQKB0lucGFpbnQSGi5zZHNlcnZlLnYxLklucGFpbnRSZXF1ZXN0Ghsuc2RzZXJ2ZS52MS5JbnBhaW50UmVzcG9uc2UwARJLCgpMaXN0TW9kZWxzEh0uc2RzZXJ2ZS52MS5MaXN0TW9kZWxzUmVxdWVzdBoeLnNkc2VydmUudjEuTGlzdE1vZGVsc1Jlc3BvbnNlElQKDUdldFNlcnZlckluZm8SIC5zZHNlcnZlLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GiEuc2RzZXJ2ZS52MS5HZXRTZXJ2ZXJJbmZvUmVzcG9uc2ViBnByb3RvMw");
 
 /**
  * PreviewOptions asks for intermediate images while denoising.
@@ -219,6 +219,35 @@ export type GenerationParams = Message<"sdserve.v1.GenerationParams"> & {
    * @generated from field: double max_queue_seconds = 15;
    */
   maxQueueSeconds: number;
+
+  /**
+   * SDXL only: the prompt for the second text encoder (OpenCLIP ViT-bigG). Empty: `prompt`.
+   * Same limit as `prompt`. Naming it for a model of another family is INVALID_ARGUMENT.
+   *
+   * @generated from field: string prompt_2 = 16;
+   */
+  prompt2: string;
+
+  /**
+   * SDXL only: the negative prompt for the second text encoder. Empty: `negative_prompt`.
+   *
+   * @generated from field: string negative_prompt_2 = 17;
+   */
+  negativePrompt2: string;
+
+  /**
+   * SDXL only: the size and crop micro-conditioning. Unset fields take the defaults documented there.
+   *
+   * @generated from field: sdserve.v1.MicroConditioning conditioning = 18;
+   */
+  conditioning?: MicroConditioning | undefined;
+
+  /**
+   * SDXL only: a second pass with a refiner model in the same request. Unset: no second pass.
+   *
+   * @generated from field: sdserve.v1.RefinerOptions refiner = 19;
+   */
+  refiner?: RefinerOptions | undefined;
 };
 
 /**
@@ -227,6 +256,183 @@ export type GenerationParams = Message<"sdserve.v1.GenerationParams"> & {
  */
 export const GenerationParamsSchema: GenMessage<GenerationParams> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_diffusion, 2);
+
+/**
+ * ImageSize is a size in pixels.
+ *
+ * @generated from message sdserve.v1.ImageSize
+ */
+export type ImageSize = Message<"sdserve.v1.ImageSize"> & {
+  /**
+   * Width in pixels, 1 to 16384.
+   *
+   * @generated from field: uint32 width = 1;
+   */
+  width: number;
+
+  /**
+   * Height in pixels, 1 to 16384.
+   *
+   * @generated from field: uint32 height = 2;
+   */
+  height: number;
+};
+
+/**
+ * Describes the message sdserve.v1.ImageSize.
+ * Use `create(ImageSizeSchema)` to create a new message.
+ */
+export const ImageSizeSchema: GenMessage<ImageSize> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 3);
+
+/**
+ * CropOffset is the top-left corner of a crop, in pixels.
+ *
+ * @generated from message sdserve.v1.CropOffset
+ */
+export type CropOffset = Message<"sdserve.v1.CropOffset"> & {
+  /**
+   * Pixels from the top, 0 to 16384.
+   *
+   * @generated from field: uint32 top = 1;
+   */
+  top: number;
+
+  /**
+   * Pixels from the left, 0 to 16384.
+   *
+   * @generated from field: uint32 left = 2;
+   */
+  left: number;
+};
+
+/**
+ * Describes the message sdserve.v1.CropOffset.
+ * Use `create(CropOffsetSchema)` to create a new message.
+ */
+export const CropOffsetSchema: GenMessage<CropOffset> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 4);
+
+/**
+ * MicroConditioning is SDXL's size and crop conditioning (the `add_time_ids` of the SDXL UNet). The model
+ * was trained to associate these values with image quality and framing: an `original_size` below
+ * `target_size` asks for an upscaled-looking image, a non-zero crop offset for a cropped one.
+ * Refused for models of other families.
+ *
+ * @generated from message sdserve.v1.MicroConditioning
+ */
+export type MicroConditioning = Message<"sdserve.v1.MicroConditioning"> & {
+  /**
+   * The size the model should treat the source image as having had. Unset: the output size.
+   *
+   * @generated from field: sdserve.v1.ImageSize original_size = 1;
+   */
+  originalSize?: ImageSize | undefined;
+
+  /**
+   * Crop offset to condition on. Unset: (0, 0), an uncropped image.
+   *
+   * @generated from field: sdserve.v1.CropOffset crops_coords_top_left = 2;
+   */
+  cropsCoordsTopLeft?: CropOffset | undefined;
+
+  /**
+   * The size the model should aim for. Unset: the output size.
+   *
+   * @generated from field: sdserve.v1.ImageSize target_size = 3;
+   */
+  targetSize?: ImageSize | undefined;
+
+  /**
+   * The same three for the negative (unconditional) branch of classifier-free guidance.
+   * Unset: the positive values (diffusers' defaults).
+   *
+   * @generated from field: sdserve.v1.ImageSize negative_original_size = 4;
+   */
+  negativeOriginalSize?: ImageSize | undefined;
+
+  /**
+   * Negative crop offset. Unset: (0, 0).
+   *
+   * @generated from field: sdserve.v1.CropOffset negative_crops_coords_top_left = 5;
+   */
+  negativeCropsCoordsTopLeft?: CropOffset | undefined;
+
+  /**
+   * Negative target size. Unset: the positive target size.
+   *
+   * @generated from field: sdserve.v1.ImageSize negative_target_size = 6;
+   */
+  negativeTargetSize?: ImageSize | undefined;
+
+  /**
+   * Refiner models only (their UNet is conditioned on an aesthetic score): the score to aim for,
+   * 0 to 10. Absent: 6.0. Applies to the refiner pass of a base + refiner request, and to Edit and
+   * Inpaint requests that name a refiner model directly.
+   *
+   * @generated from field: optional float aesthetic_score = 7;
+   */
+  aestheticScore?: number | undefined;
+
+  /**
+   * Refiner models only: the score of the negative branch, 0 to 10. Absent: 2.5.
+   *
+   * @generated from field: optional float negative_aesthetic_score = 8;
+   */
+  negativeAestheticScore?: number | undefined;
+};
+
+/**
+ * Describes the message sdserve.v1.MicroConditioning.
+ * Use `create(MicroConditioningSchema)` to create a new message.
+ */
+export const MicroConditioningSchema: GenMessage<MicroConditioning> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 5);
+
+/**
+ * RefinerOptions adds a refiner pass to a request on an SDXL base model.
+ *
+ * @generated from message sdserve.v1.RefinerOptions
+ */
+export type RefinerOptions = Message<"sdserve.v1.RefinerOptions"> & {
+  /**
+   * Name or alias of an SDXL refiner model (one whose ListModels `tasks` include refinement, or any SDXL
+   * model with the same latent space). Required when `refiner` is set; NOT_FOUND when no such model exists,
+   * FAILED_PRECONDITION when it is not an SDXL model or the base model is not one.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * How the refiner takes over. Default: LATENT_HANDOFF.
+   *
+   * @generated from field: sdserve.v1.RefinerMode mode = 2;
+   */
+  mode: RefinerMode;
+
+  /**
+   * LATENT_HANDOFF: the fraction of the denoising schedule the base model runs (diffusers'
+   * `denoising_end` / `denoising_start`), above 0 and below 1. Absent: 0.8.
+   *
+   * @generated from field: optional float switch_at = 3;
+   */
+  switchAt?: number | undefined;
+
+  /**
+   * IMAGE: how far the refiner moves from the base model's image, above 0 to 1. Absent: 0.3.
+   *
+   * @generated from field: optional float strength = 4;
+   */
+  strength?: number | undefined;
+};
+
+/**
+ * Describes the message sdserve.v1.RefinerOptions.
+ * Use `create(RefinerOptionsSchema)` to create a new message.
+ */
+export const RefinerOptionsSchema: GenMessage<RefinerOptions> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 6);
 
 /**
  * GenerateRequest asks for text-to-image.
@@ -247,7 +453,7 @@ export type GenerateRequest = Message<"sdserve.v1.GenerateRequest"> & {
  * Use `create(GenerateRequestSchema)` to create a new message.
  */
 export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 3);
+  messageDesc(file_sdserve_v1_diffusion, 7);
 
 /**
  * EditRequest asks for image-to-image.
@@ -284,7 +490,7 @@ export type EditRequest = Message<"sdserve.v1.EditRequest"> & {
  * Use `create(EditRequestSchema)` to create a new message.
  */
 export const EditRequestSchema: GenMessage<EditRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 4);
+  messageDesc(file_sdserve_v1_diffusion, 8);
 
 /**
  * InpaintRequest asks for inpainting.
@@ -363,7 +569,7 @@ export type InpaintRequest = Message<"sdserve.v1.InpaintRequest"> & {
  * Use `create(InpaintRequestSchema)` to create a new message.
  */
 export const InpaintRequestSchema: GenMessage<InpaintRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 5);
+  messageDesc(file_sdserve_v1_diffusion, 9);
 
 /**
  * QueuedEvent says the request is waiting for the device.
@@ -384,7 +590,7 @@ export type QueuedEvent = Message<"sdserve.v1.QueuedEvent"> & {
  * Use `create(QueuedEventSchema)` to create a new message.
  */
 export const QueuedEventSchema: GenMessage<QueuedEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 6);
+  messageDesc(file_sdserve_v1_diffusion, 10);
 
 /**
  * StartedEvent says the request has reached the device.
@@ -448,6 +654,35 @@ export type StartedEvent = Message<"sdserve.v1.StartedEvent"> & {
    * @generated from field: string dtype = 8;
    */
   dtype: string;
+
+  /**
+   * The refiner that runs the second pass (empty without one): name, revision and variant, as for the base.
+   *
+   * @generated from field: string refiner_model = 9;
+   */
+  refinerModel: string;
+
+  /**
+   * The refiner's revision.
+   *
+   * @generated from field: string refiner_model_revision = 10;
+   */
+  refinerModelRevision: string;
+
+  /**
+   * The refiner's stored weights variant.
+   *
+   * @generated from field: string refiner_model_variant = 11;
+   */
+  refinerModelVariant: string;
+
+  /**
+   * Memory strategies this request runs with, comma-separated and sorted (for example
+   * `vae_tiling,vae_slicing`), or `none`. See GetServerInfoResponse.memory.
+   *
+   * @generated from field: string memory_strategy = 12;
+   */
+  memoryStrategy: string;
 };
 
 /**
@@ -455,7 +690,7 @@ export type StartedEvent = Message<"sdserve.v1.StartedEvent"> & {
  * Use `create(StartedEventSchema)` to create a new message.
  */
 export const StartedEventSchema: GenMessage<StartedEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 7);
+  messageDesc(file_sdserve_v1_diffusion, 11);
 
 /**
  * Preview is an intermediate image.
@@ -504,7 +739,7 @@ export type Preview = Message<"sdserve.v1.Preview"> & {
  * Use `create(PreviewSchema)` to create a new message.
  */
 export const PreviewSchema: GenMessage<Preview> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 8);
+  messageDesc(file_sdserve_v1_diffusion, 12);
 
 /**
  * ProgressEvent reports one finished denoising step.
@@ -533,6 +768,14 @@ export type ProgressEvent = Message<"sdserve.v1.ProgressEvent"> & {
    * @generated from field: repeated sdserve.v1.Preview previews = 3;
    */
   previews: Preview[];
+
+  /**
+   * Which denoising pass the step belongs to: BASE, or REFINER for the second pass of a request with a
+   * refiner. `step` and `total_steps` count within the pass.
+   *
+   * @generated from field: sdserve.v1.DenoisePass denoise_pass = 4;
+   */
+  denoisePass: DenoisePass;
 };
 
 /**
@@ -540,7 +783,7 @@ export type ProgressEvent = Message<"sdserve.v1.ProgressEvent"> & {
  * Use `create(ProgressEventSchema)` to create a new message.
  */
 export const ProgressEventSchema: GenMessage<ProgressEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 9);
+  messageDesc(file_sdserve_v1_diffusion, 13);
 
 /**
  * Image is one encoded result image.
@@ -596,7 +839,7 @@ export type Image = Message<"sdserve.v1.Image"> & {
  * Use `create(ImageSchema)` to create a new message.
  */
 export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 10);
+  messageDesc(file_sdserve_v1_diffusion, 14);
 
 /**
  * ResolvedParameters are the values a request actually ran with, defaults filled in.
@@ -764,6 +1007,55 @@ export type ResolvedParameters = Message<"sdserve.v1.ResolvedParameters"> & {
    * @generated from field: string model_variant = 23;
    */
   modelVariant: string;
+
+  /**
+   * Prompt for the second text encoder (SDXL; empty for other families).
+   *
+   * @generated from field: string prompt_2 = 24;
+   */
+  prompt2: string;
+
+  /**
+   * Negative prompt for the second text encoder (SDXL).
+   *
+   * @generated from field: string negative_prompt_2 = 25;
+   */
+  negativePrompt2: string;
+
+  /**
+   * The micro-conditioning used, defaults filled in (SDXL; unset for other families).
+   *
+   * @generated from field: sdserve.v1.MicroConditioning conditioning = 26;
+   */
+  conditioning?: MicroConditioning | undefined;
+
+  /**
+   * The refiner pass, defaults filled in (unset without one).
+   *
+   * @generated from field: sdserve.v1.RefinerOptions refiner = 27;
+   */
+  refiner?: RefinerOptions | undefined;
+
+  /**
+   * The refiner's revision and variant (with `refiner`).
+   *
+   * @generated from field: string refiner_model_revision = 28;
+   */
+  refinerModelRevision: string;
+
+  /**
+   * The refiner's stored weights variant.
+   *
+   * @generated from field: string refiner_model_variant = 29;
+   */
+  refinerModelVariant: string;
+
+  /**
+   * Memory strategies used, as in StartedEvent.memory_strategy.
+   *
+   * @generated from field: string memory_strategy = 30;
+   */
+  memoryStrategy: string;
 };
 
 /**
@@ -771,7 +1063,7 @@ export type ResolvedParameters = Message<"sdserve.v1.ResolvedParameters"> & {
  * Use `create(ResolvedParametersSchema)` to create a new message.
  */
 export const ResolvedParametersSchema: GenMessage<ResolvedParameters> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 11);
+  messageDesc(file_sdserve_v1_diffusion, 15);
 
 /**
  * Timings break a request's time down, in seconds.
@@ -834,7 +1126,7 @@ export type Timings = Message<"sdserve.v1.Timings"> & {
  * Use `create(TimingsSchema)` to create a new message.
  */
 export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 12);
+  messageDesc(file_sdserve_v1_diffusion, 16);
 
 /**
  * ResultEvent carries the finished images.
@@ -876,7 +1168,7 @@ export type ResultEvent = Message<"sdserve.v1.ResultEvent"> & {
  * Use `create(ResultEventSchema)` to create a new message.
  */
 export const ResultEventSchema: GenMessage<ResultEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 13);
+  messageDesc(file_sdserve_v1_diffusion, 17);
 
 /**
  * GenerateResponse is one event of a Generate stream.
@@ -929,7 +1221,7 @@ export type GenerateResponse = Message<"sdserve.v1.GenerateResponse"> & {
  * Use `create(GenerateResponseSchema)` to create a new message.
  */
 export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 14);
+  messageDesc(file_sdserve_v1_diffusion, 18);
 
 /**
  * EditResponse is one event of an Edit stream.
@@ -982,7 +1274,7 @@ export type EditResponse = Message<"sdserve.v1.EditResponse"> & {
  * Use `create(EditResponseSchema)` to create a new message.
  */
 export const EditResponseSchema: GenMessage<EditResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 15);
+  messageDesc(file_sdserve_v1_diffusion, 19);
 
 /**
  * InpaintResponse is one event of an Inpaint stream.
@@ -1035,7 +1327,7 @@ export type InpaintResponse = Message<"sdserve.v1.InpaintResponse"> & {
  * Use `create(InpaintResponseSchema)` to create a new message.
  */
 export const InpaintResponseSchema: GenMessage<InpaintResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 16);
+  messageDesc(file_sdserve_v1_diffusion, 20);
 
 /**
  * ListModelsRequest is empty.
@@ -1050,7 +1342,7 @@ export type ListModelsRequest = Message<"sdserve.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 17);
+  messageDesc(file_sdserve_v1_diffusion, 21);
 
 /**
  * ModelInfo describes one model.
@@ -1141,6 +1433,20 @@ export type ModelInfo = Message<"sdserve.v1.ModelInfo"> & {
    * @generated from field: string inpaint_model = 12;
    */
   inpaintModel: string;
+
+  /**
+   * Model family: `sd15` (SD 1.x and 2.x layouts) or `sdxl` (SDXL base, refiner and inpainting).
+   *
+   * @generated from field: string family = 13;
+   */
+  family: string;
+
+  /**
+   * True for an SDXL refiner: it runs Edit and can be named as a request's RefinerOptions.model.
+   *
+   * @generated from field: bool refiner = 14;
+   */
+  refiner: boolean;
 };
 
 /**
@@ -1148,7 +1454,7 @@ export type ModelInfo = Message<"sdserve.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 18);
+  messageDesc(file_sdserve_v1_diffusion, 22);
 
 /**
  * ListModelsResponse lists the models.
@@ -1176,7 +1482,7 @@ export type ListModelsResponse = Message<"sdserve.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 19);
+  messageDesc(file_sdserve_v1_diffusion, 23);
 
 /**
  * GetServerInfoRequest is empty.
@@ -1191,7 +1497,7 @@ export type GetServerInfoRequest = Message<"sdserve.v1.GetServerInfoRequest"> & 
  * Use `create(GetServerInfoRequestSchema)` to create a new message.
  */
 export const GetServerInfoRequestSchema: GenMessage<GetServerInfoRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 20);
+  messageDesc(file_sdserve_v1_diffusion, 24);
 
 /**
  * Limits are the server's input limits.
@@ -1275,7 +1581,7 @@ export type Limits = Message<"sdserve.v1.Limits"> & {
  * Use `create(LimitsSchema)` to create a new message.
  */
 export const LimitsSchema: GenMessage<Limits> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 21);
+  messageDesc(file_sdserve_v1_diffusion, 25);
 
 /**
  * BatchLimit is the batch size the server uses for one model and resolution.
@@ -1331,7 +1637,7 @@ export type BatchLimit = Message<"sdserve.v1.BatchLimit"> & {
  * Use `create(BatchLimitSchema)` to create a new message.
  */
 export const BatchLimitSchema: GenMessage<BatchLimit> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 22);
+  messageDesc(file_sdserve_v1_diffusion, 26);
 
 /**
  * GetServerInfoResponse describes the server.
@@ -1422,6 +1728,13 @@ export type GetServerInfoResponse = Message<"sdserve.v1.GetServerInfoResponse"> 
    * @generated from field: repeated sdserve.v1.BatchLimit batch_limits = 12;
    */
   batchLimits: BatchLimit[];
+
+  /**
+   * How the server saves memory on big requests.
+   *
+   * @generated from field: sdserve.v1.MemoryPolicy memory = 13;
+   */
+  memory?: MemoryPolicy | undefined;
 };
 
 /**
@@ -1429,7 +1742,75 @@ export type GetServerInfoResponse = Message<"sdserve.v1.GetServerInfoResponse"> 
  * Use `create(GetServerInfoResponseSchema)` to create a new message.
  */
 export const GetServerInfoResponseSchema: GenMessage<GetServerInfoResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 23);
+  messageDesc(file_sdserve_v1_diffusion, 27);
+
+/**
+ * MemoryPolicy says which memory strategies the server applies and when. Each mode is `auto` (chosen
+ * per request from its size and the device's measured free memory), `on` or `off`, set in the server's
+ * settings (`vae_tiling`, `vae_slicing`, `attention_slicing`, `cpu_offload`).
+ *
+ * @generated from message sdserve.v1.MemoryPolicy
+ */
+export type MemoryPolicy = Message<"sdserve.v1.MemoryPolicy"> & {
+  /**
+   * VAE tiling: decode (and encode) in overlapping tiles, so memory stops growing with the image area.
+   *
+   * @generated from field: string vae_tiling = 1;
+   */
+  vaeTiling: string;
+
+  /**
+   * `auto` tiles requests of at least this many output pixels (width x height), or smaller ones when the
+   * device's free memory cannot hold a whole-image decode.
+   *
+   * @generated from field: uint64 vae_tiling_min_pixels = 2;
+   */
+  vaeTilingMinPixels: bigint;
+
+  /**
+   * VAE slicing: decode a batch one image at a time.
+   *
+   * @generated from field: string vae_slicing = 3;
+   */
+  vaeSlicing: string;
+
+  /**
+   * Attention slicing: compute attention in slices (`auto`: only where PyTorch's scaled-dot-product
+   * attention is unavailable).
+   *
+   * @generated from field: string attention_slicing = 4;
+   */
+  attentionSlicing: string;
+
+  /**
+   * Model CPU offload: keep components in host memory and move each to the device while it runs
+   * (`auto`: when the device's free memory cannot hold the model; never on a CPU device).
+   *
+   * @generated from field: string cpu_offload = 5;
+   */
+  cpuOffload: string;
+
+  /**
+   * The device's free memory in bytes when last measured (0 when it cannot be measured, as on CPU).
+   *
+   * @generated from field: uint64 device_free_bytes = 6;
+   */
+  deviceFreeBytes: bigint;
+
+  /**
+   * Models loaded with CPU offload.
+   *
+   * @generated from field: repeated string offloaded_models = 7;
+   */
+  offloadedModels: string[];
+};
+
+/**
+ * Describes the message sdserve.v1.MemoryPolicy.
+ * Use `create(MemoryPolicySchema)` to create a new message.
+ */
+export const MemoryPolicySchema: GenMessage<MemoryPolicy> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 28);
 
 /**
  * Scheduler selects the noise scheduler. Each is built per request from the model's scheduler config.
@@ -1735,6 +2116,76 @@ export enum ModelState {
  */
 export const ModelStateSchema: GenEnum<ModelState> = /*@__PURE__*/
   enumDesc(file_sdserve_v1_diffusion, 5);
+
+/**
+ * RefinerMode selects how the refiner takes over from the base model.
+ *
+ * @generated from enum sdserve.v1.RefinerMode
+ */
+export enum RefinerMode {
+  /**
+   * LATENT_HANDOFF (the default).
+   *
+   * @generated from enum value: REFINER_MODE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * "Ensemble of experts": the base model denoises the first `switch_at` of the schedule and hands its
+   * latents, undecoded, to the refiner, which denoises the rest. Total denoising steps stay `steps`.
+   *
+   * @generated from enum value: REFINER_MODE_LATENT_HANDOFF = 1;
+   */
+  LATENT_HANDOFF = 1,
+
+  /**
+   * The base model runs the whole schedule and decodes; the refiner then runs image-to-image on the result
+   * at `strength` (int(steps x strength) refiner steps, at least 1).
+   *
+   * @generated from enum value: REFINER_MODE_IMAGE = 2;
+   */
+  IMAGE = 2,
+}
+
+/**
+ * Describes the enum sdserve.v1.RefinerMode.
+ */
+export const RefinerModeSchema: GenEnum<RefinerMode> = /*@__PURE__*/
+  enumDesc(file_sdserve_v1_diffusion, 6);
+
+/**
+ * DenoisePass is one denoising pass of a request.
+ *
+ * @generated from enum sdserve.v1.DenoisePass
+ */
+export enum DenoisePass {
+  /**
+   * Not set (servers before passes existed): the only pass.
+   *
+   * @generated from enum value: DENOISE_PASS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The request's own model.
+   *
+   * @generated from enum value: DENOISE_PASS_BASE = 1;
+   */
+  BASE = 1,
+
+  /**
+   * The refiner's pass (RefinerOptions).
+   *
+   * @generated from enum value: DENOISE_PASS_REFINER = 2;
+   */
+  REFINER = 2,
+}
+
+/**
+ * Describes the enum sdserve.v1.DenoisePass.
+ */
+export const DenoisePassSchema: GenEnum<DenoisePass> = /*@__PURE__*/
+  enumDesc(file_sdserve_v1_diffusion, 7);
 
 /**
  * DiffusionService runs Stable Diffusion pipelines on the server's device.
