@@ -15,8 +15,11 @@ from typing import Any, cast
 META_FILE = "sdserve.json"
 META_FORMAT = 1
 MODEL_INDEX = "model_index.json"
-# The subfolders every served folder has, in the order their absence is reported.
+# The subfolders every served folder has, in the order their absence is reported. An SDXL refiner's
+# model_index.json names no first text encoder or tokenizer ([null, null]); those are then not required.
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The subfolders required only when model_index.json names them (SDXL's second text encoder and tokenizer).
+OPTIONAL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 
 # (factors: one RGB row per latent channel, bias: RGB): the linear latent-to-RGB projection used for previews.
 LatentRGB = tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]
@@ -40,6 +43,9 @@ class FolderMeta:
     default_guidance_scale: float = 7.5
     inpaint_model: str = ""
     latent_rgb: LatentRGB | None = None
+    # A VAE subfolder that is safe in float16 (for SDXL, a "fixed" fp16 VAE): loaded instead of vae/ when the
+    # model computes in float16. Empty: vae/ (decoded in float32 when its config says force_upcast).
+    vae_fp16: str = ""
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -62,11 +68,27 @@ def read_meta_dict(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def named_components(index: dict[str, Any]) -> set[str]:
+    """The subfolders a model_index.json names with a library and class (not [null, null])."""
+    return {k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None}
+
+
+def required_subfolders(folder: Path) -> tuple[str, ...]:
+    """The subfolders `folder` must have: REQUIRED_SUBFOLDERS less those its model_index.json sets to [null, null],
+    then the OPTIONAL_SUBFOLDERS it names."""
+    index = read_json(folder / MODEL_INDEX)
+    named = named_components(index)
+    nulled = {k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
+    return tuple(s for s in REQUIRED_SUBFOLDERS if s not in nulled) + tuple(
+        s for s in OPTIONAL_SUBFOLDERS if s in named
+    )
+
+
 def check_layout(folder: Path) -> None:
     """Raises ValueError naming the first of model_index.json and the required subfolders that `folder` lacks."""
     if not (folder / MODEL_INDEX).is_file():
         raise ValueError(f"{folder} has no {MODEL_INDEX}")
-    for sub in REQUIRED_SUBFOLDERS:
+    for sub in required_subfolders(folder):
         if not (folder / sub).is_dir():
             raise ValueError(f"{folder} has no {sub}/ folder")
 
@@ -108,7 +130,16 @@ def read_meta(folder: Path) -> FolderMeta:
         default_guidance_scale=float(meta.get("default_guidance_scale", 7.5)),
         inpaint_model=str(meta.get("inpaint_model", "")),
         latent_rgb=_latent_rgb(meta.get("latent_rgb")),
+        vae_fp16=_subfolder(meta.get("vae_fp16", "")),
     )
+
+
+def _subfolder(value: Any) -> str:
+    """sdserve.json's `vae_fp16`: empty, or the name of one subfolder of the model folder (ValueError otherwise)."""
+    name = str(value or "")
+    if name and (name in (".", "..") or "/" in name or "\\" in name):
+        raise ValueError(f"sdserve.json vae_fp16 must name a subfolder of the model folder, not {name!r}")
+    return name
 
 
 def write_meta(folder: Path, base: dict[str, Any], **fields: Any) -> None:

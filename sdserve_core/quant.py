@@ -21,7 +21,7 @@ QUANT_FORMAT = "sdserve-int8-weight-only/1"
 QUANT_CONFIG = "quantization.json"
 INT8_SUFFIX = ".int8.safetensors"
 # The weight file base name of each quantized component (diffusers' and transformers' safetensors names).
-WEIGHT_BASE = {"unet": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_BASE = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
 # The first and last UNet convolutions are small and the most sensitive to rounding; they stay in float.
 SKIP_MODULES = ("conv_in", "conv_out")
 

@@ -13,11 +13,12 @@ from sdserve_core import families
 from sdserve_core.pipeline.call import PipelineCall
 from sdserve_core.pipeline.run import prepare
 from sdserve_core.pipeline.steps import StepCallback, StopDenoising
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from service import postprocess, previews, schedulers
 from service.jobs import Job
 from service.models import LoadedModel
 from service.prompt_cache import PromptCache, cache_key
-from service.requests import GenerationRequest, InpaintArea, PreviewMode, Progress, Result, Task, Timings
+from service.requests import InpaintArea, PreviewMode, Progress, Result, Task, Timings
 
 # (job, index of its first image in the batch, its image count)
 Span = tuple[Job, int, int]
@@ -34,31 +35,20 @@ class BatchStats:
     step_seconds: float
 
 
-def encode_prompts(
-    model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings for every image of every job, in batch order (through the cache when given)."""
+def encode_prompts(model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None) -> PromptEmbeds:
+    """Text embeddings for every image of every job, in batch order (through the cache when given), by `model`'s
+    text encoders (a refiner pass encodes with the refiner's)."""
     family = families.get(model.components.family)
-    pos: list[torch.Tensor] = []
-    neg: list[torch.Tensor] = []
+    parts: list[PromptEmbeds] = []
     for job in jobs:
-        req = job.resolved.request
+        inputs = job.resolved.prompt_inputs
 
-        def compute(req: GenerationRequest = req) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return family.encode_prompt(
-                model.components, req.prompt, req.negative_prompt, req.clip_skip, cfg, model.choice.device
-            )
+        def compute(inputs: PromptInputs = inputs) -> PromptEmbeds:
+            return family.encode_prompt(model.components, inputs, cfg, model.choice.device)
 
-        if cache is None:
-            p, n = compute()
-        else:
-            key = cache_key(job.resolved.identity, req.prompt, req.negative_prompt, req.clip_skip, cfg)
-            p, n = cache.get(key, compute)
-        count = job.resolved.num_images
-        pos.append(p.repeat(count, 1, 1))
-        if n is not None:
-            neg.append(n.repeat(count, 1, 1))
-    return torch.cat(pos), (torch.cat(neg) if neg else None)
+        embeds = compute() if cache is None else cache.get(cache_key(model.entry.identity, inputs, cfg), compute)
+        parts.append(embeds.repeat(job.resolved.num_images))
+    return PromptEmbeds.cat(parts)
 
 
 def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -> PipelineCall:
@@ -67,7 +57,7 @@ def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -
     cfg = first.guidance_scale > 1.0
     generators = tuple(torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.resolved.seeds)
     with torch.inference_mode():
-        prompt_embeds, negative_embeds = encode_prompts(model, jobs, cfg, cache)
+        embeds = encode_prompts(model, jobs, cfg, cache)
     images: list[Image.Image] = []
     masks: list[Image.Image] = []
     if first.task is not Task.GENERATE:
@@ -90,8 +80,7 @@ def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -
         generators=generators,
         output_type="pil",
         guidance_scale=first.guidance_scale,
-        prompt_embeds=prompt_embeds,
-        negative_embeds=negative_embeds,
+        embeds=embeds,
         images=None if first.task is Task.GENERATE else tuple(images),
         masks=tuple(masks) if inpaint else None,
         strength=None if first.task is Task.GENERATE else first.strength,

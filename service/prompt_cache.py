@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from service.observers import Observer
 from service.requests import ServedIdentity
 
-# (served identity, prompt, negative prompt, clip skip, guidance on): the variant is part of the identity, so
-# fp16 and int8 text encoders of one revision never share an entry.
-Key = tuple[ServedIdentity, str, str, int, bool]
-Embeds = tuple[torch.Tensor, torch.Tensor | None]
+# (served identity of the model whose text encoders ran, prompt inputs with the negative prompts blanked without
+# guidance, guidance on): the variant is part of the identity, so fp16 and int8 text encoders of one revision never
+# share an entry, and a refiner's encodings never pass for its base model's.
+Key = tuple[ServedIdentity, PromptInputs, bool]
+Embeds = PromptEmbeds
 
 
 def _nbytes(value: Embeds) -> int:
-    return sum(t.numel() * t.element_size() for t in value if t is not None)
+    return value.nbytes
 
 
 class PromptCache:
-    """Maps (served identity, prompt, negative prompt, clip skip, guidance on) to (prompt, negative) embeddings."""
+    """Maps (served identity, prompt inputs, guidance on) to the family's PromptEmbeds (SDXL: both encoders' outputs
+    and the pooled embeddings)."""
 
     def __init__(self, max_bytes: int, observer: Observer | None = None):
         self.max_bytes = max_bytes
@@ -74,8 +76,10 @@ class PromptCache:
         self._observer.prompt_cache_lookup(hit)
 
 
-def cache_key(identity: ServedIdentity, prompt: str, negative: str, clip_skip: int, cfg: bool) -> Key:
-    return (identity, prompt, negative if cfg else "", clip_skip, cfg)
+def cache_key(identity: ServedIdentity, inputs: PromptInputs, cfg: bool) -> Key:
+    if not cfg:
+        inputs = dataclasses.replace(inputs, negative_prompt="", negative_prompt_2="")
+    return (identity, inputs, cfg)
 
 
 def stats(cache: PromptCache) -> dict[str, Any]:

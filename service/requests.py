@@ -7,10 +7,13 @@ import enum
 
 from PIL import Image
 
+from sdserve_core.pipeline.call import Conditioning
+from sdserve_core.prompts import PromptInputs
 from sdserve_core.status import FieldViolation
 from sdserve_core.tasks import Task
 
 __all__ = [
+    "ConditioningSpec",
     "Event",
     "Failed",
     "GenerationRequest",
@@ -23,6 +26,9 @@ __all__ = [
     "PreviewSpec",
     "Progress",
     "Queued",
+    "RefinerMode",
+    "RefinerSpec",
+    "ResolvedRefiner",
     "ResolvedRequest",
     "Result",
     "ResultImage",
@@ -80,6 +86,44 @@ class InpaintSpec:
     preserve_unmasked: bool = False
 
 
+# (width, height) of a size, (top, left) of a crop offset, in pixels.
+Size = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditioningSpec:
+    """SDXL micro-conditioning as sent (None: the default, filled in by bind)."""
+
+    original_size: Size | None = None
+    crops_coords_top_left: Size | None = None
+    target_size: Size | None = None
+    negative_original_size: Size | None = None
+    negative_crops_coords_top_left: Size | None = None
+    negative_target_size: Size | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+
+    def is_empty(self) -> bool:
+        return self == ConditioningSpec()
+
+
+class RefinerMode(enum.Enum):
+    """How a refiner takes over from the base model."""
+
+    LATENT_HANDOFF = "latent_handoff"
+    IMAGE = "image"
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinerSpec:
+    """A refiner pass as sent."""
+
+    model: str
+    mode: RefinerMode = RefinerMode.LATENT_HANDOFF
+    switch_at: float | None = None
+    strength: float | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """A validated request as the caller sent it; defaults that depend on the model are still open."""
@@ -103,6 +147,10 @@ class GenerationRequest:
     image: Image.Image | None = None
     strength: float | None = None
     inpaint: InpaintSpec | None = None
+    prompt_2: str = ""
+    negative_prompt_2: str = ""
+    conditioning: ConditioningSpec = ConditioningSpec()
+    refiner: RefinerSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +167,18 @@ class ServedIdentity:
 
     def label(self) -> str:
         return f"{self.model}@{self.revision[:12]}:{self.variant}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRefiner:
+    """The refiner pass that runs: its weights, mode and defaults filled in. With LATENT_HANDOFF the base model
+    denoises until `switch_at` of the schedule and the refiner from there; with IMAGE the refiner runs Edit on the
+    base model's image at `strength`."""
+
+    identity: ServedIdentity
+    mode: RefinerMode
+    switch_at: float
+    strength: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +201,19 @@ class ResolvedRequest:
     request_id: str
     device: str
     dtype: str
+    # The model's family (sdserve_core.families), SDXL's micro-conditioning (None for other families) and the
+    # refiner pass (None without one).
+    family: str = "sd15"
+    conditioning: Conditioning | None = None
+    refiner: ResolvedRefiner | None = None
+    # Memory strategies the call runs with (sorted names joined by commas, or "none").
+    memory_strategy: str = "none"
+
+    @property
+    def prompt_inputs(self) -> PromptInputs:
+        """The prompt texts and clip skip, as the text encoders take them."""
+        r = self.request
+        return PromptInputs(r.prompt, r.negative_prompt, r.prompt_2, r.negative_prompt_2, r.clip_skip)
 
     @property
     def task(self) -> Task:
@@ -175,6 +248,9 @@ class ResolvedRequest:
             self.scheduler,
             self.strength,
             self.request.clip_skip,
+            self.conditioning,
+            self.refiner,
+            self.memory_strategy,
             # Cropped inpaints work on a per-request region, so they never share a call.
             None if inpaint is None else (inpaint.area, id(inpaint) if inpaint.area is InpaintArea.MASK_ONLY else 0),
         )

@@ -19,6 +19,7 @@ from sdserve_core.components import Components, load_components
 from sdserve_core.pipeline.call import PipelineCall
 from sdserve_core.pipeline.run import run, step_seconds, warm_up
 from sdserve_core.pipeline.steps import StepCallback, StopDenoising
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
 from service.settings import REPO_ROOT
 from tests.harness import TINY, TINY_INPAINT, sample_image, sample_mask
@@ -116,11 +117,12 @@ def gens(seed: int, n: int) -> tuple[torch.Generator, ...]:
     return tuple(torch.Generator("cpu").manual_seed(seed + i) for i in range(n))
 
 
-def embeds(components: Components, count: int, negative: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+def embeds(components: Components, count: int, negative: str = "") -> PromptEmbeds:
     """What the server passes: the family's embeddings of one prompt, repeated per image."""
-    p, n = families.get(components.family).encode_prompt(components, PROMPT, negative, 0, True, "cpu")
-    assert n is not None
-    return p.repeat(count, 1, 1), n.repeat(count, 1, 1)
+    inputs = PromptInputs(PROMPT, negative)
+    found = families.get(components.family).encode_prompt(components, inputs, True, "cpu")
+    assert found.negative is not None
+    return found.repeat(count)
 
 
 def assert_identical(ours: Any, theirs: Any) -> None:
@@ -148,7 +150,6 @@ def assert_parity(
     """Runs `task` through sdserve_core.pipeline.run with the family's embeddings (as the server does) and through
     diffusers' own pipeline with the text prompt, the same seeds and `theirs`; asserts identical images and returns
     ours."""
-    p, n = embeds(components, count, negative)
     ours = run(
         components,
         PipelineCall(
@@ -158,8 +159,7 @@ def assert_parity(
             size,
             gens(seed, count),
             guidance_scale=guidance,
-            prompt_embeds=p,
-            negative_embeds=n,
+            embeds=embeds(components, count, negative),
             **(call or {}),
         ),
         scheduler_of(folder, scheduler),
@@ -290,7 +290,7 @@ def test_pipeline_call_refuses_incomplete_calls() -> None:
     g = gens(0, 1)
     cases: list[Callable[[], PipelineCall]] = [
         lambda: PipelineCall(Task.GENERATE, 1, 64, 64, g),
-        lambda: PipelineCall(Task.GENERATE, 1, 64, 64, g, prompt="x", prompt_embeds=torch.zeros(1, 77, 32)),
+        lambda: PipelineCall(Task.GENERATE, 1, 64, 64, g, prompt="x", embeds=PromptEmbeds(torch.zeros(1, 77, 32))),
         lambda: PipelineCall(Task.EDIT, 1, 64, 64, g, prompt="x"),
         lambda: PipelineCall(Task.INPAINT, 1, 64, 64, g, prompt="x", images=sample_image()),
         lambda: PipelineCall(Task.GENERATE, 1, 64, 64, g, prompt="x", mask_padding=8),
@@ -303,7 +303,7 @@ def test_pipeline_call_refuses_incomplete_calls() -> None:
 def test_warm_up_and_step_seconds_run_on_tiny_models(
     tiny: Components, tiny_inpaint: Components, models_dir: Path
 ) -> None:
-    assert families.get(tiny_inpaint.family).tasks(tiny_inpaint.in_channels) == (Task.INPAINT,)
+    assert families.get(tiny_inpaint.family).traits({}, tiny_inpaint.in_channels).tasks == (Task.INPAINT,)
     warm_up(tiny, Task.GENERATE, 64, 64, scheduler_of(models_dir / TINY))
     warm_up(tiny_inpaint, Task.INPAINT, 64, 64, scheduler_of(models_dir / TINY_INPAINT))
     for images in (1, 2):

@@ -1,25 +1,23 @@
 """Model families: what differs between kinds of diffusion model, behind one small protocol.
 
 A family knows which diffusers pipeline class runs each task over its components, how a prompt becomes text
-embeddings, and which tasks a denoiser with a given number of input channels can run. Everything else is shared:
-sdserve_core.components loads the weights, sdserve_core.pipeline turns a PipelineCall into the pipeline's
-arguments (one module per task), times the steps and calls the pipeline, and the server and the sidecar only ever
-go through that path. The only family today is Stable Diffusion 1.x (`sd15`, which also runs the SD 2.x layouts:
-same pipelines, same components).
+embeddings (PromptEmbeds), which extra arguments its pipelines take (SDXL: pooled embeddings, size/crop
+micro-conditioning, aesthetic scores, denoising_start/end for the refiner hand-off), how latents become pixels and
+preview colours, and which tasks a folder can run. Everything else is shared: sdserve_core.components loads the
+weights, sdserve_core.pipeline turns a PipelineCall into the pipeline's arguments (one module per task, then the
+family's own), times the steps and calls the pipeline, and the server and the sidecar only ever go through that
+path. The families today:
 
-How another family plugs in:
+- `sd15`: Stable Diffusion 1.x and the SD 2.x layouts (same pipelines, same components);
+- `sdxl`: SDXL base, refiner (second text encoder only, aesthetic-score conditioning) and inpainting.
 
-- SDXL (a second family): `sdxl.py` with a class like `StableDiffusion1` whose `pipeline_classes` are the
-  StableDiffusionXL*Pipeline names (so `family_of` picks it from model_index.json) and whose `pipeline` builds
-  those classes; `Components` gains optional `text_encoder_2` / `tokenizer_2` fields (None for SD 1.x) that
-  `load_components` fills when the folder has them; `encode_prompt` runs both encoders, and the pooled
-  embeddings travel in PipelineCall beside the prompt embeddings (the task modules pass them on when present).
-- A transformer / flow-matching family (SD3, Flux, ...): the same, with the denoiser loaded from `transformer/`
-  instead of `unet/` (Components' denoiser field generalises to whichever the family names) and a
-  flow-matching scheduler from the folder; the task modules' arguments (prompt embeddings, steps, guidance,
-  size, generators, images, masks, strength, the step callback) are the ones those pipelines take too.
-
-Add the new family to FAMILIES; nothing in service/ or model_manager/ changes.
+How a transformer / flow-matching family (SD3, Flux, ...) plugs in as a third: a module like sdxl.py whose
+`pipeline_classes` are its pipelines' names (so `family_of` picks it from model_index.json), whose `pipeline`
+builds them over Components (the denoiser field generalises to whichever module the family names: `transformer/`
+instead of `unet/`), whose `encode_prompt` fills PromptEmbeds (pooled embeddings travel there already) and whose
+`add_kwargs` adds what its pipelines take beyond the shared arguments (prompt embeddings, steps, guidance, size,
+generators, images, masks, strength and the step callback are what those pipelines take too). Add it to FAMILIES;
+nothing in service/ or model_manager/ changes.
 """
 
 from __future__ import annotations
@@ -30,11 +28,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from sdserve_core.families.base import Traits
 from sdserve_core.families.sd15 import SD15
+from sdserve_core.families.sdxl import SDXL
+from sdserve_core.model_folder import LatentRGB
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
 
 if TYPE_CHECKING:
     from sdserve_core.components import Components
+    from sdserve_core.pipeline.call import PipelineCall
+
+__all__ = ["DEFAULT", "FAMILIES", "Family", "Traits", "family_of", "get", "traits_of"]
 
 
 class Family(Protocol):
@@ -48,25 +53,30 @@ class Family(Protocol):
     def pipeline_classes(self) -> frozenset[str]:
         """The model_index.json `_class_name` values of this family's folders."""
 
-    def tasks(self, in_channels: int) -> tuple[Task, ...]:
-        """The tasks a denoiser with `in_channels` input channels can run."""
+    @property
+    def latent_rgb(self) -> LatentRGB:
+        """The preview projection of this family's latent space, for folders whose sdserve.json fits none."""
+
+    def traits(self, index: dict[str, Any], in_channels: int) -> Traits:
+        """What a folder with this model_index.json and a denoiser of `in_channels` input channels can do."""
 
     def pipeline(self, components: Components, task: Task, scheduler: Any) -> Any:
         """A new diffusers pipeline for `task` over the shared components with `scheduler`; progress bar off."""
 
     def encode_prompt(
-        self,
-        components: Components,
-        prompt: str,
-        negative_prompt: str,
-        clip_skip: int,
-        cfg: bool,
-        device: torch.device | str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prompt's embeddings and, with classifier-free guidance (`cfg`), the negative prompt's."""
+        self, components: Components, inputs: PromptInputs, cfg: bool, device: torch.device | str
+    ) -> PromptEmbeds:
+        """One image's embeddings of `inputs`; the negative ones only with classifier-free guidance (`cfg`)."""
+
+    def add_kwargs(self, components: Components, call: PipelineCall, kwargs: dict[str, Any]) -> None:
+        """Adds the family's own pipeline arguments for `call` to `kwargs` (the task module's); ValueError when the
+        call asks for something the family does not have (micro-conditioning on SD 1.x, for instance)."""
+
+    def decode(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] of denoised `latents` (as the family's pipelines decode them)."""
 
 
-FAMILIES: dict[str, Family] = {SD15.name: SD15}
+FAMILIES: dict[str, Family] = {SD15.name: SD15, SDXL.name: SDXL}
 # Folders whose pipeline class no family claims are run as SD 1.x, as every folder was before families existed.
 DEFAULT = SD15
 
@@ -88,10 +98,25 @@ def family_of(source: Path | str) -> Family:
     return DEFAULT
 
 
-def _pipeline_class(folder: Path) -> str:
+def traits_of(folder: Path) -> Traits:
+    """What the model in a diffusers folder can do, from its configs (no weights read)."""
+    index = _index(folder)
+    unet = _json(folder / "unet" / "config.json")
+    return family_of(folder).traits(index, int(unet.get("in_channels", 4)))
+
+
+def _index(folder: Path) -> dict[str, Any]:
+    return _json(folder / "model_index.json")
+
+
+def _json(path: Path) -> dict[str, Any]:
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        # Unreadable: the folder's other checks report it; it is run as the default family meanwhile.
-        return ""
-    return str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _pipeline_class(folder: Path) -> str:
+    # Unreadable: the folder's other checks report it; it is run as the default family meanwhile.
+    return str(_index(folder).get("_class_name", ""))

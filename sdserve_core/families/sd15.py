@@ -3,20 +3,31 @@ run by diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline."""
 
 from __future__ import annotations
 
-import threading
-import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdserve_core.components import Components
+from sdserve_core.families.base import TextPipelines, Traits, vae_decode
+from sdserve_core.model_folder import LatentRGB
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
+
+if TYPE_CHECKING:
+    from sdserve_core.pipeline.call import PipelineCall
 
 PIPELINE_CLASSES = {
     Task.GENERATE: "StableDiffusionPipeline",
     Task.EDIT: "StableDiffusionImg2ImgPipeline",
     Task.INPAINT: "StableDiffusionInpaintPipeline",
 }
+# Published linear latent-to-RGB projection for SD 1.x latents (as used by A1111 and ComfyUI previews).
+LATENT_RGB: LatentRGB = (
+    ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)),
+    (0.0, 0.0, 0.0),
+)
+# PipelineCall fields that SD 1.x pipelines do not take.
+SDXL_ONLY = ("conditioning", "denoising_start", "denoising_end")
 
 
 def _modules(components: Components) -> dict[str, Any]:
@@ -33,21 +44,13 @@ def _modules(components: Components) -> dict[str, Any]:
     }
 
 
-# One scheduler-less pipeline per Components for prompt encoding (encode_prompt is the same method in all three
-# pipelines); it goes when the Components does.
-_TEXT_PIPELINES: weakref.WeakKeyDictionary[Components, Any] = weakref.WeakKeyDictionary()
-_TEXT_LOCK = threading.Lock()
-
-
 def _text_pipeline(components: Components) -> Any:
-    with _TEXT_LOCK:
-        pipe = _TEXT_PIPELINES.get(components)
-        if pipe is None:
-            import diffusers
+    import diffusers
 
-            pipe = diffusers.StableDiffusionPipeline(**_modules(components), scheduler=None)
-            _TEXT_PIPELINES[components] = pipe
-        return pipe
+    return diffusers.StableDiffusionPipeline(**_modules(components), scheduler=None)
+
+
+_TEXT = TextPipelines(_text_pipeline)
 
 
 def skip_layers(components: Components, prompt: str, clip_skip: int, device: torch.device | str) -> torch.Tensor:
@@ -57,6 +60,7 @@ def skip_layers(components: Components, prompt: str, clip_skip: int, device: tor
     Like diffusers, only the prompt is skipped; the negative prompt uses the last layer."""
     encoder = components.text_encoder
     tokenizer = components.tokenizer
+    assert encoder is not None and tokenizer is not None, "an SD 1.x model has a text encoder"
     ids = tokenizer(
         prompt,
         padding="max_length",
@@ -75,12 +79,13 @@ class StableDiffusion1:
 
     name = "sd15"
     pipeline_classes = frozenset(PIPELINE_CLASSES.values())
+    latent_rgb = LATENT_RGB
 
-    def tasks(self, in_channels: int) -> tuple[Task, ...]:
+    def traits(self, index: dict[str, Any], in_channels: int) -> Traits:
         """An inpainting UNet (9 input channels) only inpaints; a plain one runs every task."""
         if in_channels == 9:
-            return (Task.INPAINT,)
-        return (Task.GENERATE, Task.EDIT, Task.INPAINT)
+            return Traits((Task.INPAINT,))
+        return Traits((Task.GENERATE, Task.EDIT, Task.INPAINT))
 
     def pipeline(self, components: Components, task: Task, scheduler: Any) -> Any:
         """A new pipeline object over the shared components with this call's own scheduler."""
@@ -96,27 +101,34 @@ class StableDiffusion1:
         return pipe
 
     def encode_prompt(
-        self,
-        components: Components,
-        prompt: str,
-        negative_prompt: str,
-        clip_skip: int,
-        cfg: bool,
-        device: torch.device | str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, components: Components, inputs: PromptInputs, cfg: bool, device: torch.device | str
+    ) -> PromptEmbeds:
         """diffusers' encode_prompt for one image; with `clip_skip` the prompt's embeddings come from skip_layers.
-        The negative prompt is encoded only with classifier-free guidance (`cfg`); otherwise it is None."""
+        The negative prompt is encoded only with classifier-free guidance (`cfg`); otherwise it is None. The
+        second-encoder prompts do not exist here (validation refuses them for this family)."""
         with torch.inference_mode():
-            skipped = skip_layers(components, prompt, clip_skip, device) if clip_skip else None
-            positive, negative = _text_pipeline(components).encode_prompt(
-                None if skipped is not None else prompt,
+            clip_skip = inputs.clip_skip
+            skipped = skip_layers(components, inputs.prompt, clip_skip, device) if clip_skip else None
+            positive, negative = _TEXT.get(components).encode_prompt(
+                None if skipped is not None else inputs.prompt,
                 device,
                 1,
                 cfg,
-                negative_prompt if cfg else None,
+                inputs.negative_prompt if cfg else None,
                 prompt_embeds=skipped,
             )
-        return positive, negative
+        return PromptEmbeds(positive, negative)
+
+    def add_kwargs(self, components: Components, call: PipelineCall, kwargs: dict[str, Any]) -> None:
+        """Nothing to add; SDXL's arguments are refused."""
+        for name in SDXL_ONLY:
+            if getattr(call, name) is not None:
+                raise ValueError(f"{name} is for SDXL models; this is an SD 1.x model")
+        if call.embeds is not None and call.embeds.pooled is not None:
+            raise ValueError("pooled embeddings are for SDXL models; this is an SD 1.x model")
+
+    def decode(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        return vae_decode(components, latents, upcast=False)
 
 
 SD15 = StableDiffusion1()

@@ -40,8 +40,10 @@ class Prepared:
 
 def prepare(components: Components, call: PipelineCall, scheduler: Any) -> Prepared:
     """The family's pipeline for the call's task over `components` with `scheduler`, and the task's arguments."""
-    pipe = families.get(components.family).pipeline(components, call.task, scheduler)
-    return Prepared(pipe, KWARGS[call.task](call))
+    family = families.get(components.family)
+    kwargs = KWARGS[call.task](call)
+    family.add_kwargs(components, call, kwargs)
+    return Prepared(family.pipeline(components, call.task, scheduler), kwargs)
 
 
 def run(components: Components, call: PipelineCall, scheduler: Any, on_step: StepCallback | None = None) -> Any:
