@@ -70,7 +70,12 @@ class Admission:
         # (and defers unloading it) or this job gets the new one.
         with self._lock:
             entry = self._registry.lookup(req.model, req.task)
-            job = Job(bind(req, entry, self._choice), entry, loop, deadline, max_queue, on_finish=self._finished)
+            refiner = None
+            if req.refiner is not None and entry.family == "sdxl":
+                # (For other families bind refuses params.refiner itself, naming the model's family.)
+                refiner = self._registry.lookup_refiner(req.refiner.model)
+            resolved = bind(req, entry, self._choice, refiner)
+            job = Job(resolved, entry, loop, deadline, max_queue, on_finish=self._finished, refiner=refiner)
             self._active.add(job)
         try:
             position = self._queue.put(job)
@@ -116,9 +121,10 @@ class Admission:
             self._observer.idle()
 
     def slots_in_use(self) -> set[str]:
-        """Slots that a queued or running job holds."""
+        """Slots that a queued or running job holds (its model's, and its refiner's)."""
         with self._lock:
-            return {j.entry.slot for j in self._active}
+            held = {j.entry.slot for j in self._active}
+            return held | {j.refiner.slot for j in self._active if j.refiner is not None}
 
     def active_count(self) -> int:
         with self._lock:

@@ -18,7 +18,7 @@ from service import postprocess, previews, schedulers
 from service.jobs import Job
 from service.models import LoadedModel
 from service.prompt_cache import PromptCache, cache_key
-from service.requests import InpaintArea, PreviewMode, Progress, Result, Task, Timings
+from service.requests import InpaintArea, PreviewMode, Progress, RefinerMode, Result, Task, Timings
 
 # (job, index of its first image in the batch, its image count)
 Span = tuple[Job, int, int]
@@ -66,6 +66,7 @@ def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -
             images += imgs
             masks += msks
     inpaint = first.task is Task.INPAINT
+    handoff = first.refiner is not None and first.refiner.mode is RefinerMode.LATENT_HANDOFF
     mask_padding = None
     if inpaint:
         spec = first.request.inpaint
@@ -78,13 +79,44 @@ def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -
         width=first.width,
         height=first.height,
         generators=generators,
-        output_type="pil",
+        # A hand-off to the refiner passes the latents on undecoded.
+        output_type="latent" if handoff else "pil",
         guidance_scale=first.guidance_scale,
         embeds=embeds,
         images=None if first.task is Task.GENERATE else tuple(images),
         masks=tuple(masks) if inpaint else None,
         strength=None if first.task is Task.GENERATE else first.strength,
         mask_padding=mask_padding,
+        conditioning=first.conditioning,
+        denoising_end=first.refiner.switch_at if handoff and first.refiner is not None else None,
+    )
+
+
+def refiner_call(refiner: LoadedModel, jobs: list[Job], base_out: Any, cache: PromptCache | None) -> PipelineCall:
+    """The refiner pass of a batch: an Edit call on the refiner over the base pass's output, with the refiner's own
+    prompt embeddings and generators seeded afresh with the images' seeds. LATENT_HANDOFF starts from the base
+    pass's latents at `switch_at` of the schedule (diffusers' denoising_start); IMAGE refines the decoded images
+    at the refiner's strength."""
+    first = jobs[0].resolved
+    spec = first.refiner
+    assert spec is not None
+    cfg = first.guidance_scale > 1.0
+    with torch.inference_mode():
+        embeds = encode_prompts(refiner, jobs, cfg, cache)
+    handoff = spec.mode is RefinerMode.LATENT_HANDOFF
+    return PipelineCall(
+        task=Task.EDIT,
+        steps=first.steps,
+        width=first.width,
+        height=first.height,
+        generators=tuple(torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.resolved.seeds),
+        output_type="pil",
+        guidance_scale=first.guidance_scale,
+        embeds=embeds,
+        images=base_out if handoff else tuple(base_out),
+        strength=None if handoff else spec.strength,
+        conditioning=first.conditioning,
+        denoising_start=spec.switch_at if handoff else None,
     )
 
 
@@ -92,9 +124,12 @@ class BatchObserver:
     """Watches a batch's steps: ends jobs that were cancelled or ran out of time, stops the loop when none is
     left, and posts each live job's progress with its due previews."""
 
-    def __init__(self, model: LoadedModel, spans: list[Span]):
+    def __init__(self, model: LoadedModel, spans: list[Span], denoise_pass: str = "base", steps_before: int = 0):
         self.model = model
         self.spans = spans
+        self.denoise_pass = denoise_pass
+        # Steps of earlier passes: a job's steps_done counts every pass's.
+        self.steps_before = steps_before
 
     def go_on(self) -> bool:
         now = time.monotonic()
@@ -118,8 +153,8 @@ class BatchObserver:
             if spec.mode is not PreviewMode.NONE and due:
                 r = job.resolved
                 shots = previews.render(self.model, latents[start : start + count], spec, max(r.width, r.height))
-            job.steps_done = step
-            job.post(Progress(step=step, total_steps=total, previews=shots))
+            job.steps_done = self.steps_before + step
+            job.post(Progress(step=step, total_steps=total, previews=shots, denoise_pass=self.denoise_pass))
 
 
 def spans_of(jobs: list[Job]) -> list[Span]:
@@ -132,8 +167,11 @@ def spans_of(jobs: list[Job]) -> list[Span]:
     return spans
 
 
-def run_batch(model: LoadedModel, jobs: list[Job], cache: PromptCache | None = None) -> BatchStats:
-    """Runs `jobs` (equal batch keys) as one pipeline call; posts progress and results, or raises."""
+def run_batch(
+    model: LoadedModel, jobs: list[Job], cache: PromptCache | None = None, refiner: LoadedModel | None = None
+) -> BatchStats:
+    """Runs `jobs` (equal batch keys) as one pipeline call, and a refiner pass after it when they have one (on
+    `refiner`, loaded by the caller); posts progress and results, or raises."""
     first = jobs[0].resolved
     t_start = time.perf_counter()
     scheduler = schedulers.build(first.scheduler, model.entry.scheduler_config)
@@ -142,15 +180,32 @@ def run_batch(model: LoadedModel, jobs: list[Job], cache: PromptCache | None = N
     prepared = prepare(model.components, call, scheduler)
     t_prepared = time.perf_counter()
     clock = StepCallback(BatchObserver(model, spans))
+    last = clock
     try:
-        images: list[Image.Image] = prepared(clock)
+        images: Any = prepared(clock)
+        if refiner is not None:
+            last = StepCallback(BatchObserver(refiner, spans, "refiner", max(j.steps_done for j in jobs)))
+            images = _refine(refiner, jobs, images, cache, last)
     except StopDenoising:
         return _stats(call.count, jobs, clock, t_prepared)
     t_decoded = time.perf_counter()
     for job in jobs:
         job.decoded = True
-    _post_results(spans, images, clock, (t_start, t_prepared, t_decoded))
+    _post_results(spans, images, last, (t_start, t_prepared, t_decoded))
     return _stats(call.count, jobs, clock, t_prepared)
+
+
+def _refine(
+    refiner: LoadedModel, jobs: list[Job], base_out: Any, cache: PromptCache | None, clock: StepCallback
+) -> Any:
+    """The refiner pass over the base pass's output (StopDenoising when every job ended meanwhile)."""
+    assert clock.observer is not None
+    if not clock.observer.go_on():
+        raise StopDenoising
+    first = jobs[0].resolved
+    scheduler = schedulers.build(first.scheduler, refiner.entry.scheduler_config)
+    call = refiner_call(refiner, jobs, base_out, cache)
+    return prepare(refiner.components, call, scheduler)(clock)
 
 
 def _post_results(
@@ -182,7 +237,9 @@ def _post_results(
 
 
 def _stats(images: int, jobs: list[Job], clock: StepCallback, t_prepared: float) -> BatchStats:
+    """Steps count every pass's; the denoising seconds and the per-step time are the base pass's (the batch policy
+    is keyed on the base model)."""
     steps = max(j.steps_done for j in jobs)
     denoise = (clock.last or t_prepared) - t_prepared
-    per_step = (clock.last - clock.first) / (steps - 1) if steps > 1 else denoise
+    per_step = (clock.last - clock.first) / (clock.count - 1) if clock.count > 1 else denoise
     return BatchStats(images, steps, denoise, per_step)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from sdserve.v1 import diffusion_pb2 as pb
+from sdserve_core.pipeline.call import Conditioning
 from service import schedulers
 from service.batching import Limit as BatchLimit
 from service.device import DeviceChoice
@@ -18,6 +19,8 @@ from service.requests import (
     PreviewMode,
     Progress,
     Queued,
+    RefinerMode,
+    ResolvedRequest,
     Result,
     Started,
     Task,
@@ -76,6 +79,10 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                 batch_size=event.batch_size,
                 model_variant=event.model_variant,
                 dtype=event.dtype,
+                refiner_model=event.refiner.model if event.refiner else "",
+                refiner_model_revision=event.refiner.revision if event.refiner else "",
+                refiner_model_variant=event.refiner.variant if event.refiner else "",
+                memory_strategy=event.memory_strategy,
             )
         )
     if isinstance(event, Progress):
@@ -89,11 +96,64 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                     )
                     for p in event.previews
                 ],
+                denoise_pass=_PASS_ENUM[event.denoise_pass],
             )
         )
     if isinstance(event, Result):
         return cls(result=result_to_proto(event))
     raise TypeError(f"not a stream event: {event!r}")
+
+
+_PASS_ENUM = {"base": pb.DENOISE_PASS_BASE, "refiner": pb.DENOISE_PASS_REFINER}
+_REFINER_MODE_ENUM = {
+    RefinerMode.LATENT_HANDOFF: pb.REFINER_MODE_LATENT_HANDOFF,
+    RefinerMode.IMAGE: pb.REFINER_MODE_IMAGE,
+}
+
+
+def _size(hw: tuple[int, int] | None) -> pb.ImageSize | None:
+    """diffusers' (height, width) as an ImageSize."""
+    return None if hw is None else pb.ImageSize(width=hw[1], height=hw[0])
+
+
+def conditioning_to_proto(c: Conditioning) -> pb.MicroConditioning:
+    top, left = c.crops_coords_top_left
+    n_top, n_left = c.negative_crops_coords_top_left
+    return pb.MicroConditioning(
+        original_size=_size(c.original_size),
+        crops_coords_top_left=pb.CropOffset(top=top, left=left),
+        target_size=_size(c.target_size),
+        negative_original_size=_size(c.negative_original_size),
+        negative_crops_coords_top_left=pb.CropOffset(top=n_top, left=n_left),
+        negative_target_size=_size(c.negative_target_size),
+        aesthetic_score=c.aesthetic_score,
+        negative_aesthetic_score=c.negative_aesthetic_score,
+    )
+
+
+def _family_parameters(r: ResolvedRequest) -> dict[str, Any]:
+    """The ResolvedParameters fields of the family-only parameters and the memory strategy."""
+    req = r.request
+    out: dict[str, Any] = {
+        "prompt_2": req.prompt_2,
+        "negative_prompt_2": req.negative_prompt_2,
+        "memory_strategy": r.memory_strategy,
+    }
+    if r.conditioning is not None:
+        out["conditioning"] = conditioning_to_proto(r.conditioning)
+    if r.refiner is not None:
+        ref = r.refiner
+        handoff = ref.mode is RefinerMode.LATENT_HANDOFF
+        # Only the parameter of the mode that ran is reported (switch_at for a hand-off, strength for IMAGE).
+        out["refiner"] = pb.RefinerOptions(
+            model=ref.identity.model,
+            mode=_REFINER_MODE_ENUM[ref.mode],
+            switch_at=ref.switch_at if handoff else None,
+            strength=None if handoff else ref.strength,
+        )
+        out["refiner_model_revision"] = ref.identity.revision
+        out["refiner_model_variant"] = ref.identity.variant
+    return out
 
 
 def result_to_proto(event: Result) -> pb.ResultEvent:
@@ -132,6 +192,7 @@ def result_to_proto(event: Result) -> pb.ResultEvent:
             device=r.device,
             dtype=r.dtype,
             model_variant=r.variant,
+            **_family_parameters(r),
         ),
         timings=pb.Timings(
             queue_seconds=t.queue,
@@ -177,6 +238,8 @@ def model_list(registry: ModelRegistry) -> pb.ListModelsResponse:
                 error=error,
                 description=entry.description,
                 inpaint_model=entry.inpaint_model,
+                family=entry.family,
+                refiner=entry.refiner,
             )
         )
     return pb.ListModelsResponse(models=models, default_model=registry.default)

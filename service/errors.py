@@ -41,8 +41,9 @@ class ModelNotFound(ServiceError, LookupError):
 
     outcome = Outcome.NOT_FOUND
 
-    def __init__(self, name: str):
-        super().__init__(f"model {name!r} not found; ListModels shows what is served")
+    def __init__(self, name: str, field: str = ""):
+        named = f"{field}: model" if field else "model"
+        super().__init__(f"{named} {name!r} not found; ListModels shows what is served")
         self.name = name
 
 

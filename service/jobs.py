@@ -23,9 +23,12 @@ class Job:
         deadline: float | None,
         max_queue_seconds: float = 0.0,
         on_finish: Callable[[Job, Event], None] | None = None,
+        refiner: ModelEntry | None = None,
     ):
         self.resolved = resolved
         self.entry = entry
+        # The refiner model of a request with a refiner pass (loaded on the worker when the pass starts).
+        self.refiner = refiner
         # Longest wait in the queue before it fails without running; 0 means no limit.
         self.max_queue_seconds = max_queue_seconds
         self.loop = loop

@@ -276,6 +276,9 @@ class ModelLifecycle(Observer):
         so the batch policy starts from measurements instead of guesses (run on the device worker)."""
         if self._batching.max_images == 1 or self._settings.batch_policy != "measured":
             return
+        if Task.GENERATE not in entry.tasks:
+            # Calibration times Generate; inpainting-only models and refiners learn their limits from live batches.
+            return
         model = self._registry.get_loaded(entry)
         key = (entry.identity, entry.default_width, entry.default_height)
         size = 1
@@ -294,8 +297,8 @@ class ModelLifecycle(Observer):
 
 
 def _one_step(model: LoadedModel, entry: ModelEntry) -> None:
-    """One denoising step at the model's default size (Inpaint for inpainting-only models)."""
-    task = Task.GENERATE if Task.GENERATE in entry.tasks else Task.INPAINT
+    """One denoising step at the model's default size (the first of Generate, Edit and Inpaint it runs)."""
+    task = entry.tasks[0]
     scheduler = schedulers.build("", entry.scheduler_config)
     pipeline.warm_up(model.components, task, entry.default_width, entry.default_height, scheduler)
 

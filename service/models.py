@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdserve_core import model_folder
+from sdserve_core import families, model_folder
 from sdserve_core.components import Components, component_classes, load_components
 from sdserve_core.manifest import verify_folder
 from service.device import DeviceChoice
@@ -25,10 +25,7 @@ from service.requests import ServedIdentity, Task
 log = logging.getLogger(__name__)
 
 # Published linear latent-to-RGB projection for SD 1.x latents (as used by A1111 and ComfyUI previews).
-SD15_LATENT_RGB = (
-    ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)),
-    (0.0, 0.0, 0.0),
-)
+SD15_LATENT_RGB = families.get("sd15").latent_rgb
 
 
 class ModelState(enum.Enum):
@@ -71,6 +68,10 @@ class ModelEntry:
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]
     # The registry slot: the folder name for local models, NAME@REVISION:VARIANT for stored variants.
     slot: str = ""
+    # The model's family (sdserve_core.families), the tasks it runs, and whether it is an SDXL refiner.
+    family: str = "sd15"
+    task_list: tuple[Task, ...] = (Task.GENERATE, Task.EDIT, Task.INPAINT)
+    refiner: bool = False
 
     def __post_init__(self) -> None:
         if not self.slot:
@@ -83,9 +84,7 @@ class ModelEntry:
 
     @property
     def tasks(self) -> tuple[Task, ...]:
-        if self.unet_in_channels == 9:
-            return (Task.INPAINT,)
-        return (Task.GENERATE, Task.EDIT, Task.INPAINT)
+        return self.task_list
 
     @staticmethod
     def read(folder: Path, name: str | None = None, slot: str = "") -> ModelEntry:
@@ -93,7 +92,10 @@ class ModelEntry:
         model_folder.check_layout(folder)
         meta = model_folder.read_meta(folder)
         unet = model_folder.read_json(folder / "unet" / "config.json")
-        text = model_folder.read_json(folder / "text_encoder" / "config.json")
+        encoder = "text_encoder" if (folder / "text_encoder").is_dir() else "text_encoder_2"
+        text = model_folder.read_json(folder / encoder / "config.json")
+        family = families.family_of(folder)
+        traits = families.traits_of(folder)
         return ModelEntry(
             name=name or folder.name,
             path=folder,
@@ -108,9 +110,19 @@ class ModelEntry:
             text_encoder_layers=int(text.get("num_hidden_layers", 12)),
             scheduler_config=model_folder.read_json(folder / "scheduler" / "scheduler_config.json"),
             inpaint_model=meta.inpaint_model,
-            latent_rgb=meta.latent_rgb or SD15_LATENT_RGB,
+            latent_rgb=meta.latent_rgb or family.latent_rgb,
             slot=slot,
+            family=family.name,
+            task_list=traits.tasks,
+            refiner=traits.refiner,
         )
+
+
+def _kind(entry: ModelEntry) -> str:
+    """How an error names a model's kind: its family, and inpainting-only or refiner when it is one."""
+    if entry.tasks == (Task.INPAINT,):
+        return f"an {entry.family} inpainting model"
+    return f"an {entry.family} refiner" if entry.refiner else f"an {entry.family} model"
 
 
 @dataclasses.dataclass
@@ -274,12 +286,26 @@ class ModelRegistry:
             if entry is None:
                 raise ModelNotFound(name)
             if task not in entry.tasks:
-                raise ModelUnusable(f"model {name!r} is an inpainting model; it cannot run {task.value}")
+                raise ModelUnusable(f"model {name!r} ({_kind(entry)}) cannot run {task.value}")
             if task is Task.INPAINT and entry.unet_in_channels == 4 and entry.inpaint_model:
                 companion = self._entry_of(entry.inpaint_model)
                 if companion is not None:
                     return companion
             return entry
+
+    def lookup_refiner(self, name: str) -> ModelEntry:
+        """The entry of the model a request names as its refiner: NOT_FOUND naming params.refiner.model when there
+        is none, FAILED_PRECONDITION when it is not an SDXL model that can run Edit."""
+        with self._lock:
+            entry = self._entry_of(name)
+        if entry is None:
+            raise ModelNotFound(name, field="params.refiner.model")
+        if entry.family != "sdxl" or Task.EDIT not in entry.tasks:
+            raise ModelUnusable(
+                f"params.refiner.model: model {name!r} ({_kind(entry)}) cannot refine; a refiner is an SDXL model that "
+                "runs Edit"
+            )
+        return entry
 
     def _entry_of(self, name: str) -> ModelEntry | None:
         slot = self._slot_of(name)

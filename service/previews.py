@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from sdserve_core import families
 from service import imaging
 from service.models import LoadedModel
 from service.requests import PreviewImage, PreviewMode, PreviewSpec
@@ -21,11 +22,10 @@ def latent_rgb(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def full_vae(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
-    """Decodes latents with the model's VAE: exact colours, one decoder pass per preview."""
-    vae = model.components.vae
-    with torch.inference_mode():
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    arr = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """Decodes latents with the model's VAE as its family's pipelines do (SDXL: in float32 when a float16 VAE says
+    force_upcast): exact colours, one decoder pass per preview."""
+    decoded = families.get(model.components.family).decode(model.components, latents)
+    arr = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 

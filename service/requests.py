@@ -275,6 +275,8 @@ class Started:
     batch_size: int
     model_variant: str = ""
     dtype: str = ""
+    refiner: ServedIdentity | None = None
+    memory_strategy: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +297,8 @@ class Progress:
     step: int
     total_steps: int
     previews: tuple[PreviewImage, ...] = ()
+    # "base", or "refiner" in the refiner pass of a request with one; step and total_steps count within the pass.
+    denoise_pass: str = "base"
 
 
 @dataclasses.dataclass(frozen=True)

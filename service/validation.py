@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve_core.status import FieldViolation
-from service import imaging, schedulers
+from service import family_params, imaging, schedulers
 from service.convert import AREAS, FORMAT_NAMES, PREVIEW_MODES, scheduler_from_proto
 from service.device import DeviceChoice
 from service.errors import InvalidRequest
@@ -149,6 +149,10 @@ def _params(c: _Checker, task: Task, p: pb.GenerationParams) -> dict[str, object
         "output": _output(c, p.output),
         "request_id": request_id,
         "max_queue_seconds": p.max_queue_seconds,
+        "prompt_2": c.text("params.prompt_2", p.prompt_2, s.max_prompt_chars),
+        "negative_prompt_2": c.text("params.negative_prompt_2", p.negative_prompt_2, s.max_prompt_chars),
+        "conditioning": family_params.read_conditioning(c.bad, c.real_range, p),
+        "refiner": family_params.read_refiner(c.bad, c.real_range, p),
     }
 
 
@@ -312,15 +316,22 @@ def model_violations(
     return violations
 
 
-def bind(req: GenerationRequest, entry: ModelEntry, choice: DeviceChoice) -> ResolvedRequest:
-    """Binds a valid request to the model that serves it: fills in width, height, steps, guidance, scheduler,
-    seeds and strength, and checks the model's rules (raises InvalidRequest naming each broken one)."""
+def bind(
+    req: GenerationRequest, entry: ModelEntry, choice: DeviceChoice, refiner: ModelEntry | None = None
+) -> ResolvedRequest:
+    """Binds a valid request to the model that serves it (and to the refiner it names, looked up already): fills in
+    width, height, steps, guidance, scheduler, seeds, strength and the family's own parameters, and checks the
+    model's rules (raises InvalidRequest naming each broken one)."""
     width, height = _size(req, entry)
     strength = _strength(req)
     steps = req.steps or entry.default_steps
-    violations = model_violations(req, entry, (width, height), steps, strength)
+    violations = family_params.family_violations(req, entry)
+    if not violations:
+        violations = model_violations(req, entry, (width, height), steps, strength)
+        violations += family_params.refiner_violations(req, entry, refiner, steps, strength)
     if violations:
         raise InvalidRequest(violations)
+    sdxl = entry.family == family_params.SDXL
     seed = secrets.randbits(63) if req.seed is None else req.seed
     return ResolvedRequest(
         request=req,
@@ -337,4 +348,7 @@ def bind(req: GenerationRequest, entry: ModelEntry, choice: DeviceChoice) -> Res
         request_id=req.request_id or uuid.uuid4().hex,
         device=choice.type,
         dtype=choice.dtype_name,
+        family=entry.family,
+        conditioning=family_params.conditioning(req, width, height) if sdxl else None,
+        refiner=family_params.resolve_refiner(req.refiner, refiner),
     )

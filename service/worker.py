@@ -114,6 +114,8 @@ class DeviceWorker:
                     batch_size=len(live),
                     model_variant=r.variant,
                     dtype=r.dtype,
+                    refiner=None if r.refiner is None else r.refiner.identity,
+                    memory_strategy=r.memory_strategy,
                 )
             )
 
@@ -125,7 +127,9 @@ class DeviceWorker:
         stats: batch_call.BatchStats | None = None
         try:
             model = self._registry.get_loaded(live[0].entry)
-            stats = batch_call.run_batch(model, live, self._cache)
+            refiner = live[0].refiner
+            refined = None if refiner is None else self._registry.get_loaded(refiner)
+            stats = batch_call.run_batch(model, live, self._cache, refined)
         except Exception as exc:
             self._fail(live, self._failure(live, exc))
         finally:
