@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from sdserve import Client, Progress, Result, SdserveError, Started
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from service.batching import BatchPolicy
-from service.prompt_cache import PromptCache, cache_key
+from service.prompt_cache import Key, PromptCache, cache_key
 from service.requests import ServedIdentity
 from tests.harness import ServerThread, pixels, png, running, sample_image, sample_mask, wait_ledger
 
@@ -212,21 +213,40 @@ def test_prompt_cache_hits_give_identical_images(server: ServerThread) -> None:
         assert first.image.data == second.image.data
 
 
+def key(
+    identity: ServedIdentity,
+    prompt: str,
+    negative: str = "",
+    cfg: bool = True,
+    prompt_2: str = "",
+    negative_prompt_2: str = "",
+) -> Key:
+    return cache_key(identity, PromptInputs(prompt, negative, prompt_2, negative_prompt_2), cfg)
+
+
 def test_prompt_cache_is_bounded_in_bytes() -> None:
-    one = (torch.zeros(1, 77, 8), torch.zeros(1, 77, 8))
+    one = PromptEmbeds(torch.zeros(1, 77, 8), torch.zeros(1, 77, 8))
     size = 2 * 77 * 8 * 4
     cache = PromptCache(max_bytes=size * 2 + 10)
     for i in range(5):
-        cache.get(cache_key(M, f"p{i}", "", 0, True), lambda: one)
+        cache.get(key(M, f"p{i}"), lambda: one)
     assert len(cache) == 2 and cache.bytes <= cache.max_bytes
     assert cache.misses == 5 and cache.hits == 0
-    cache.get(cache_key(M, "p4", "", 0, True), lambda: one)
+    cache.get(key(M, "p4"), lambda: one)
     assert cache.hits == 1
-    # Different negative prompts, clip skip or guidance are different keys; negatives are ignored without guidance.
-    assert cache_key(M, "p", "a", 0, True) != cache_key(M, "p", "b", 0, True)
-    assert cache_key(M, "p", "a", 0, False) == cache_key(M, "p", "b", 0, False)
+    # Different negative prompts, second-encoder prompts, clip skip or guidance are different keys; negatives are
+    # ignored without guidance.
+    assert key(M, "p", "a") != key(M, "p", "b")
+    assert key(M, "p", "a", cfg=False) == key(M, "p", "b", cfg=False)
+    assert key(M, "p", prompt_2="x") != key(M, "p", prompt_2="y")
+    assert key(M, "p", negative_prompt_2="x") != key(M, "p")
+    assert key(M, "p", negative_prompt_2="x", cfg=False) == key(M, "p", cfg=False)
+    assert cache_key(M, PromptInputs("p", clip_skip=1), True) != key(M, "p")
     # The stored weights variant is part of the key: an int8 text encoder never answers for an fp16 one.
     int8 = ServedIdentity("m", "r", "int8", "m@r:int8")
-    assert cache_key(M, "p", "", 0, True) != cache_key(int8, "p", "", 0, True)
-    cache.get(cache_key(int8, "p4", "", 0, True), lambda: one)
+    assert key(M, "p") != key(int8, "p")
+    cache.get(key(int8, "p4"), lambda: one)
+    # Pooled embeddings (SDXL) count toward the bound too.
+    pooled = PromptEmbeds(torch.zeros(1, 77, 8), None, torch.zeros(1, 8))
+    assert pooled.nbytes == (77 * 8 + 8) * 4
     assert cache.hits == 1 and cache.misses == 6
