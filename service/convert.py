@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from typing import Any, TypeVar, cast
 
 from sdserve.v1 import diffusion_pb2 as pb
+from sdserve_core import families
 from sdserve_core.pipeline.call import Conditioning
-from service import schedulers
+from service import family_params, schedulers
 from service.batching import Limit as BatchLimit
 from service.device import DeviceChoice
 from service.models import ModelRegistry, ModelState
@@ -281,6 +282,12 @@ def server_info(
         schedulers=[scheduler_to_proto(n) for n in schedulers.SCHEDULERS],
         limits=limits(settings),
         default_model=default_model,
+        families=[
+            pb.FamilyInfo(
+                name=f.name, pipeline_classes=sorted(f.pipeline_classes), fields=family_params.FIELDS.get(f.name, ())
+            )
+            for f in families.FAMILIES.values()
+        ],
         batch_limits=[
             pb.BatchLimit(
                 model=b.model,

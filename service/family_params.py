@@ -32,6 +32,10 @@ DEFAULT_REFINER_STRENGTH = 0.3
 DEFAULT_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 SDXL = "sdxl"
+# The request fields each family takes beyond the shared ones (GetServerInfo's FamilyInfo.fields).
+FIELDS: dict[str, tuple[str, ...]] = {
+    SDXL: ("params.prompt_2", "params.negative_prompt_2", "params.conditioning", "params.refiner"),
+}
 # (field, reader) for the range checks of the caller's validation (service.validation._Checker).
 Bad = Callable[[str, str], None]
 Real = Callable[[str, float, float, float, bool], float]

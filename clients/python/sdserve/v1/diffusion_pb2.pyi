@@ -1624,6 +1624,7 @@ class GetServerInfoResponse(_message.Message):
     TRANSFORMERS_VERSION_FIELD_NUMBER: _builtins.int
     BATCH_LIMITS_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    FAMILIES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """sdserve version."""
     device: _builtins.str
@@ -1658,6 +1659,10 @@ class GetServerInfoResponse(_message.Message):
     def memory(self) -> Global___MemoryPolicy:
         """How the server saves memory on big requests."""
 
+    @_builtins.property
+    def families(self) -> _containers.RepeatedCompositeFieldContainer[Global___FamilyInfo]:
+        """The model families this server runs, with what each takes."""
+
     def __init__(
         self,
         *,
@@ -1674,14 +1679,51 @@ class GetServerInfoResponse(_message.Message):
         transformers_version: _builtins.str = ...,
         batch_limits: _abc.Iterable[Global___BatchLimit] | None = ...,
         memory: Global___MemoryPolicy | None = ...,
+        families: _abc.Iterable[Global___FamilyInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "limits", b"limits", "memory", b"memory", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "families", b"families", "limits", b"limits", "memory", b"memory", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class FamilyInfo(_message.Message):
+    """FamilyInfo describes one model family (ModelInfo.family names it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PIPELINE_CLASSES_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The family's id: `sd15` (SD 1.x and 2.x layouts) or `sdxl`."""
+    @_builtins.property
+    def pipeline_classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The diffusers pipeline classes whose folders belong to it (model_index.json `_class_name`)."""
+
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Request fields only this family takes (for example `params.prompt_2`, `params.conditioning`,
+        `params.refiner`); empty for none.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        pipeline_classes: _abc.Iterable[_builtins.str] | None = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "name", b"name", "pipeline_classes", b"pipeline_classes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FamilyInfo: _TypeAlias = FamilyInfo  # noqa: Y015
 
 @_typing.final
 class MemoryPolicy(_message.Message):

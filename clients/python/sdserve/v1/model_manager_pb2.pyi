@@ -35,8 +35,8 @@ class _WeightVariantEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WeightV
     WEIGHT_VARIANT_BF16: _WeightVariant.ValueType  # 3
     """bfloat16 weights: half the bytes of fp32, fp32's range with fewer mantissa bits."""
     WEIGHT_VARIANT_INT8: _WeightVariant.ValueType  # 4
-    """int8 weight-only quantization of the UNet and text encoder (per-output-channel scales), with an
-    fp16 VAE; load it with `model_manager.quant.load_int8_component`.
+    """int8 weight-only quantization of the UNet and text encoders (per-output-channel scales), with an
+    fp16 VAE; load it with `sdserve_core.quant.load_int8_component`.
     """
 
 class WeightVariant(_WeightVariant, metaclass=_WeightVariantEnumTypeWrapper):
@@ -51,8 +51,8 @@ WEIGHT_VARIANT_FP16: WeightVariant.ValueType  # 2
 WEIGHT_VARIANT_BF16: WeightVariant.ValueType  # 3
 """bfloat16 weights: half the bytes of fp32, fp32's range with fewer mantissa bits."""
 WEIGHT_VARIANT_INT8: WeightVariant.ValueType  # 4
-"""int8 weight-only quantization of the UNet and text encoder (per-output-channel scales), with an
-fp16 VAE; load it with `model_manager.quant.load_int8_component`.
+"""int8 weight-only quantization of the UNet and text encoders (per-output-channel scales), with an
+fp16 VAE; load it with `sdserve_core.quant.load_int8_component`.
 """
 Global___WeightVariant: _TypeAlias = WeightVariant  # noqa: Y015
 

@@ -33,8 +33,8 @@ const (
 	WeightVariant_WEIGHT_VARIANT_FP16 WeightVariant = 2
 	// bfloat16 weights: half the bytes of fp32, fp32's range with fewer mantissa bits.
 	WeightVariant_WEIGHT_VARIANT_BF16 WeightVariant = 3
-	// int8 weight-only quantization of the UNet and text encoder (per-output-channel scales), with an
-	// fp16 VAE; load it with `model_manager.quant.load_int8_component`.
+	// int8 weight-only quantization of the UNet and text encoders (per-output-channel scales), with an
+	// fp16 VAE; load it with `sdserve_core.quant.load_int8_component`.
 	WeightVariant_WEIGHT_VARIANT_INT8 WeightVariant = 4
 )
 

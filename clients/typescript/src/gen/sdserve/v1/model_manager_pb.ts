@@ -1746,8 +1746,8 @@ export enum WeightVariant {
   BF16 = 3,
 
   /**
-   * int8 weight-only quantization of the UNet and text encoder (per-output-channel scales), with an
-   * fp16 VAE; load it with `model_manager.quant.load_int8_component`.
+   * int8 weight-only quantization of the UNet and text encoders (per-output-channel scales), with an
+   * fp16 VAE; load it with `sdserve_core.quant.load_int8_component`.
    *
    * @generated from enum value: WEIGHT_VARIANT_INT8 = 4;
    */
