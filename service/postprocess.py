@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from PIL import Image
 
 from service import imaging
 from service.jobs import Job
-from service.requests import ResultImage, Task
+from service.requests import RefinerMode, ResultImage, Task
 
 
 def prepare_inputs(job: Job) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -73,6 +75,28 @@ def parameters_dict(job: Job, seed: int) -> dict[str, object]:
             mask_padding=req.inpaint.mask_padding,
             preserve_unmasked=req.inpaint.preserve_unmasked,
         )
+    d.update(_family_dict(job))
+    return d
+
+
+def _family_dict(job: Job) -> dict[str, object]:
+    """The family-only parameters (SDXL's second prompts, micro-conditioning and refiner), when the model has them."""
+    r = job.resolved
+    req = r.request
+    d: dict[str, object] = {}
+    if r.conditioning is not None:
+        d.update(prompt_2=req.prompt_2, negative_prompt_2=req.negative_prompt_2)
+        d["conditioning"] = dataclasses.asdict(r.conditioning)
+    if r.refiner is not None:
+        ref = r.refiner
+        handoff = ref.mode is RefinerMode.LATENT_HANDOFF
+        d["refiner"] = {
+            "model": ref.identity.model,
+            "model_revision": ref.identity.revision,
+            "model_variant": ref.identity.variant,
+            "mode": ref.mode.value,
+            **({"switch_at": ref.switch_at} if handoff else {"strength": ref.strength}),
+        }
     return d
 
 
@@ -91,5 +115,10 @@ def a1111_text(job: Job, seed: int) -> str:
         settings += f", Denoising strength: {r.strength:g}"
     if req.clip_skip:
         settings += f", Clip skip: {req.clip_skip + 1}"
+    if r.refiner is not None:
+        # A1111's own keys for its SDXL refiner (its switch is the fraction of steps run by the base model).
+        settings += f", Refiner: {r.refiner.identity.model}"
+        if r.refiner.mode is RefinerMode.LATENT_HANDOFF:
+            settings += f", Refiner switch at: {r.refiner.switch_at:g}"
     lines.append(settings)
     return "\n".join(lines)

@@ -10,6 +10,7 @@ which diffusers computes the same way inside its call). Batched against solo: 2/
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,6 +264,14 @@ def test_base_and_refiner_equal_diffusers(
     assert started.refiner_model == REFINER and started.refiner_model_revision
     assert result.parameters.refiner.model == REFINER
     assert result.parameters.refiner_model_revision == started.refiner_model_revision
+    # The file says so too: A1111's refiner keys in `parameters`, the whole refiner pass in `sdserve`.
+    info = Image.open(io.BytesIO(result.images[0].data)).info
+    assert f"Refiner: {REFINER}" in info["parameters"]
+    embedded = json.loads(info["sdserve"])
+    assert embedded["refiner"]["model"] == REFINER and embedded["refiner"]["mode"] == (
+        "latent_handoff" if mode == "latent" else "image"
+    )
+    assert embedded["conditioning"]["original_size"] == [64, 64]
 
 
 # Passes, cancellation, batching, previews, the prompt cache ---------------------------------------------------
