@@ -224,6 +224,8 @@ def stored_model(view: StoredVariant, files: bool = False) -> pb.StoredModel:
         pinned=view.pinned,
         aliases=list(view.aliases),
         unet_in_channels=m.unet_in_channels if m else 0,
+        family=view.family,
+        tasks=list(view.tasks),
     )
     q = _quality(m)
     if q is not None:

@@ -118,6 +118,29 @@ def _check_weights(folder: Path) -> None:
             raise errors.DataLoss(f"{path.relative_to(folder)}: {exc}; nothing was published") from None
 
 
+def _check_components(folder: Path, field: str, what: str) -> None:
+    """The fetched files hold every component the model's own model_index.json names (SD 1.x/2.x: one text
+    encoder; SDXL: two; an SDXL refiner: the second only); INVALID_ARGUMENT on `field` naming the first missing."""
+    try:
+        needed = model_folder.required_subfolders(folder)
+    except ValueError as exc:
+        raise errors.invalid_field(field, f"{what}: model_index.json is not valid JSON ({exc})") from None
+    missing = [sub for sub in needed if not (folder / sub).is_dir()]
+    if missing:
+        raise errors.invalid_field(
+            field, f"{what}: model_index.json names {', '.join(missing)}, but there are no {missing[0]}/ files"
+        )
+
+
+def _folder_components(folder: Path) -> tuple[str, ...]:
+    """The components a local diffusers folder must have, from its model_index.json (INVALID_ARGUMENT on `path`
+    when that is not valid JSON; a missing one is reported by the file selection)."""
+    try:
+        return model_folder.required_subfolders(folder)
+    except ValueError as exc:
+        raise errors.invalid_field("path", f"{folder}: model_index.json is not valid JSON ({exc})") from None
+
+
 def _inspect_checkpoint(req: ImportRequest, path: Path) -> tuple[str, str]:
     """Checks a single-file checkpoint's header and architecture; returns (architecture, weights variant)."""
     from model_manager import single_file
@@ -325,6 +348,7 @@ class Operations:
                     resumed += had
                 rep.finish_stage()
                 _check_weights(staging)
+                _check_components(staging, "repo_id", f"{req.repo_id}@{snap.commit[:12]}")
                 _strip_pipeline_extras(staging)
                 meta = model_folder.read_meta_dict(staging)
                 description = str(meta.get("description") or f"{req.repo_id} from the Hugging Face Hub")
@@ -506,7 +530,7 @@ class Operations:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel_paths += [(Path(root) / f).relative_to(folder).as_posix() for f in files]
         try:
-            selection = select(rel_paths)
+            selection = select(rel_paths, subfolders=_folder_components(folder))
         except SelectionError as exc:
             raise errors.invalid_field("path", f"{folder}: {exc}") from None
         for pick in selection.picks:
@@ -569,8 +593,13 @@ class Operations:
             if name_problem(req.config_from):
                 raise errors.invalid_field("config_from", "must be a stored model name or an absolute folder path")
             folder = self.store.resolve(req.config_from).path
-        needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                  "scheduler/scheduler_config.json"]  # fmt: skip
+        try:
+            encoders = single_file.text_encoders(folder)
+        except single_file.ConversionError as exc:
+            raise errors.invalid_field("config_from", f"{folder}: {exc}") from None
+        # In this order (SD 1.x/2.x: as before SDXL), so a checkpoint converted again keeps its revision.
+        needed = ["model_index.json", "unet/config.json", "vae/config.json"]
+        needed += [f"{sub}/config.json" for sub in encoders] + ["scheduler/scheduler_config.json"]
         missing = [n for n in needed if not (folder / n).is_file()]
         if missing:
             raise errors.invalid_field("config_from", f"{folder} lacks {', '.join(missing)}")
@@ -580,18 +609,22 @@ class Operations:
         return folder, "config:" + digest.hexdigest()[:16]
 
     def _vocabulary(self, config_dir: Path) -> Path:
+        """A tokenizer folder with the CLIP vocabulary the configs' text encoders use (SD 1.x, 2.x and XL, both
+        encoders, share one): the configs' own, else any stored model's."""
         from model_manager import single_file
 
-        vocab_size = int(_read_json(config_dir / "text_encoder" / "config.json").get("vocab_size", 49408))
-        if single_file.is_clip_vocab(config_dir / "tokenizer", vocab_size):
-            return config_dir / "tokenizer"
-        for stored in self.store.variants():
-            if stored.state == READY and single_file.is_clip_vocab(stored.path / "tokenizer", vocab_size):
-                return stored.path / "tokenizer"
+        encoders = single_file.text_encoders(config_dir)
+        first = config_dir / (encoders[0] if encoders else "text_encoder") / "config.json"
+        vocab_size = int(_read_json(first).get("vocab_size", single_file.CLIP_VOCAB_SIZE))
+        folders = [config_dir] + [v.path for v in self.store.variants() if v.state == READY]
+        for folder in folders:
+            for tokenizer in ("tokenizer", "tokenizer_2"):
+                if single_file.is_clip_vocab(folder / tokenizer, vocab_size):
+                    return folder / tokenizer
         raise errors.FailedPrecondition(
             "a single-file checkpoint carries no tokenizer vocabulary and the store has no model with a CLIP "
-            f"vocabulary of {vocab_size} tokens to borrow one from: pull any Stable Diffusion 1.x or 2.x model from "
-            "the Hub first, or pass config_from with a diffusers folder"
+            f"vocabulary of {vocab_size} tokens to borrow one from: pull any Stable Diffusion 1.x, 2.x or XL model "
+            "from the Hub first, or pass config_from with a diffusers folder"
         )
 
     def _import_single_file(self, req: ImportRequest, path: Path, rep: Reporter) -> OperationResult:

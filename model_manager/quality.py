@@ -53,6 +53,32 @@ def _inpaint_inputs(size: int) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(rgb.astype(np.uint8)), Image.fromarray(mask)
 
 
+# How much of the schedule an Edit quality render (a refiner's) runs: half, and at least one step.
+EDIT_STRENGTH = 0.5
+
+
+def quality_call(folder: Path, size: int, steps: int, seed: int) -> PipelineCall:
+    """The call a folder's quality is measured with: Generate when the model can (from noise alone), else Edit of
+    a fixed gradient image (an SDXL refiner: it was trained on the low-noise end of the schedule only), else Inpaint
+    of its centre (inpainting models)."""
+    tasks = families.traits_of(folder).tasks
+    task = Task.GENERATE if Task.GENERATE in tasks else Task.EDIT if Task.EDIT in tasks else Task.INPAINT
+    image, mask = _inpaint_inputs(size)
+    return PipelineCall(
+        task=task,
+        steps=steps,
+        width=size,
+        height=size,
+        generators=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        guidance_scale=7.5,
+        prompt=PROMPT,
+        images=None if task is Task.GENERATE else image,
+        masks=mask if task is Task.INPAINT else None,
+        strength=max(EDIT_STRENGTH, 1.0 / steps) if task is Task.EDIT else None,
+    )
+
+
 _RENDER_LOCK = threading.Lock()
 
 
@@ -62,24 +88,11 @@ def render(folder: Path, variant: str, spec: RenderSpec) -> np.ndarray:
     from diffusers import DDIMScheduler
 
     size = spec.size or default_size(folder)
+    call = quality_call(folder, size, spec.steps, spec.seed)
     # Renders share torch's thread pool; one at a time keeps them from starving each other and the server.
     with _RENDER_LOCK, torch.inference_mode():
         components = load_components(folder, variant, compute_dtype(variant, spec.device), spec.device)
         scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-        inpaint_only = Task.GENERATE not in families.get(components.family).tasks(components.in_channels)
-        image, mask = _inpaint_inputs(size) if inpaint_only else (None, None)
-        call = PipelineCall(
-            task=Task.INPAINT if inpaint_only else Task.GENERATE,
-            steps=spec.steps,
-            width=size,
-            height=size,
-            generators=torch.Generator("cpu").manual_seed(spec.seed),
-            output_type="np",
-            guidance_scale=7.5,
-            prompt=PROMPT,
-            images=image,
-            masks=mask,
-        )
         out = run(components, call, scheduler)[0]
     return np.asarray(out, dtype=np.float32)
 

@@ -1,29 +1,44 @@
-"""Chooses the files of a diffusers Stable Diffusion folder or repository that the pipeline needs (safetensors only)."""
+"""Chooses the files of a diffusers Stable Diffusion folder or repository that the pipeline needs (safetensors only).
+
+SD 1.x/2.x folders have one text encoder; SDXL folders a second (text_encoder_2, tokenizer_2), and an SDXL refiner
+only the second. Which components a folder has comes from its model_index.json when the caller has read it (local
+imports), otherwise from the paths themselves (Hub pulls: the repository's model_index.json is checked against what
+was fetched before anything is published)."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from model_manager.weights import is_pickle_name
 
-WEIGHT_BASES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_BASES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+_TOKENIZER_FILES = (
+    ("vocab.json", True),
+    ("merges.txt", True),
+    ("tokenizer_config.json", False),
+    ("special_tokens_map.json", False),
+    ("tokenizer.json", False),
+    ("added_tokens.json", False),
+)
 OTHER_FILES: dict[str, tuple[tuple[str, bool], ...]] = {
     "": (("model_index.json", True), ("sdserve.json", False)),
     "unet": (("config.json", True),),
     "vae": (("config.json", True),),
     "text_encoder": (("config.json", True),),
+    "text_encoder_2": (("config.json", True),),
     "scheduler": (("scheduler_config.json", True),),
-    "tokenizer": (
-        ("vocab.json", True),
-        ("merges.txt", True),
-        ("tokenizer_config.json", False),
-        ("special_tokens_map.json", False),
-        ("tokenizer.json", False),
-        ("added_tokens.json", False),
-    ),
+    "tokenizer": _TOKENIZER_FILES,
+    "tokenizer_2": _TOKENIZER_FILES,
 }
+# Every folder has these; the text encoders and tokenizers depend on the family (see components()).
+BASE_COMPONENTS = ("unet", "vae", "scheduler")
 
 
 class SelectionError(ValueError):
@@ -46,6 +61,15 @@ class Selection:
     variant: str | None
 
 
+def components(available: set[str]) -> tuple[str, ...]:
+    """The subfolders a folder with these files needs: the first text encoder and tokenizer unless only the second
+    is there (an SDXL refiner), and the second wherever any of its files is."""
+    second = any(p.startswith(("text_encoder_2/", "tokenizer_2/")) for p in available)
+    first = not second or any(p.startswith(("text_encoder/", "tokenizer/")) for p in available)
+    text = (("text_encoder", "tokenizer") if first else ()) + (("text_encoder_2", "tokenizer_2") if second else ())
+    return BASE_COMPONENTS + text
+
+
 def _weights(available: set[str], component: str, base: str, variant: str | None) -> list[Pick]:
     if variant is not None:
         path = f"{component}/{base}.{variant}.safetensors"
@@ -61,12 +85,12 @@ def _weights(available: set[str], component: str, base: str, variant: str | None
     return []
 
 
-def select(paths: Iterable[str], prefer: str | None = None) -> Selection:
-    """The files to take; `prefer` 'fp16' takes fp16 files when every component has them."""
-    available = set(paths)
+def _other_files(available: set[str], wanted: Sequence[str]) -> list[Pick]:
     picks: list[Pick] = []
     missing = []
     for folder, files in OTHER_FILES.items():
+        if folder and folder not in wanted:
+            continue
         for name, required in files:
             path = f"{folder}/{name}" if folder else name
             if path in available:
@@ -75,12 +99,22 @@ def select(paths: Iterable[str], prefer: str | None = None) -> Selection:
                 missing.append(path)
     if missing:
         raise SelectionError(f"not a Stable Diffusion diffusers model: missing {', '.join(missing)}")
+    return picks
+
+
+def select(paths: Iterable[str], prefer: str | None = None, subfolders: Sequence[str] | None = None) -> Selection:
+    """The files to take; `prefer` 'fp16' takes fp16 files when every component has them. `subfolders` are the
+    components the folder must have (from its model_index.json); None: guessed from the paths (components())."""
+    available = set(paths)
+    wanted = tuple(subfolders) if subfolders is not None else components(available)
+    picks = _other_files(available, wanted)
+    weighted = {c: b for c, b in WEIGHT_BASES.items() if c in wanted}
     attempts: list[str | None] = [prefer, None] if prefer else [None, "fp16"]
     for variant in attempts:
-        chosen = [_weights(available, c, b, variant) for c, b in WEIGHT_BASES.items()]
+        chosen = [_weights(available, c, b, variant) for c, b in weighted.items()]
         if all(chosen):
             return Selection(tuple(picks + [p for group in chosen for p in group]), variant)
-    for component, base in WEIGHT_BASES.items():
+    for component, base in weighted.items():
         if _weights(available, component, base, None):
             continue
         pickled = sorted(p for p in available if p.startswith(component + "/") and is_pickle_name(p))

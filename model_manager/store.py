@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from model_manager import errors
+from model_manager.capabilities import Capabilities, describe
 from model_manager.layout import StoreLayout
 from model_manager.manifest import fsync_dir, fsync_tree, read_manifest, write_json_atomic
 from model_manager.names import Variant, is_safe_component
@@ -68,6 +69,9 @@ class StoredVariant:
     # Servers holding an unexpired lease on it (it is loaded or aliased there), and when the last lease ends.
     lease_holders: int = 0
     lease_expires_at: float = 0.0
+    # The model family and tasks of its folder (model_manager.capabilities); empty when unreadable.
+    family: str = ""
+    tasks: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +207,7 @@ class _Entry:
     error: str
     size: int
     created_at: float
+    caps: Capabilities = dataclasses.field(default_factory=Capabilities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,22 +345,23 @@ class Store:
         return found
 
     def _check(self, key: VariantKey, folder: Path) -> _Entry:
+        caps = describe(folder)
         try:
             manifest = read_manifest(folder)
         except ValueError as exc:
             log.error("stored variant has no valid manifest", extra={"variant": key.label(), "error": str(exc)})
-            return _Entry(None, CORRUPT, f"manifest: {exc}", _du(folder), folder.stat().st_mtime)
+            return _Entry(None, CORRUPT, f"manifest: {exc}", _du(folder), folder.stat().st_mtime, caps)
         if (manifest.name, manifest.revision, manifest.variant) != (key.name, key.revision, key.variant):
             error = "manifest names a different model, revision or variant than its folder"
-            return _Entry(manifest, CORRUPT, error, manifest.size_bytes, manifest.created_at)
+            return _Entry(manifest, CORRUPT, error, manifest.size_bytes, manifest.created_at, caps)
         problems: list[str] = []
         if self.verify_mode != "off":
             problems = verify(folder, manifest, full=self.verify_mode == "full")
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             log.error("stored variant failed verification", extra={"variant": key.label(), "problems": problems})
-            return _Entry(manifest, CORRUPT, problems[0] + more, manifest.size_bytes, manifest.created_at)
-        return _Entry(manifest, READY, "", manifest.size_bytes, manifest.created_at)
+            return _Entry(manifest, CORRUPT, problems[0] + more, manifest.size_bytes, manifest.created_at, caps)
+        return _Entry(manifest, READY, "", manifest.size_bytes, manifest.created_at, caps)
 
     def _load_state(self) -> None:
         data = _read_json(self.layout.state)
@@ -434,6 +440,8 @@ class Store:
             aliases=tuple(sorted(a for a, r in self._aliases.items() if r.key == key)),
             lease_holders=len(leases),
             lease_expires_at=time.time() + max(leases) - now if leases else 0.0,
+            family=entry.caps.family,
+            tasks=entry.caps.tasks,
         )
 
     def variants(self, name: str = "") -> list[StoredVariant]:
@@ -550,6 +558,8 @@ class Store:
         if problems:
             raise errors.ChecksumMismatch("verification before publishing failed: " + "; ".join(problems[:3]))
         fsync_tree(staging)
+        # Read before taking the lock: the first description imports torch (model_manager.capabilities).
+        caps = describe(staging)
         key = VariantKey(manifest.name, manifest.revision, manifest.variant)
         target = self.layout.variant_dir(*dataclasses.astuple(key))
         trash: Path | None = None
@@ -563,7 +573,7 @@ class Store:
                 os.rename(target, trash)
             os.rename(staging, target)
             fsync_dir(target.parent)
-            self._entries[key] = _Entry(manifest, READY, "", manifest.size_bytes, manifest.created_at)
+            self._entries[key] = _Entry(manifest, READY, "", manifest.size_bytes, manifest.created_at, caps)
             self._last_used[key] = time.time()
             self._save_state()
             view = self._view(key)

@@ -1,4 +1,8 @@
-"""Makes fp16, bf16 and int8 variants of a stored diffusers folder (safetensors in, safetensors out)."""
+"""Makes fp16, bf16 and int8 variants of a stored diffusers folder (safetensors in, safetensors out).
+
+Every weight component the folder has is converted: the UNet, the VAE, and the text encoders (SDXL has two; its
+refiner only the second). int8 quantizes the UNet and the text encoders (sdserve_core.quant.WEIGHT_BASE); the VAE
+is stored in fp16 beside them."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from model_manager.weights import DTYPE_BYTES, read_header
 from sdserve_core import quant
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 class VariantError(ValueError):
@@ -43,6 +47,10 @@ def _component_class(component: str) -> Any:
         from transformers import CLIPTextModel
 
         return CLIPTextModel
+    if component == "text_encoder_2":
+        from transformers import CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     return UNet2DConditionModel if component == "unet" else AutoencoderKL
@@ -79,7 +87,8 @@ def make_variant(source: Path, dest: Path, variant: str, reporter: Reporter) -> 
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / rel)
-    for component in WEIGHT_COMPONENTS:
+    # A component the folder does not have (an SDXL refiner's first text encoder) is skipped.
+    for component in (c for c in WEIGHT_COMPONENTS if (source / c).is_dir()):
         reporter.stage("quantizing" if variant == "int8" else "converting", message=component)
         src, dst = source / component, dest / component
         dst.mkdir(parents=True, exist_ok=True)

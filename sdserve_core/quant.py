@@ -198,6 +198,25 @@ def quantize_state_dict(
     return out, done
 
 
+# The module prefix transformers 4 saved CLIP text encoders under (its CLIPTextModel wrapped a `text_model`);
+# transformers 5's CLIPTextModel has none, so files from the Hub and the model built here may disagree.
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """`state` with each key renamed to the model's name for it where they differ only by TEXT_MODEL_PREFIX."""
+    out: dict[str, torch.Tensor] = {}
+    n = len(TEXT_MODEL_PREFIX)
+    for key, tensor in state.items():
+        if key not in expected:
+            if key.startswith(TEXT_MODEL_PREFIX) and key[n:] in expected:
+                key = key[n:]
+            elif TEXT_MODEL_PREFIX + key in expected:
+                key = TEXT_MODEL_PREFIX + key
+        out[key] = tensor
+    return out
+
+
 def quantize_component(component_cls: Any, source: Path, dest: Path) -> dict[str, Any]:
     """Writes the int8 form of the component in `source` (a diffusers subfolder) to `dest`; returns its config."""
     from safetensors.torch import load_file, save_file
@@ -208,6 +227,7 @@ def quantize_component(component_cls: Any, source: Path, dest: Path) -> dict[str
         state.update(load_file(path))
     model = skeleton(component_cls, source)
     expected = set(model.state_dict())
+    state = align_keys(state, expected)
     if not expected <= set(state) | non_persistent_buffers(model):
         missing = sorted(expected - set(state))
         raise ValueError(f"{source.name}: weights lack {len(missing)} tensors the config needs, e.g. {missing[0]}")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.status import FieldViolation
 from service import device, status
 from service.batching import BatchPolicy
@@ -137,8 +138,8 @@ def test_device_work_goes_before_queued_jobs_and_never_beside_a_running_one() ->
 def test_the_one_unload_path_drops_weights_and_cached_prompts(parts: Parts) -> None:
     entry = parts.registry.lookup(TINY, Task.GENERATE)
     parts.registry.get_loaded(entry)
-    key = cache_key(entry.identity, "a prompt", "", 0, True)
-    parts.cache.get(key, lambda: (torch.zeros(1, 4, 8), None))
+    key = cache_key(entry.identity, PromptInputs("a prompt"), True)
+    parts.cache.get(key, lambda: PromptEmbeds(torch.zeros(1, 4, 8)))
     assert len(parts.cache) == 1
     parts.lifecycle.forget(entry.slot)
     assert len(parts.cache) == 0

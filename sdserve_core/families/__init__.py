@@ -22,15 +22,15 @@ nothing in service/ or model_manager/ changes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from sdserve_core.families.base import Traits
+from sdserve_core import family_index
 from sdserve_core.families.sd15 import SD15
 from sdserve_core.families.sdxl import SDXL
+from sdserve_core.family_index import Traits
 from sdserve_core.model_folder import LatentRGB
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
@@ -91,32 +91,7 @@ def get(name: str) -> Family:
 
 def family_of(source: Path | str) -> Family:
     """The family of a diffusers folder (from its model_index.json) or of a pipeline class name."""
-    class_name = source if isinstance(source, str) else _pipeline_class(source)
-    for family in FAMILIES.values():
-        if class_name in family.pipeline_classes:
-            return family
-    return DEFAULT
+    return FAMILIES[family_index.family_name(source)]
 
 
-def traits_of(folder: Path) -> Traits:
-    """What the model in a diffusers folder can do, from its configs (no weights read)."""
-    index = _index(folder)
-    unet = _json(folder / "unet" / "config.json")
-    return family_of(folder).traits(index, int(unet.get("in_channels", 4)))
-
-
-def _index(folder: Path) -> dict[str, Any]:
-    return _json(folder / "model_index.json")
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _pipeline_class(folder: Path) -> str:
-    # Unreadable: the folder's other checks report it; it is run as the default family meanwhile.
-    return str(_index(folder).get("_class_name", ""))
+traits_of = family_index.traits_of

@@ -1,8 +1,7 @@
-"""What every family shares: the Traits a folder reports, text-pipeline caching and VAE decoding."""
+"""What every family shares: text-pipeline caching and VAE decoding."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import weakref
 from collections.abc import Callable
@@ -10,19 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdserve_core.tasks import Task
-
 if TYPE_CHECKING:
     from sdserve_core.components import Components
-
-
-@dataclasses.dataclass(frozen=True)
-class Traits:
-    """What one model folder can do: its tasks, and whether it is a refiner (a second-pass model that runs Edit and
-    can be named as another request's refiner)."""
-
-    tasks: tuple[Task, ...]
-    refiner: bool = False
 
 
 class TextPipelines:

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdserve_core import family_index
 from sdserve_core.components import Components
-from sdserve_core.families.base import TextPipelines, Traits, vae_decode
+from sdserve_core.families.base import TextPipelines, vae_decode
+from sdserve_core.family_index import Traits
 from sdserve_core.model_folder import LatentRGB
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
@@ -82,10 +84,7 @@ class StableDiffusion1:
     latent_rgb = LATENT_RGB
 
     def traits(self, index: dict[str, Any], in_channels: int) -> Traits:
-        """An inpainting UNet (9 input channels) only inpaints; a plain one runs every task."""
-        if in_channels == 9:
-            return Traits((Task.INPAINT,))
-        return Traits((Task.GENERATE, Task.EDIT, Task.INPAINT))
+        return family_index.traits(self.name, index, in_channels)
 
     def pipeline(self, components: Components, task: Task, scheduler: Any) -> Any:
         """A new pipeline object over the shared components with this call's own scheduler."""

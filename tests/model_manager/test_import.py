@@ -87,7 +87,7 @@ def test_single_file_errors_name_what_is_missing(converter: Sidecar, tiny_root: 
     assert not any((sidecar.store / "staging").iterdir())
 
 
-@pytest.mark.parametrize("architecture", single_file.ARCHITECTURES)
+@pytest.mark.parametrize("architecture", single_file.SD_ARCHITECTURES)
 def test_shipped_configs_convert_full_size_checkpoints(architecture: str) -> None:
     """Each shipped config builds the real network and maps an original-layout checkpoint onto it, key for key and
     shape for shape (meta tensors: no memory, no weights)."""

@@ -225,14 +225,17 @@ def cmd_list(ns: argparse.Namespace) -> int:
     if ns.json:
         print(_as_json(listing))
         return 0
-    print(f"{'NAME':<28} {'REVISION':<12}  {'VARIANT':<7} {'SIZE':>10}  {'STATE':<7} {'PSNR':>8}  ALIASES")
+    print(
+        f"{'NAME':<28} {'REVISION':<12}  {'VARIANT':<7} {'FAMILY':<6} {'SIZE':>10}  {'STATE':<7} {'PSNR':>8}  "
+        f"{'TASKS':<24} ALIASES"
+    )
     for m in listing.models:
         aliases = ",".join(m.aliases) + (" (pinned)" if m.pinned else "")
         if m.lease_holders:
             aliases += f" (loaded by {m.lease_holders} server(s))"
         print(
-            f"{m.name:<28} {m.revision[:12]:<12}  {m.variant:<7} {human_bytes(m.size_bytes):>10}  {m.state:<7} "
-            f"{_quality(m):>8}  {aliases}"
+            f"{m.name:<28} {m.revision[:12]:<12}  {m.variant:<7} {m.family or '-':<6} {human_bytes(m.size_bytes):>10}  "
+            f"{m.state:<7} {_quality(m):>8}  {','.join(m.tasks) or '-':<24} {aliases}"
         )
     for a in listing.aliases:
         print(f"alias {a.name} -> {_alias_target(a)}{'' if a.path else '  (target missing)'}")
@@ -275,6 +278,8 @@ def cmd_show(ns: argparse.Namespace) -> int:
                 )
             else:
                 print(f"  quality      {q.note}")
+        print(f"  family       {m.family or 'unknown'}")
+        print(f"  tasks        {', '.join(m.tasks) or 'none (the folder cannot be read)'}")
         print(f"  unet         {m.unet_in_channels} input channels{' (inpainting)' if m.unet_in_channels == 9 else ''}")
         print(f"  created      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.created_at))}")
         print(f"  last used    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.last_used_at))}")

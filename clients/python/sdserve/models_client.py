@@ -95,6 +95,9 @@ class StoredModel:
     # Servers holding an unexpired lease on it (loaded or aliased there: not evicted), and when the last one ends.
     lease_holders: int = 0
     lease_expires_at: float = 0.0
+    # The model family (`sd15`, `sdxl`) and its tasks (`generate`, `edit`, `inpaint`; `refine` for a refiner).
+    family: str = ""
+    tasks: tuple[str, ...] = ()
 
     def label(self) -> str:
         return f"{self.name}@{self.revision[:12]}:{self.variant}"
@@ -300,6 +303,8 @@ def _model(m: pb.StoredModel) -> StoredModel:
         files=tuple(StoredFile(f.path, f.size_bytes, f.sha256) for f in m.files),
         lease_holders=m.lease_holders,
         lease_expires_at=_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else 0.0,
+        family=m.family,
+        tasks=tuple(m.tasks),
     )
 
 
