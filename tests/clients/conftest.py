@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-from tests.clients.live import LiveServer, start_server, stop_server
+from tests.clients.live import SDXL_BASE, SDXL_REFINER, LiveServer, start_server, stop_server
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -41,23 +41,39 @@ def _mask_png(size: int) -> bytes:
     return buf.getvalue()
 
 
-def _run(stub: pb_grpc.DiffusionServiceStub, rpc: str, request: Any) -> list[bytes]:
-    """Runs one stream with the Python stubs and returns its result images' bytes."""
+def _events(stub: pb_grpc.DiffusionServiceStub, rpc: str, request: Any) -> list[Any]:
+    """Runs one stream with the Python stubs and returns its messages, checking their order."""
     events = list(getattr(stub, rpc.capitalize())(request, timeout=300))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "result", kinds
-    return [image.data for image in events[-1].result.images]
+    return events
+
+
+def _run(stub: pb_grpc.DiffusionServiceStub, rpc: str, request: Any) -> list[bytes]:
+    """Runs one stream with the Python stubs and returns its result images' bytes."""
+    return [image.data for image in _events(stub, rpc, request)[-1].result.images]
+
+
+def _channel(address: str) -> grpc.Channel:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    return grpc.insecure_channel(address, options=options)
+
+
+def _expected(images: list[bytes]) -> list[dict[str, str]]:
+    return [
+        {"sha256": hashlib.sha256(data).hexdigest(), "data_b64": base64.b64encode(data).decode("ascii")}
+        for data in images
+    ]
 
 
 @pytest.fixture(scope="package")
 def reference_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs each case through the Python stubs and writes requests (proto3 JSON) and image bytes to a file."""
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]
     cases: dict[str, dict[str, Any]] = {}
-    with grpc.insecure_channel(live_server.address, options=options) as channel:
+    with _channel(live_server.address) as channel:
         stub = pb_grpc.DiffusionServiceStub(channel)
         generate = pb.GenerateRequest(
             params=pb.GenerationParams(
@@ -81,14 +97,55 @@ def reference_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFa
         )
         for name, request in (("generate", generate), ("edit", edit), ("inpaint", inpaint)):
             images = first if name == "generate" else _run(stub, name, request)
-            cases[name] = {
-                "rpc": name,
-                "request": json_format.MessageToDict(request),
-                "images": [
-                    {"sha256": hashlib.sha256(data).hexdigest(), "data_b64": base64.b64encode(data).decode("ascii")}
-                    for data in images
-                ],
-            }
+            cases[name] = {"rpc": name, "request": json_format.MessageToDict(request), "images": _expected(images)}
     path = tmp_path_factory.mktemp("reference") / "cases.json"
     path.write_text(json.dumps({"server": live_server.address, "cases": cases}, indent=1))
+    return path
+
+
+# The clients' SDXL tests write this request in their own idiom and check it equals this one.
+SDXL_REQUEST = pb.GenerateRequest(
+    params=pb.GenerationParams(
+        model=SDXL_BASE,
+        prompt="a lighthouse",
+        prompt_2="oil painting",
+        negative_prompt="blurry",
+        negative_prompt_2="low contrast",
+        width=64,
+        height=64,
+        steps=4,
+        seed=2024,
+        conditioning=pb.MicroConditioning(
+            original_size=pb.ImageSize(width=128, height=96),
+            crops_coords_top_left=pb.CropOffset(top=8, left=16),
+            target_size=pb.ImageSize(width=64, height=64),
+            aesthetic_score=7.0,
+        ),
+        refiner=pb.RefinerOptions(model=SDXL_REFINER, mode=pb.REFINER_MODE_LATENT_HANDOFF, switch_at=0.5),
+    )
+)
+_PASS_NAMES = {pb.DENOISE_PASS_BASE: "base", pb.DENOISE_PASS_REFINER: "refiner"}
+
+
+@pytest.fixture(scope="package")
+def sdxl_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs SDXL_REQUEST (prompt_2, micro-conditioning, a refiner pass) through the Python stubs twice and writes
+    the models' names, the request (proto3 JSON), the image bytes and each progress event's pass to a file."""
+    with _channel(live_server.address) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        events = _events(stub, "generate", SDXL_REQUEST)
+        again = _events(stub, "generate", SDXL_REQUEST)
+    images = [image.data for image in events[-1].result.images]
+    assert images == [image.data for image in again[-1].result.images], "the server is not deterministic for SDXL"
+    passes = [_PASS_NAMES.get(e.progress.denoise_pass, "") for e in events if e.WhichOneof("event") == "progress"]
+    assert "base" in passes and "refiner" in passes, passes
+    case = {
+        "base": SDXL_BASE,
+        "refiner": SDXL_REFINER,
+        "request": json_format.MessageToDict(SDXL_REQUEST),
+        "images": _expected(images),
+        "passes": passes,
+    }
+    path = tmp_path_factory.mktemp("reference-sdxl") / "sdxl.json"
+    path.write_text(json.dumps(case, indent=1))
     return path

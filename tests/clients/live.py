@@ -14,11 +14,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.tiny_sdxl import build_tiny_sdxl
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "sdserve.v1.DiffusionService"
 START_TIMEOUT_S = 300.0  # first start builds the tiny model and warms it; CI machines can be slow
 HEALTH_POLL_S = 0.2
 INSTALL_HINT = "install the client toolchains with scripts/install_client_toolchains.sh"
+# Tiny SDXL models the live server also serves (never its default), for the clients' SDXL tests.
+SDXL_BASE = "tiny-sdxl"
+SDXL_REFINER = "tiny-sdxl-refiner"
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,12 @@ def _wait_serving(process: subprocess.Popen[bytes], port_file: Path, log_path: P
 
 
 def start_server(tmp: Path) -> LiveServer:
-    """Starts `python -m service` on port 0 with a model folder under `tmp`; returns once it reports SERVING."""
+    """Starts `python -m service` on port 0 with a model folder under `tmp` (holding tiny SDXL base and refiner
+    models); returns once it reports SERVING."""
     own_models = tmp / "models"
     own_models.mkdir()
+    build_tiny_sdxl(own_models / SDXL_BASE, seed=0, kind="base")
+    build_tiny_sdxl(own_models / SDXL_REFINER, seed=5, kind="refiner")
     port_file = tmp / "port"
     log_path = tmp / "server.log"
     # The temporary folder comes first: with no model anywhere the server builds tiny-sd into the first

@@ -80,7 +80,8 @@ type Result struct {
 	Timings *sdservev1.Timings
 	// RequestID is the caller's request id or the one the server made.
 	RequestID string
-	// Started is the started event (seeds, model, revision), when the server sent one.
+	// Started is the started event (seeds, model, revision, refiner, memory strategy), when the
+	// server sent one.
 	Started *sdservev1.StartedEvent
 }
 

@@ -20,4 +20,8 @@
 //	}}, sdserve.OnEvent(func(e sdserve.Event) {
 //		if e.Progress != nil { log.Printf("step %d/%d", e.Progress.Step, e.Progress.TotalSteps) }
 //	}))
+//
+// Requests are the generated messages, so SDXL's fields are set like any other: Prompt_2,
+// NegativePrompt_2, Conditioning (micro-conditioning) and Refiner (a second pass, whose progress
+// events carry DenoisePass REFINER).
 package sdserve

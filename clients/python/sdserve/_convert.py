@@ -7,15 +7,21 @@ from typing import Any
 from google.protobuf import json_format
 
 from sdserve.types import (
+    CropOffset,
+    DenoisePassName,
     EditOptions,
     Event,
     GeneratedImage,
     GenerationOptions,
+    ImageSize,
     InpaintOptions,
+    MicroConditioning,
     ModelInfo,
     PreviewImage,
     Progress,
     Queued,
+    RefinerModeName,
+    RefinerPass,
     Result,
     Started,
     Timings,
@@ -30,6 +36,16 @@ _PREVIEWS = {
     "full_vae": pb.PREVIEW_MODE_FULL_VAE,
 }
 AREAS = {"whole_image": pb.INPAINT_AREA_WHOLE_IMAGE, "mask_only": pb.INPAINT_AREA_MASK_ONLY}
+_REFINER_MODES: dict[RefinerModeName, pb.RefinerMode.ValueType] = {
+    "latent_handoff": pb.REFINER_MODE_LATENT_HANDOFF,
+    "image": pb.REFINER_MODE_IMAGE,
+}
+_REFINER_MODE_NAMES = {v: k for k, v in _REFINER_MODES.items()}
+_PASSES: dict[int, DenoisePassName] = {pb.DENOISE_PASS_BASE: "base", pb.DENOISE_PASS_REFINER: "refiner"}
+_SIZES = ("original_size", "target_size", "negative_original_size", "negative_target_size")
+_CROPS = ("crops_coords_top_left", "negative_crops_coords_top_left")
+_SCORES = ("aesthetic_score", "negative_aesthetic_score")
+_REFINER_ONLY = ("refiner_mode", "refiner_switch_at", "refiner_strength")
 
 _KNOWN = set(GenerationOptions.__annotations__)
 
@@ -70,7 +86,81 @@ def params(prompt: str, options: GenerationOptions) -> pb.GenerationParams:
     p.output.quality = o.get("output_quality", 0)
     if o.get("embed_parameters") is not None:
         p.output.embed_parameters = o["embed_parameters"]
+    p.prompt_2 = o.get("prompt_2", "")
+    p.negative_prompt_2 = o.get("negative_prompt_2", "")
+    _conditioning(p.conditioning, o)
+    _refiner(p, o)
     return p
+
+
+def _conditioning(c: pb.MicroConditioning, o: dict[str, Any]) -> None:
+    """Fills `c` from the flat micro-conditioning options; absent ones stay unset (the server's defaults)."""
+    for key in _SIZES:
+        size = o.get(key)
+        if size is not None:
+            getattr(c, key).CopyFrom(pb.ImageSize(width=size.width, height=size.height))
+    for key in _CROPS:
+        crop = o.get(key)
+        if crop is not None:
+            getattr(c, key).CopyFrom(pb.CropOffset(top=crop.top, left=crop.left))
+    for key in _SCORES:
+        if o.get(key) is not None:
+            setattr(c, key, o[key])
+
+
+def _refiner(p: pb.GenerationParams, o: dict[str, Any]) -> None:
+    """Sets the refiner pass; its mode, switch and strength mean nothing without a refiner model."""
+    if not o.get("refiner"):
+        given = [k for k in _REFINER_ONLY if o.get(k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) `refiner`, the refiner model's name")
+        return
+    p.refiner.model = o["refiner"]
+    if o.get("refiner_mode"):
+        p.refiner.mode = _REFINER_MODES[o["refiner_mode"]]
+    if o.get("refiner_switch_at") is not None:
+        p.refiner.switch_at = o["refiner_switch_at"]
+    if o.get("refiner_strength") is not None:
+        p.refiner.strength = o["refiner_strength"]
+
+
+def _size(s: pb.ImageSize) -> ImageSize:
+    return ImageSize(s.width, s.height)
+
+
+def _crop(s: pb.CropOffset) -> CropOffset:
+    return CropOffset(s.top, s.left)
+
+
+def conditioning(c: pb.MicroConditioning) -> MicroConditioning:
+    """A MicroConditioning message as the typed dataclass (unset fields: None)."""
+    return MicroConditioning(
+        original_size=_size(c.original_size) if c.HasField("original_size") else None,
+        crops_coords_top_left=_crop(c.crops_coords_top_left) if c.HasField("crops_coords_top_left") else None,
+        target_size=_size(c.target_size) if c.HasField("target_size") else None,
+        negative_original_size=_size(c.negative_original_size) if c.HasField("negative_original_size") else None,
+        negative_crops_coords_top_left=(
+            _crop(c.negative_crops_coords_top_left) if c.HasField("negative_crops_coords_top_left") else None
+        ),
+        negative_target_size=_size(c.negative_target_size) if c.HasField("negative_target_size") else None,
+        aesthetic_score=c.aesthetic_score if c.HasField("aesthetic_score") else None,
+        negative_aesthetic_score=c.negative_aesthetic_score if c.HasField("negative_aesthetic_score") else None,
+    )
+
+
+def refiner_pass(r: pb.ResolvedParameters) -> RefinerPass | None:
+    """The refiner pass a result ran with (None without one)."""
+    if not r.HasField("refiner"):
+        return None
+    o = r.refiner
+    return RefinerPass(
+        model=o.model,
+        revision=r.refiner_model_revision,
+        variant=r.refiner_model_variant,
+        mode=_REFINER_MODE_NAMES.get(o.mode, "latent_handoff"),
+        switch_at=o.switch_at if o.HasField("switch_at") else None,
+        strength=o.strength if o.HasField("strength") else None,
+    )
 
 
 def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Event:
@@ -89,6 +179,10 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             batch_size=s.batch_size,
             model_variant=s.model_variant,
             dtype=s.dtype,
+            refiner_model=s.refiner_model,
+            refiner_model_revision=s.refiner_model_revision,
+            refiner_model_variant=s.refiner_model_variant,
+            memory_strategy=s.memory_strategy,
         )
     if kind == "progress":
         p = msg.progress
@@ -99,6 +193,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
                 PreviewImage(i.index, i.data, _FORMAT_NAMES.get(i.format, "jpeg"), i.width, i.height)
                 for i in p.previews
             ),
+            denoise_pass=_PASSES.get(p.denoise_pass, ""),
         )
     if kind == "result":
         r = msg.result
@@ -120,6 +215,9 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
                 t.preview_seconds,
             ),
             request_id=r.request_id,
+            refiner=refiner_pass(r.parameters),
+            conditioning=conditioning(r.parameters.conditioning) if r.parameters.HasField("conditioning") else None,
+            memory_strategy=r.parameters.memory_strategy,
         )
     raise ValueError(f"unexpected stream message without an event: {msg!r}")
 
@@ -138,6 +236,8 @@ def model_info(m: pb.ModelInfo) -> ModelInfo:
         error=m.error,
         description=m.description,
         inpaint_model=m.inpaint_model,
+        family=m.family,
+        refiner=m.refiner,
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from sdserve.cli_args import Parser, add_connection_flags, connect, flag_error, read_file
+from sdserve.cli_args import Parser, add_connection_flags, connect, crop_offset, flag_error, image_size, read_file
 from sdserve.client import Stream
 from sdserve.errors import SdserveError
 from sdserve.models_cli import add_models_commands, human_bytes
@@ -83,7 +83,51 @@ def _options(ns: argparse.Namespace) -> GenerationOptions:
         opts["preview_every"] = ns.preview_every
     if ns.format:
         opts["output_format"] = ns.format
+    opts.update(_sdxl_options(ns))
     return opts  # type: ignore[return-value]
+
+
+# SDXL flags whose values pass through under the option's name: (namespace attribute, option).
+_SDXL_FLAGS = (
+    ("prompt_2", "prompt_2"),
+    ("negative_prompt_2", "negative_prompt_2"),
+    ("original_size", "original_size"),
+    ("target_size", "target_size"),
+    ("crop", "crops_coords_top_left"),
+    ("negative_original_size", "negative_original_size"),
+    ("negative_target_size", "negative_target_size"),
+    ("negative_crop", "negative_crops_coords_top_left"),
+    ("aesthetic_score", "aesthetic_score"),
+    ("negative_aesthetic_score", "negative_aesthetic_score"),
+)
+
+
+def _sdxl_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The SDXL flags as options; the refiner's own flags need --refiner and the mode they apply to."""
+    opts = {option: getattr(ns, attr) for attr, option in _SDXL_FLAGS if getattr(ns, attr) not in (None, "")}
+    tuning = {
+        "--refiner-mode": ns.refiner_mode,
+        "--refiner-switch": ns.refiner_switch,
+        "--refiner-strength": ns.refiner_strength,
+    }
+    if not ns.refiner:
+        for flag, value in tuning.items():
+            if value is not None:
+                raise flag_error(flag, "needs --refiner MODEL (the refiner pass it tunes)")
+        return opts
+    mode = ns.refiner_mode or "latent"
+    if ns.refiner_switch is not None and mode != "latent":
+        raise flag_error("--refiner-switch", "applies to --refiner-mode latent only (use --refiner-strength)")
+    if ns.refiner_strength is not None and mode != "image":
+        raise flag_error("--refiner-strength", "applies to --refiner-mode image only (the default mode is latent)")
+    opts["refiner"] = ns.refiner
+    if ns.refiner_mode:
+        opts["refiner_mode"] = "latent_handoff" if ns.refiner_mode == "latent" else "image"
+    if ns.refiner_switch is not None:
+        opts["refiner_switch_at"] = ns.refiner_switch
+    if ns.refiner_strength is not None:
+        opts["refiner_strength"] = ns.refiner_strength
+    return opts
 
 
 def _out_paths(out: str, count: int) -> list[Path]:
@@ -98,20 +142,26 @@ def _run_stream(stream: Stream, ns: argparse.Namespace) -> int:
     preview_dir = Path(ns.preview_dir) if ns.preview_dir else None
     if preview_dir is not None:
         preview_dir.mkdir(parents=True, exist_ok=True)
+    # With a refiner, steps count within each pass: the bar says which one.
+    two_passes = bool(ns.refiner)
     previous = signal.signal(signal.SIGINT, lambda *_: stream.cancel())
     try:
         for ev in stream:
             if isinstance(ev, Queued):
                 bar.status(f"queued at position {ev.position}")
             elif isinstance(ev, Started):
-                bar.status(f"started on {ev.model}@{ev.model_revision[:10]} seeds {list(ev.seeds)}")
+                bar.status(_started_line(ev))
                 bar.done()
+                two_passes = two_passes or bool(ev.refiner_model)
             elif isinstance(ev, Progress):
                 for p in ev.previews:
                     if preview_dir is not None:
                         ext = "jpg" if p.format == "jpeg" else p.format
-                        (preview_dir / f"step-{ev.step:04d}-{p.index}.{ext}").write_bytes(p.data)
-                bar.show(ev.step, ev.total_steps)
+                        name = f"step-{ev.step:04d}-{p.index}.{ext}"
+                        if two_passes and ev.denoise_pass:
+                            name = f"{ev.denoise_pass}-{name}"
+                        (preview_dir / name).write_bytes(p.data)
+                bar.show(ev.step, ev.total_steps, ev.denoise_pass if two_passes else "")
             elif isinstance(ev, Result):
                 bar.done()
                 written = []
@@ -128,6 +178,13 @@ def _run_stream(stream: Stream, ns: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         bar.done()
     raise SdserveError("UNKNOWN", "the stream ended without a result")
+
+
+def _started_line(ev: Started) -> str:
+    line = f"started on {ev.model}@{ev.model_revision[:10]}"
+    if ev.refiner_model:
+        line += f" + refiner {ev.refiner_model}@{ev.refiner_model_revision[:10]}"
+    return f"{line} seeds {list(ev.seeds)}"
 
 
 def _json(data: Any) -> str:
@@ -191,11 +248,29 @@ def _fields(message: Any) -> dict[str, Any]:
 
 def info_dict(info: pb.GetServerInfoResponse) -> dict[str, Any]:
     """GetServerInfo as plain JSON values (the CLI's --json output)."""
-    data = {k: v for k, v in _fields(info).items() if k not in ("schedulers", "limits", "batch_limits")}
+    nested = ("schedulers", "limits", "batch_limits", "memory", "families")
+    data = {k: v for k, v in _fields(info).items() if k not in nested}
     data["schedulers"] = [_scheduler_name(s) for s in info.schedulers]
     data["limits"] = _fields(info.limits)
     data["batch_limits"] = [_fields(b) for b in info.batch_limits]
+    data["families"] = [
+        {"name": f.name, "pipeline_classes": list(f.pipeline_classes), "fields": list(f.fields)} for f in info.families
+    ]
+    if info.HasField("memory"):
+        data["memory"] = {**_fields(info.memory), "offloaded_models": list(info.memory.offloaded_models)}
     return data
+
+
+def _memory_line(m: pb.MemoryPolicy) -> str:
+    tiling = m.vae_tiling or "-"
+    if m.vae_tiling == "auto" and m.vae_tiling_min_pixels:
+        tiling += f" (from {m.vae_tiling_min_pixels:,} px)"
+    free = human_bytes(m.device_free_bytes) if m.device_free_bytes else "not measured"
+    offloaded = ", ".join(m.offloaded_models) or "none"
+    return (
+        f"memory       vae tiling {tiling}, vae slicing {m.vae_slicing or '-'}, attention slicing "
+        f"{m.attention_slicing or '-'}, cpu offload {m.cpu_offload or '-'}; device free {free}; offloaded: {offloaded}"
+    )
 
 
 def info_lines(info: pb.GetServerInfoResponse) -> list[str]:
@@ -220,6 +295,11 @@ def info_lines(info: pb.GetServerInfoResponse) -> list[str]:
         lines.append(
             f"batch        {b.model}{variant} {b.width}x{b.height}: up to {b.max_batch_images} images ({b.source})"
         )
+    for f in info.families:
+        own = f"; its own fields: {', '.join(f.fields)}" if f.fields else ""
+        lines.append(f"family       {f.name}: {', '.join(f.pipeline_classes)}{own}")
+    if info.HasField("memory"):
+        lines.append(_memory_line(info.memory))
     return lines
 
 
@@ -239,7 +319,11 @@ def cmd_list(ns: argparse.Namespace) -> int:
     for m in models:
         mark = "*" if m.name == default else " "
         aliases = f" aliases={','.join(m.aliases)}" if m.aliases else ""
-        print(f"{mark} {m.name:24} {m.state:8} rev={m.revision[:12]} {m.variant:5} tasks={','.join(m.tasks)}{aliases}")
+        family = (m.family or "-") + (" refiner" if m.refiner else "")
+        print(
+            f"{mark} {m.name:24} {m.state:8} rev={m.revision[:12]} {m.variant:5} {family:12} "
+            f"tasks={','.join(m.tasks)}{aliases}"
+        )
     return 0
 
 
@@ -364,6 +448,89 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="Deadline in seconds.")
     p.add_argument("--quiet", action="store_true", help="No progress output.")
     p.add_argument("--json", action="store_true", help="Print the written files, seeds and timings as JSON.")
+    _add_sdxl(p)
+
+
+def _add_sdxl(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SDXL (refused for models of other families)")
+    g.add_argument(
+        "--prompt-2",
+        default="",
+        metavar="TEXT",
+        help="Prompt for the second text encoder (OpenCLIP ViT-bigG); same length limit as --prompt "
+        "(default: --prompt).",
+    )
+    g.add_argument(
+        "--negative-prompt-2",
+        default="",
+        metavar="TEXT",
+        help="Negative prompt for the second text encoder (default: --negative).",
+    )
+    g.add_argument(
+        "--refiner",
+        default="",
+        metavar="MODEL",
+        help="Run a second pass with this SDXL refiner model (name or alias) in the same request "
+        "(default: no second pass).",
+    )
+    g.add_argument(
+        "--refiner-mode",
+        choices=("latent", "image"),
+        help="How the refiner takes over: 'latent' hands the base model's undecoded latents over at "
+        "--refiner-switch (total steps stay --steps); 'image' lets the base model finish and decode, then runs "
+        "image-to-image at --refiner-strength (default: latent).",
+    )
+    g.add_argument(
+        "--refiner-switch",
+        type=float,
+        metavar="FRACTION",
+        help="Latent mode: the fraction of the denoising schedule the base model runs, above 0 and below 1 "
+        "(default 0.8).",
+    )
+    g.add_argument(
+        "--refiner-strength",
+        type=float,
+        metavar="FRACTION",
+        help="Image mode: how far the refiner moves from the base model's image, above 0 to 1; it runs "
+        "int(steps x strength) steps, at least 1 (default 0.3).",
+    )
+    sizes = (
+        (
+            "--original-size",
+            "The size the model should treat the source image as having had (default: the output size).",
+        ),
+        ("--target-size", "The size the model should aim for (default: the output size)."),
+        ("--negative-original-size", "--original-size for the negative branch of guidance (default: --original-size)."),
+        ("--negative-target-size", "--target-size for the negative branch of guidance (default: --target-size)."),
+    )
+    for flag, text in sizes:
+        g.add_argument(flag, type=image_size, metavar="WxH", help=f"{text} Pixels, each side 1 to 16384.")
+    g.add_argument(
+        "--crop",
+        type=crop_offset,
+        metavar="TOP,LEFT",
+        help="Crop offset to condition on, in pixels from the top and the left, each 0 to 16384 "
+        "(default 0,0: an uncropped image).",
+    )
+    g.add_argument(
+        "--negative-crop",
+        type=crop_offset,
+        metavar="TOP,LEFT",
+        help="Crop offset for the negative branch of guidance, pixels, each 0 to 16384 (default 0,0).",
+    )
+    g.add_argument(
+        "--aesthetic-score",
+        type=float,
+        metavar="SCORE",
+        help="Refiner models only: the aesthetic score to aim for, 0 to 10 (default 6.0). Applies to the refiner "
+        "pass, and to edit and inpaint on a refiner model.",
+    )
+    g.add_argument(
+        "--negative-aesthetic-score",
+        type=float,
+        metavar="SCORE",
+        help="Refiner models only: the aesthetic score of the negative branch, 0 to 10 (default 2.5).",
+    )
 
 
 def _default_import_roots() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -11,8 +12,13 @@ import grpc
 
 from sdserve.client import Client
 from sdserve.errors import FieldViolation, SdserveError
+from sdserve.types import CropOffset, ImageSize
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# The contract's bounds for micro-conditioning sizes (1 to 16384 per side) and crop offsets (0 to 16384).
+MAX_SIDE = 16384
+_SIZE = re.compile(r"([0-9]+)x([0-9]+)")
+_CROP = re.compile(r"([0-9]+),([0-9]+)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +31,26 @@ class Parser(argparse.ArgumentParser):
 def flag_error(flag: str, rule: str) -> SdserveError:
     """A bad command-line value: printed as one line, '--flag: rule', exit status 2."""
     return SdserveError("INVALID_ARGUMENT", f"{flag}: {rule}", (FieldViolation(flag, rule),))
+
+
+def image_size(text: str) -> ImageSize:
+    """An argparse type: WIDTHxHEIGHT in pixels, each 1 to 16384 (argparse names the flag in its error)."""
+    m = _SIZE.fullmatch(text)
+    if m is None or not all(1 <= int(v) <= MAX_SIDE for v in m.groups()):
+        raise argparse.ArgumentTypeError(
+            f"must be WIDTHxHEIGHT in pixels, each 1 to {MAX_SIDE} (for example 1024x768), got {text!r}"
+        )
+    return ImageSize(int(m[1]), int(m[2]))
+
+
+def crop_offset(text: str) -> CropOffset:
+    """An argparse type: TOP,LEFT in pixels, each 0 to 16384."""
+    m = _CROP.fullmatch(text)
+    if m is None or not all(int(v) <= MAX_SIDE for v in m.groups()):
+        raise argparse.ArgumentTypeError(
+            f"must be TOP,LEFT in pixels, each 0 to {MAX_SIDE} (for example 0,256), got {text!r}"
+        )
+    return CropOffset(int(m[1]), int(m[2]))
 
 
 def read_file(path: str, flag: str) -> bytes:

@@ -22,6 +22,53 @@ SchedulerName = Literal[
 SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
 ImageFormatName = Literal["png", "jpeg", "webp"]
 PreviewModeName = Literal["none", "latent_rgb", "full_vae"]
+# How a refiner takes over: "latent_handoff" (the base model's undecoded latents, the default) or "image".
+RefinerModeName = Literal["latent_handoff", "image"]
+# The denoising pass a progress step belongs to; "" from servers before passes existed (the only pass).
+DenoisePassName = Literal["", "base", "refiner"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSize:
+    """A size in pixels, 1 to 16384 per side (SDXL micro-conditioning)."""
+
+    width: int
+    height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CropOffset:
+    """The top-left corner of a crop in pixels, 0 to 16384 (SDXL micro-conditioning)."""
+
+    top: int = 0
+    left: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size and crop conditioning as a request resolved it (defaults filled in by the server)."""
+
+    original_size: ImageSize | None = None
+    crops_coords_top_left: CropOffset | None = None
+    target_size: ImageSize | None = None
+    negative_original_size: ImageSize | None = None
+    negative_crops_coords_top_left: CropOffset | None = None
+    negative_target_size: ImageSize | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinerPass:
+    """The refiner pass a request ran with: the refiner's identity, its mode and their defaults filled in."""
+
+    model: str
+    revision: str
+    variant: str
+    mode: RefinerModeName
+    # LATENT_HANDOFF: the fraction of the schedule the base model ran. IMAGE: how far the refiner moved.
+    switch_at: float | None = None
+    strength: float | None = None
 
 
 class GenerationOptions(TypedDict, total=False):
@@ -47,6 +94,28 @@ class GenerationOptions(TypedDict, total=False):
     embed_parameters: bool
     request_id: str
     max_queue_seconds: float
+    # SDXL only. The second text encoder's prompts (empty: `prompt` / `negative_prompt`).
+    prompt_2: str
+    negative_prompt_2: str
+    # SDXL only: size and crop micro-conditioning. Unset: the output size, an uncropped image; the negative
+    # ones default to the positive values (crops to (0, 0)).
+    original_size: ImageSize
+    target_size: ImageSize
+    crops_coords_top_left: CropOffset
+    negative_original_size: ImageSize
+    negative_target_size: ImageSize
+    negative_crops_coords_top_left: CropOffset
+    # Refiner models only: the aesthetic score to aim for, 0 to 10 (server default 6.0; negative 2.5).
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    # SDXL only: a second pass with this refiner model (name or alias). Unset: no second pass.
+    refiner: str
+    # Needs `refiner`. Default "latent_handoff".
+    refiner_mode: RefinerModeName
+    # latent_handoff: the fraction of the schedule the base model runs, in (0, 1); server default 0.8.
+    refiner_switch_at: float
+    # image: how far the refiner moves from the base model's image, (0, 1]; server default 0.3.
+    refiner_strength: float
 
 
 class EditOptions(GenerationOptions, total=False):
@@ -93,6 +162,12 @@ class Started:
     # The stored weights serving the request (fp32, fp16, bf16, int8) and the dtype it computes in.
     model_variant: str = ""
     dtype: str = ""
+    # The refiner that runs the second pass ("" without one): name, revision and stored weights variant.
+    refiner_model: str = ""
+    refiner_model_revision: str = ""
+    refiner_model_variant: str = ""
+    # Memory strategies the request runs with, comma-separated and sorted (e.g. "vae_tiling"), or "none".
+    memory_strategy: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +188,9 @@ class Progress:
     step: int
     total_steps: int
     previews: tuple[PreviewImage, ...]
+    # "base", or "refiner" for the second pass of a request with a refiner; `step` and `total_steps` count
+    # within the pass.
+    denoise_pass: DenoisePassName = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +230,11 @@ class Result:
     parameters: dict[str, object]
     timings: Timings
     request_id: str
+    # The refiner pass (None without one) and the SDXL micro-conditioning (None for other families) it ran
+    # with, defaults filled in; the memory strategies used, as in Started.memory_strategy.
+    refiner: RefinerPass | None = None
+    conditioning: MicroConditioning | None = None
+    memory_strategy: str = ""
 
     @property
     def image(self) -> GeneratedImage:
@@ -177,3 +260,7 @@ class ModelInfo:
     error: str
     description: str
     inpaint_model: str
+    # "sd15" (SD 1.x and 2.x layouts) or "sdxl" (SDXL base, refiner and inpainting); "" from older servers.
+    family: str = ""
+    # An SDXL refiner: it runs Edit and can be named as a request's `refiner`.
+    refiner: bool = False

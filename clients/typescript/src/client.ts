@@ -27,7 +27,11 @@ import { Code, SdserveError } from "./errors.js";
 /** 64 MiB: result images exceed gRPC's customary 4 MiB; the server's own default limit is 64 MiB. */
 export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
-/** A Generate request as a plain object, e.g. `{ params: { prompt: "a cat", steps: 20, seed: 42n } }`. */
+/**
+ * A Generate request as a plain object, e.g. `{ params: { prompt: "a cat", steps: 20, seed: 42n } }`.
+ * SDXL's fields go in `params` too: `prompt2`, `negativePrompt2`, `conditioning` (micro-conditioning)
+ * and `refiner` (a second pass), e.g. `refiner: { model: "sdxl-refiner", switchAt: 0.8 }`.
+ */
 export type GenerateInput = MessageInitShape<typeof GenerateRequestSchema>;
 /** An Edit request as a plain object; `image` holds PNG, JPEG or WebP bytes. */
 export type EditInput = MessageInitShape<typeof EditRequestSchema>;
@@ -45,13 +49,13 @@ export type SdserveEvent = Exclude<GenerateResponse["event"], { case: undefined 
 export interface GenerationResult {
   /** The result images, in index order. */
   readonly images: readonly Image[];
-  /** The parameters the request actually ran with (defaults filled in). */
+  /** The parameters the request actually ran with (defaults filled in; with SDXL, `refiner` and `conditioning`). */
   readonly parameters: ResolvedParameters;
   /** Where the time went, in seconds. */
   readonly timings: Timings;
   /** The request id (the caller's, or one the server made). */
   readonly requestId: string;
-  /** The `started` event (seeds, model, revision, queue time), when the server sent one. */
+  /** The `started` event (seeds, model, revision, refiner, memory strategy, queue time), when the server sent one. */
   readonly started: StartedEvent | undefined;
 }
 

@@ -1,7 +1,9 @@
 // Command sdserve-example generates one image, writing each preview as it arrives and the result
-// at the end. Ctrl-C cancels the request (the server stops within one step).
+// at the end. Ctrl-C cancels the request (the server stops within one step). With an SDXL model,
+// -prompt2 sets the second text encoder's prompt and -refiner adds a refiner pass.
 //
 //	go run ./cmd/sdserve-example -addr 127.0.0.1:50051 -prompt "a red circle" -out out
+//	go run ./cmd/sdserve-example -model sdxl-base -refiner sdxl-refiner -refiner-switch 0.8 -prompt "a lighthouse"
 package main
 
 import (
@@ -35,8 +37,25 @@ func main() {
 	height := flag.Uint("height", 0, "height in pixels; 0 is the model's default")
 	out := flag.String("out", "out", "output folder")
 	timeout := flag.Duration("timeout", 10*time.Minute, "deadline for the whole request")
+	model := flag.String("model", "", "model name or alias; empty is the server's default")
+	prompt2 := flag.String("prompt2", "", "SDXL only: the second text encoder's prompt; empty is -prompt")
+	refiner := flag.String("refiner", "", "SDXL only: refiner model for a second pass; empty is none")
+	switchAt := flag.Float64("refiner-switch", 0, "with -refiner: fraction of the schedule the base model runs, (0, 1); 0 is the server's default (0.8)")
 	flag.Parse()
-	if err := run(*addr, *prompt, uint32(*steps), *seed, uint32(*width), uint32(*height), *out, *timeout); err != nil {
+	params := &sdservev1.GenerationParams{
+		Model: *model, Prompt: *prompt, Prompt_2: *prompt2, Steps: uint32(*steps), Width: uint32(*width), Height: uint32(*height),
+		Preview: &sdservev1.PreviewOptions{Mode: sdservev1.PreviewMode_PREVIEW_MODE_LATENT_RGB, EveryNSteps: 1},
+	}
+	if *seed >= 0 {
+		params.Seed = proto.Uint64(uint64(*seed))
+	}
+	if *refiner != "" {
+		params.Refiner = &sdservev1.RefinerOptions{Model: *refiner}
+		if *switchAt > 0 {
+			params.Refiner.SwitchAt = proto.Float32(float32(*switchAt))
+		}
+	}
+	if err := run(*addr, params, *out, *timeout); err != nil {
 		if e, ok := sdserve.AsError(err); ok {
 			fmt.Fprintf(os.Stderr, "sdserve: %s: %s\n", e.Code, e.Message)
 			for _, v := range e.FieldViolations {
@@ -51,7 +70,7 @@ func main() {
 	}
 }
 
-func run(addr, prompt string, steps uint32, seed int64, width, height uint32, out string, timeout time.Duration) error {
+func run(addr string, params *sdservev1.GenerationParams, out string, timeout time.Duration) error {
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return err
 	}
@@ -66,13 +85,6 @@ func run(addr, prompt string, steps uint32, seed int64, width, height uint32, ou
 	}
 	defer c.Close()
 
-	params := &sdservev1.GenerationParams{
-		Prompt: prompt, Steps: steps, Width: width, Height: height,
-		Preview: &sdservev1.PreviewOptions{Mode: sdservev1.PreviewMode_PREVIEW_MODE_LATENT_RGB, EveryNSteps: 1},
-	}
-	if seed >= 0 {
-		params.Seed = proto.Uint64(uint64(seed))
-	}
 	var writeErr error
 	res, err := c.Generate(ctx, &sdservev1.GenerateRequest{Params: params}, sdserve.OnEvent(func(e sdserve.Event) {
 		switch {
@@ -80,14 +92,17 @@ func run(addr, prompt string, steps uint32, seed int64, width, height uint32, ou
 			fmt.Printf("queued at position %d\n", e.Queued.GetPosition())
 		case e.Started != nil:
 			fmt.Printf("started on %s with seeds %v\n", e.Started.GetModel(), e.Started.GetSeeds())
+			if r := e.Started.GetRefinerModel(); r != "" {
+				fmt.Printf("refiner %s@%s\n", r, e.Started.GetRefinerModelRevision())
+			}
 		case e.Progress != nil:
 			for _, p := range e.Progress.GetPreviews() {
-				name := fmt.Sprintf("preview-%d-step-%d.%s", p.GetIndex(), e.Progress.GetStep(), extensions[p.GetFormat()])
+				name := fmt.Sprintf("preview-%d-%sstep-%d.%s", p.GetIndex(), passPrefix(e.Progress), e.Progress.GetStep(), extensions[p.GetFormat()])
 				if err := os.WriteFile(filepath.Join(out, name), p.GetData(), 0o644); err != nil && writeErr == nil {
 					writeErr = err
 				}
 			}
-			fmt.Printf("step %d/%d\n", e.Progress.GetStep(), e.Progress.GetTotalSteps())
+			fmt.Printf("%sstep %d/%d\n", passPrefix(e.Progress), e.Progress.GetStep(), e.Progress.GetTotalSteps())
 		}
 	}))
 	if err != nil {
@@ -104,4 +119,16 @@ func run(addr, prompt string, steps uint32, seed int64, width, height uint32, ou
 		fmt.Printf("wrote %s (%dx%d)\n", name, img.GetWidth(), img.GetHeight())
 	}
 	return nil
+}
+
+// passPrefix names the denoising pass of a request with a refiner ("base-", "refiner-"); steps
+// count within each pass. Empty for a request with one pass.
+func passPrefix(p *sdservev1.ProgressEvent) string {
+	switch p.GetDenoisePass() {
+	case sdservev1.DenoisePass_DENOISE_PASS_REFINER:
+		return "refiner-"
+	case sdservev1.DenoisePass_DENOISE_PASS_BASE:
+		return "base-"
+	}
+	return ""
 }
