@@ -47,6 +47,7 @@ class Accounting(Observer):
         model = jobs[0].resolved.model
         self._m.batch_requests.labels(model).observe(len(jobs))
         self._m.batch_images.labels(model).observe(stats.images)
+        self._m.memory_calls.labels(model, jobs[0].resolved.memory_strategy).inc()
         if stats.steps:
             self._m.step_seconds.labels(model).observe(stats.step_seconds)
 

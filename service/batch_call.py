@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from sdserve_core import families
+from sdserve_core.memory import MemoryPlan
 from sdserve_core.pipeline.call import PipelineCall
 from sdserve_core.pipeline.run import prepare
 from sdserve_core.pipeline.steps import StepCallback, StopDenoising
@@ -168,15 +169,19 @@ def spans_of(jobs: list[Job]) -> list[Span]:
 
 
 def run_batch(
-    model: LoadedModel, jobs: list[Job], cache: PromptCache | None = None, refiner: LoadedModel | None = None
+    model: LoadedModel,
+    jobs: list[Job],
+    cache: PromptCache | None = None,
+    refiner: LoadedModel | None = None,
+    memory: MemoryPlan | None = None,
 ) -> BatchStats:
     """Runs `jobs` (equal batch keys) as one pipeline call, and a refiner pass after it when they have one (on
-    `refiner`, loaded by the caller); posts progress and results, or raises."""
+    `refiner`, loaded by the caller), with the `memory` strategies; posts progress and results, or raises."""
     first = jobs[0].resolved
     t_start = time.perf_counter()
     scheduler = schedulers.build(first.scheduler, model.entry.scheduler_config)
     spans = spans_of(jobs)
-    call = build_call(model, jobs, cache)
+    call = dataclasses.replace(build_call(model, jobs, cache), memory=memory)
     prepared = prepare(model.components, call, scheduler)
     t_prepared = time.perf_counter()
     clock = StepCallback(BatchObserver(model, spans))
@@ -185,7 +190,7 @@ def run_batch(
         images: Any = prepared(clock)
         if refiner is not None:
             last = StepCallback(BatchObserver(refiner, spans, "refiner", max(j.steps_done for j in jobs)))
-            images = _refine(refiner, jobs, images, cache, last)
+            images = _refine(refiner, jobs, images, cache, last, memory)
     except StopDenoising:
         return _stats(call.count, jobs, clock, t_prepared)
     t_decoded = time.perf_counter()
@@ -196,7 +201,12 @@ def run_batch(
 
 
 def _refine(
-    refiner: LoadedModel, jobs: list[Job], base_out: Any, cache: PromptCache | None, clock: StepCallback
+    refiner: LoadedModel,
+    jobs: list[Job],
+    base_out: Any,
+    cache: PromptCache | None,
+    clock: StepCallback,
+    memory: MemoryPlan | None,
 ) -> Any:
     """The refiner pass over the base pass's output (StopDenoising when every job ended meanwhile)."""
     assert clock.observer is not None
@@ -204,7 +214,7 @@ def _refine(
         raise StopDenoising
     first = jobs[0].resolved
     scheduler = schedulers.build(first.scheduler, refiner.entry.scheduler_config)
-    call = refiner_call(refiner, jobs, base_out, cache)
+    call = dataclasses.replace(refiner_call(refiner, jobs, base_out, cache), memory=memory)
     return prepare(refiner.components, call, scheduler)(clock)
 
 

@@ -262,10 +262,29 @@ def limits(s: Settings) -> pb.Limits:
     )
 
 
+def memory_info(settings: Settings, choice: DeviceChoice, offloaded: Iterable[str]) -> pb.MemoryPolicy:
+    """The memory settings, the device's free memory now (0 where unknown) and the models loaded with offload."""
+    from sdserve_core.memory import free_device_bytes
+
+    return pb.MemoryPolicy(
+        vae_tiling=settings.vae_tiling,
+        vae_tiling_min_pixels=settings.vae_tiling_min_pixels,
+        vae_slicing=settings.vae_slicing,
+        attention_slicing=settings.attention_slicing,
+        cpu_offload=settings.cpu_offload,
+        device_free_bytes=free_device_bytes(choice.device) or 0,
+        offloaded_models=sorted(offloaded),
+    )
+
+
 def server_info(
-    settings: Settings, choice: DeviceChoice, default_model: str, batch_limits: Iterable[BatchLimit]
+    settings: Settings,
+    choice: DeviceChoice,
+    default_model: str,
+    batch_limits: Iterable[BatchLimit],
+    offloaded: Iterable[str] = (),
 ) -> pb.GetServerInfoResponse:
-    """The server's version, device, library versions, schedulers, limits and batch limits."""
+    """The server's version, device, library versions, schedulers, limits, batch limits, families and memory."""
     import diffusers
     import torch
     import transformers
@@ -282,6 +301,7 @@ def server_info(
         schedulers=[scheduler_to_proto(n) for n in schedulers.SCHEDULERS],
         limits=limits(settings),
         default_model=default_model,
+        memory=memory_info(settings, choice, offloaded),
         families=[
             pb.FamilyInfo(
                 name=f.name, pipeline_classes=sorted(f.pipeline_classes), fields=family_params.FIELDS.get(f.name, ())

@@ -80,6 +80,13 @@ class ServerMetrics:
         self.batch_requests = Histogram(
             "sdserve_batch_requests", "Requests per pipeline call.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.memory_calls = Counter(
+            "sdserve_memory_strategy_calls",
+            "Pipeline calls by the memory strategies they ran with (strategy: sorted names comma-joined, or none; "
+            "see GetServerInfo.memory).",
+            ["model", "strategy"],
+            registry=r,
+        )
 
     def _register_model_metrics(self, r: CollectorRegistry) -> None:
         """Model load times, alias hot swaps and prompt-embedding cache lookups."""

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from sdserve_core import families, model_folder
+from sdserve_core import families, memory, model_folder
 from sdserve_core.components import Components, component_classes, load_components
 from sdserve_core.manifest import verify_folder
+from sdserve_core.memory import MemoryPolicy
+from sdserve_core.pipeline import run as pipeline
 from service.device import DeviceChoice
 from service.errors import ModelNotFound, ModelUnusable
 from service.observers import Observer
@@ -135,18 +137,35 @@ class LoadedModel:
     load_seconds: float
     latent_rgb_factors: torch.Tensor
     latent_rgb_bias: torch.Tensor
+    # Loaded with model CPU offload (see load).
+    offloaded: bool = False
 
     @property
     def name(self) -> str:
         return self.entry.name
 
 
-def load(entry: ModelEntry, choice: DeviceChoice) -> LoadedModel:
+def weight_file_bytes(folder: Path) -> int:
+    """Bytes of a model folder's safetensors files: what its weights take once loaded (before any dtype change)."""
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
+
+
+def load(entry: ModelEntry, choice: DeviceChoice, policy: MemoryPolicy | None = None) -> LoadedModel:
     """Loads a model's components (safetensors only; int8 variants keep int8 weights on the device, see
-    sdserve_core/quant.py) onto the chosen device and dtype."""
+    sdserve_core/quant.py) onto the chosen device and dtype; with model CPU offload (sdserve_core.memory.offload:
+    the device's free memory cannot hold the model) they stay on the CPU and each moves to the device while it runs."""
     component_classes()  # imported before the clock starts: load_seconds counts the load only
     start = time.perf_counter()
-    components = load_components(entry.path, entry.variant, choice.dtype, choice.device)
+    offloaded = memory.offload(
+        policy or MemoryPolicy(),
+        device_type=choice.type,
+        free_bytes=memory.free_device_bytes(choice.device),
+        model_bytes=weight_file_bytes(entry.path),
+    )
+    components = load_components(entry.path, entry.variant, choice.dtype, "cpu" if offloaded else choice.device)
+    if offloaded:
+        pipeline.offload(components, choice.device)
+        log.info("model loaded with CPU offload", extra={"model": entry.slot})
     factors, bias = entry.latent_rgb
     return LoadedModel(
         entry=entry,
@@ -155,6 +174,7 @@ def load(entry: ModelEntry, choice: DeviceChoice) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         latent_rgb_factors=torch.tensor(factors, dtype=torch.float32),
         latent_rgb_bias=torch.tensor(bias, dtype=torch.float32),
+        offloaded=offloaded,
     )
 
 
@@ -183,7 +203,9 @@ class ModelRegistry:
         choice: DeviceChoice,
         aliases: Iterable[tuple[str, str]] = (),
         observer: Observer | None = None,
+        memory: MemoryPolicy | None = None,
     ):
+        self._memory = memory
         self._dirs = tuple(model_dirs)
         self._choice = choice
         self._lock = threading.Lock()
@@ -326,6 +348,12 @@ class ModelRegistry:
         with self._lock:
             return [r.entry for _, r in sorted(self._records.items())]
 
+    def offloaded(self) -> list[str]:
+        """Slots loaded with model CPU offload."""
+        with self._lock:
+            records = list(self._records.items())
+        return sorted(slot for slot, r in records if r.loaded is not None and r.loaded.offloaded)
+
     def public_names(self, slot: str) -> list[str]:
         """Names (not aliases) that point at a slot."""
         with self._lock:
@@ -367,7 +395,7 @@ class ModelRegistry:
             raise ModelUnusable(f"model {entry.name!r} cannot be loaded: its {record.error}")
         record.state = ModelState.LOADING
         try:
-            loaded = load(entry, self._choice)
+            loaded = load(entry, self._choice, self._memory)
         except Exception as exc:
             record.state = ModelState.FAILED
             record.error = f"{type(exc).__name__}: {exc}"

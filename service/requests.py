@@ -250,7 +250,6 @@ class ResolvedRequest:
             self.request.clip_skip,
             self.conditioning,
             self.refiner,
-            self.memory_strategy,
             # Cropped inpaints work on a per-request region, so they never share a call.
             None if inpaint is None else (inpaint.area, id(inpaint) if inpaint.area is InpaintArea.MASK_ONLY else 0),
         )

@@ -32,7 +32,7 @@ from service.observers import Observer, Observers
 from service.prompt_cache import PromptCache
 from service.requests import Failed, Outcome
 from service.servicer import DiffusionServicer
-from service.settings import Settings
+from service.settings import Settings, memory_policy
 from service.threads import run_in_fresh_thread
 from service.worker import DeviceWorker
 
@@ -99,7 +99,9 @@ class Server:
         self.accounting = Accounting(self.metrics)
         usage = [self.usage] if self.usage is not None else []
         told = Observers([self.accounting, self._idle, *usage, *observers])
-        self.registry = ModelRegistry(settings.model_dirs, self.choice, settings.aliases, told)
+        self.registry = ModelRegistry(
+            settings.model_dirs, self.choice, settings.aliases, told, memory=memory_policy(settings)
+        )
         self._told = told
         self._build_core(told)
         self.servicer = DiffusionServicer(
@@ -137,6 +139,7 @@ class Server:
             s.batch_wait_ms / 1000.0,
             self.prompt_cache,
             Observers([learner, told]),
+            memory_policy(s),
         )
         self.lifecycle = ModelLifecycle(
             s,

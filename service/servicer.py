@@ -152,4 +152,6 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
-        return convert.server_info(self._settings, self._choice, self._registry.default, self._batching.limits())
+        return convert.server_info(
+            self._settings, self._choice, self._registry.default, self._batching.limits(), self._registry.offloaded()
+        )

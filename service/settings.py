@@ -6,9 +6,13 @@ import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from sdserve_core import config_source
 from sdserve_core.config_source import parse_bool, parse_list, parse_paths, setting
+
+if TYPE_CHECKING:
+    from sdserve_core.memory import MemoryPolicy
 
 PREFIX = "SDSERVE_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +103,25 @@ class Settings:
     prompt_cache_bytes: int = setting(
         64 * 1024 * 1024, "Bytes of text-encoder outputs kept in the LRU prompt cache; 0 disables it.", int
     )
+    vae_tiling: str = setting(
+        "auto",
+        "VAE tiling (decode in overlapping tiles): auto (at vae_tiling_min_pixels or more, or when the device's "
+        "free memory cannot hold a whole-image decode), on or off. See docs/memory.md.",
+    )
+    vae_tiling_min_pixels: int = setting(
+        1536 * 1536, "With vae_tiling auto: tile requests of at least this many output pixels (width x height).", int
+    )
+    vae_slicing: str = setting(
+        "auto", "VAE slicing (decode a batch one image at a time): auto (batches that tile or lack memory), on or off."
+    )
+    attention_slicing: str = setting(
+        "auto", "Attention slicing: auto (only where torch lacks scaled_dot_product_attention), on or off."
+    )
+    cpu_offload: str = setting(
+        "auto",
+        "Model CPU offload (components on the device only while they run): auto (when the device's free memory "
+        "cannot hold the model), on or off. Never on a CPU device.",
+    )
     min_size: int = setting(8, "Smallest width/height in pixels.", int)
     max_size: int = setting(2048, "Largest width/height in pixels.", int)
     max_input_pixels: int = setting(4096 * 4096, "Largest input image/mask in pixels (decompression bombs).", int)
@@ -169,10 +192,28 @@ class Settings:
             problems.append("metrics_port must be -1 (off), 0 (any) or a port")
         if self.batch_policy not in ("measured", "fixed"):
             problems.append("batch_policy must be measured or fixed")
+        for name in ("vae_tiling", "vae_slicing", "attention_slicing", "cpu_offload"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                problems.append(f"{name} must be auto, on or off")
+        if self.vae_tiling_min_pixels < 1:
+            problems.append("vae_tiling_min_pixels must be at least 1")
         if self.log_format not in ("auto", "json", "text"):
             problems.append("log_format must be auto, json or text")
         if problems:
             raise SystemExit("invalid settings: " + "; ".join(problems))
+
+
+def memory_policy(s: Settings) -> MemoryPolicy:
+    """The memory settings as sdserve_core.memory takes them (imported here: it imports torch)."""
+    from sdserve_core.memory import MemoryPolicy, Mode
+
+    return MemoryPolicy(
+        vae_tiling=cast(Mode, s.vae_tiling),
+        vae_tiling_min_pixels=s.vae_tiling_min_pixels,
+        vae_slicing=cast(Mode, s.vae_slicing),
+        attention_slicing=cast(Mode, s.attention_slicing),
+        cpu_offload=cast(Mode, s.cpu_offload),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -10,11 +11,13 @@ from typing import TypeVar
 
 import torch
 
+from sdserve_core import memory
+from sdserve_core.memory import MemoryPlan, MemoryPolicy
 from service import batch_call
 from service.errors import INTERNAL, OUT_OF_MEMORY, ServiceError, to_failed
 from service.job_queue import DeviceWork, JobQueue
 from service.jobs import Job
-from service.models import ModelRegistry
+from service.models import LoadedModel, ModelRegistry
 from service.observers import Observer
 from service.prompt_cache import PromptCache
 from service.requests import Failed, Outcome, Started
@@ -45,8 +48,10 @@ class DeviceWorker:
         batch_wait_seconds: float,
         cache: PromptCache | None,
         observer: Observer,
+        memory: MemoryPolicy | None = None,
     ):
         self._queue = queue
+        self._memory = memory or MemoryPolicy()
         self._registry = registry
         self._device_type = device_type
         self._limit = batch_limit
@@ -123,19 +128,38 @@ class DeviceWorker:
         live = self._admit(batch)
         if not live:
             return
-        self._post_started(live)
         stats: batch_call.BatchStats | None = None
         try:
+            # Loaded before Started: the memory plan needs the model's VAE, and a model that fails to load never
+            # starts the request.
             model = self._registry.get_loaded(live[0].entry)
             refiner = live[0].refiner
             refined = None if refiner is None else self._registry.get_loaded(refiner)
-            stats = batch_call.run_batch(model, live, self._cache, refined)
+            plan = self._plan(model, live)
+            for job in live:
+                job.resolved = dataclasses.replace(job.resolved, memory_strategy=plan.label())
+            self._post_started(live)
+            stats = batch_call.run_batch(model, live, self._cache, refined, plan)
         except Exception as exc:
             self._fail(live, self._failure(live, exc))
         finally:
             self._fail(live, Failed(Outcome.INTERNAL, "internal error: the request ended without a result"))
             if stats is not None:
                 self._observer.batch_ran(live, stats)
+
+    def _plan(self, model: LoadedModel, live: list[Job]) -> MemoryPlan:
+        """The memory strategies of the batch's pipeline calls: from its size, its image count and the device's
+        free memory now (sdserve_core.memory)."""
+        first = live[0].resolved
+        return memory.plan(
+            self._memory,
+            device_type=self._device_type,
+            free_bytes=memory.free_device_bytes(model.choice.device),
+            width=first.width,
+            height=first.height,
+            images=sum(j.resolved.num_images for j in live),
+            vae=model.components.vae,
+        )
 
     def _failure(self, live: list[Job], exc: Exception) -> Failed:
         """How a failed pipeline call ends its jobs (logged here; mapped by service.errors)."""

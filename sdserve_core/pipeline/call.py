@@ -9,6 +9,7 @@ from typing import Any, TypeAlias, TypeVar
 import torch
 from PIL import Image
 
+from sdserve_core.memory import MemoryPlan
 from sdserve_core.prompts import PromptEmbeds
 from sdserve_core.tasks import Task
 
@@ -61,6 +62,8 @@ class PipelineCall:
     # refiner taking over); diffusers' denoising_end / denoising_start.
     denoising_start: float | None = None
     denoising_end: float | None = None
+    # Memory strategies for this call (sdserve_core.memory); None: the components as they are.
+    memory: MemoryPlan | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.embeds is None):

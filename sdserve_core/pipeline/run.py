@@ -3,6 +3,7 @@ repository that calls a diffusers pipeline; warm-up and batch-size calibration a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from PIL import Image
 
 from sdserve_core import families
 from sdserve_core.components import Components
+from sdserve_core.memory import MemoryPlan, applied
 from sdserve_core.pipeline import edit, generate, inpaint
 from sdserve_core.pipeline.call import PipelineCall
 from sdserve_core.pipeline.steps import StepCallback
@@ -30,11 +32,16 @@ class Prepared:
 
     pipe: Any
     kwargs: dict[str, Any]
+    memory: MemoryPlan | None = None
 
     def __call__(self, on_step: StepCallback | None = None) -> Any:
-        """Runs the pipeline (inference mode) and returns its `.images`; StopDenoising from `on_step` propagates."""
+        """Runs the pipeline (inference mode, with the call's memory strategies on) and returns its `.images`;
+        StopDenoising from `on_step` propagates."""
         extra: dict[str, Any] = {} if on_step is None else {"callback_on_step_end": on_step}
-        with torch.inference_mode():
+        strategies: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self.memory is not None:
+            strategies = applied(self.pipe.vae, self.pipe.unet, self.memory)
+        with torch.inference_mode(), strategies:
             return self.pipe(**self.kwargs, **extra).images
 
 
@@ -43,7 +50,15 @@ def prepare(components: Components, call: PipelineCall, scheduler: Any) -> Prepa
     family = families.get(components.family)
     kwargs = KWARGS[call.task](call)
     family.add_kwargs(components, call, kwargs)
-    return Prepared(family.pipeline(components, call.task, scheduler), kwargs)
+    return Prepared(family.pipeline(components, call.task, scheduler), kwargs, call.memory)
+
+
+def offload(components: Components, device: torch.device | str) -> None:
+    """Model CPU offload of `components` (loaded on the CPU): each module moves to `device` only while it runs
+    (diffusers' enable_model_cpu_offload, whose accelerate hooks stay on the shared modules, so every pipeline built
+    over them later runs on `device`)."""
+    pipe = families.get(components.family).pipeline(components, Task.EDIT, None)
+    pipe.enable_model_cpu_offload(device=device)
 
 
 def run(components: Components, call: PipelineCall, scheduler: Any, on_step: StepCallback | None = None) -> Any:
