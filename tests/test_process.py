@@ -142,7 +142,10 @@ def test_device_out_of_memory_is_resource_exhausted_and_recovers(
     # which is the first thing an Edit does, so the failure comes fast.
     limit = vms + 700_000_000
     # prlimit (util-linux) applies the address-space limit to the server process only.
-    p = start(proc_factory, models_dir, tmp_path / "e", wrapper=("prlimit", f"--as={limit}"))
+    # Tiling and slicing off: with them (auto tiles 2048x2048) the encode would fit in the limit, tile by tile
+    # (tests/test_memory.py); this test is about a request that does not fit.
+    memory = ("--vae-tiling", "off", "--vae-slicing", "off")
+    p = start(proc_factory, models_dir, tmp_path / "e", *memory, wrapper=("prlimit", f"--as={limit}"))
     with Client(p.target) as c:
         with pytest.raises(SdserveError) as info:
             c.edit(png(Image.new("RGB", (2048, 2048), "red")), "huge", steps=1, strength=1.0, num_images=4)
