@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -88,7 +88,7 @@ def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
 def _write_tiny(tmp: Path, seed: int, in_channels: int) -> None:
     """Builds the components from `seed` and saves them, with model_index.json and sdserve.json, to `tmp`."""
     unet = _tiny_unet(seed, in_channels)
-    vae = _tiny_vae(seed + 1)
+    vae = tiny_vae(seed + 1)
     text_encoder = _tiny_text_encoder(seed + 2)
     scheduler = _tiny_scheduler()
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -129,8 +129,8 @@ def _tiny_unet(seed: int, in_channels: int) -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae(seed: int) -> AutoencoderKL:
-    """A three-level VAE with 4 latent channels, random weights from `seed`."""
+def tiny_vae(seed: int, **config: Any) -> AutoencoderKL:
+    """A three-level VAE with 4 latent channels, random weights from `seed`; `config` adds to its configuration."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -143,6 +143,7 @@ def _tiny_vae(seed: int) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        **config,
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from sdserve_core import model_folder
 from sdserve_core.latent_rgb import fit_latent_rgb, smooth_images
-from service.tiny import write_tokenizer
+from service.tiny import tiny_vae, write_tokenizer
 
 Kind = Literal["base", "refiner", "inpaint"]
 PIPELINE_CLASS = {
@@ -122,22 +122,8 @@ def tiny_sdxl_unet(seed: int, kind: Kind, channels: tuple[int, ...] = (32, 64), 
 
 
 def tiny_sdxl_vae(seed: int) -> Any:
-    """A three-level VAE with SDXL's scaling factor and force_upcast (its real VAE overflows in float16)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(16, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    """The tiny VAE with SDXL's scaling factor and force_upcast (its real VAE overflows in float16)."""
+    return tiny_vae(seed, scaling_factor=0.13025, force_upcast=True)
 
 
 def tiny_text_encoder(seed: int, projection: bool) -> Any:

@@ -5,7 +5,6 @@ model or the other, whole."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 from service.tiny import build_tiny
 from service.tiny_sdxl import build_tiny_sdxl
+from tests import test_hotswap
 from tests.harness import serving
 from tests.model_manager.harness import Sidecar
 from tests.test_hotswap import SwapWatch, imported
@@ -28,13 +28,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture()
-def sidecar(tmp_path: Path, sources: Path) -> Iterator[Sidecar]:
-    car = Sidecar(tmp_path / "store", import_roots=[sources]).start()
-    try:
-        yield car
-    finally:
-        car.stop()
+# test_hotswap's sidecar fixture, importing from this module's sources.
+sidecar = test_hotswap.sidecar
 
 
 def served(stub: pb_grpc.DiffusionServiceStub) -> tuple[str, str]:
