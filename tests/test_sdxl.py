@@ -312,33 +312,59 @@ def test_deadline_is_honoured_in_the_refiner_pass(xl_server: ServerThread, xl_di
     assert entry.outcome.value == "deadline" and 1 <= entry.steps_done < 150 and not entry.decoded
 
 
+def run_together(
+    xl_server: ServerThread, stub: pb_grpc.DiffusionServiceStub, asks: list[pb.GenerationParams]
+) -> list[list[Any]]:
+    """Holds the worker with a long request, queues `asks`, then frees it so they can batch; returns their events."""
+    blocker = stub.Generate(pb.GenerateRequest(params=params(steps=150, width=256, height=256)))
+    next(e for e in blocker if e.WhichOneof("event") == "progress")
+    assert xl_server.server is not None
+    queue = xl_server.server.queue
+    depth = queue.depth()
+    outcomes: list[list[Any]] = [[] for _ in asks]
+
+    def run(i: int) -> None:
+        outcomes[i] = events(stub, "generate", asks[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    assert queue.wait_depth(depth + len(asks), 60)
+    blocker.cancel()  # type: ignore[no-untyped-call]
+    for t in threads:
+        t.join(120)
+    return outcomes
+
+
+def batch_sizes(outcomes: list[list[Any]]) -> list[int]:
+    return [next(e.started.batch_size for e in evs if e.WhichOneof("event") == "started") for evs in outcomes]
+
+
 def test_requests_batch_and_match_their_solo_images(
     xl_server: ServerThread, stub: pb_grpc.DiffusionServiceStub
 ) -> None:
     """Requests with different prompts (both encoders) share one call; each image matches the same request alone."""
     asks = [params(prompt="a blue ball", prompt_2="night"), params(prompt="green grass", seed=11)]
     solo = [decoded(result_of(events(stub, "generate", p))) for p in asks]
-    blocker = stub.Generate(pb.GenerateRequest(params=params(steps=150, width=256, height=256)))
-    next(e for e in blocker if e.WhichOneof("event") == "progress")
-    assert xl_server.server is not None
-    queue = xl_server.server.queue
-    depth = queue.depth()
-    outcomes: list[list[Any]] = [[], []]
-
-    def run(i: int) -> None:
-        outcomes[i] = events(stub, "generate", asks[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    assert queue.wait_depth(depth + 2, 60)
-    blocker.cancel()  # type: ignore[no-untyped-call]
-    for t in threads:
-        t.join(120)
+    outcomes = run_together(xl_server, stub, asks)
+    assert batch_sizes(outcomes) == [2, 2]
     for i in range(2):
-        started = next(e.started for e in outcomes[i] if e.WhichOneof("event") == "started")
-        assert started.batch_size == 2
         assert_close(decoded(result_of(outcomes[i])), solo[i], BATCH_TOLERANCE)
+
+
+def test_requests_that_cannot_share_a_call_do_not_batch(
+    xl_server: ServerThread, stub: pb_grpc.DiffusionServiceStub
+) -> None:
+    """Micro-conditioning and the refiner pass are per call in diffusers: requests that differ in them run apart."""
+    other = pb.MicroConditioning(original_size=pb.ImageSize(width=256, height=256))
+    asks = [params(), params(conditioning=other), params(refiner=pb.RefinerOptions(model=REFINER))]
+    assert batch_sizes(run_together(xl_server, stub, asks)) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("scheduler", [v for k, v in pb.Scheduler.items() if k != "SCHEDULER_UNSPECIFIED"])
+def test_every_scheduler_runs_sdxl(stub: pb_grpc.DiffusionServiceStub, scheduler: int) -> None:
+    result = result_of(events(stub, "generate", params(steps=3, scheduler=scheduler)))
+    assert result.parameters.scheduler == scheduler and len(result.images) == 1
 
 
 def test_latent_previews_use_the_fitted_projection(stub: pb_grpc.DiffusionServiceStub, xl_server: ServerThread) -> None:
