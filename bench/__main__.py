@@ -23,7 +23,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small, sd15 (default tiny,small)")
+    ap.add_argument(
+        "--models", default="tiny,small", help="comma-separated: tiny, small, sd15, sdxl (default tiny,small)"
+    )
     ap.add_argument("--quick", action="store_true", help="a few short requests per phase: a smoke test")
     ap.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="folder for the report (default %(default)s)"

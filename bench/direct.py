@@ -21,6 +21,9 @@ from bench import workload
 from bench.stats import RequestRecord
 from bench.workload import Workload
 
+SD_PIPELINES = frozenset({"StableDiffusionPipeline"})
+SDXL_PIPELINES = frozenset({"StableDiffusionXLPipeline"})
+
 
 def _child(spec: dict[str, Any], commands: IO[str], replies: IO[str]) -> None:
     """Loads and warms the pipeline, reports ready, then answers requests until stdin closes.
@@ -31,10 +34,16 @@ def _child(spec: dict[str, Any], commands: IO[str], replies: IO[str]) -> None:
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     t_load = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(spec["model_dir"], safety_checker=None, use_safetensors=True)
+    # As a user would load each: SD 1.x without its safety checker, SDXL without its invisible watermark (sdserve
+    # returns the model's own pixels for both).
+    extra: dict[str, Any] = (
+        {"add_watermarker": False} if spec["pipeline"] in SDXL_PIPELINES else {"safety_checker": None}
+    )
+    cls = getattr(diffusers, spec["pipeline"])
+    pipe = cls.from_pretrained(spec["model_dir"], use_safetensors=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     loaded_at = time.time()
     t_warm = time.perf_counter()
@@ -96,14 +105,25 @@ def _child(spec: dict[str, Any], commands: IO[str], replies: IO[str]) -> None:
         replies.flush()
 
 
+def pipeline_class(model_dir: Path) -> str:
+    """The diffusers pipeline class a user would load the folder with: its model_index.json's."""
+    index = json.loads((model_dir / "model_index.json").read_text())
+    name = str(index["_class_name"])
+    if name not in SD_PIPELINES | SDXL_PIPELINES:
+        raise ValueError(f"{model_dir}: the baseline runs text-to-image pipelines only, not {name}")
+    return name
+
+
 class DirectProcess:
     """The baseline child: `cold_start_s` is spawn to loaded and warmed; `request(i)` runs request i."""
 
     def __init__(self, wl: Workload, threads: int, workdir: Path):
         self.wl = wl
+        self.pipeline = pipeline_class(wl.model_dir / wl.model)
         self.png_dir = workdir / "direct-png"
         spec = {
             "model_dir": str(wl.model_dir / wl.model),
+            "pipeline": self.pipeline,
             "width": wl.width,
             "height": wl.height,
             "guidance": wl.guidance,

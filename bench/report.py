@@ -45,6 +45,8 @@ def model_table(r: dict[str, Any]) -> list[str]:
     lines = [
         f"### {r['key']}: `{r['model']}`, {r['width']}x{r['height']}, {r['steps']} steps, guidance {r['guidance']:g}",
         "",
+        f"Direct: `{r['direct'].get('pipeline', 'StableDiffusionPipeline')}`.",
+        "",
         _row("measure", "direct diffusers", "sdserve, batching off", "sdserve, batching on", "sdserve / direct"),
         "|---|---|---|---|---|",
     ]
@@ -160,7 +162,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], checks: list[C
     else:
         lines += ["No other CPU-heavy process was seen at the start or the end of the run.", ""]
     lines += [
-        "Direct: `StableDiffusionPipeline.from_pretrained` in a child process, requests one after another, "
+        "Direct: the folder's own pipeline class, `from_pretrained` in a child process (`StableDiffusionPipeline` "
+        "without its safety checker; `StableDiffusionXLPipeline` with `add_watermarker=False`), called with the prompt "
+        "text, requests one after another, "
         "timed from the call to the PNG bytes (`output_type='pil'`, then PNG encoding). sdserve: `python -m service` "
         "as a child process, driven by `sdserve.Client` from the benchmark process (threads, at most c requests in "
         "flight), timed from the call to the Result event (its PNG also carries the parameters). Same model, size, "

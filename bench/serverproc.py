@@ -65,7 +65,7 @@ class ServerProcess:
         self._spawned = time.perf_counter()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_serving(self, timeout: float = 900.0) -> float:
+    def wait_serving(self, timeout: float = 1800.0) -> float:
         """Blocks on the health Watch stream until SERVING; returns seconds since spawn."""
         channel = grpc.insecure_channel(self.target, options=FAST_RECONNECT)
         call = health_pb2_grpc.HealthStub(channel).Watch(

@@ -135,7 +135,12 @@ def run_model(wl: Workload, settings: ServerSettings, workdir: Path) -> dict[str
 
         log.info("%s: concurrency 1, %d requests each way, interleaved", wl.key, wl.latency_requests)
         d_rec, off_rec, on_rec = _paired_c1(wl, direct, off_drv, on_drv)
-        out["direct"] = {"phase": _sequential("direct", d_rec), "peak_rss": direct.peak_rss(), **direct.info}
+        out["direct"] = {
+            "phase": _sequential("direct", d_rec),
+            "peak_rss": direct.peak_rss(),
+            "pipeline": direct.pipeline,
+            **direct.info,
+        }
         direct.close()
         off["c1"] = _sequential("c1", off_rec)
         on["c1"] = _sequential("c1-batch", on_rec)

@@ -69,4 +69,8 @@ def plan(key: str, model: str, model_dir: Path, quick: bool) -> Workload:
         if quick:
             return Workload(key, model, model_dir, 256, 256, 2, 7.5, 1, {4: 4, 8: 8}, 1, 1, 1)
         return Workload(key, model, model_dir, 512, 512, 20, 7.5, 2, {4: 4, 8: 8}, 1, 1, 2)
+    if key == "sdxl":
+        if quick:
+            return Workload(key, model, model_dir, 256, 256, 3, 5.0, 1, {4: 4}, 1, 1, 1)
+        return Workload(key, model, model_dir, 512, 512, 10, 5.0, 4, {4: 8}, 2, 3, 3)
     raise ValueError(f"unknown model key {key!r}")
