@@ -227,6 +227,30 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """The last load failed; see `error`."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _AdapterKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdapterKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADAPTER_KIND_UNSPECIFIED: _AdapterKind.ValueType  # 0
+    """Not set."""
+    ADAPTER_KIND_LORA: _AdapterKind.ValueType  # 1
+    """A LoRA: low-rank updates to the UNet and/or the text encoders, applied at a scale per request."""
+    ADAPTER_KIND_TEXTUAL_INVERSION: _AdapterKind.ValueType  # 2
+    """A textual-inversion embedding: new token vectors, used wherever its token appears in a prompt."""
+
+class AdapterKind(_AdapterKind, metaclass=_AdapterKindEnumTypeWrapper):
+    """AdapterKind is what an adapter changes."""
+
+ADAPTER_KIND_UNSPECIFIED: AdapterKind.ValueType  # 0
+"""Not set."""
+ADAPTER_KIND_LORA: AdapterKind.ValueType  # 1
+"""A LoRA: low-rank updates to the UNet and/or the text encoders, applied at a scale per request."""
+ADAPTER_KIND_TEXTUAL_INVERSION: AdapterKind.ValueType  # 2
+"""A textual-inversion embedding: new token vectors, used wherever its token appears in a prompt."""
+Global___AdapterKind: _TypeAlias = AdapterKind  # noqa: Y015
+
 class _RefinerMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -383,11 +407,14 @@ class GenerationParams(_message.Message):
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
     CONDITIONING_FIELD_NUMBER: _builtins.int
     REFINER_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name or alias. Empty: the server's default model for the task."""
     prompt: _builtins.str
-    """The prompt. At most the server's `max_prompt_chars` characters (default 2000);
-    the text encoder reads only its first 77 tokens.
+    """The prompt. At most the server's `max_prompt_chars` characters (default 2000). It may use the
+    AUTOMATIC1111 / SD.Next syntax documented in docs/prompts.md: `(word)`, `(word:1.3)`, `[word]`,
+    `\\(` escapes, `BREAK`, `<lora:NAME:SCALE>` tags (added to `adapters`) and textual-inversion tokens;
+    prompts longer than the text encoder's window (75 tokens for SD) are encoded in chunks, as A1111 does.
     """
     negative_prompt: _builtins.str
     """What to steer away from. Same limit as `prompt`. Used only when guidance_scale > 1."""
@@ -448,6 +475,14 @@ class GenerationParams(_message.Message):
     def refiner(self) -> Global___RefinerOptions:
         """SDXL only: a second pass with a refiner model in the same request. Unset: no second pass."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]:
+        """LoRA adapters applied to this request only, at most the server's `max_adapters` (default 8), each
+        name at most once. A1111's inline `<lora:NAME:SCALE>` tags in `prompt` or `negative_prompt` are
+        added to this list and removed from the text. An unknown name is NOT_FOUND; an adapter of another
+        family or base architecture than the model is FAILED_PRECONDITION; see GetServerInfoResponse.adapters.
+        """
+
     def __init__(
         self,
         *,
@@ -470,10 +505,11 @@ class GenerationParams(_message.Message):
         negative_prompt_2: _builtins.str = ...,
         conditioning: Global___MicroConditioning | None = ...,
         refiner: Global___RefinerOptions | None = ...,
+        adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "output", b"output", "preview", b"preview", "refiner", b"refiner", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "height", b"height", "max_queue_seconds", b"max_queue_seconds", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "output", b"output", "preview", b"preview", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "request_id", b"request_id", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "adapters", b"adapters", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "height", b"height", "max_queue_seconds", b"max_queue_seconds", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "output", b"output", "preview", b"preview", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "request_id", b"request_id", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -485,6 +521,130 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
+
+@_typing.final
+class AdapterRef(_message.Message):
+    """AdapterRef names one LoRA adapter for a request and how strongly it applies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name, as GetServerInfoResponse.adapters lists it."""
+    scale: _builtins.float
+    """Strength, -4 to 4; 0 leaves the model's output unchanged. Absent: 1."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___AdapterRef: _TypeAlias = AdapterRef  # noqa: Y015
+
+@_typing.final
+class ResolvedAdapter(_message.Message):
+    """ResolvedAdapter is one adapter that served a request: part of the served identity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name."""
+    kind: Global___AdapterKind.ValueType
+    """What it is."""
+    scale: _builtins.float
+    """LoRA scale it ran at (1 for an embedding)."""
+    sha256: _builtins.str
+    """SHA-256 (hex) of the adapter's weights file."""
+    token: _builtins.str
+    """Textual inversion: the token that invokes it (empty for a LoRA)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___AdapterKind.ValueType = ...,
+        scale: _builtins.float = ...,
+        sha256: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "scale", b"scale", "sha256", b"sha256", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvedAdapter: _TypeAlias = ResolvedAdapter  # noqa: Y015
+
+@_typing.final
+class AdapterInfo(_message.Message):
+    """AdapterInfo describes one adapter the server can apply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    LOADED_IN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name, unique on this server; requests name it in `adapters` or `<lora:NAME:SCALE>`."""
+    kind: Global___AdapterKind.ValueType
+    """What it is."""
+    family: _builtins.str
+    """The model family it fits (`sd15`, `sdxl`)."""
+    base: _builtins.str
+    """The base architecture it fits, for example `cross_attention_dim=768` (see docs/adapters.md)."""
+    token: _builtins.str
+    """Textual inversion: the token that invokes it."""
+    sha256: _builtins.str
+    """SHA-256 (hex) of the weights file."""
+    size_bytes: _builtins.int
+    """Size of the weights file in bytes."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The modules it changes: `unet`, `text_encoder`, `text_encoder_2`."""
+
+    @_builtins.property
+    def loaded_in(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models (by name) that hold it in memory now."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___AdapterKind.ValueType = ...,
+        family: _builtins.str = ...,
+        base: _builtins.str = ...,
+        token: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        loaded_in: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "family", b"family", "kind", b"kind", "loaded_in", b"loaded_in", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes", "targets", b"targets", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterInfo: _TypeAlias = AdapterInfo  # noqa: Y015
 
 @_typing.final
 class ImageSize(_message.Message):
@@ -831,6 +991,7 @@ class StartedEvent(_message.Message):
     REFINER_MODEL_REVISION_FIELD_NUMBER: _builtins.int
     REFINER_MODEL_VARIANT_FIELD_NUMBER: _builtins.int
     MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that runs the request (an alias resolved to its name)."""
     model_revision: _builtins.str
@@ -861,6 +1022,12 @@ class StartedEvent(_message.Message):
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The seed of each image, in order."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedAdapter]:
+        """The adapters (LoRAs with their scales, and embeddings whose tokens the prompts use) that serve the
+        request, sorted by name: with model, revision and variant, the served identity.
+        """
+
     def __init__(
         self,
         *,
@@ -876,10 +1043,11 @@ class StartedEvent(_message.Message):
         refiner_model_revision: _builtins.str = ...,
         refiner_model_variant: _builtins.str = ...,
         memory_strategy: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "dtype", b"dtype", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1041,6 +1209,7 @@ class ResolvedParameters(_message.Message):
     REFINER_MODEL_REVISION_FIELD_NUMBER: _builtins.int
     REFINER_MODEL_VARIANT_FIELD_NUMBER: _builtins.int
     MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """Task run."""
     model: _builtins.str
@@ -1105,6 +1274,12 @@ class ResolvedParameters(_message.Message):
     def refiner(self) -> Global___RefinerOptions:
         """The refiner pass, defaults filled in (unset without one)."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedAdapter]:
+        """The adapters the request ran with, as in StartedEvent.adapters. `prompt` and `negative_prompt` above
+        are the texts with `<lora:...>` tags removed.
+        """
+
     def __init__(
         self,
         *,
@@ -1138,10 +1313,11 @@ class ResolvedParameters(_message.Message):
         refiner_model_revision: _builtins.str = ...,
         refiner_model_variant: _builtins.str = ...,
         memory_strategy: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conditioning", b"conditioning", "refiner", b"refiner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1521,6 +1697,7 @@ class Limits(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
     DEFAULT_MAX_QUEUE_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
     min_size: _builtins.int
     """Smallest width and height in pixels."""
     max_size: _builtins.int
@@ -1541,6 +1718,8 @@ class Limits(_message.Message):
     """Requests each model's queue holds before refusing more."""
     default_max_queue_seconds: _builtins.float
     """Default max_queue_seconds; 0 means no limit."""
+    max_adapters: _builtins.int
+    """Most adapters per request."""
     def __init__(
         self,
         *,
@@ -1554,10 +1733,11 @@ class Limits(_message.Message):
         max_message_bytes: _builtins.int = ...,
         max_queue: _builtins.int = ...,
         default_max_queue_seconds: _builtins.float = ...,
+        max_adapters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_queue_seconds", b"default_max_queue_seconds", "max_image_bytes", b"max_image_bytes", "max_images", b"max_images", "max_input_pixels", b"max_input_pixels", "max_message_bytes", b"max_message_bytes", "max_prompt_chars", b"max_prompt_chars", "max_queue", b"max_queue", "max_size", b"max_size", "max_steps", b"max_steps", "min_size", b"min_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_queue_seconds", b"default_max_queue_seconds", "max_adapters", b"max_adapters", "max_image_bytes", b"max_image_bytes", "max_images", b"max_images", "max_input_pixels", b"max_input_pixels", "max_message_bytes", b"max_message_bytes", "max_prompt_chars", b"max_prompt_chars", "max_queue", b"max_queue", "max_size", b"max_size", "max_steps", b"max_steps", "min_size", b"min_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1625,6 +1805,7 @@ class GetServerInfoResponse(_message.Message):
     BATCH_LIMITS_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     FAMILIES_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """sdserve version."""
     device: _builtins.str
@@ -1663,6 +1844,10 @@ class GetServerInfoResponse(_message.Message):
     def families(self) -> _containers.RepeatedCompositeFieldContainer[Global___FamilyInfo]:
         """The model families this server runs, with what each takes."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]:
+        """The adapters (LoRAs and textual-inversion embeddings) requests may use, by name."""
+
     def __init__(
         self,
         *,
@@ -1680,10 +1865,11 @@ class GetServerInfoResponse(_message.Message):
         batch_limits: _abc.Iterable[Global___BatchLimit] | None = ...,
         memory: Global___MemoryPolicy | None = ...,
         families: _abc.Iterable[Global___FamilyInfo] | None = ...,
+        adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "families", b"families", "limits", b"limits", "memory", b"memory", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "families", b"families", "limits", b"limits", "memory", b"memory", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sdserve/v1/diffusion.proto.
  */
 export const file_sdserve_v1_diffusion: GenFile = /*@__PURE__*/
-  fileDesc("ChpzZHNlcnZlL3YxL2RpZmZ1c2lvbi5wcm90bxIKc2RzZXJ2ZS52MSKaAQoOUHJldmlld09wdGlvbnMSJQoEbW9kZRgBIAEoDjIXLnNkc2VydmUudjEuUHJldmlld01vZGUSFQoNZXZlcnlfbl9zdGVwcxgCIAEoDRIQCghtYXhfZWRnZRgDIAEoDRInCgZmb3JtYXQYBCABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYBSABKA0ifQoNT3V0cHV0T3B0aW9ucxInCgZmb3JtYXQYASABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYAiABKA0SHQoQZW1iZWRfcGFyYW1ldGVycxgDIAEoCEgAiAEBQhMKEV9lbWJlZF9wYXJhbWV0ZXJzIqsEChBHZW5lcmF0aW9uUGFyYW1zEg0KBW1vZGVsGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSACIAQESKAoJc2NoZWR1bGVyGAggASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISEQoEc2VlZBgJIAEoBEgBiAEBEhIKCm51bV9pbWFnZXMYCiABKA0SEQoJY2xpcF9za2lwGAsgASgNEisKB3ByZXZpZXcYDCABKAsyGi5zZHNlcnZlLnYxLlByZXZpZXdPcHRpb25zEikKBm91dHB1dBgNIAEoCzIZLnNkc2VydmUudjEuT3V0cHV0T3B0aW9ucxISCgpyZXF1ZXN0X2lkGA4gASgJEhkKEW1heF9xdWV1ZV9zZWNvbmRzGA8gASgBEhAKCHByb21wdF8yGBAgASgJEhkKEW5lZ2F0aXZlX3Byb21wdF8yGBEgASgJEjMKDGNvbmRpdGlvbmluZxgSIAEoCzIdLnNkc2VydmUudjEuTWljcm9Db25kaXRpb25pbmcSKwoHcmVmaW5lchgTIAEoCzIaLnNkc2VydmUudjEuUmVmaW5lck9wdGlvbnNCEQoPX2d1aWRhbmNlX3NjYWxlQgcKBV9zZWVkIioKCUltYWdlU2l6ZRINCgV3aWR0aBgBIAEoDRIOCgZoZWlnaHQYAiABKA0iJwoKQ3JvcE9mZnNldBILCgN0b3AYASABKA0SDAoEbGVmdBgCIAEoDSLGAwoRTWljcm9Db25kaXRpb25pbmcSLAoNb3JpZ2luYWxfc2l6ZRgBIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEjUKFWNyb3BzX2Nvb3Jkc190b3BfbGVmdBgCIAEoCzIWLnNkc2VydmUudjEuQ3JvcE9mZnNldBIqCgt0YXJnZXRfc2l6ZRgDIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEjUKFm5lZ2F0aXZlX29yaWdpbmFsX3NpemUYBCABKAsyFS5zZHNlcnZlLnYxLkltYWdlU2l6ZRI+Ch5uZWdhdGl2ZV9jcm9wc19jb29yZHNfdG9wX2xlZnQYBSABKAsyFi5zZHNlcnZlLnYxLkNyb3BPZmZzZXQSMwoUbmVnYXRpdmVfdGFyZ2V0X3NpemUYBiABKAsyFS5zZHNlcnZlLnYxLkltYWdlU2l6ZRIcCg9hZXN0aGV0aWNfc2NvcmUYByABKAJIAIgBARIlChhuZWdhdGl2ZV9hZXN0aGV0aWNfc2NvcmUYCCABKAJIAYgBAUISChBfYWVzdGhldGljX3Njb3JlQhsKGV9uZWdhdGl2ZV9hZXN0aGV0aWNfc2NvcmUikAEKDlJlZmluZXJPcHRpb25zEg0KBW1vZGVsGAEgASgJEiUKBG1vZGUYAiABKA4yFy5zZHNlcnZlLnYxLlJlZmluZXJNb2RlEhYKCXN3aXRjaF9hdBgDIAEoAkgAiAEBEhUKCHN0cmVuZ3RoGAQgASgCSAGIAQFCDAoKX3N3aXRjaF9hdEILCglfc3RyZW5ndGgiPwoPR2VuZXJhdGVSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcyJuCgtFZGl0UmVxdWVzdBIsCgZwYXJhbXMYASABKAsyHC5zZHNlcnZlLnYxLkdlbmVyYXRpb25QYXJhbXMSDQoFaW1hZ2UYAiABKAwSFQoIc3RyZW5ndGgYAyABKAJIAIgBAUILCglfc3RyZW5ndGgilQIKDklucGFpbnRSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcxINCgVpbWFnZRgCIAEoDBIMCgRtYXNrGAMgASgMEhEKCW1hc2tfYmx1chgEIAEoDRITCgtpbnZlcnRfbWFzaxgFIAEoCBIVCghzdHJlbmd0aBgGIAEoAkgAiAEBEiUKBGFyZWEYByABKA4yFy5zZHNlcnZlLnYxLklucGFpbnRBcmVhEhkKDG1hc2tfcGFkZGluZxgIIAEoDUgBiAEBEhkKEXByZXNlcnZlX3VubWFza2VkGAkgASgIQgsKCV9zdHJlbmd0aEIPCg1fbWFza19wYWRkaW5nIh8KC1F1ZXVlZEV2ZW50EhAKCHBvc2l0aW9uGAEgASgNIpgCCgxTdGFydGVkRXZlbnQSDQoFc2VlZHMYASADKAQSDQoFbW9kZWwYAiABKAkSFgoObW9kZWxfcmV2aXNpb24YAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCRIVCg1xdWV1ZV9zZWNvbmRzGAUgASgBEhIKCmJhdGNoX3NpemUYBiABKA0SFQoNbW9kZWxfdmFyaWFudBgHIAEoCRINCgVkdHlwZRgIIAEoCRIVCg1yZWZpbmVyX21vZGVsGAkgASgJEh4KFnJlZmluZXJfbW9kZWxfcmV2aXNpb24YCiABKAkSHQoVcmVmaW5lcl9tb2RlbF92YXJpYW50GAsgASgJEhcKD21lbW9yeV9zdHJhdGVneRgMIAEoCSJuCgdQcmV2aWV3Eg0KBWluZGV4GAEgASgNEgwKBGRhdGEYAiABKAwSJwoGZm9ybWF0GAMgASgOMhcuc2RzZXJ2ZS52MS5JbWFnZUZvcm1hdBINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0iiAEKDVByb2dyZXNzRXZlbnQSDAoEc3RlcBgBIAEoDRITCgt0b3RhbF9zdGVwcxgCIAEoDRIlCghwcmV2aWV3cxgDIAMoCzITLnNkc2VydmUudjEuUHJldmlldxItCgxkZW5vaXNlX3Bhc3MYBCABKA4yFy5zZHNlcnZlLnYxLkRlbm9pc2VQYXNzInoKBUltYWdlEg0KBWluZGV4GAEgASgNEgwKBGRhdGEYAiABKAwSJwoGZm9ybWF0GAMgASgOMhcuc2RzZXJ2ZS52MS5JbWFnZUZvcm1hdBINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SDAoEc2VlZBgGIAEoBCLxBQoSUmVzb2x2ZWRQYXJhbWV0ZXJzEh4KBHRhc2sYASABKA4yEC5zZHNlcnZlLnYxLlRhc2sSDQoFbW9kZWwYAiABKAkSFgoObW9kZWxfcmV2aXNpb24YAyABKAkSDgoGcHJvbXB0GAQgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgFIAEoCRINCgV3aWR0aBgGIAEoDRIOCgZoZWlnaHQYByABKA0SDQoFc3RlcHMYCCABKA0SFgoOZ3VpZGFuY2Vfc2NhbGUYCSABKAISKAoJc2NoZWR1bGVyGAogASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISDAoEc2VlZBgLIAEoBBISCgpudW1faW1hZ2VzGAwgASgNEhEKCWNsaXBfc2tpcBgNIAEoDRIQCghzdHJlbmd0aBgOIAEoAhIRCgltYXNrX2JsdXIYDyABKA0SJQoEYXJlYRgQIAEoDjIXLnNkc2VydmUudjEuSW5wYWludEFyZWESFAoMbWFza19wYWRkaW5nGBEgASgNEhkKEXByZXNlcnZlX3VubWFza2VkGBIgASgIEhMKC2ludmVydF9tYXNrGBMgASgIEhcKD3NjaGVkdWxlcl9jbGFzcxgUIAEoCRIOCgZkZXZpY2UYFSABKAkSDQoFZHR5cGUYFiABKAkSFQoNbW9kZWxfdmFyaWFudBgXIAEoCRIQCghwcm9tcHRfMhgYIAEoCRIZChFuZWdhdGl2ZV9wcm9tcHRfMhgZIAEoCRIzCgxjb25kaXRpb25pbmcYGiABKAsyHS5zZHNlcnZlLnYxLk1pY3JvQ29uZGl0aW9uaW5nEisKB3JlZmluZXIYGyABKAsyGi5zZHNlcnZlLnYxLlJlZmluZXJPcHRpb25zEh4KFnJlZmluZXJfbW9kZWxfcmV2aXNpb24YHCABKAkSHQoVcmVmaW5lcl9tb2RlbF92YXJpYW50GB0gASgJEhcKD21lbW9yeV9zdHJhdGVneRgeIAEoCSKyAQoHVGltaW5ncxIVCg1xdWV1ZV9zZWNvbmRzGAEgASgBEhcKD3ByZXBhcmVfc2Vjb25kcxgCIAEoARIXCg9kZW5vaXNlX3NlY29uZHMYAyABKAESFgoOZGVjb2RlX3NlY29uZHMYBCABKAESFgoOZW5jb2RlX3NlY29uZHMYBSABKAESFQoNdG90YWxfc2Vjb25kcxgGIAEoARIXCg9wcmV2aWV3X3NlY29uZHMYByABKAEingEKC1Jlc3VsdEV2ZW50EiEKBmltYWdlcxgBIAMoCzIRLnNkc2VydmUudjEuSW1hZ2USMgoKcGFyYW1ldGVycxgCIAEoCzIeLnNkc2VydmUudjEuUmVzb2x2ZWRQYXJhbWV0ZXJzEiQKB3RpbWluZ3MYAyABKAsyEy5zZHNlcnZlLnYxLlRpbWluZ3MSEgoKcmVxdWVzdF9pZBgEIAEoCSLNAQoQR2VuZXJhdGVSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiyQEKDEVkaXRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQizAEKD0lucGFpbnRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3QiugIKCU1vZGVsSW5mbxIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuc2RzZXJ2ZS52MS5Nb2RlbFN0YXRlEg8KB2FsaWFzZXMYBCADKAkSHwoFdGFza3MYBSADKA4yEC5zZHNlcnZlLnYxLlRhc2sSDwoHdmFyaWFudBgGIAEoCRIVCg1kZWZhdWx0X3dpZHRoGAcgASgNEhYKDmRlZmF1bHRfaGVpZ2h0GAggASgNEhgKEHVuZXRfaW5fY2hhbm5lbHMYCSABKA0SDQoFZXJyb3IYCiABKAkSEwoLZGVzY3JpcHRpb24YCyABKAkSFQoNaW5wYWludF9tb2RlbBgMIAEoCRIOCgZmYW1pbHkYDSABKAkSDwoHcmVmaW5lchgOIAEoCCJSChJMaXN0TW9kZWxzUmVzcG9uc2USJQoGbW9kZWxzGAEgAygLMhUuc2RzZXJ2ZS52MS5Nb2RlbEluZm8SFQoNZGVmYXVsdF9tb2RlbBgCIAEoCSIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLxAQoGTGltaXRzEhAKCG1pbl9zaXplGAEgASgNEhAKCG1heF9zaXplGAIgASgNEhgKEG1heF9pbnB1dF9waXhlbHMYAyABKAQSFwoPbWF4X2ltYWdlX2J5dGVzGAQgASgEEhEKCW1heF9zdGVwcxgFIAEoDRISCgptYXhfaW1hZ2VzGAYgASgNEhgKEG1heF9wcm9tcHRfY2hhcnMYByABKA0SGQoRbWF4X21lc3NhZ2VfYnl0ZXMYCCABKAQSEQoJbWF4X3F1ZXVlGAkgASgNEiEKGWRlZmF1bHRfbWF4X3F1ZXVlX3NlY29uZHMYCiABKAEidQoKQmF0Y2hMaW1pdBINCgVtb2RlbBgBIAEoCRINCgV3aWR0aBgCIAEoDRIOCgZoZWlnaHQYAyABKA0SGAoQbWF4X2JhdGNoX2ltYWdlcxgEIAEoDRIOCgZzb3VyY2UYBSABKAkSDwoHdmFyaWFudBgGIAEoCSKsAwoVR2V0U2VydmVySW5mb1Jlc3BvbnNlEg8KB3ZlcnNpb24YASABKAkSDgoGZGV2aWNlGAIgASgJEhMKC2RldmljZV9uYW1lGAMgASgJEg0KBWR0eXBlGAQgASgJEhUKDXRvcmNoX3ZlcnNpb24YBSABKAkSGQoRZGlmZnVzZXJzX3ZlcnNpb24YBiABKAkSFgoOcHl0aG9uX3ZlcnNpb24YByABKAkSKQoKc2NoZWR1bGVycxgIIAMoDjIVLnNkc2VydmUudjEuU2NoZWR1bGVyEiIKBmxpbWl0cxgJIAEoCzISLnNkc2VydmUudjEuTGltaXRzEhUKDWRlZmF1bHRfbW9kZWwYCiABKAkSHAoUdHJhbnNmb3JtZXJzX3ZlcnNpb24YCyABKAkSLAoMYmF0Y2hfbGltaXRzGAwgAygLMhYuc2RzZXJ2ZS52MS5CYXRjaExpbWl0EigKBm1lbW9yeRgNIAEoCzIYLnNkc2VydmUudjEuTWVtb3J5UG9saWN5EigKCGZhbWlsaWVzGA4gAygLMhYuc2RzZXJ2ZS52MS5GYW1pbHlJbmZvIkQKCkZhbWlseUluZm8SDAoEbmFtZRgBIAEoCRIYChBwaXBlbGluZV9jbGFzc2VzGAIgAygJEg4KBmZpZWxkcxgDIAMoCSK7AQoMTWVtb3J5UG9saWN5EhIKCnZhZV90aWxpbmcYASABKAkSHQoVdmFlX3RpbGluZ19taW5fcGl4ZWxzGAIgASgEEhMKC3ZhZV9zbGljaW5nGAMgASgJEhkKEWF0dGVudGlvbl9zbGljaW5nGAQgASgJEhMKC2NwdV9vZmZsb2FkGAUgASgJEhkKEWRldmljZV9mcmVlX2J5dGVzGAYgASgEEhgKEG9mZmxvYWRlZF9tb2RlbHMYByADKAkqnAIKCVNjaGVkdWxlchIZChVTQ0hFRFVMRVJfVU5TUEVDSUZJRUQQABISCg5TQ0hFRFVMRVJfRERJTRABEhIKDlNDSEVEVUxFUl9QTkRNEAISEgoOU0NIRURVTEVSX0REUE0QAxIRCg1TQ0hFRFVMRVJfTE1TEAQSEwoPU0NIRURVTEVSX0VVTEVSEAUSHQoZU0NIRURVTEVSX0VVTEVSX0FOQ0VTVFJBTBAGEhIKDlNDSEVEVUxFUl9IRVVOEAcSFgoSU0NIRURVTEVSX0RQTVBQXzJNEAgSHQoZU0NIRURVTEVSX0RQTVBQXzJNX0tBUlJBUxAJEhMKD1NDSEVEVUxFUl9VTklQQxAKEhEKDVNDSEVEVUxFUl9MQ00QCypvCgtJbWFnZUZvcm1hdBIcChhJTUFHRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBJTUFHRV9GT1JNQVRfUE5HEAESFQoRSU1BR0VfRk9STUFUX0pQRUcQAhIVChFJTUFHRV9GT1JNQVRfV0VCUBADKnoKC1ByZXZpZXdNb2RlEhwKGFBSRVZJRVdfTU9ERV9VTlNQRUNJRklFRBAAEhUKEVBSRVZJRVdfTU9ERV9OT05FEAESGwoXUFJFVklFV19NT0RFX0xBVEVOVF9SR0IQAhIZChVQUkVWSUVXX01PREVfRlVMTF9WQUUQAyplCgtJbnBhaW50QXJlYRIcChhJTlBBSU5UX0FSRUFfVU5TUEVDSUZJRUQQABIcChhJTlBBSU5UX0FSRUFfV0hPTEVfSU1BR0UQARIaChZJTlBBSU5UX0FSRUFfTUFTS19PTkxZEAIqUAoEVGFzaxIUChBUQVNLX1VOU1BFQ0lGSUVEEAASEQoNVEFTS19HRU5FUkFURRABEg0KCVRBU0tfRURJVBACEhAKDFRBU0tfSU5QQUlOVBADKosBCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTTU9ERUxfU1RBVEVfT05fRElTSxABEhcKE01PREVMX1NUQVRFX0xPQURJTkcQAhIWChJNT0RFTF9TVEFURV9MT0FERUQQAxIWChJNT0RFTF9TVEFURV9GQUlMRUQQBCpkCgtSZWZpbmVyTW9kZRIcChhSRUZJTkVSX01PREVfVU5TUEVDSUZJRUQQABIfChtSRUZJTkVSX01PREVfTEFURU5UX0hBTkRPRkYQARIWChJSRUZJTkVSX01PREVfSU1BR0UQAipcCgtEZW5vaXNlUGFzcxIcChhERU5PSVNFX1BBU1NfVU5TUEVDSUZJRUQQABIVChFERU5PSVNFX1BBU1NfQkFTRRABEhgKFERFTk9JU0VfUEFTU19SRUZJTkVSEAIygQMKEERpZmZ1c2lvblNlcnZpY2USRwoIR2VuZXJhdGUSGy5zZHNlcnZlLnYxLkdlbmVyYXRlUmVxdWVzdBocLnNkc2VydmUudjEuR2VuZXJhdGVSZXNwb25zZTABEjsKBEVkaXQSFy5zZHNlcnZlLnYxLkVkaXRSZXF1ZXN0Ghguc2RzZXJ2ZS52MS5FZGl0UmVzcG9uc2UwARJECgdJbnBhaW50Ehouc2RzZXJ2ZS52MS5JbnBhaW50UmVxdWVzdBobLnNkc2VydmUudjEuSW5wYWludFJlc3BvbnNlMAESSwoKTGlzdE1vZGVscxIdLnNkc2VydmUudjEuTGlzdE1vZGVsc1JlcXVlc3QaHi5zZHNlcnZlLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJUCg1HZXRTZXJ2ZXJJbmZvEiAuc2RzZXJ2ZS52MS5HZXRTZXJ2ZXJJbmZvUmVxdWVzdBohLnNkc2VydmUudjEuR2V0U2VydmVySW5mb1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChpzZHNlcnZlL3YxL2RpZmZ1c2lvbi5wcm90bxIKc2RzZXJ2ZS52MSKaAQoOUHJldmlld09wdGlvbnMSJQoEbW9kZRgBIAEoDjIXLnNkc2VydmUudjEuUHJldmlld01vZGUSFQoNZXZlcnlfbl9zdGVwcxgCIAEoDRIQCghtYXhfZWRnZRgDIAEoDRInCgZmb3JtYXQYBCABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYBSABKA0ifQoNT3V0cHV0T3B0aW9ucxInCgZmb3JtYXQYASABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYAiABKA0SHQoQZW1iZWRfcGFyYW1ldGVycxgDIAEoCEgAiAEBQhMKEV9lbWJlZF9wYXJhbWV0ZXJzItUEChBHZW5lcmF0aW9uUGFyYW1zEg0KBW1vZGVsGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSACIAQESKAoJc2NoZWR1bGVyGAggASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISEQoEc2VlZBgJIAEoBEgBiAEBEhIKCm51bV9pbWFnZXMYCiABKA0SEQoJY2xpcF9za2lwGAsgASgNEisKB3ByZXZpZXcYDCABKAsyGi5zZHNlcnZlLnYxLlByZXZpZXdPcHRpb25zEikKBm91dHB1dBgNIAEoCzIZLnNkc2VydmUudjEuT3V0cHV0T3B0aW9ucxISCgpyZXF1ZXN0X2lkGA4gASgJEhkKEW1heF9xdWV1ZV9zZWNvbmRzGA8gASgBEhAKCHByb21wdF8yGBAgASgJEhkKEW5lZ2F0aXZlX3Byb21wdF8yGBEgASgJEjMKDGNvbmRpdGlvbmluZxgSIAEoCzIdLnNkc2VydmUudjEuTWljcm9Db25kaXRpb25pbmcSKwoHcmVmaW5lchgTIAEoCzIaLnNkc2VydmUudjEuUmVmaW5lck9wdGlvbnMSKAoIYWRhcHRlcnMYFCADKAsyFi5zZHNlcnZlLnYxLkFkYXB0ZXJSZWZCEQoPX2d1aWRhbmNlX3NjYWxlQgcKBV9zZWVkIjgKCkFkYXB0ZXJSZWYSDAoEbmFtZRgBIAEoCRISCgVzY2FsZRgCIAEoAkgAiAEBQggKBl9zY2FsZSJ0Cg9SZXNvbHZlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBINCgVzY2FsZRgDIAEoAhIOCgZzaGEyNTYYBCABKAkSDQoFdG9rZW4YBSABKAkitwEKC0FkYXB0ZXJJbmZvEgwKBG5hbWUYASABKAkSJQoEa2luZBgCIAEoDjIXLnNkc2VydmUudjEuQWRhcHRlcktpbmQSDgoGZmFtaWx5GAMgASgJEgwKBGJhc2UYBCABKAkSDQoFdG9rZW4YBSABKAkSDgoGc2hhMjU2GAYgASgJEhIKCnNpemVfYnl0ZXMYByABKAQSDwoHdGFyZ2V0cxgIIAMoCRIRCglsb2FkZWRfaW4YCSADKAkiKgoJSW1hZ2VTaXplEg0KBXdpZHRoGAEgASgNEg4KBmhlaWdodBgCIAEoDSInCgpDcm9wT2Zmc2V0EgsKA3RvcBgBIAEoDRIMCgRsZWZ0GAIgASgNIsYDChFNaWNyb0NvbmRpdGlvbmluZxIsCg1vcmlnaW5hbF9zaXplGAEgASgLMhUuc2RzZXJ2ZS52MS5JbWFnZVNpemUSNQoVY3JvcHNfY29vcmRzX3RvcF9sZWZ0GAIgASgLMhYuc2RzZXJ2ZS52MS5Dcm9wT2Zmc2V0EioKC3RhcmdldF9zaXplGAMgASgLMhUuc2RzZXJ2ZS52MS5JbWFnZVNpemUSNQoWbmVnYXRpdmVfb3JpZ2luYWxfc2l6ZRgEIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEj4KHm5lZ2F0aXZlX2Nyb3BzX2Nvb3Jkc190b3BfbGVmdBgFIAEoCzIWLnNkc2VydmUudjEuQ3JvcE9mZnNldBIzChRuZWdhdGl2ZV90YXJnZXRfc2l6ZRgGIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEhwKD2Flc3RoZXRpY19zY29yZRgHIAEoAkgAiAEBEiUKGG5lZ2F0aXZlX2Flc3RoZXRpY19zY29yZRgIIAEoAkgBiAEBQhIKEF9hZXN0aGV0aWNfc2NvcmVCGwoZX25lZ2F0aXZlX2Flc3RoZXRpY19zY29yZSKQAQoOUmVmaW5lck9wdGlvbnMSDQoFbW9kZWwYASABKAkSJQoEbW9kZRgCIAEoDjIXLnNkc2VydmUudjEuUmVmaW5lck1vZGUSFgoJc3dpdGNoX2F0GAMgASgCSACIAQESFQoIc3RyZW5ndGgYBCABKAJIAYgBAUIMCgpfc3dpdGNoX2F0QgsKCV9zdHJlbmd0aCI/Cg9HZW5lcmF0ZVJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zIm4KC0VkaXRSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcxINCgVpbWFnZRgCIAEoDBIVCghzdHJlbmd0aBgDIAEoAkgAiAEBQgsKCV9zdHJlbmd0aCKVAgoOSW5wYWludFJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zEg0KBWltYWdlGAIgASgMEgwKBG1hc2sYAyABKAwSEQoJbWFza19ibHVyGAQgASgNEhMKC2ludmVydF9tYXNrGAUgASgIEhUKCHN0cmVuZ3RoGAYgASgCSACIAQESJQoEYXJlYRgHIAEoDjIXLnNkc2VydmUudjEuSW5wYWludEFyZWESGQoMbWFza19wYWRkaW5nGAggASgNSAGIAQESGQoRcHJlc2VydmVfdW5tYXNrZWQYCSABKAhCCwoJX3N0cmVuZ3RoQg8KDV9tYXNrX3BhZGRpbmciHwoLUXVldWVkRXZlbnQSEAoIcG9zaXRpb24YASABKA0ixwIKDFN0YXJ0ZWRFdmVudBINCgVzZWVkcxgBIAMoBBINCgVtb2RlbBgCIAEoCRIWCg5tb2RlbF9yZXZpc2lvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhUKDXF1ZXVlX3NlY29uZHMYBSABKAESEgoKYmF0Y2hfc2l6ZRgGIAEoDRIVCg1tb2RlbF92YXJpYW50GAcgASgJEg0KBWR0eXBlGAggASgJEhUKDXJlZmluZXJfbW9kZWwYCSABKAkSHgoWcmVmaW5lcl9tb2RlbF9yZXZpc2lvbhgKIAEoCRIdChVyZWZpbmVyX21vZGVsX3ZhcmlhbnQYCyABKAkSFwoPbWVtb3J5X3N0cmF0ZWd5GAwgASgJEi0KCGFkYXB0ZXJzGA0gAygLMhsuc2RzZXJ2ZS52MS5SZXNvbHZlZEFkYXB0ZXIibgoHUHJldmlldxINCgVpbmRleBgBIAEoDRIMCgRkYXRhGAIgASgMEicKBmZvcm1hdBgDIAEoDjIXLnNkc2VydmUudjEuSW1hZ2VGb3JtYXQSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNIogBCg1Qcm9ncmVzc0V2ZW50EgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0SJQoIcHJldmlld3MYAyADKAsyEy5zZHNlcnZlLnYxLlByZXZpZXcSLQoMZGVub2lzZV9wYXNzGAQgASgOMhcuc2RzZXJ2ZS52MS5EZW5vaXNlUGFzcyJ6CgVJbWFnZRINCgVpbmRleBgBIAEoDRIMCgRkYXRhGAIgASgMEicKBmZvcm1hdBgDIAEoDjIXLnNkc2VydmUudjEuSW1hZ2VGb3JtYXQSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEgwKBHNlZWQYBiABKAQioAYKElJlc29sdmVkUGFyYW1ldGVycxIeCgR0YXNrGAEgASgOMhAuc2RzZXJ2ZS52MS5UYXNrEg0KBW1vZGVsGAIgASgJEhYKDm1vZGVsX3JldmlzaW9uGAMgASgJEg4KBnByb21wdBgEIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYBSABKAkSDQoFd2lkdGgYBiABKA0SDgoGaGVpZ2h0GAcgASgNEg0KBXN0ZXBzGAggASgNEhYKDmd1aWRhbmNlX3NjYWxlGAkgASgCEigKCXNjaGVkdWxlchgKIAEoDjIVLnNkc2VydmUudjEuU2NoZWR1bGVyEgwKBHNlZWQYCyABKAQSEgoKbnVtX2ltYWdlcxgMIAEoDRIRCgljbGlwX3NraXAYDSABKA0SEAoIc3RyZW5ndGgYDiABKAISEQoJbWFza19ibHVyGA8gASgNEiUKBGFyZWEYECABKA4yFy5zZHNlcnZlLnYxLklucGFpbnRBcmVhEhQKDG1hc2tfcGFkZGluZxgRIAEoDRIZChFwcmVzZXJ2ZV91bm1hc2tlZBgSIAEoCBITCgtpbnZlcnRfbWFzaxgTIAEoCBIXCg9zY2hlZHVsZXJfY2xhc3MYFCABKAkSDgoGZGV2aWNlGBUgASgJEg0KBWR0eXBlGBYgASgJEhUKDW1vZGVsX3ZhcmlhbnQYFyABKAkSEAoIcHJvbXB0XzIYGCABKAkSGQoRbmVnYXRpdmVfcHJvbXB0XzIYGSABKAkSMwoMY29uZGl0aW9uaW5nGBogASgLMh0uc2RzZXJ2ZS52MS5NaWNyb0NvbmRpdGlvbmluZxIrCgdyZWZpbmVyGBsgASgLMhouc2RzZXJ2ZS52MS5SZWZpbmVyT3B0aW9ucxIeChZyZWZpbmVyX21vZGVsX3JldmlzaW9uGBwgASgJEh0KFXJlZmluZXJfbW9kZWxfdmFyaWFudBgdIAEoCRIXCg9tZW1vcnlfc3RyYXRlZ3kYHiABKAkSLQoIYWRhcHRlcnMYHyADKAsyGy5zZHNlcnZlLnYxLlJlc29sdmVkQWRhcHRlciKyAQoHVGltaW5ncxIVCg1xdWV1ZV9zZWNvbmRzGAEgASgBEhcKD3ByZXBhcmVfc2Vjb25kcxgCIAEoARIXCg9kZW5vaXNlX3NlY29uZHMYAyABKAESFgoOZGVjb2RlX3NlY29uZHMYBCABKAESFgoOZW5jb2RlX3NlY29uZHMYBSABKAESFQoNdG90YWxfc2Vjb25kcxgGIAEoARIXCg9wcmV2aWV3X3NlY29uZHMYByABKAEingEKC1Jlc3VsdEV2ZW50EiEKBmltYWdlcxgBIAMoCzIRLnNkc2VydmUudjEuSW1hZ2USMgoKcGFyYW1ldGVycxgCIAEoCzIeLnNkc2VydmUudjEuUmVzb2x2ZWRQYXJhbWV0ZXJzEiQKB3RpbWluZ3MYAyABKAsyEy5zZHNlcnZlLnYxLlRpbWluZ3MSEgoKcmVxdWVzdF9pZBgEIAEoCSLNAQoQR2VuZXJhdGVSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiyQEKDEVkaXRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQizAEKD0lucGFpbnRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3QiugIKCU1vZGVsSW5mbxIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuc2RzZXJ2ZS52MS5Nb2RlbFN0YXRlEg8KB2FsaWFzZXMYBCADKAkSHwoFdGFza3MYBSADKA4yEC5zZHNlcnZlLnYxLlRhc2sSDwoHdmFyaWFudBgGIAEoCRIVCg1kZWZhdWx0X3dpZHRoGAcgASgNEhYKDmRlZmF1bHRfaGVpZ2h0GAggASgNEhgKEHVuZXRfaW5fY2hhbm5lbHMYCSABKA0SDQoFZXJyb3IYCiABKAkSEwoLZGVzY3JpcHRpb24YCyABKAkSFQoNaW5wYWludF9tb2RlbBgMIAEoCRIOCgZmYW1pbHkYDSABKAkSDwoHcmVmaW5lchgOIAEoCCJSChJMaXN0TW9kZWxzUmVzcG9uc2USJQoGbW9kZWxzGAEgAygLMhUuc2RzZXJ2ZS52MS5Nb2RlbEluZm8SFQoNZGVmYXVsdF9tb2RlbBgCIAEoCSIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCKHAgoGTGltaXRzEhAKCG1pbl9zaXplGAEgASgNEhAKCG1heF9zaXplGAIgASgNEhgKEG1heF9pbnB1dF9waXhlbHMYAyABKAQSFwoPbWF4X2ltYWdlX2J5dGVzGAQgASgEEhEKCW1heF9zdGVwcxgFIAEoDRISCgptYXhfaW1hZ2VzGAYgASgNEhgKEG1heF9wcm9tcHRfY2hhcnMYByABKA0SGQoRbWF4X21lc3NhZ2VfYnl0ZXMYCCABKAQSEQoJbWF4X3F1ZXVlGAkgASgNEiEKGWRlZmF1bHRfbWF4X3F1ZXVlX3NlY29uZHMYCiABKAESFAoMbWF4X2FkYXB0ZXJzGAsgASgNInUKCkJhdGNoTGltaXQSDQoFbW9kZWwYASABKAkSDQoFd2lkdGgYAiABKA0SDgoGaGVpZ2h0GAMgASgNEhgKEG1heF9iYXRjaF9pbWFnZXMYBCABKA0SDgoGc291cmNlGAUgASgJEg8KB3ZhcmlhbnQYBiABKAki1wMKFUdldFNlcnZlckluZm9SZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgJEg4KBmRldmljZRgCIAEoCRITCgtkZXZpY2VfbmFtZRgDIAEoCRINCgVkdHlwZRgEIAEoCRIVCg10b3JjaF92ZXJzaW9uGAUgASgJEhkKEWRpZmZ1c2Vyc192ZXJzaW9uGAYgASgJEhYKDnB5dGhvbl92ZXJzaW9uGAcgASgJEikKCnNjaGVkdWxlcnMYCCADKA4yFS5zZHNlcnZlLnYxLlNjaGVkdWxlchIiCgZsaW1pdHMYCSABKAsyEi5zZHNlcnZlLnYxLkxpbWl0cxIVCg1kZWZhdWx0X21vZGVsGAogASgJEhwKFHRyYW5zZm9ybWVyc192ZXJzaW9uGAsgASgJEiwKDGJhdGNoX2xpbWl0cxgMIAMoCzIWLnNkc2VydmUudjEuQmF0Y2hMaW1pdBIoCgZtZW1vcnkYDSABKAsyGC5zZHNlcnZlLnYxLk1lbW9yeVBvbGljeRIoCghmYW1pbGllcxgOIAMoCzIWLnNkc2VydmUudjEuRmFtaWx5SW5mbxIpCghhZGFwdGVycxgPIAMoCzIXLnNkc2VydmUudjEuQWRhcHRlckluZm8iRAoKRmFtaWx5SW5mbxIMCgRuYW1lGAEgASgJEhgKEHBpcGVsaW5lX2NsYXNzZXMYAiADKAkSDgoGZmllbGRzGAMgAygJIrsBCgxNZW1vcnlQb2xpY3kSEgoKdmFlX3RpbGluZxgBIAEoCRIdChV2YWVfdGlsaW5nX21pbl9waXhlbHMYAiABKAQSEwoLdmFlX3NsaWNpbmcYAyABKAkSGQoRYXR0ZW50aW9uX3NsaWNpbmcYBCABKAkSEwoLY3B1X29mZmxvYWQYBSABKAkSGQoRZGV2aWNlX2ZyZWVfYnl0ZXMYBiABKAQSGAoQb2ZmbG9hZGVkX21vZGVscxgHIAMoCSqcAgoJU2NoZWR1bGVyEhkKFVNDSEVEVUxFUl9VTlNQRUNJRklFRBAAEhIKDlNDSEVEVUxFUl9ERElNEAESEgoOU0NIRURVTEVSX1BORE0QAhISCg5TQ0hFRFVMRVJfRERQTRADEhEKDVNDSEVEVUxFUl9MTVMQBBITCg9TQ0hFRFVMRVJfRVVMRVIQBRIdChlTQ0hFRFVMRVJfRVVMRVJfQU5DRVNUUkFMEAYSEgoOU0NIRURVTEVSX0hFVU4QBxIWChJTQ0hFRFVMRVJfRFBNUFBfMk0QCBIdChlTQ0hFRFVMRVJfRFBNUFBfMk1fS0FSUkFTEAkSEwoPU0NIRURVTEVSX1VOSVBDEAoSEQoNU0NIRURVTEVSX0xDTRALKm8KC0ltYWdlRm9ybWF0EhwKGElNQUdFX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhQKEElNQUdFX0ZPUk1BVF9QTkcQARIVChFJTUFHRV9GT1JNQVRfSlBFRxACEhUKEUlNQUdFX0ZPUk1BVF9XRUJQEAMqegoLUHJldmlld01vZGUSHAoYUFJFVklFV19NT0RFX1VOU1BFQ0lGSUVEEAASFQoRUFJFVklFV19NT0RFX05PTkUQARIbChdQUkVWSUVXX01PREVfTEFURU5UX1JHQhACEhkKFVBSRVZJRVdfTU9ERV9GVUxMX1ZBRRADKmUKC0lucGFpbnRBcmVhEhwKGElOUEFJTlRfQVJFQV9VTlNQRUNJRklFRBAAEhwKGElOUEFJTlRfQVJFQV9XSE9MRV9JTUFHRRABEhoKFklOUEFJTlRfQVJFQV9NQVNLX09OTFkQAipQCgRUYXNrEhQKEFRBU0tfVU5TUEVDSUZJRUQQABIRCg1UQVNLX0dFTkVSQVRFEAESDQoJVEFTS19FRElUEAISEAoMVEFTS19JTlBBSU5UEAMqiwEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNNT0RFTF9TVEFURV9PTl9ESVNLEAESFwoTTU9ERUxfU1RBVEVfTE9BRElORxACEhYKEk1PREVMX1NUQVRFX0xPQURFRBADEhYKEk1PREVMX1NUQVRFX0ZBSUxFRBAEKmYKC0FkYXB0ZXJLaW5kEhwKGEFEQVBURVJfS0lORF9VTlNQRUNJRklFRBAAEhUKEUFEQVBURVJfS0lORF9MT1JBEAESIgoeQURBUFRFUl9LSU5EX1RFWFRVQUxfSU5WRVJTSU9OEAIqZAoLUmVmaW5lck1vZGUSHAoYUkVGSU5FUl9NT0RFX1VOU1BFQ0lGSUVEEAASHwobUkVGSU5FUl9NT0RFX0xBVEVOVF9IQU5ET0ZGEAESFgoSUkVGSU5FUl9NT0RFX0lNQUdFEAIqXAoLRGVub2lzZVBhc3MSHAoYREVOT0lTRV9QQVNTX1VOU1BFQ0lGSUVEEAASFQoRREVOT0lTRV9QQVNTX0JBU0UQARIYChRERU5PSVNFX1BBU1NfUkVGSU5FUhACMoEDChBEaWZmdXNpb25TZXJ2aWNlEkcKCEdlbmVyYXRlEhsuc2RzZXJ2ZS52MS5HZW5lcmF0ZVJlcXVlc3QaHC5zZHNlcnZlLnYxLkdlbmVyYXRlUmVzcG9uc2UwARI7CgRFZGl0Ehcuc2RzZXJ2ZS52MS5FZGl0UmVxdWVzdBoYLnNkc2VydmUudjEuRWRpdFJlc3BvbnNlMAESRAoHSW5wYWludBIaLnNkc2VydmUudjEuSW5wYWludFJlcXVlc3QaGy5zZHNlcnZlLnYxLklucGFpbnRSZXNwb25zZTABEksKCkxpc3RNb2RlbHMSHS5zZHNlcnZlLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh4uc2RzZXJ2ZS52MS5MaXN0TW9kZWxzUmVzcG9uc2USVAoNR2V0U2VydmVySW5mbxIgLnNkc2VydmUudjEuR2V0U2VydmVySW5mb1JlcXVlc3QaIS5zZHNlcnZlLnYxLkdldFNlcnZlckluZm9SZXNwb25zZWIGcHJvdG8z");
 
 /**
  * PreviewOptions asks for intermediate images while denoising.
@@ -113,8 +113,10 @@ export type GenerationParams = Message<"sdserve.v1.GenerationParams"> & {
   model: string;
 
   /**
-   * The prompt. At most the server's `max_prompt_chars` characters (default 2000);
-   * the text encoder reads only its first 77 tokens.
+   * The prompt. At most the server's `max_prompt_chars` characters (default 2000). It may use the
+   * AUTOMATIC1111 / SD.Next syntax documented in docs/prompts.md: `(word)`, `(word:1.3)`, `[word]`,
+   * `\(` escapes, `BREAK`, `<lora:NAME:SCALE>` tags (added to `adapters`) and textual-inversion tokens;
+   * prompts longer than the text encoder's window (75 tokens for SD) are encoded in chunks, as A1111 does.
    *
    * @generated from field: string prompt = 2;
    */
@@ -248,6 +250,16 @@ export type GenerationParams = Message<"sdserve.v1.GenerationParams"> & {
    * @generated from field: sdserve.v1.RefinerOptions refiner = 19;
    */
   refiner?: RefinerOptions | undefined;
+
+  /**
+   * LoRA adapters applied to this request only, at most the server's `max_adapters` (default 8), each
+   * name at most once. A1111's inline `<lora:NAME:SCALE>` tags in `prompt` or `negative_prompt` are
+   * added to this list and removed from the text. An unknown name is NOT_FOUND; an adapter of another
+   * family or base architecture than the model is FAILED_PRECONDITION; see GetServerInfoResponse.adapters.
+   *
+   * @generated from field: repeated sdserve.v1.AdapterRef adapters = 20;
+   */
+  adapters: AdapterRef[];
 };
 
 /**
@@ -256,6 +268,160 @@ export type GenerationParams = Message<"sdserve.v1.GenerationParams"> & {
  */
 export const GenerationParamsSchema: GenMessage<GenerationParams> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_diffusion, 2);
+
+/**
+ * AdapterRef names one LoRA adapter for a request and how strongly it applies.
+ *
+ * @generated from message sdserve.v1.AdapterRef
+ */
+export type AdapterRef = Message<"sdserve.v1.AdapterRef"> & {
+  /**
+   * The adapter's name, as GetServerInfoResponse.adapters lists it.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Strength, -4 to 4; 0 leaves the model's output unchanged. Absent: 1.
+   *
+   * @generated from field: optional float scale = 2;
+   */
+  scale?: number | undefined;
+};
+
+/**
+ * Describes the message sdserve.v1.AdapterRef.
+ * Use `create(AdapterRefSchema)` to create a new message.
+ */
+export const AdapterRefSchema: GenMessage<AdapterRef> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 3);
+
+/**
+ * ResolvedAdapter is one adapter that served a request: part of the served identity.
+ *
+ * @generated from message sdserve.v1.ResolvedAdapter
+ */
+export type ResolvedAdapter = Message<"sdserve.v1.ResolvedAdapter"> & {
+  /**
+   * The adapter's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * What it is.
+   *
+   * @generated from field: sdserve.v1.AdapterKind kind = 2;
+   */
+  kind: AdapterKind;
+
+  /**
+   * LoRA scale it ran at (1 for an embedding).
+   *
+   * @generated from field: float scale = 3;
+   */
+  scale: number;
+
+  /**
+   * SHA-256 (hex) of the adapter's weights file.
+   *
+   * @generated from field: string sha256 = 4;
+   */
+  sha256: string;
+
+  /**
+   * Textual inversion: the token that invokes it (empty for a LoRA).
+   *
+   * @generated from field: string token = 5;
+   */
+  token: string;
+};
+
+/**
+ * Describes the message sdserve.v1.ResolvedAdapter.
+ * Use `create(ResolvedAdapterSchema)` to create a new message.
+ */
+export const ResolvedAdapterSchema: GenMessage<ResolvedAdapter> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 4);
+
+/**
+ * AdapterInfo describes one adapter the server can apply.
+ *
+ * @generated from message sdserve.v1.AdapterInfo
+ */
+export type AdapterInfo = Message<"sdserve.v1.AdapterInfo"> & {
+  /**
+   * Name, unique on this server; requests name it in `adapters` or `<lora:NAME:SCALE>`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * What it is.
+   *
+   * @generated from field: sdserve.v1.AdapterKind kind = 2;
+   */
+  kind: AdapterKind;
+
+  /**
+   * The model family it fits (`sd15`, `sdxl`).
+   *
+   * @generated from field: string family = 3;
+   */
+  family: string;
+
+  /**
+   * The base architecture it fits, for example `cross_attention_dim=768` (see docs/adapters.md).
+   *
+   * @generated from field: string base = 4;
+   */
+  base: string;
+
+  /**
+   * Textual inversion: the token that invokes it.
+   *
+   * @generated from field: string token = 5;
+   */
+  token: string;
+
+  /**
+   * SHA-256 (hex) of the weights file.
+   *
+   * @generated from field: string sha256 = 6;
+   */
+  sha256: string;
+
+  /**
+   * Size of the weights file in bytes.
+   *
+   * @generated from field: uint64 size_bytes = 7;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * The modules it changes: `unet`, `text_encoder`, `text_encoder_2`.
+   *
+   * @generated from field: repeated string targets = 8;
+   */
+  targets: string[];
+
+  /**
+   * Models (by name) that hold it in memory now.
+   *
+   * @generated from field: repeated string loaded_in = 9;
+   */
+  loadedIn: string[];
+};
+
+/**
+ * Describes the message sdserve.v1.AdapterInfo.
+ * Use `create(AdapterInfoSchema)` to create a new message.
+ */
+export const AdapterInfoSchema: GenMessage<AdapterInfo> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 5);
 
 /**
  * ImageSize is a size in pixels.
@@ -283,7 +449,7 @@ export type ImageSize = Message<"sdserve.v1.ImageSize"> & {
  * Use `create(ImageSizeSchema)` to create a new message.
  */
 export const ImageSizeSchema: GenMessage<ImageSize> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 3);
+  messageDesc(file_sdserve_v1_diffusion, 6);
 
 /**
  * CropOffset is the top-left corner of a crop, in pixels.
@@ -311,7 +477,7 @@ export type CropOffset = Message<"sdserve.v1.CropOffset"> & {
  * Use `create(CropOffsetSchema)` to create a new message.
  */
 export const CropOffsetSchema: GenMessage<CropOffset> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 4);
+  messageDesc(file_sdserve_v1_diffusion, 7);
 
 /**
  * MicroConditioning is SDXL's size and crop conditioning (the `add_time_ids` of the SDXL UNet). The model
@@ -387,7 +553,7 @@ export type MicroConditioning = Message<"sdserve.v1.MicroConditioning"> & {
  * Use `create(MicroConditioningSchema)` to create a new message.
  */
 export const MicroConditioningSchema: GenMessage<MicroConditioning> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 5);
+  messageDesc(file_sdserve_v1_diffusion, 8);
 
 /**
  * RefinerOptions adds a refiner pass to a request on an SDXL base model.
@@ -432,7 +598,7 @@ export type RefinerOptions = Message<"sdserve.v1.RefinerOptions"> & {
  * Use `create(RefinerOptionsSchema)` to create a new message.
  */
 export const RefinerOptionsSchema: GenMessage<RefinerOptions> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 6);
+  messageDesc(file_sdserve_v1_diffusion, 9);
 
 /**
  * GenerateRequest asks for text-to-image.
@@ -453,7 +619,7 @@ export type GenerateRequest = Message<"sdserve.v1.GenerateRequest"> & {
  * Use `create(GenerateRequestSchema)` to create a new message.
  */
 export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 7);
+  messageDesc(file_sdserve_v1_diffusion, 10);
 
 /**
  * EditRequest asks for image-to-image.
@@ -490,7 +656,7 @@ export type EditRequest = Message<"sdserve.v1.EditRequest"> & {
  * Use `create(EditRequestSchema)` to create a new message.
  */
 export const EditRequestSchema: GenMessage<EditRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 8);
+  messageDesc(file_sdserve_v1_diffusion, 11);
 
 /**
  * InpaintRequest asks for inpainting.
@@ -569,7 +735,7 @@ export type InpaintRequest = Message<"sdserve.v1.InpaintRequest"> & {
  * Use `create(InpaintRequestSchema)` to create a new message.
  */
 export const InpaintRequestSchema: GenMessage<InpaintRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 9);
+  messageDesc(file_sdserve_v1_diffusion, 12);
 
 /**
  * QueuedEvent says the request is waiting for the device.
@@ -590,7 +756,7 @@ export type QueuedEvent = Message<"sdserve.v1.QueuedEvent"> & {
  * Use `create(QueuedEventSchema)` to create a new message.
  */
 export const QueuedEventSchema: GenMessage<QueuedEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 10);
+  messageDesc(file_sdserve_v1_diffusion, 13);
 
 /**
  * StartedEvent says the request has reached the device.
@@ -683,6 +849,14 @@ export type StartedEvent = Message<"sdserve.v1.StartedEvent"> & {
    * @generated from field: string memory_strategy = 12;
    */
   memoryStrategy: string;
+
+  /**
+   * The adapters (LoRAs with their scales, and embeddings whose tokens the prompts use) that serve the
+   * request, sorted by name: with model, revision and variant, the served identity.
+   *
+   * @generated from field: repeated sdserve.v1.ResolvedAdapter adapters = 13;
+   */
+  adapters: ResolvedAdapter[];
 };
 
 /**
@@ -690,7 +864,7 @@ export type StartedEvent = Message<"sdserve.v1.StartedEvent"> & {
  * Use `create(StartedEventSchema)` to create a new message.
  */
 export const StartedEventSchema: GenMessage<StartedEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 11);
+  messageDesc(file_sdserve_v1_diffusion, 14);
 
 /**
  * Preview is an intermediate image.
@@ -739,7 +913,7 @@ export type Preview = Message<"sdserve.v1.Preview"> & {
  * Use `create(PreviewSchema)` to create a new message.
  */
 export const PreviewSchema: GenMessage<Preview> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 12);
+  messageDesc(file_sdserve_v1_diffusion, 15);
 
 /**
  * ProgressEvent reports one finished denoising step.
@@ -783,7 +957,7 @@ export type ProgressEvent = Message<"sdserve.v1.ProgressEvent"> & {
  * Use `create(ProgressEventSchema)` to create a new message.
  */
 export const ProgressEventSchema: GenMessage<ProgressEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 13);
+  messageDesc(file_sdserve_v1_diffusion, 16);
 
 /**
  * Image is one encoded result image.
@@ -839,7 +1013,7 @@ export type Image = Message<"sdserve.v1.Image"> & {
  * Use `create(ImageSchema)` to create a new message.
  */
 export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 14);
+  messageDesc(file_sdserve_v1_diffusion, 17);
 
 /**
  * ResolvedParameters are the values a request actually ran with, defaults filled in.
@@ -1056,6 +1230,14 @@ export type ResolvedParameters = Message<"sdserve.v1.ResolvedParameters"> & {
    * @generated from field: string memory_strategy = 30;
    */
   memoryStrategy: string;
+
+  /**
+   * The adapters the request ran with, as in StartedEvent.adapters. `prompt` and `negative_prompt` above
+   * are the texts with `<lora:...>` tags removed.
+   *
+   * @generated from field: repeated sdserve.v1.ResolvedAdapter adapters = 31;
+   */
+  adapters: ResolvedAdapter[];
 };
 
 /**
@@ -1063,7 +1245,7 @@ export type ResolvedParameters = Message<"sdserve.v1.ResolvedParameters"> & {
  * Use `create(ResolvedParametersSchema)` to create a new message.
  */
 export const ResolvedParametersSchema: GenMessage<ResolvedParameters> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 15);
+  messageDesc(file_sdserve_v1_diffusion, 18);
 
 /**
  * Timings break a request's time down, in seconds.
@@ -1126,7 +1308,7 @@ export type Timings = Message<"sdserve.v1.Timings"> & {
  * Use `create(TimingsSchema)` to create a new message.
  */
 export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 16);
+  messageDesc(file_sdserve_v1_diffusion, 19);
 
 /**
  * ResultEvent carries the finished images.
@@ -1168,7 +1350,7 @@ export type ResultEvent = Message<"sdserve.v1.ResultEvent"> & {
  * Use `create(ResultEventSchema)` to create a new message.
  */
 export const ResultEventSchema: GenMessage<ResultEvent> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 17);
+  messageDesc(file_sdserve_v1_diffusion, 20);
 
 /**
  * GenerateResponse is one event of a Generate stream.
@@ -1221,7 +1403,7 @@ export type GenerateResponse = Message<"sdserve.v1.GenerateResponse"> & {
  * Use `create(GenerateResponseSchema)` to create a new message.
  */
 export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 18);
+  messageDesc(file_sdserve_v1_diffusion, 21);
 
 /**
  * EditResponse is one event of an Edit stream.
@@ -1274,7 +1456,7 @@ export type EditResponse = Message<"sdserve.v1.EditResponse"> & {
  * Use `create(EditResponseSchema)` to create a new message.
  */
 export const EditResponseSchema: GenMessage<EditResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 19);
+  messageDesc(file_sdserve_v1_diffusion, 22);
 
 /**
  * InpaintResponse is one event of an Inpaint stream.
@@ -1327,7 +1509,7 @@ export type InpaintResponse = Message<"sdserve.v1.InpaintResponse"> & {
  * Use `create(InpaintResponseSchema)` to create a new message.
  */
 export const InpaintResponseSchema: GenMessage<InpaintResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 20);
+  messageDesc(file_sdserve_v1_diffusion, 23);
 
 /**
  * ListModelsRequest is empty.
@@ -1342,7 +1524,7 @@ export type ListModelsRequest = Message<"sdserve.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 21);
+  messageDesc(file_sdserve_v1_diffusion, 24);
 
 /**
  * ModelInfo describes one model.
@@ -1454,7 +1636,7 @@ export type ModelInfo = Message<"sdserve.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 22);
+  messageDesc(file_sdserve_v1_diffusion, 25);
 
 /**
  * ListModelsResponse lists the models.
@@ -1482,7 +1664,7 @@ export type ListModelsResponse = Message<"sdserve.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 23);
+  messageDesc(file_sdserve_v1_diffusion, 26);
 
 /**
  * GetServerInfoRequest is empty.
@@ -1497,7 +1679,7 @@ export type GetServerInfoRequest = Message<"sdserve.v1.GetServerInfoRequest"> & 
  * Use `create(GetServerInfoRequestSchema)` to create a new message.
  */
 export const GetServerInfoRequestSchema: GenMessage<GetServerInfoRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 24);
+  messageDesc(file_sdserve_v1_diffusion, 27);
 
 /**
  * Limits are the server's input limits.
@@ -1574,6 +1756,13 @@ export type Limits = Message<"sdserve.v1.Limits"> & {
    * @generated from field: double default_max_queue_seconds = 10;
    */
   defaultMaxQueueSeconds: number;
+
+  /**
+   * Most adapters per request.
+   *
+   * @generated from field: uint32 max_adapters = 11;
+   */
+  maxAdapters: number;
 };
 
 /**
@@ -1581,7 +1770,7 @@ export type Limits = Message<"sdserve.v1.Limits"> & {
  * Use `create(LimitsSchema)` to create a new message.
  */
 export const LimitsSchema: GenMessage<Limits> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 25);
+  messageDesc(file_sdserve_v1_diffusion, 28);
 
 /**
  * BatchLimit is the batch size the server uses for one model and resolution.
@@ -1637,7 +1826,7 @@ export type BatchLimit = Message<"sdserve.v1.BatchLimit"> & {
  * Use `create(BatchLimitSchema)` to create a new message.
  */
 export const BatchLimitSchema: GenMessage<BatchLimit> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 26);
+  messageDesc(file_sdserve_v1_diffusion, 29);
 
 /**
  * GetServerInfoResponse describes the server.
@@ -1742,6 +1931,13 @@ export type GetServerInfoResponse = Message<"sdserve.v1.GetServerInfoResponse"> 
    * @generated from field: repeated sdserve.v1.FamilyInfo families = 14;
    */
   families: FamilyInfo[];
+
+  /**
+   * The adapters (LoRAs and textual-inversion embeddings) requests may use, by name.
+   *
+   * @generated from field: repeated sdserve.v1.AdapterInfo adapters = 15;
+   */
+  adapters: AdapterInfo[];
 };
 
 /**
@@ -1749,7 +1945,7 @@ export type GetServerInfoResponse = Message<"sdserve.v1.GetServerInfoResponse"> 
  * Use `create(GetServerInfoResponseSchema)` to create a new message.
  */
 export const GetServerInfoResponseSchema: GenMessage<GetServerInfoResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 27);
+  messageDesc(file_sdserve_v1_diffusion, 30);
 
 /**
  * FamilyInfo describes one model family (ModelInfo.family names it).
@@ -1785,7 +1981,7 @@ export type FamilyInfo = Message<"sdserve.v1.FamilyInfo"> & {
  * Use `create(FamilyInfoSchema)` to create a new message.
  */
 export const FamilyInfoSchema: GenMessage<FamilyInfo> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 28);
+  messageDesc(file_sdserve_v1_diffusion, 31);
 
 /**
  * MemoryPolicy says which memory strategies the server applies and when. Each mode is `auto` (chosen
@@ -1853,7 +2049,7 @@ export type MemoryPolicy = Message<"sdserve.v1.MemoryPolicy"> & {
  * Use `create(MemoryPolicySchema)` to create a new message.
  */
 export const MemoryPolicySchema: GenMessage<MemoryPolicy> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 29);
+  messageDesc(file_sdserve_v1_diffusion, 32);
 
 /**
  * Scheduler selects the noise scheduler. Each is built per request from the model's scheduler config.
@@ -2161,6 +2357,40 @@ export const ModelStateSchema: GenEnum<ModelState> = /*@__PURE__*/
   enumDesc(file_sdserve_v1_diffusion, 5);
 
 /**
+ * AdapterKind is what an adapter changes.
+ *
+ * @generated from enum sdserve.v1.AdapterKind
+ */
+export enum AdapterKind {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: ADAPTER_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A LoRA: low-rank updates to the UNet and/or the text encoders, applied at a scale per request.
+   *
+   * @generated from enum value: ADAPTER_KIND_LORA = 1;
+   */
+  LORA = 1,
+
+  /**
+   * A textual-inversion embedding: new token vectors, used wherever its token appears in a prompt.
+   *
+   * @generated from enum value: ADAPTER_KIND_TEXTUAL_INVERSION = 2;
+   */
+  TEXTUAL_INVERSION = 2,
+}
+
+/**
+ * Describes the enum sdserve.v1.AdapterKind.
+ */
+export const AdapterKindSchema: GenEnum<AdapterKind> = /*@__PURE__*/
+  enumDesc(file_sdserve_v1_diffusion, 6);
+
+/**
  * RefinerMode selects how the refiner takes over from the base model.
  *
  * @generated from enum sdserve.v1.RefinerMode
@@ -2194,7 +2424,7 @@ export enum RefinerMode {
  * Describes the enum sdserve.v1.RefinerMode.
  */
 export const RefinerModeSchema: GenEnum<RefinerMode> = /*@__PURE__*/
-  enumDesc(file_sdserve_v1_diffusion, 6);
+  enumDesc(file_sdserve_v1_diffusion, 7);
 
 /**
  * DenoisePass is one denoising pass of a request.
@@ -2228,7 +2458,7 @@ export enum DenoisePass {
  * Describes the enum sdserve.v1.DenoisePass.
  */
 export const DenoisePassSchema: GenEnum<DenoisePass> = /*@__PURE__*/
-  enumDesc(file_sdserve_v1_diffusion, 7);
+  enumDesc(file_sdserve_v1_diffusion, 8);
 
 /**
  * DiffusionService runs Stable Diffusion pipelines on the server's device.
