@@ -12,13 +12,16 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class PromptInputs:
     """One request's prompt texts. `prompt_2` / `negative_prompt_2` go to SDXL's second text encoder (empty: the
-    first prompt's text); `clip_skip` skips that many final layers of the text encoder."""
+    first prompt's text); `clip_skip` skips that many final layers of the text encoder. The texts may use the
+    A1111 syntax of docs/prompts.md. `embeddings` are the (token, sha256) of the textual-inversion embeddings the
+    prompts use: part of the prompt-cache key, since the same text means other vectors with another file."""
 
     prompt: str
     negative_prompt: str = ""
     prompt_2: str = ""
     negative_prompt_2: str = ""
     clip_skip: int = 0
+    embeddings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,12 @@ class PromptEmbeds:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.positive, self.negative, self.pooled, self.negative_pooled) if t is not None)
+
+    @property
+    def seq_len(self) -> int:
+        """The embeddings' sequence length: the text encoders' length (77 for SD) times the prompt's chunks. Only
+        embeddings of one length can share a call (PromptEmbeds.cat)."""
+        return int(self.positive.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +63,11 @@ class PromptEmbeds:
 
     @staticmethod
     def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
-        """The embeddings of several requests, one after another (all of one family and guidance setting)."""
+        """The embeddings of several requests, one after another (all of one family, guidance setting and
+        seq_len; ValueError for mixed lengths)."""
+        lengths = sorted({p.seq_len for p in parts})
+        if len(lengths) > 1:
+            raise ValueError(f"prompt embeddings of different lengths {lengths} cannot share a call")
         fields = ("positive", "negative", "pooled", "negative_pooled")
         joined: list[torch.Tensor | None] = []
         for name in fields:

@@ -22,6 +22,7 @@ nothing in service/ or model_manager/ changes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,12 +35,13 @@ from sdserve_core.family_index import Traits
 from sdserve_core.model_folder import LatentRGB
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
+from sdserve_core.weighted import TokenEmbedding
 
 if TYPE_CHECKING:
     from sdserve_core.components import Components
     from sdserve_core.pipeline.call import PipelineCall
 
-__all__ = ["DEFAULT", "FAMILIES", "Family", "Traits", "family_of", "get", "traits_of"]
+__all__ = ["DEFAULT", "FAMILIES", "Family", "TokenEmbedding", "Traits", "family_of", "get", "traits_of"]
 
 
 class Family(Protocol):
@@ -64,9 +66,19 @@ class Family(Protocol):
         """A new diffusers pipeline for `task` over the shared components with `scheduler`; progress bar off."""
 
     def encode_prompt(
-        self, components: Components, inputs: PromptInputs, cfg: bool, device: torch.device | str
+        self,
+        components: Components,
+        inputs: PromptInputs,
+        cfg: bool,
+        device: torch.device | str,
+        *,
+        vocab: Mapping[str, TokenEmbedding] | None = None,
     ) -> PromptEmbeds:
-        """One image's embeddings of `inputs`; the negative ones only with classifier-free guidance (`cfg`)."""
+        """One image's embeddings of `inputs`; the negative ones only with classifier-free guidance (`cfg`).
+        The texts may use A1111's syntax (docs/prompts.md: weights, BREAK, prompts longer than one chunk, whose
+        embeddings are that many times longer: group calls on PromptEmbeds.seq_len); `vocab` maps the
+        textual-inversion tokens the texts may name to their vectors. Texts without any of that are encoded by
+        diffusers' encode_prompt exactly as before."""
 
     def add_kwargs(self, components: Components, call: PipelineCall, kwargs: dict[str, Any]) -> None:
         """Adds the family's own pipeline arguments for `call` to `kwargs` (the task module's); ValueError when the

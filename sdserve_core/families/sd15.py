@@ -3,17 +3,19 @@ run by diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdserve_core import family_index
+from sdserve_core import family_index, weighted
 from sdserve_core.components import Components
 from sdserve_core.families.base import TextPipelines, vae_decode
 from sdserve_core.family_index import Traits
 from sdserve_core.model_folder import LatentRGB
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
+from sdserve_core.weighted import Encoder, TokenEmbedding
 
 if TYPE_CHECKING:
     from sdserve_core.pipeline.call import PipelineCall
@@ -76,6 +78,19 @@ def skip_layers(components: Components, prompt: str, clip_skip: int, device: tor
     return norm(hidden).to(dtype=encoder.dtype, device=device)  # type: ignore[no-any-return]
 
 
+def _pairs(components: Components, inputs: PromptInputs, cfg: bool) -> list[tuple[Encoder, str]]:
+    """The (encoder, text) of the prompt and, with `cfg`, the negative prompt: the prompt `clip_skip` layers
+    before the last through the final norm (skip_layers), the negative one from the last layer, as diffusers."""
+    encoder, tokenizer = components.text_encoder, components.tokenizer
+    assert encoder is not None and tokenizer is not None, "an SD 1.x model has a text encoder"
+    skip = inputs.clip_skip
+    positive = Encoder("text_encoder", encoder, tokenizer, -(skip + 1) if skip else None, final_norm=bool(skip))
+    pairs = [(positive, inputs.prompt)]
+    if cfg:
+        pairs.append((Encoder("text_encoder", encoder, tokenizer), inputs.negative_prompt))
+    return pairs
+
+
 class StableDiffusion1:
     """The SD 1.x family (see sdserve_core.families.Family)."""
 
@@ -100,12 +115,26 @@ class StableDiffusion1:
         return pipe
 
     def encode_prompt(
-        self, components: Components, inputs: PromptInputs, cfg: bool, device: torch.device | str
+        self,
+        components: Components,
+        inputs: PromptInputs,
+        cfg: bool,
+        device: torch.device | str,
+        *,
+        vocab: Mapping[str, TokenEmbedding] | None = None,
     ) -> PromptEmbeds:
-        """diffusers' encode_prompt for one image; with `clip_skip` the prompt's embeddings come from skip_layers.
-        The negative prompt is encoded only with classifier-free guidance (`cfg`); otherwise it is None. The
+        """One image's embeddings. Plain prompts that fit one chunk and name no embedding of `vocab` go through
+        diffusers' encode_prompt (with `clip_skip` the prompt's embeddings come from skip_layers); any other goes
+        through sdserve_core.weighted (A1111's syntax, chunks and textual inversion; docs/prompts.md). The
+        negative prompt is encoded only with classifier-free guidance (`cfg`); otherwise it is None. The
         second-encoder prompts do not exist here (validation refuses them for this family)."""
         with torch.inference_mode():
+            pairs = _pairs(components, inputs, cfg)
+            if not weighted.is_simple(pairs, vocab):
+                found = weighted.encode(pairs, vocab, device)
+                dtype = pairs[0][0].module.dtype
+                positive, *rest = (hidden.to(dtype=dtype, device=device) for hidden, _ in found)
+                return PromptEmbeds(positive, rest[0] if rest else None)
             clip_skip = inputs.clip_skip
             skipped = skip_layers(components, inputs.prompt, clip_skip, device) if clip_skip else None
             positive, negative = _TEXT.get(components).encode_prompt(

@@ -6,17 +6,19 @@ takes over from a base model part-way through the schedule (denoising_start) or 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdserve_core import family_index
+from sdserve_core import family_index, weighted
 from sdserve_core.components import Components
 from sdserve_core.families.base import TextPipelines, vae_decode
 from sdserve_core.family_index import Traits
 from sdserve_core.model_folder import LatentRGB
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.tasks import Task
+from sdserve_core.weighted import Encoder, TokenEmbedding
 
 if TYPE_CHECKING:
     from sdserve_core.pipeline.call import PipelineCall
@@ -66,6 +68,60 @@ def _text_pipeline(components: Components) -> Any:
 _TEXT = TextPipelines(_text_pipeline)
 
 
+def _encoders(components: Components, hidden: int) -> list[Encoder]:
+    """The text encoders diffusers' SDXL encode_prompt uses (a refiner has only the second), at hidden state
+    `hidden`, without the final norm (as diffusers)."""
+    found = []
+    if components.text_encoder is not None:
+        found.append(Encoder("text_encoder", components.text_encoder, components.tokenizer, hidden))
+    found.append(Encoder("text_encoder_2", components.text_encoder_2, components.tokenizer_2, hidden))
+    return found
+
+
+def _pairs(
+    components: Components, inputs: PromptInputs, cfg: bool
+) -> tuple[list[tuple[Encoder, str]], list[tuple[Encoder, str]]]:
+    """(encoder, text) of the prompt and of the negative prompt, paired as diffusers pairs them: `prompt_2` (or
+    the prompt) for the second encoder, a refiner's only encoder gets the prompt; `clip_skip` for the prompt
+    only. No negative pairs without `cfg` or when an empty negative prompt is zeroed
+    (`force_zeros_for_empty_prompt`)."""
+    positive_texts = (inputs.prompt, inputs.prompt_2 or inputs.prompt)
+    positive = list(zip(_encoders(components, -(inputs.clip_skip + 2)), positive_texts, strict=False))
+    zeroed = not inputs.negative_prompt and bool(components.options.get("force_zeros_for_empty_prompt", True))
+    if not cfg or zeroed:
+        return positive, []
+    negative_texts = (inputs.negative_prompt, inputs.negative_prompt_2 or inputs.negative_prompt)
+    return positive, list(zip(_encoders(components, -2), negative_texts, strict=False))
+
+
+def _weighted(
+    components: Components,
+    positive_pairs: list[tuple[Encoder, str]],
+    negative_pairs: list[tuple[Encoder, str]],
+    cfg: bool,
+    device: torch.device | str,
+    vocab: Mapping[str, TokenEmbedding] | None,
+) -> PromptEmbeds:
+    """sdserve_core.weighted's embeddings: each encoder's chunks side by side (feature axis), the pooled
+    embedding the second encoder's for the first chunk; zeros for a zeroed negative prompt, as diffusers."""
+    found = weighted.encode(positive_pairs + negative_pairs, vocab, device)
+    dtype = positive_pairs[-1][0].module.dtype
+
+    def joined(part: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.cat([h for h, _ in part], dim=-1).to(dtype=dtype, device=device)
+        pooled = part[-1][1]
+        assert pooled is not None, "the second SDXL text encoder has a pooled output"
+        return hidden, pooled.to(dtype=dtype, device=device)
+
+    positive, pooled = joined(found[: len(positive_pairs)])
+    if not cfg:
+        return PromptEmbeds(positive, None, pooled, None)
+    if not negative_pairs:
+        return PromptEmbeds(positive, torch.zeros_like(positive), pooled, torch.zeros_like(pooled))
+    negative, negative_pooled = joined(found[len(positive_pairs) :])
+    return PromptEmbeds(positive, negative, pooled, negative_pooled)
+
+
 class StableDiffusionXL:
     """The SDXL family (see sdserve_core.families.Family)."""
 
@@ -92,12 +148,22 @@ class StableDiffusionXL:
         return pipe
 
     def encode_prompt(
-        self, components: Components, inputs: PromptInputs, cfg: bool, device: torch.device | str
+        self,
+        components: Components,
+        inputs: PromptInputs,
+        cfg: bool,
+        device: torch.device | str,
+        *,
+        vocab: Mapping[str, TokenEmbedding] | None = None,
     ) -> PromptEmbeds:
         """diffusers' SDXL encode_prompt for one image: both encoders' penultimate hidden states (less `clip_skip`
         layers) side by side, and the second encoder's pooled output. An empty negative prompt is passed as None,
-        as a direct diffusers call without one does: the model's `force_zeros_for_empty_prompt` then applies."""
+        as a direct diffusers call without one does: the model's `force_zeros_for_empty_prompt` then applies.
+        Prompts with A1111 syntax, more than one chunk or an embedding of `vocab` go through _weighted instead."""
         with torch.inference_mode():
+            positive_pairs, negative_pairs = _pairs(components, inputs, cfg)
+            if not weighted.is_simple(positive_pairs + negative_pairs, vocab):
+                return _weighted(components, positive_pairs, negative_pairs, cfg, device, vocab)
             positive, negative, pooled, negative_pooled = _TEXT.get(components).encode_prompt(
                 prompt=inputs.prompt,
                 prompt_2=inputs.prompt_2 or None,
