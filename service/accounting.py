@@ -60,6 +60,16 @@ class Accounting(Observer):
     def prompt_cache_lookup(self, hit: bool) -> None:
         self._m.prompt_cache.labels("hit" if hit else "miss").inc()
 
+    def adapter_lookup(self, hit: bool) -> None:
+        self._m.adapter_lookups.labels("hit" if hit else "miss").inc()
+
+    def adapter_evicted(self) -> None:
+        self._m.adapter_evictions.inc()
+
+    def adapter_cache(self, nbytes: int, entries: int) -> None:
+        self._m.adapter_bytes.set(nbytes)
+        self._m.adapter_entries.set(entries)
+
     def unauthenticated(self, method: str) -> None:
         """A call the API-key check refused."""
         rpc = method.rsplit("/", 1)[-1]

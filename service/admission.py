@@ -8,13 +8,15 @@ import dataclasses
 import threading
 import time
 
+from service import adapters, prompt_chunks
+from service.adapters import AdapterCatalog
 from service.device import DeviceChoice
 from service.errors import Draining
 from service.job_queue import JobQueue
 from service.jobs import Job
-from service.models import ModelRegistry
+from service.models import ModelEntry, ModelRegistry
 from service.observers import Observer
-from service.requests import Event, Failed, GenerationRequest, Outcome, Queued, Task
+from service.requests import Event, Failed, GenerationRequest, Outcome, Queued, ResolvedRequest, Task
 from service.settings import Settings
 from service.validation import bind
 
@@ -40,9 +42,16 @@ class Admission:
     the moment nothing is active), after the ledger has it."""
 
     def __init__(
-        self, settings: Settings, choice: DeviceChoice, registry: ModelRegistry, queue: JobQueue, observer: Observer
+        self,
+        settings: Settings,
+        choice: DeviceChoice,
+        registry: ModelRegistry,
+        queue: JobQueue,
+        observer: Observer,
+        adapters: AdapterCatalog | None = None,
     ):
         self._settings = settings
+        self.adapters = adapters if adapters is not None else AdapterCatalog(settings.adapter_dirs)
         self._choice = choice
         self._registry = registry
         self._queue = queue
@@ -75,6 +84,7 @@ class Admission:
                 # (For other families bind refuses params.refiner itself, naming the model's family.)
                 refiner = self._registry.lookup_refiner(req.refiner.model)
             resolved = bind(req, entry, self._choice, refiner)
+            resolved = self._with_adapters(resolved, entry)
             job = Job(resolved, entry, loop, deadline, max_queue, on_finish=self._finished, refiner=refiner)
             self._active.add(job)
         try:
@@ -85,6 +95,14 @@ class Admission:
             raise
         job.post(Queued(position))
         return job
+
+    def _with_adapters(self, resolved: ResolvedRequest, entry: ModelEntry) -> ResolvedRequest:
+        """The request with the adapters that serve it and the text-encoder chunks its prompts take (both part of
+        its batch key)."""
+        req = resolved.request
+        uses = adapters.resolve(self.adapters, req, entry.family, entry.base)
+        chunks = prompt_chunks.count(entry.path, req, resolved.guidance_scale > 1.0, adapters.vocab(uses))
+        return dataclasses.replace(resolved, adapters=uses, prompt_chunks=chunks)
 
     def cancel(self, job: Job) -> None:
         """Cancels `job`: dropped from the queue at once, or stopped within one step if running."""

@@ -11,10 +11,12 @@ from PIL import Image
 
 from sdserve_core import families
 from sdserve_core.memory import MemoryPlan
+from sdserve_core.pipeline.adapters import lora_active
 from sdserve_core.pipeline.call import PipelineCall
 from sdserve_core.pipeline.run import prepare
 from sdserve_core.pipeline.steps import StepCallback, StopDenoising
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
+from sdserve_core.weighted import TokenEmbedding
 from service import postprocess, previews, schedulers
 from service.jobs import Job
 from service.models import LoadedModel
@@ -36,29 +38,51 @@ class BatchStats:
     step_seconds: float
 
 
-def encode_prompts(model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None) -> PromptEmbeds:
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """A batch's adapters as the base pass runs them: the LoRAs loaded in the model (peft names and scales) and the
+    embeddings its prompts use (token -> vectors)."""
+
+    loras: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    vocab: dict[str, TokenEmbedding] = dataclasses.field(default_factory=dict)
+
+
+NO_ADAPTERS = Adapters()
+
+
+def encode_prompts(
+    model: LoadedModel, jobs: list[Job], cfg: bool, cache: PromptCache | None, adapters: Adapters = NO_ADAPTERS
+) -> PromptEmbeds:
     """Text embeddings for every image of every job, in batch order (through the cache when given), by `model`'s
-    text encoders (a refiner pass encodes with the refiner's)."""
+    text encoders (a refiner pass encodes with the refiner's, without adapters). The cache keys on the adapters
+    that change the text encoders (their sha256 and scale) besides the prompt inputs."""
     family = families.get(model.components.family)
     parts: list[PromptEmbeds] = []
     for job in jobs:
         inputs = job.resolved.prompt_inputs
+        text_adapters = tuple((u.sha256, u.scale) for u in job.resolved.adapters if u.touches_text)
+        if adapters is NO_ADAPTERS:
+            text_adapters = ()
 
         def compute(inputs: PromptInputs = inputs) -> PromptEmbeds:
-            return family.encode_prompt(model.components, inputs, cfg, model.choice.device)
+            device = model.choice.device
+            return family.encode_prompt(model.components, inputs, cfg, device, vocab=adapters.vocab)
 
-        embeds = compute() if cache is None else cache.get(cache_key(model.entry.identity, inputs, cfg), compute)
+        key = cache_key(model.entry.identity, inputs, cfg, text_adapters)
+        embeds = compute() if cache is None else cache.get(key, compute)
         parts.append(embeds.repeat(job.resolved.num_images))
     return PromptEmbeds.cat(parts)
 
 
-def build_call(model: LoadedModel, jobs: list[Job], cache: PromptCache | None) -> PipelineCall:
+def build_call(
+    model: LoadedModel, jobs: list[Job], cache: PromptCache | None, adapters: Adapters = NO_ADAPTERS
+) -> PipelineCall:
     """The pipeline call of a batch (equal batch keys): the jobs' embeddings, seeds, init images and masks."""
     first = jobs[0].resolved
     cfg = first.guidance_scale > 1.0
     generators = tuple(torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.resolved.seeds)
     with torch.inference_mode():
-        embeds = encode_prompts(model, jobs, cfg, cache)
+        embeds = encode_prompts(model, jobs, cfg, cache, adapters)
     images: list[Image.Image] = []
     masks: list[Image.Image] = []
     if first.task is not Task.GENERATE:
@@ -174,14 +198,28 @@ def run_batch(
     cache: PromptCache | None = None,
     refiner: LoadedModel | None = None,
     memory: MemoryPlan | None = None,
+    adapters: Adapters = NO_ADAPTERS,
 ) -> BatchStats:
     """Runs `jobs` (equal batch keys) as one pipeline call, and a refiner pass after it when they have one (on
-    `refiner`, loaded by the caller), with the `memory` strategies; posts progress and results, or raises."""
+    `refiner`, loaded by the caller), with the `memory` strategies and the batch's `adapters` (its LoRAs active in
+    the model for the call, inactive afterwards whatever happens); posts progress and results, or raises."""
+    with lora_active(model.components, adapters.loras):
+        return _run_batch(model, jobs, cache, refiner, memory, adapters)
+
+
+def _run_batch(
+    model: LoadedModel,
+    jobs: list[Job],
+    cache: PromptCache | None,
+    refiner: LoadedModel | None,
+    memory: MemoryPlan | None,
+    adapters: Adapters,
+) -> BatchStats:
     first = jobs[0].resolved
     t_start = time.perf_counter()
     scheduler = schedulers.build(first.scheduler, model.entry.scheduler_config)
     spans = spans_of(jobs)
-    call = dataclasses.replace(build_call(model, jobs, cache), memory=memory)
+    call = dataclasses.replace(build_call(model, jobs, cache, adapters), memory=memory)
     prepared = prepare(model.components, call, scheduler)
     t_prepared = time.perf_counter()
     clock = StepCallback(BatchObserver(model, spans))

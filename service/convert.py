@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve_core import families
@@ -15,6 +15,7 @@ from service.batching import Limit as BatchLimit
 from service.device import DeviceChoice
 from service.models import ModelRegistry, ModelState
 from service.requests import (
+    AdapterUse,
     Event,
     InpaintArea,
     PreviewMode,
@@ -27,6 +28,9 @@ from service.requests import (
     Task,
 )
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.adapters import AdapterEntry
 
 VERSION = "0.1.0"
 
@@ -84,6 +88,7 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                 refiner_model_revision=event.refiner.revision if event.refiner else "",
                 refiner_model_variant=event.refiner.variant if event.refiner else "",
                 memory_strategy=event.memory_strategy,
+                adapters=adapters_to_proto(event.adapters),
             )
         )
     if isinstance(event, Progress):
@@ -132,6 +137,37 @@ def conditioning_to_proto(c: Conditioning) -> pb.MicroConditioning:
     )
 
 
+_KIND_ENUM = {"lora": pb.ADAPTER_KIND_LORA, "textual_inversion": pb.ADAPTER_KIND_TEXTUAL_INVERSION}
+
+
+def adapters_to_proto(uses: Iterable[AdapterUse]) -> list[pb.ResolvedAdapter]:
+    return [
+        pb.ResolvedAdapter(name=u.name, kind=_KIND_ENUM[u.kind], scale=u.scale, sha256=u.sha256, token=u.token)
+        for u in uses
+    ]
+
+
+def adapter_infos(entries: Iterable[AdapterEntry], loaded_in: dict[str, list[str]]) -> list[pb.AdapterInfo]:
+    """GetServerInfo's adapters: what each is, what it fits, and which models hold it now."""
+    out = []
+    for e in entries:
+        f = e.manifest.file
+        out.append(
+            pb.AdapterInfo(
+                name=e.name,
+                kind=_KIND_ENUM.get(f.kind, pb.ADAPTER_KIND_UNSPECIFIED),
+                family=f.family,
+                base=f.base,
+                token=f.token,
+                sha256=e.manifest.sha256,
+                size_bytes=f.size_bytes,
+                targets=list(f.targets),
+                loaded_in=loaded_in.get(e.name, []),
+            )
+        )
+    return out
+
+
 def _family_parameters(r: ResolvedRequest) -> dict[str, Any]:
     """The ResolvedParameters fields of the family-only parameters and the memory strategy."""
     req = r.request
@@ -139,6 +175,7 @@ def _family_parameters(r: ResolvedRequest) -> dict[str, Any]:
         "prompt_2": req.prompt_2,
         "negative_prompt_2": req.negative_prompt_2,
         "memory_strategy": r.memory_strategy,
+        "adapters": adapters_to_proto(r.adapters),
     }
     if r.conditioning is not None:
         out["conditioning"] = conditioning_to_proto(r.conditioning)
@@ -259,6 +296,7 @@ def limits(s: Settings) -> pb.Limits:
         max_message_bytes=s.max_message_bytes,
         max_queue=s.max_queue,
         default_max_queue_seconds=s.default_max_queue_seconds,
+        max_adapters=s.max_adapters,
     )
 
 
@@ -283,6 +321,7 @@ def server_info(
     default_model: str,
     batch_limits: Iterable[BatchLimit],
     offloaded: Iterable[str] = (),
+    adapters: Iterable[pb.AdapterInfo] = (),
 ) -> pb.GetServerInfoResponse:
     """The server's version, device, library versions, schedulers, limits, batch limits, families and memory."""
     import diffusers
@@ -319,4 +358,5 @@ def server_info(
             )
             for b in batch_limits
         ],
+        adapters=adapters,
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 import psutil
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -104,6 +104,21 @@ class ServerMetrics:
             ["result"],
             registry=r,
         )
+        self.adapter_lookups = Counter(
+            "sdserve_adapter_lookups",
+            "LoRA lookups in the adapter pool by result (hit: loaded in the model already; miss: loaded now).",
+            ["result"],
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "sdserve_adapter_evictions", "LoRAs unloaded to keep the adapter pool within its bytes.", registry=r
+        )
+        self.adapter_bytes = Gauge(
+            "sdserve_adapter_pool_bytes",
+            "Bytes of LoRA weights loaded into models (adapter_pool_bytes bounds it).",
+            registry=r,
+        )
+        self.adapter_entries = Gauge("sdserve_adapter_pool_entries", "LoRA loads held in models.", registry=r)
 
     def add_collector(self, collector: Collector) -> None:
         """Registers a scrape-time collector."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdserve_core import families, memory, model_folder
+from sdserve_core import adapter_file, families, memory, model_folder
 from sdserve_core.components import Components, component_classes, load_components
 from sdserve_core.manifest import verify_folder
 from sdserve_core.memory import MemoryPolicy
@@ -74,6 +74,9 @@ class ModelEntry:
     family: str = "sd15"
     task_list: tuple[Task, ...] = (Task.GENERATE, Task.EDIT, Task.INPAINT)
     refiner: bool = False
+    # The base architecture adapters must match (sdserve_core.adapter_file.model_base), e.g.
+    # "cross_attention_dim=768,text_width=768".
+    base: str = ""
 
     def __post_init__(self) -> None:
         if not self.slot:
@@ -117,6 +120,7 @@ class ModelEntry:
             family=family.name,
             task_list=traits.tasks,
             refiner=traits.refiner,
+            base=adapter_file.model_base(folder)[1],
         )
 
 

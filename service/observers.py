@@ -33,6 +33,15 @@ class Observer:
     def prompt_cache_lookup(self, hit: bool) -> None:
         """The prompt-embedding cache was asked for a prompt's embeddings."""
 
+    def adapter_lookup(self, hit: bool) -> None:
+        """A batch needed a LoRA in a model: `hit` when it was loaded there already."""
+
+    def adapter_evicted(self) -> None:
+        """A LoRA was unloaded from a model to keep the adapter pool within its bytes."""
+
+    def adapter_cache(self, nbytes: int, entries: int) -> None:
+        """The adapter pool now holds `entries` LoRA loads of `nbytes` bytes in all."""
+
     def idle(self) -> None:
         """The last active request finished: nothing is queued or running."""
 
@@ -65,6 +74,18 @@ class Observers(Observer):
     def prompt_cache_lookup(self, hit: bool) -> None:
         for o in self._all:
             o.prompt_cache_lookup(hit)
+
+    def adapter_lookup(self, hit: bool) -> None:
+        for o in self._all:
+            o.adapter_lookup(hit)
+
+    def adapter_evicted(self) -> None:
+        for o in self._all:
+            o.adapter_evicted()
+
+    def adapter_cache(self, nbytes: int, entries: int) -> None:
+        for o in self._all:
+            o.adapter_cache(nbytes, entries)
 
     def idle(self) -> None:
         for o in self._all:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from service import imaging
 from service.jobs import Job
-from service.requests import RefinerMode, ResultImage, Task
+from service.requests import AdapterUse, RefinerMode, ResultImage, Task
 
 
 def prepare_inputs(job: Job) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -76,6 +76,17 @@ def parameters_dict(job: Job, seed: int) -> dict[str, object]:
             preserve_unmasked=req.inpaint.preserve_unmasked,
         )
     d.update(_family_dict(job))
+    if r.adapters:
+        d["adapters"] = [
+            {
+                "name": u.name,
+                "kind": u.kind,
+                "scale": u.scale,
+                "sha256": u.sha256,
+                **({"token": u.token} if u.token else {}),
+            }
+            for u in r.adapters
+        ]
     return d
 
 
@@ -104,7 +115,9 @@ def a1111_text(job: Job, seed: int) -> str:
     """The A1111-style `parameters` text that image browsers read."""
     r = job.resolved
     req = r.request
-    lines = [req.prompt]
+    # A1111 keeps its <lora:NAME:SCALE> tags in the prompt it writes; so do we, for tools that re-run it.
+    tags = "".join(f" <lora:{u.name}:{u.scale:g}>" for u in r.adapters if u.lora)
+    lines = [req.prompt + tags]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     settings = (
@@ -120,5 +133,16 @@ def a1111_text(job: Job, seed: int) -> str:
         settings += f", Refiner: {r.refiner.identity.model}"
         if r.refiner.mode is RefinerMode.LATENT_HANDOFF:
             settings += f", Refiner switch at: {r.refiner.switch_at:g}"
+    settings += _adapter_hashes(r.adapters)
     lines.append(settings)
     return "\n".join(lines)
+
+
+def _adapter_hashes(uses: tuple[AdapterUse, ...]) -> str:
+    """A1111's `Lora hashes` and `TI hashes` keys (name: first 12 hex digits of the file's sha256)."""
+    out = ""
+    for key, lora in (("Lora hashes", True), ("TI hashes", False)):
+        found = [f"{u.name}: {u.sha256[:12]}" for u in uses if u.lora == lora]
+        if found:
+            out += f', {key}: "{", ".join(found)}"'
+    return out

@@ -15,7 +15,8 @@ from service.requests import ServedIdentity
 # (served identity of the model whose text encoders ran, prompt inputs with the negative prompts blanked without
 # guidance, guidance on): the variant is part of the identity, so fp16 and int8 text encoders of one revision never
 # share an entry, and a refiner's encodings never pass for its base model's.
-Key = tuple[ServedIdentity, PromptInputs, bool]
+# The last part: (sha256, scale) of each adapter that changes the text encoders' output (LoRAs on a text encoder).
+Key = tuple[ServedIdentity, PromptInputs, bool, tuple[tuple[str, float], ...]]
 Embeds = PromptEmbeds
 
 
@@ -76,10 +77,12 @@ class PromptCache:
         self._observer.prompt_cache_lookup(hit)
 
 
-def cache_key(identity: ServedIdentity, inputs: PromptInputs, cfg: bool) -> Key:
+def cache_key(
+    identity: ServedIdentity, inputs: PromptInputs, cfg: bool, text_adapters: tuple[tuple[str, float], ...] = ()
+) -> Key:
     if not cfg:
         inputs = dataclasses.replace(inputs, negative_prompt="", negative_prompt_2="")
-    return (identity, inputs, cfg)
+    return (identity, inputs, cfg, text_adapters)
 
 
 def stats(cache: PromptCache) -> dict[str, Any]:

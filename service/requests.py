@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from pathlib import Path
 
 from PIL import Image
 
@@ -151,6 +152,43 @@ class GenerationRequest:
     negative_prompt_2: str = ""
     conditioning: ConditioningSpec = ConditioningSpec()
     refiner: RefinerSpec | None = None
+    # LoRAs asked for: params.adapters, then the prompts' <lora:NAME:SCALE> tags (removed from the texts above).
+    adapters: tuple[AdapterRequest, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRequest:
+    """One LoRA a request names: its name, scale, and the field that named it (for errors)."""
+
+    name: str
+    scale: float
+    field: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterUse:
+    """One adapter that serves a request (a LoRA at a scale, or an embedding whose token a prompt uses): with the
+    model's ServedIdentity, the served identity. Equal uses are the same weights (by sha256) at the same scale."""
+
+    name: str
+    # "lora" or "textual_inversion" (sdserve_core.adapter_file.KINDS).
+    kind: str
+    scale: float
+    sha256: str
+    # Textual inversion: the token ("" for a LoRA).
+    token: str = ""
+    # The components it changes: "unet", "text_encoder", "text_encoder_2".
+    targets: tuple[str, ...] = ()
+    weights: Path = dataclasses.field(default=Path(), compare=False)
+
+    @property
+    def lora(self) -> bool:
+        return self.kind == "lora"
+
+    @property
+    def touches_text(self) -> bool:
+        """Whether it changes what the text encoders compute (so the prompt cache keys on it)."""
+        return not self.lora or any(t.startswith("text_encoder") for t in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,12 +246,18 @@ class ResolvedRequest:
     refiner: ResolvedRefiner | None = None
     # Memory strategies the call runs with (sorted names joined by commas, or "none").
     memory_strategy: str = "none"
+    # The adapters that serve it, sorted by name (LoRAs and the embeddings its prompts use).
+    adapters: tuple[AdapterUse, ...] = ()
+    # Text-encoder chunks the longest of its prompts needs (prompts beyond one window are encoded in chunks):
+    # embeddings of different lengths cannot share a pipeline call.
+    prompt_chunks: int = 1
 
     @property
     def prompt_inputs(self) -> PromptInputs:
         """The prompt texts and clip skip, as the text encoders take them."""
         r = self.request
-        return PromptInputs(r.prompt, r.negative_prompt, r.prompt_2, r.negative_prompt_2, r.clip_skip)
+        embeddings = tuple((u.token, u.sha256) for u in self.adapters if not u.lora)
+        return PromptInputs(r.prompt, r.negative_prompt, r.prompt_2, r.negative_prompt_2, r.clip_skip, embeddings)
 
     @property
     def task(self) -> Task:
@@ -250,6 +294,8 @@ class ResolvedRequest:
             self.request.clip_skip,
             self.conditioning,
             self.refiner,
+            self.adapters,
+            self.prompt_chunks,
             # Cropped inpaints work on a per-request region, so they never share a call.
             None if inpaint is None else (inpaint.area, id(inpaint) if inpaint.area is InpaintArea.MASK_ONLY else 0),
         )
@@ -276,6 +322,7 @@ class Started:
     dtype: str = ""
     refiner: ServedIdentity | None = None
     memory_strategy: str = "none"
+    adapters: tuple[AdapterUse, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

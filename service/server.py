@@ -21,6 +21,7 @@ from sdserve_core.startup import bind, serve_metrics
 from sdserve_core.tls import server_credentials
 from service import device, metrics
 from service.accounting import Accounting
+from service.adapters import AdapterCatalog, AdapterPool
 from service.admission import Admission
 from service.batch_call import BatchStats
 from service.batching import BatchPolicy
@@ -105,7 +106,7 @@ class Server:
         self._told = told
         self._build_core(told)
         self.servicer = DiffusionServicer(
-            self.admission, self.registry, self.batching, self.choice, settings, self.accounting
+            self.admission, self.registry, self.batching, self.choice, settings, self.accounting, self.adapter_pool
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.grpc = self._build_grpc()
@@ -131,6 +132,8 @@ class Server:
         )
         self.prompt_cache = PromptCache(s.prompt_cache_bytes, told) if s.prompt_cache_bytes > 0 else None
         learner = _BatchLearner(self.batching)
+        self.adapters = AdapterCatalog(s.adapter_dirs)
+        self.adapter_pool = AdapterPool(s.adapter_pool_bytes, told)
         self.worker = DeviceWorker(
             self.queue,
             self.registry,
@@ -140,6 +143,7 @@ class Server:
             self.prompt_cache,
             Observers([learner, told]),
             memory_policy(s),
+            self.adapter_pool,
         )
         self.lifecycle = ModelLifecycle(
             s,
@@ -151,7 +155,9 @@ class Server:
             told,
             in_use=lambda: self.admission.slots_in_use(),  # noqa: PLW0108 (admission is built next)
         )
-        self.admission = Admission(s, self.choice, self.registry, self.queue, Observers([self.lifecycle, told]))
+        self.admission = Admission(
+            s, self.choice, self.registry, self.queue, Observers([self.lifecycle, told]), self.adapters
+        )
 
     def _build_grpc(self) -> grpc.aio.Server:
         """The gRPC server with its services, health, reflection and interceptors (the edge first, so it also
@@ -210,7 +216,9 @@ class Server:
         from service.watcher import StoreWatcher
 
         s = self.settings
-        self.watcher = StoreWatcher(s.manager_target, self.lifecycle, s, self.usage, observer=self._told)
+        self.watcher = StoreWatcher(
+            s.manager_target, self.lifecycle, s, self.usage, observer=self._told, adapters=self.adapters
+        )
         self._watch_task = asyncio.create_task(self.watcher.run())
         try:
             await asyncio.wait_for(self.watcher.synced.wait(), s.manager_wait_seconds)

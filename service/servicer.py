@@ -13,6 +13,7 @@ from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 from service import convert, status, validation
 from service.accounting import Accounting
+from service.adapters import AdapterPool
 from service.admission import Admission
 from service.batching import BatchPolicy
 from service.device import DeviceChoice
@@ -64,8 +65,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         choice: DeviceChoice,
         settings: Settings,
         accounting: Accounting,
+        adapter_pool: AdapterPool | None = None,
     ):
         self._admission = admission
+        self._adapter_pool = adapter_pool
         self._registry = registry
         self._batching = batching
         self._choice = choice
@@ -152,6 +155,12 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
+        loaded_in = self._adapter_pool.loaded_in() if self._adapter_pool is not None else {}
         return convert.server_info(
-            self._settings, self._choice, self._registry.default, self._batching.limits(), self._registry.offloaded()
+            self._settings,
+            self._choice,
+            self._registry.default,
+            self._batching.limits(),
+            self._registry.offloaded(),
+            convert.adapter_infos(self._admission.adapters.entries(), loaded_in),
         )

@@ -27,6 +27,11 @@ def _default_model_dirs() -> tuple[Path, ...]:
     return (EMBEDDED_MODELS, Path.home() / ".cache" / "sdserve" / "models")
 
 
+def _default_adapter_dirs() -> tuple[Path, ...]:
+    # The embedded adapters first, then the writable cache; missing ones are skipped.
+    return (EMBEDDED_MODELS / "adapters", Path.home() / ".cache" / "sdserve" / "adapters")
+
+
 def _aliases(value: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in value.split(","):
@@ -100,6 +105,19 @@ class Settings:
     calibrate_batching: bool = setting(
         True, "At start-up, time batch sizes 1, 2, 4, ... at the default model's size to seed the policy.", parse_bool
     )
+    adapter_dirs: tuple[Path, ...] = setting(
+        _default_adapter_dirs(),
+        "Folders holding adapter folders (adapter.safetensors + adapter.json; see docs/adapters.md), separated by "
+        "':'; re-read when one changes. The sidecar's store adds its own. Default: the embedded adapters "
+        "(models/adapters) and ~/.cache/sdserve/adapters.",
+        parse_paths,
+    )
+    adapter_pool_bytes: int = setting(
+        1024 * 1024 * 1024,
+        "Bytes of LoRA weights kept loaded in models (least recently used unloaded first; a batch's own are kept).",
+        int,
+    )
+    max_adapters: int = setting(8, "Most LoRA adapters per request.", int)
     prompt_cache_bytes: int = setting(
         64 * 1024 * 1024, "Bytes of text-encoder outputs kept in the LRU prompt cache; 0 disables it.", int
     )
@@ -171,7 +189,7 @@ class Settings:
             problems.append("port must be 0 to 65535")
         if self.min_size < 8 or self.min_size % 8 or self.max_size < self.min_size:
             problems.append("min_size must be a multiple of 8, at least 8, and not above max_size")
-        for name in ("max_queue", "max_steps", "max_images", "max_prompt_chars", "max_batch_images"):
+        for name in ("max_queue", "max_steps", "max_images", "max_prompt_chars", "max_batch_images", "max_adapters"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.max_message_bytes < 4 * 1024 * 1024:

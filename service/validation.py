@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from sdserve.v1 import diffusion_pb2 as pb
+from sdserve_core.prompt_syntax import PromptSyntaxError, extract_loras
 from sdserve_core.status import FieldViolation
 from service import family_params, imaging, schedulers
 from service.convert import AREAS, FORMAT_NAMES, PREVIEW_MODES, scheduler_from_proto
@@ -18,6 +19,7 @@ from service.device import DeviceChoice
 from service.errors import InvalidRequest
 from service.models import ModelEntry
 from service.requests import (
+    AdapterRequest,
     GenerationRequest,
     InpaintArea,
     InpaintSpec,
@@ -117,6 +119,43 @@ def _output(c: _Checker, o: pb.OutputOptions) -> OutputSpec:
     return OutputSpec(format=fmt or "png", quality=quality, embed_parameters=embed)
 
 
+ADAPTER_SCALE = 4.0
+
+
+def _inline_loras(c: _Checker, field: str, text: str) -> tuple[str, list[AdapterRequest]]:
+    """The text without its <lora:NAME:SCALE> tags, and the LoRAs they name (scale absent: 1)."""
+    try:
+        clean, tags = extract_loras(text)
+    except PromptSyntaxError as exc:
+        c.bad(field, str(exc))
+        return text, []
+    return clean, [AdapterRequest(n, 1.0 if v is None else v, field) for n, v in tags]
+
+
+def _adapter_refs(c: _Checker, p: pb.GenerationParams, inline: list[AdapterRequest]) -> tuple[AdapterRequest, ...]:
+    """params.adapters then the inline tags, each checked: a name, a finite scale within +-4, no name twice, at
+    most max_adapters. Each one's `field` names where it was asked for (the name field, or the prompt)."""
+    refs = [
+        AdapterRequest(a.name, decimal32(a.scale) if a.HasField("scale") else 1.0, f"params.adapters[{i}].name")
+        for i, a in enumerate(p.adapters)
+    ]
+    refs += inline
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if not ref.name or len(ref.name) > 200:
+            c.bad(ref.field, "must name an adapter (1 to 200 characters)")
+        elif ref.name in seen:
+            c.bad(ref.field, f"adapter {ref.name!r} is already named by {seen[ref.name]}; name each adapter once")
+        seen.setdefault(ref.name, ref.field)
+        if not math.isfinite(ref.scale) or abs(ref.scale) > ADAPTER_SCALE:
+            scale_field = ref.field.removesuffix(".name") + ".scale" if ref.field.endswith(".name") else ref.field
+            rule = f"adapter scale must be between -{ADAPTER_SCALE:g} and {ADAPTER_SCALE:g}; got {ref.scale:g}"
+            c.bad(scale_field, rule)
+    if len(refs) > c.s.max_adapters:
+        c.bad("params.adapters", f"at most {c.s.max_adapters} adapters per request (max_adapters); got {len(refs)}")
+    return tuple(refs)
+
+
 def _params(c: _Checker, task: Task, p: pb.GenerationParams) -> dict[str, object]:
     s = c.s
     scheduler = scheduler_from_proto(p.scheduler)
@@ -132,11 +171,16 @@ def _params(c: _Checker, task: Task, p: pb.GenerationParams) -> dict[str, object
         c.bad("params.max_queue_seconds", f"must be between 0 and 86400 seconds; got {p.max_queue_seconds:g}")
     if len(p.model) > 200:
         c.bad("params.model", "must be at most 200 characters")
+    prompt, tags = _inline_loras(c, "params.prompt", c.text("params.prompt", p.prompt, s.max_prompt_chars))
+    negative, negative_tags = _inline_loras(
+        c, "params.negative_prompt", c.text("params.negative_prompt", p.negative_prompt, s.max_prompt_chars)
+    )
     return {
         "task": task,
         "model": p.model,
-        "prompt": c.text("params.prompt", p.prompt, s.max_prompt_chars),
-        "negative_prompt": c.text("params.negative_prompt", p.negative_prompt, s.max_prompt_chars),
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "adapters": _adapter_refs(c, p, tags + negative_tags),
         "width": c.size("params.width", p.width),
         "height": c.size("params.height", p.height),
         "steps": c.int_range("params.steps", p.steps, 0, s.max_steps),

@@ -44,6 +44,7 @@ from service.settings import Settings
 from service.threads import run_in_fresh_thread
 
 if TYPE_CHECKING:
+    from service.adapters import AdapterCatalog
     from service.jobs import Job
     from service.requests import Event
 
@@ -188,8 +189,11 @@ class StoreWatcher:
         usage: UsageLog,
         *,
         observer: Observer | None = None,
+        adapters: AdapterCatalog | None = None,
     ):
         self.target = target
+        # Told the store's adapters folder, to read the sidecar's adapters from the shared volume.
+        self._adapters = adapters
         self.lifecycle = lifecycle
         # The API key, TLS files and message limit for the sidecar.
         self.settings = settings
@@ -383,10 +387,19 @@ class StoreWatcher:
         self._forget_orphans()
         self._renew.set()
 
+    def _follow_adapters(self, snap: Snapshot) -> None:
+        """Adds the store's adapters folder (the snapshot's, or <store>/adapters) to the adapter catalog."""
+        folder = getattr(snap, "adapters_dir", "")
+        if not folder and snap.store_path:
+            folder = str(Path(snap.store_path) / "adapters")
+        if self._adapters is not None and folder:
+            self._adapters.add_dir(Path(folder))
+
     async def _apply_snapshot(self, snap: Snapshot) -> None:
         if self.instance_id and snap.instance_id != self.instance_id:
             log.info("model manager restarted; reconciling", extra={"instance": snap.instance_id})
         self.instance_id = snap.instance_id
+        self._follow_adapters(snap)
         current = {stored_slot(m): m for m in snap.models if m.state == "ready"}
         corrupt = {stored_slot(m) for m in snap.models if m.state == "corrupt"}
         known = {e.slot for e in self.lifecycle.entries()}

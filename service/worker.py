@@ -13,7 +13,8 @@ import torch
 
 from sdserve_core import memory
 from sdserve_core.memory import MemoryPlan, MemoryPolicy
-from service import batch_call
+from service import adapters, batch_call
+from service.adapters import AdapterPool
 from service.errors import INTERNAL, OUT_OF_MEMORY, ServiceError, to_failed
 from service.job_queue import DeviceWork, JobQueue
 from service.jobs import Job
@@ -49,8 +50,11 @@ class DeviceWorker:
         cache: PromptCache | None,
         observer: Observer,
         memory: MemoryPolicy | None = None,
+        adapters: AdapterPool | None = None,
     ):
         self._queue = queue
+        # LoRAs loaded into models (least recently used unloaded first); None: one that never unloads.
+        self._adapters = adapters if adapters is not None else AdapterPool(1 << 62, observer)
         self._memory = memory or MemoryPolicy()
         self._registry = registry
         self._device_type = device_type
@@ -121,6 +125,7 @@ class DeviceWorker:
                     dtype=r.dtype,
                     refiner=None if r.refiner is None else r.refiner.identity,
                     memory_strategy=r.memory_strategy,
+                    adapters=r.adapters,
                 )
             )
 
@@ -136,10 +141,14 @@ class DeviceWorker:
             refiner = live[0].refiner
             refined = None if refiner is None else self._registry.get_loaded(refiner)
             plan = self._plan(model, live)
+            uses = live[0].resolved.adapters
+            # Loaded (and verified) before Started too: a LoRA that does not fit never starts the request.
+            loras = self._adapters.prepare(model.components, model.name, uses)
+            vocab = adapters.vocab(uses)
             for job in live:
                 job.resolved = dataclasses.replace(job.resolved, memory_strategy=plan.label())
             self._post_started(live)
-            stats = batch_call.run_batch(model, live, self._cache, refined, plan)
+            stats = batch_call.run_batch(model, live, self._cache, refined, plan, batch_call.Adapters(loras, vocab))
         except Exception as exc:
             self._fail(live, self._failure(live, exc))
         finally:
