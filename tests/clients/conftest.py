@@ -17,7 +17,16 @@ from PIL import Image, ImageDraw
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-from tests.clients.live import SDXL_BASE, SDXL_REFINER, LiveServer, start_server, stop_server
+from tests.clients.live import (
+    ADAPTER_FIELD,
+    MISSING_ADAPTER,
+    SDXL_BASE,
+    SDXL_REFINER,
+    SHAPES_LORA,
+    LiveServer,
+    start_server,
+    stop_server,
+)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -147,5 +156,44 @@ def sdxl_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
         "passes": passes,
     }
     path = tmp_path_factory.mktemp("reference-sdxl") / "sdxl.json"
+    path.write_text(json.dumps(case, indent=1))
+    return path
+
+
+def adapter_request(lora: str) -> pb.GenerateRequest:
+    """The clients' adapter tests write this request in their own idiom and check it equals this one."""
+    return pb.GenerateRequest(
+        params=pb.GenerationParams(
+            model="shapes",
+            prompt="a pink circle on a white background",
+            steps=8,
+            seed=5,
+            adapters=[pb.AdapterRef(name=lora, scale=1.0)],
+        )
+    )
+
+
+@pytest.fixture(scope="package")
+def adapter_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unknown adapter's name and the field the server names for it; when the checkout ships the shapes LoRA
+    (models/adapters/shapes-pink-cyan), also a request with it run through the Python stubs: the request (proto3
+    JSON), the image bytes and the resolved adapters (proto3 JSON) the server reported in `started` and the result.
+    Without the LoRA `lora` is "" and the clients skip that test."""
+    case: dict[str, Any] = {"missing": MISSING_ADAPTER, "field": ADAPTER_FIELD, "lora": ""}
+    if SHAPES_LORA.is_dir():
+        request = adapter_request(SHAPES_LORA.name)
+        with _channel(live_server.address) as channel:
+            events = _events(pb_grpc.DiffusionServiceStub(channel), "generate", request)
+        started, result = events[1].started, events[-1].result
+        resolved = [json_format.MessageToDict(a) for a in result.parameters.adapters]
+        assert resolved == [json_format.MessageToDict(a) for a in started.adapters], (started, result)
+        assert [a["name"] for a in resolved] == [SHAPES_LORA.name], resolved
+        case.update(
+            lora=SHAPES_LORA.name,
+            request=json_format.MessageToDict(request),
+            images=_expected([image.data for image in result.images]),
+            adapters=resolved,
+        )
+    path = tmp_path_factory.mktemp("reference-adapters") / "adapters.json"
     path.write_text(json.dumps(case, indent=1))
     return path

@@ -24,6 +24,11 @@ INSTALL_HINT = "install the client toolchains with scripts/install_client_toolch
 # Tiny SDXL models the live server also serves (never its default), for the clients' SDXL tests.
 SDXL_BASE = "tiny-sdxl"
 SDXL_REFINER = "tiny-sdxl-refiner"
+# The shapes LoRA the repository ships (when it does): the clients' adapter tests apply it to `shapes`.
+SHAPES_LORA = REPO / "models" / "adapters" / "shapes-pink-cyan"
+# An adapter no server has, and the field a NOT_FOUND for it names.
+MISSING_ADAPTER = "no-such-adapter"
+ADAPTER_FIELD = "params.adapters[0].name"
 
 
 @dataclass(frozen=True)

@@ -80,9 +80,12 @@ type Result struct {
 	Timings *sdservev1.Timings
 	// RequestID is the caller's request id or the one the server made.
 	RequestID string
-	// Started is the started event (seeds, model, revision, refiner, memory strategy), when the
-	// server sent one.
+	// Started is the started event (seeds, model, revision, refiner, memory strategy, adapters),
+	// when the server sent one.
 	Started *sdservev1.StartedEvent
+	// Adapters are the adapters the request ran with (Parameters.Adapters): LoRAs with their
+	// scales and embeddings the prompts used, sorted by name, each with its weights' SHA-256.
+	Adapters []*sdservev1.ResolvedAdapter
 }
 
 // CallOption configures one call.
@@ -146,8 +149,12 @@ func newStream[R eventResponse](recv func() (R, error)) *Stream {
 	}}
 }
 
-// GenerateStream starts text-to-image and returns its events.
+// GenerateStream starts text-to-image and returns its events. Params.Adapters are checked first
+// (CheckAdapters): a bad one is an *Error with code InvalidArgument and no call is made.
 func (c *Client) GenerateStream(ctx context.Context, req *sdservev1.GenerateRequest, opts ...CallOption) (*Stream, error) {
+	if err := CheckAdapters(req.GetParams().GetAdapters()); err != nil {
+		return nil, err
+	}
 	s, err := c.raw.Generate(ctx, req, configure(opts).grpc...)
 	if err != nil {
 		return nil, fromGRPC(err)
@@ -157,6 +164,9 @@ func (c *Client) GenerateStream(ctx context.Context, req *sdservev1.GenerateRequ
 
 // EditStream starts image-to-image and returns its events.
 func (c *Client) EditStream(ctx context.Context, req *sdservev1.EditRequest, opts ...CallOption) (*Stream, error) {
+	if err := CheckAdapters(req.GetParams().GetAdapters()); err != nil {
+		return nil, err
+	}
 	s, err := c.raw.Edit(ctx, req, configure(opts).grpc...)
 	if err != nil {
 		return nil, fromGRPC(err)
@@ -166,6 +176,9 @@ func (c *Client) EditStream(ctx context.Context, req *sdservev1.EditRequest, opt
 
 // InpaintStream starts inpainting and returns its events.
 func (c *Client) InpaintStream(ctx context.Context, req *sdservev1.InpaintRequest, opts ...CallOption) (*Stream, error) {
+	if err := CheckAdapters(req.GetParams().GetAdapters()); err != nil {
+		return nil, err
+	}
 	s, err := c.raw.Inpaint(ctx, req, configure(opts).grpc...)
 	if err != nil {
 		return nil, fromGRPC(err)
@@ -238,6 +251,7 @@ func collect(s *Stream, onEvent func(Event)) (*Result, error) {
 				Timings:    r.GetTimings(),
 				RequestID:  r.GetRequestId(),
 				Started:    started,
+				Adapters:   r.GetParameters().GetAdapters(),
 			}
 		}
 	}

@@ -24,4 +24,9 @@
 // Requests are the generated messages, so SDXL's fields are set like any other: Prompt_2,
 // NegativePrompt_2, Conditioning (micro-conditioning) and Refiner (a second pass, whose progress
 // events carry DenoisePass REFINER).
+//
+// Adapters too: Params.Adapters lists LoRAs for one request (sdserve.Adapter(name, scale), scale -4
+// to 4; a nil Scale means 1), checked by CheckAdapters before the call. StartedEvent.Adapters and
+// Result.Adapters report the ResolvedAdapter list (name, kind, scale, SHA-256, token) that ran;
+// GetServerInfo lists the server's adapters (AdapterInfo) and Limits.MaxAdapters.
 package sdserve

@@ -4,6 +4,8 @@ from sdserve.aio import AsyncClient, AsyncStream
 from sdserve.client import Client, Stream
 from sdserve.errors import FieldViolation, SdserveError
 from sdserve.types import (
+    AdapterInfo,
+    AdapterSpec,
     CropOffset,
     EditOptions,
     Event,
@@ -17,12 +19,15 @@ from sdserve.types import (
     Progress,
     Queued,
     RefinerPass,
+    ResolvedAdapter,
     Result,
     Started,
     Timings,
 )
 
 __all__ = [
+    "AdapterInfo",
+    "AdapterSpec",
     "AsyncClient",
     "AsyncStream",
     "Client",
@@ -40,6 +45,7 @@ __all__ = [
     "Progress",
     "Queued",
     "RefinerPass",
+    "ResolvedAdapter",
     "Result",
     "SdserveError",
     "Started",

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import json_format
 
 from sdserve.types import (
+    MAX_ADAPTER_SCALE,
+    AdapterInfo,
+    AdapterKindName,
+    AdapterSpec,
     CropOffset,
     DenoisePassName,
     EditOptions,
@@ -22,6 +28,7 @@ from sdserve.types import (
     Queued,
     RefinerModeName,
     RefinerPass,
+    ResolvedAdapter,
     Result,
     Started,
     Timings,
@@ -46,6 +53,10 @@ _SIZES = ("original_size", "target_size", "negative_original_size", "negative_ta
 _CROPS = ("crops_coords_top_left", "negative_crops_coords_top_left")
 _SCORES = ("aesthetic_score", "negative_aesthetic_score")
 _REFINER_ONLY = ("refiner_mode", "refiner_switch_at", "refiner_strength")
+_ADAPTER_KINDS: dict[int, AdapterKindName] = {
+    pb.ADAPTER_KIND_LORA: "lora",
+    pb.ADAPTER_KIND_TEXTUAL_INVERSION: "textual_inversion",
+}
 
 _KNOWN = set(GenerationOptions.__annotations__)
 
@@ -90,7 +101,77 @@ def params(prompt: str, options: GenerationOptions) -> pb.GenerationParams:
     p.negative_prompt_2 = o.get("negative_prompt_2", "")
     _conditioning(p.conditioning, o)
     _refiner(p, o)
+    if o.get("adapters") is not None:
+        p.adapters.extend(adapter_refs(o["adapters"]))
     return p
+
+
+def _adapter_items(spec: AdapterSpec) -> Iterable[tuple[int, object, object]]:
+    """(index, name, scale) for each entry of a mapping, or of a sequence of names and (name, scale) pairs."""
+    if isinstance(spec, str | bytes):
+        raise TypeError(f"adapters: must be a list of names or (name, scale) pairs, or a mapping, not {spec!r}")
+    if isinstance(spec, Mapping):
+        return ((i, name, scale) for i, (name, scale) in enumerate(spec.items()))
+    items = []
+    for i, entry in enumerate(spec):
+        if isinstance(entry, tuple | list):
+            if len(entry) != 2:
+                raise ValueError(f"adapters[{i}]: must be a name or a (name, scale) pair, got {entry!r}")
+            items.append((i, entry[0], entry[1]))
+        else:
+            items.append((i, entry, None))
+    return items
+
+
+def adapter_refs(spec: AdapterSpec) -> list[pb.AdapterRef]:
+    """The `adapters` option as AdapterRef messages, checked against the contract's rules (ValueError naming the
+    field, e.g. `adapters[1].scale`): a non-empty name, each name once, a finite scale from -4 to 4. A scale of
+    None stays unset (the server's default, 1)."""
+    refs: list[pb.AdapterRef] = []
+    seen: dict[str, int] = {}
+    for i, name, scale in _adapter_items(spec):
+        if not isinstance(name, str):
+            raise TypeError(f"adapters[{i}].name: must be a str, got {name!r}")
+        if not name.strip():
+            raise ValueError(f"adapters[{i}].name: must not be empty")
+        if name in seen:
+            raise ValueError(f"adapters[{i}].name: {name!r} is already adapters[{seen[name]}] (each adapter once)")
+        seen[name] = i
+        ref = pb.AdapterRef(name=name)
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, int | float):
+                raise TypeError(f"adapters[{i}].scale: must be a number, got {scale!r}")
+            if not math.isfinite(scale) or not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
+                raise ValueError(
+                    f"adapters[{i}].scale: must be a finite number from {-MAX_ADAPTER_SCALE:g} to "
+                    f"{MAX_ADAPTER_SCALE:g}, got {scale!r}"
+                )
+            ref.scale = float(scale)
+        refs.append(ref)
+    return refs
+
+
+def adapter_kind(kind: int) -> AdapterKindName:
+    return _ADAPTER_KINDS.get(kind, "")
+
+
+def resolved_adapters(adapters: Iterable[pb.ResolvedAdapter]) -> tuple[ResolvedAdapter, ...]:
+    """ResolvedAdapter messages (Started, ResolvedParameters) as typed dataclasses, in the server's order."""
+    return tuple(ResolvedAdapter(a.name, adapter_kind(a.kind), a.scale, a.sha256, a.token) for a in adapters)
+
+
+def adapter_info(a: pb.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        name=a.name,
+        kind=adapter_kind(a.kind),
+        family=a.family,
+        base=a.base,
+        token=a.token,
+        sha256=a.sha256,
+        size_bytes=a.size_bytes,
+        targets=tuple(a.targets),
+        loaded_in=tuple(a.loaded_in),
+    )
 
 
 def _conditioning(c: pb.MicroConditioning, o: dict[str, Any]) -> None:
@@ -183,6 +264,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             refiner_model_revision=s.refiner_model_revision,
             refiner_model_variant=s.refiner_model_variant,
             memory_strategy=s.memory_strategy,
+            adapters=resolved_adapters(s.adapters),
         )
     if kind == "progress":
         p = msg.progress
@@ -218,6 +300,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             refiner=refiner_pass(r.parameters),
             conditioning=conditioning(r.parameters.conditioning) if r.parameters.HasField("conditioning") else None,
             memory_strategy=r.parameters.memory_strategy,
+            adapters=resolved_adapters(r.parameters.adapters),
         )
     raise ValueError(f"unexpected stream message without an event: {msg!r}")
 

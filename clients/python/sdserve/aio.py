@@ -12,7 +12,16 @@ import grpc.aio
 from sdserve import _convert
 from sdserve.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options, metadata
 from sdserve.errors import SdserveError, from_rpc_error
-from sdserve.types import EditOptions, Event, GenerationOptions, InpaintOptions, ModelInfo, Progress, Result
+from sdserve.types import (
+    AdapterInfo,
+    EditOptions,
+    Event,
+    GenerationOptions,
+    InpaintOptions,
+    ModelInfo,
+    Progress,
+    Result,
+)
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 
@@ -120,3 +129,18 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return [_convert.model_info(m) for m in resp.models], resp.default_model
+
+    async def server_info(self, timeout: float | None = 30.0) -> pb.GetServerInfoResponse:
+        """Device, versions, schedulers, limits and adapters, as `Client.server_info`."""
+        try:
+            response: pb.GetServerInfoResponse = await self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return response
+
+    async def list_adapters(self, timeout: float | None = 30.0) -> tuple[list[AdapterInfo], int]:
+        """The adapters requests may name and the most one request may use, as `Client.list_adapters`."""
+        info = await self.server_info(timeout)
+        return [_convert.adapter_info(a) for a in info.adapters], info.limits.max_adapters

@@ -15,13 +15,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from sdserve.cli_args import Parser, add_connection_flags, connect, crop_offset, flag_error, image_size, read_file
+from sdserve import _convert
+from sdserve.cli_args import (
+    LoraAction,
+    Parser,
+    add_connection_flags,
+    connect,
+    crop_offset,
+    flag_error,
+    image_size,
+    lora,
+    read_file,
+)
 from sdserve.client import Stream
 from sdserve.errors import SdserveError
 from sdserve.models_cli import add_models_commands, human_bytes
 from sdserve.supervisor import Child, Supervisor
 from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
-from sdserve.types import GenerationOptions, Progress, Queued, Result, Started
+from sdserve.types import GenerationOptions, Progress, Queued, ResolvedAdapter, Result, Started
 from sdserve.v1 import diffusion_pb2 as pb
 
 # What `sdserve serve` needs beyond the client: the server distribution (pip install 'sdserve[server]').
@@ -83,6 +94,8 @@ def _options(ns: argparse.Namespace) -> GenerationOptions:
         opts["preview_every"] = ns.preview_every
     if ns.format:
         opts["output_format"] = ns.format
+    if ns.lora:
+        opts["adapters"] = list(ns.lora)
     opts.update(_sdxl_options(ns))
     return opts  # type: ignore[return-value]
 
@@ -180,10 +193,18 @@ def _run_stream(stream: Stream, ns: argparse.Namespace) -> int:
     raise SdserveError("UNKNOWN", "the stream ended without a result")
 
 
+def _adapter_label(a: ResolvedAdapter) -> str:
+    """`NAME:SCALE@SHA` for a LoRA, `NAME (TOKEN)@SHA` for an embedding."""
+    what = f"{a.name} ({a.token})" if a.kind == "textual_inversion" else f"{a.name}:{a.scale:g}"
+    return f"{what}@{a.sha256[:10]}"
+
+
 def _started_line(ev: Started) -> str:
     line = f"started on {ev.model}@{ev.model_revision[:10]}"
     if ev.refiner_model:
         line += f" + refiner {ev.refiner_model}@{ev.refiner_model_revision[:10]}"
+    if ev.adapters:
+        line += f" + adapters {', '.join(_adapter_label(a) for a in ev.adapters)}"
     return f"{line} seeds {list(ev.seeds)}"
 
 
@@ -199,6 +220,7 @@ def _result_dict(ev: Result, written: list[tuple[Path, Any]]) -> dict[str, Any]:
         ],
         "request_id": ev.request_id,
         "parameters": ev.parameters,
+        "adapters": [dataclasses.asdict(a) for a in ev.adapters],
         "timings": dataclasses.asdict(ev.timings),
     }
 
@@ -248,7 +270,7 @@ def _fields(message: Any) -> dict[str, Any]:
 
 def info_dict(info: pb.GetServerInfoResponse) -> dict[str, Any]:
     """GetServerInfo as plain JSON values (the CLI's --json output)."""
-    nested = ("schedulers", "limits", "batch_limits", "memory", "families")
+    nested = ("schedulers", "limits", "batch_limits", "memory", "families", "adapters")
     data = {k: v for k, v in _fields(info).items() if k not in nested}
     data["schedulers"] = [_scheduler_name(s) for s in info.schedulers]
     data["limits"] = _fields(info.limits)
@@ -258,6 +280,9 @@ def info_dict(info: pb.GetServerInfoResponse) -> dict[str, Any]:
     ]
     if info.HasField("memory"):
         data["memory"] = {**_fields(info.memory), "offloaded_models": list(info.memory.offloaded_models)}
+    data["adapters"] = [dataclasses.asdict(_convert.adapter_info(a)) for a in info.adapters]
+    for a in data["adapters"]:
+        a["targets"], a["loaded_in"] = list(a["targets"]), list(a["loaded_in"])
     return data
 
 
@@ -287,7 +312,7 @@ def info_lines(info: pb.GetServerInfoResponse) -> list[str]:
         f"sizes        {lim.min_size}-{lim.max_size} px per side; input images up to {lim.max_input_pixels:,} px "
         f"and {human_bytes(lim.max_image_bytes)}",
         f"requests     up to {lim.max_steps} steps, {lim.max_images} images, {lim.max_prompt_chars} prompt "
-        f"characters, {human_bytes(lim.max_message_bytes)} messages",
+        f"characters, {lim.max_adapters} adapters, {human_bytes(lim.max_message_bytes)} messages",
         f"queue        {lim.max_queue} requests per model; default longest wait: {wait}",
     ]
     for b in info.batch_limits:
@@ -300,6 +325,13 @@ def info_lines(info: pb.GetServerInfoResponse) -> list[str]:
         lines.append(f"family       {f.name}: {', '.join(f.pipeline_classes)}{own}")
     if info.HasField("memory"):
         lines.append(_memory_line(info.memory))
+    for a in map(_convert.adapter_info, info.adapters):
+        kind = f"embedding {a.token}" if a.kind == "textual_inversion" else (a.kind or "?")
+        loaded = f"; loaded in {', '.join(a.loaded_in)}" if a.loaded_in else ""
+        lines.append(
+            f"adapter      {a.name}: {kind} for {a.family or '-'} ({a.base or '-'}), {', '.join(a.targets) or '-'}, "
+            f"{human_bytes(a.size_bytes)}, sha256 {a.sha256[:12]}{loaded}"
+        )
     return lines
 
 
@@ -448,6 +480,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="Deadline in seconds.")
     p.add_argument("--quiet", action="store_true", help="No progress output.")
     p.add_argument("--json", action="store_true", help="Print the written files, seeds and timings as JSON.")
+    p.add_argument(
+        "--lora",
+        type=lora,
+        action=LoraAction,
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="Apply this LoRA adapter (as `sdserve info` lists them) to this request, at SCALE from -4 to 4 "
+        "(default 1); repeat for several, each name once. Inline <lora:NAME:SCALE> tags in --prompt work too.",
+    )
     _add_sdxl(p)
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -12,7 +13,7 @@ import grpc
 
 from sdserve.client import Client
 from sdserve.errors import FieldViolation, SdserveError
-from sdserve.types import CropOffset, ImageSize
+from sdserve.types import MAX_ADAPTER_SCALE, CropOffset, ImageSize
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # The contract's bounds for micro-conditioning sizes (1 to 16384 per side) and crop offsets (0 to 16384).
@@ -51,6 +52,42 @@ def crop_offset(text: str) -> CropOffset:
             f"must be TOP,LEFT in pixels, each 0 to {MAX_SIDE} (for example 0,256), got {text!r}"
         )
     return CropOffset(int(m[1]), int(m[2]))
+
+
+def lora(text: str) -> tuple[str, float | None]:
+    """An argparse type: NAME or NAME:SCALE, SCALE a number from -4 to 4 (absent: the server's default, 1)."""
+    name, colon, scale_text = text.partition(":")
+    rule = f"must be NAME or NAME:SCALE with SCALE from {-MAX_ADAPTER_SCALE:g} to {MAX_ADAPTER_SCALE:g}"
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r} (no NAME)")
+    if not colon:
+        return name, None
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r} (SCALE is not a number)") from None
+    if not math.isfinite(scale) or not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return name, scale
+
+
+class LoraAction(argparse.Action):
+    """Appends each --lora NAME[:SCALE]; naming one adapter twice is a usage error."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        entries: list[tuple[str, float | None]] = list(getattr(namespace, self.dest, None) or [])
+        assert isinstance(values, tuple), values  # lora() made it
+        name, scale = values
+        if any(name == seen for seen, _ in entries):
+            raise argparse.ArgumentError(self, f"names {name!r} twice (each adapter once, with one scale)")
+        entries.append((name, scale))
+        setattr(namespace, self.dest, entries)
 
 
 def read_file(path: str, flag: str) -> bytes:

@@ -10,7 +10,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdserve import _convert
 from sdserve.errors import SdserveError, from_rpc_error
-from sdserve.types import EditOptions, Event, GenerationOptions, InpaintOptions, ModelInfo, Progress, Result
+from sdserve.types import (
+    AdapterInfo,
+    EditOptions,
+    Event,
+    GenerationOptions,
+    InpaintOptions,
+    ModelInfo,
+    Progress,
+    Result,
+)
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 
@@ -120,7 +129,8 @@ class Client:
     def stream_generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]
     ) -> Stream:
-        """Text-to-image as a stream of Queued, Started, Progress and Result events."""
+        """Text-to-image as a stream of Queued, Started, Progress and Result events. `adapters` (LoRAs for this
+        request: names, (name, scale) pairs or a mapping) are checked before the call; a bad one raises ValueError."""
         req = pb.GenerateRequest(params=_convert.params(prompt, options))
         return Stream(self._stub.Generate(req, timeout=timeout, metadata=self._metadata))
 
@@ -187,11 +197,17 @@ class Client:
         return [_convert.model_info(m) for m in resp.models], resp.default_model
 
     def server_info(self, timeout: float | None = 30.0) -> pb.GetServerInfoResponse:
-        """Device, versions, schedulers and limits (the protobuf message, for all its fields)."""
+        """Device, versions, schedulers, limits (`limits.max_adapters` among them) and the adapters (the protobuf
+        message, for all its fields)."""
         try:
             return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    def list_adapters(self, timeout: float | None = 30.0) -> tuple[list[AdapterInfo], int]:
+        """The adapters requests may name (GetServerInfo's `adapters`) and the most one request may use."""
+        info = self.server_info(timeout)
+        return [_convert.adapter_info(a) for a in info.adapters], info.limits.max_adapters
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """grpc.health.v1 status of `service` ('' is readiness, 'liveness' the process): SERVING, NOT_SERVING, ..."""

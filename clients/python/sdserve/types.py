@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Literal, TypedDict, get_args
 
 SchedulerName = Literal[
@@ -26,6 +27,13 @@ PreviewModeName = Literal["none", "latent_rgb", "full_vae"]
 RefinerModeName = Literal["latent_handoff", "image"]
 # The denoising pass a progress step belongs to; "" from servers before passes existed (the only pass).
 DenoisePassName = Literal["", "base", "refiner"]
+# What an adapter changes: a LoRA or a textual-inversion embedding; "" for a kind newer than this client.
+AdapterKindName = Literal["lora", "textual_inversion", ""]
+# Adapters for one request: names (scale 1), (name, scale) pairs, or a mapping name -> scale. A scale of None
+# means the server's default, 1. Scales are -4 to 4; each name at most once.
+AdapterSpec = Sequence[str | tuple[str, float | None]] | Mapping[str, float | None]
+# The contract's bounds for an adapter's scale.
+MAX_ADAPTER_SCALE = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,39 @@ class RefinerPass:
     # LATENT_HANDOFF: the fraction of the schedule the base model ran. IMAGE: how far the refiner moved.
     switch_at: float | None = None
     strength: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter that served a request (part of its served identity): a LoRA at a scale, or an embedding."""
+
+    name: str
+    kind: AdapterKindName
+    # The LoRA scale it ran at (1 for an embedding).
+    scale: float
+    # SHA-256 (hex) of the adapter's weights file.
+    sha256: str
+    # Textual inversion: the token that invokes it ("" for a LoRA).
+    token: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter the server can apply (GetServerInfo): requests name it in `adapters` or `<lora:NAME:SCALE>`."""
+
+    name: str
+    kind: AdapterKindName
+    # The model family ("sd15", "sdxl") and base architecture (e.g. "cross_attention_dim=768") it fits.
+    family: str
+    base: str
+    # Textual inversion: the token that invokes it.
+    token: str
+    sha256: str
+    size_bytes: int
+    # The modules it changes: "unet", "text_encoder", "text_encoder_2".
+    targets: tuple[str, ...]
+    # Models (by name) that hold it in memory now.
+    loaded_in: tuple[str, ...]
 
 
 class GenerationOptions(TypedDict, total=False):
@@ -116,6 +157,10 @@ class GenerationOptions(TypedDict, total=False):
     refiner_switch_at: float
     # image: how far the refiner moves from the base model's image, (0, 1]; server default 0.3.
     refiner_strength: float
+    # LoRA adapters for this request only: names (scale 1), (name, scale) pairs or a mapping name -> scale, scales
+    # -4 to 4, each name once, at most the server's limits.max_adapters. Checked here before the call (ValueError).
+    # Inline `<lora:NAME:SCALE>` tags in the prompts are added by the server.
+    adapters: AdapterSpec
 
 
 class EditOptions(GenerationOptions, total=False):
@@ -168,6 +213,8 @@ class Started:
     refiner_model_variant: str = ""
     # Memory strategies the request runs with, comma-separated and sorted (e.g. "vae_tiling"), or "none".
     memory_strategy: str = ""
+    # The adapters serving the request (LoRAs with their scales, embeddings the prompts use), sorted by name.
+    adapters: tuple[ResolvedAdapter, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +282,8 @@ class Result:
     refiner: RefinerPass | None = None
     conditioning: MicroConditioning | None = None
     memory_strategy: str = ""
+    # The adapters it ran with, as in Started.adapters (also under parameters["adapters"]).
+    adapters: tuple[ResolvedAdapter, ...] = ()
 
     @property
     def image(self) -> GeneratedImage:

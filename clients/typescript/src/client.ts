@@ -18,11 +18,12 @@ import {
   type GetServerInfoResponse,
   type Image,
   type ListModelsResponse,
+  type ResolvedAdapter,
   type ResolvedParameters,
   type StartedEvent,
   type Timings,
 } from "./gen/sdserve/v1/diffusion_pb.js";
-import { Code, SdserveError } from "./errors.js";
+import { Code, SdserveError, type FieldViolation } from "./errors.js";
 
 /** 64 MiB: result images exceed gRPC's customary 4 MiB; the server's own default limit is 64 MiB. */
 export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
@@ -31,12 +32,62 @@ export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
  * A Generate request as a plain object, e.g. `{ params: { prompt: "a cat", steps: 20, seed: 42n } }`.
  * SDXL's fields go in `params` too: `prompt2`, `negativePrompt2`, `conditioning` (micro-conditioning)
  * and `refiner` (a second pass), e.g. `refiner: { model: "sdxl-refiner", switchAt: 0.8 }`.
+ * LoRA adapters for this request only go in `params.adapters`, e.g. `adapters: [{ name: "pink", scale: 0.8 }]`
+ * (see {@link AdapterInput}; checked by {@link checkAdapters} before the call).
  */
 export type GenerateInput = MessageInitShape<typeof GenerateRequestSchema>;
 /** An Edit request as a plain object; `image` holds PNG, JPEG or WebP bytes. */
 export type EditInput = MessageInitShape<typeof EditRequestSchema>;
 /** An Inpaint request as a plain object; white (255) in `mask` means "repaint". */
 export type InpaintInput = MessageInitShape<typeof InpaintRequestSchema>;
+
+/** The bounds of an adapter's scale: -MAX_ADAPTER_SCALE to MAX_ADAPTER_SCALE. */
+export const MAX_ADAPTER_SCALE = 4;
+
+/**
+ * One LoRA for a request, an entry of `params.adapters`: its name (as `getServerInfo().adapters` lists it) and
+ * `scale`, -4 to 4 (absent: 1). At most the server's `limits.maxAdapters` per request, each name once.
+ */
+export interface AdapterInput {
+  name: string;
+  scale?: number;
+}
+
+/**
+ * Checks `params.adapters` as the contract states: a non-empty name, each name once, a finite scale from -4 to 4.
+ * Throws SdserveError INVALID_ARGUMENT with one field violation per bad field (`params.adapters[1].name`, ...).
+ * streamGenerate, streamEdit and streamInpaint (and so generate, edit and inpaint) call it before any call.
+ */
+export function checkAdapters(adapters: readonly { name?: string; scale?: number }[] | undefined): void {
+  const violations: FieldViolation[] = [];
+  const seen = new Map<string, number>();
+  (adapters ?? []).forEach((adapter, i) => {
+    const name = adapter.name ?? "";
+    if (name.trim() === "") {
+      violations.push({ field: `params.adapters[${i}].name`, description: "must not be empty" });
+    } else if (seen.has(name)) {
+      violations.push({
+        field: `params.adapters[${i}].name`,
+        description: `"${name}" is already params.adapters[${seen.get(name)}] (each adapter once)`,
+      });
+    } else {
+      seen.set(name, i);
+    }
+    const scale = adapter.scale;
+    if (scale !== undefined && !(Number.isFinite(scale) && Math.abs(scale) <= MAX_ADAPTER_SCALE)) {
+      violations.push({
+        field: `params.adapters[${i}].scale`,
+        description: `must be a finite number from -${MAX_ADAPTER_SCALE} to ${MAX_ADAPTER_SCALE}, got ${scale}`,
+      });
+    }
+  });
+  const first = violations[0];
+  if (first !== undefined) {
+    throw new SdserveError(Code.InvalidArgument, `${first.field}: ${first.description}`, {
+      fieldViolations: violations,
+    });
+  }
+}
 
 /**
  * One event of a Generate, Edit or Inpaint stream, in stream order: `queued`, `started`,
@@ -55,8 +106,13 @@ export interface GenerationResult {
   readonly timings: Timings;
   /** The request id (the caller's, or one the server made). */
   readonly requestId: string;
-  /** The `started` event (seeds, model, revision, refiner, memory strategy, queue time), when the server sent one. */
+  /** The `started` event (seeds, model, revision, refiner, memory strategy, adapters, queue time), when sent. */
   readonly started: StartedEvent | undefined;
+  /**
+   * The adapters the request ran with (`parameters.adapters`): LoRAs with their scales and the embeddings the
+   * prompts used, sorted by name, each with its kind and its weights' SHA-256.
+   */
+  readonly adapters: readonly ResolvedAdapter[];
 }
 
 /** Per-call options. */
@@ -133,13 +189,14 @@ export class SdserveClient {
   }
 
   /**
-   * Text-to-image; streams every event. Iterating rejects with SdserveError on failure; leaving the
-   * loop early (`break`) cancels the call.
+   * Text-to-image; streams every event. Iterating rejects with SdserveError on failure (bad `params.adapters`
+   * before any call, see checkAdapters); leaving the loop early (`break`) cancels the call.
    */
   streamGenerate(request: GenerateInput, options: CallOptions = {}): AsyncIterable<SdserveEvent> {
     return events(
       (signal) => this.raw.generate(create(GenerateRequestSchema, request), callOptions(options, signal)),
       options.signal,
+      () => checkAdapters(request.params?.adapters),
     );
   }
 
@@ -148,6 +205,7 @@ export class SdserveClient {
     return events(
       (signal) => this.raw.edit(create(EditRequestSchema, request), callOptions(options, signal)),
       options.signal,
+      () => checkAdapters(request.params?.adapters),
     );
   }
 
@@ -156,6 +214,7 @@ export class SdserveClient {
     return events(
       (signal) => this.raw.inpaint(create(InpaintRequestSchema, request), callOptions(options, signal)),
       options.signal,
+      () => checkAdapters(request.params?.adapters),
     );
   }
 
@@ -210,7 +269,9 @@ function callOptions(options: CallOptions, signal: AbortSignal): ConnectCallOpti
 async function* events(
   open: (signal: AbortSignal) => AsyncIterable<{ event: GenerateResponse["event"] }>,
   signal: AbortSignal | undefined,
+  check: () => void,
 ): AsyncGenerator<SdserveEvent, void, undefined> {
+  check();
   const controller = new AbortController();
   const forward = (): void => controller.abort(signal?.reason);
   if (signal?.aborted) {
@@ -258,6 +319,7 @@ async function collect(
         timings: r.timings ?? create(TimingsSchema),
         requestId: r.requestId,
         started,
+        adapters: r.parameters?.adapters ?? [],
       };
     }
   }

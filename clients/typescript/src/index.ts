@@ -2,6 +2,9 @@
 export {
   SdserveClient,
   DEFAULT_MAX_MESSAGE_BYTES,
+  MAX_ADAPTER_SCALE,
+  checkAdapters,
+  type AdapterInput,
   type CallOptions,
   type ClientOptions,
   type EditInput,
