@@ -15,10 +15,22 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _lora_state(model: Path, unet: bool, text: bool, seed: int, rank: int) -> dict[str, torch.Tensor]:
+def _text_lora(model: Path, sub: str, rank: int) -> dict[str, torch.Tensor]:
+    import peft
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if sub == "text_encoder_2" else CLIPTextModel
+    te = cls.from_pretrained(model / sub)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TEXT_TARGETS), init_lora_weights=False)
+    te = peft.inject_adapter_in_model(config, te)
+    return {f"{sub}.{k}": v for k, v in peft.get_peft_model_state_dict(te).items()}
+
+
+def _lora_state(
+    model: Path, unet: bool, text: bool, seed: int, rank: int, text_2: bool = False
+) -> dict[str, torch.Tensor]:
     import diffusers
     import peft
-    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
@@ -28,10 +40,9 @@ def _lora_state(model: Path, unet: bool, text: bool, seed: int, rank: int) -> di
         u.add_adapter(config)
         state.update({f"unet.{k}": v for k, v in peft.get_peft_model_state_dict(u).items()})
     if text:
-        te = CLIPTextModel.from_pretrained(model / "text_encoder")
-        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TEXT_TARGETS), init_lora_weights=False)
-        te = peft.inject_adapter_in_model(config, te)
-        state.update({f"text_encoder.{k}": v for k, v in peft.get_peft_model_state_dict(te).items()})
+        state.update(_text_lora(model, "text_encoder", rank))
+    if text_2:
+        state.update(_text_lora(model, "text_encoder_2", rank))
     # peft's random init is small; make the effect plainly visible at a few steps.
     return {k: (v * 4.0 if "lora_B" in k else v).contiguous() for k, v in state.items()}
 
@@ -46,10 +57,18 @@ def publish(folder: Path, state: dict[str, torch.Tensor], token: str = "") -> Pa
 
 
 def make_lora(
-    model: Path, dest: Path, *, unet: bool = True, text: bool = True, seed: int = 0, rank: int = 4
+    model: Path,
+    dest: Path,
+    *,
+    unet: bool = True,
+    text: bool = True,
+    text_2: bool = False,
+    seed: int = 0,
+    rank: int = 4,
 ) -> dict[str, torch.Tensor]:
-    """A LoRA for `model` in diffusers' layout at the adapter folder `dest`; returns its state dict."""
-    state = _lora_state(model, unet, text, seed, rank)
+    """A LoRA for `model` in diffusers' layout at the adapter folder `dest` (`text_2`: SDXL's second text encoder
+    too); returns its state dict."""
+    state = _lora_state(model, unet, text, seed, rank, text_2)
     publish(dest, state)
     return state
 
