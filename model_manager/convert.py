@@ -304,6 +304,7 @@ def snapshot(s: Snapshot, layout: StoreLayout) -> pb.WatchModelsResponse:
             aliases=[alias(r, layout, t is not None) for r, t in s.aliases],
             store_path=str(layout.root),
             instance_id=s.instance_id,
+            adapters_dir=str(layout.adapters),
         ),
     )
 

@@ -10,11 +10,13 @@ from model_manager.names import is_safe_component
 
 
 class StoreLayout:
-    """Paths of one store: models/<name>/<revision>/<variant>/, staging/, downloads/, aliases.json, state.json."""
+    """Paths of one store: models/<name>/<revision>/<variant>/, adapters/<name>/, staging/, downloads/,
+    aliases.json, state.json."""
 
     def __init__(self, root: Path):
         self.root = root.expanduser().resolve()
         self.models = self.root / "models"
+        self.adapters = self.root / "adapters"
         self.staging = self.root / "staging"
         self.downloads = self.root / "downloads"
         self.aliases = self.root / "aliases.json"
@@ -22,7 +24,7 @@ class StoreLayout:
         self.lock = self.root / ".lock"
 
     def create(self) -> None:
-        for folder in (self.root, self.models, self.staging, self.downloads):
+        for folder in (self.root, self.models, self.adapters, self.staging, self.downloads):
             folder.mkdir(parents=True, exist_ok=True)
 
     def variant_dir(self, name: str, revision: str, variant: str) -> Path:
@@ -32,6 +34,15 @@ class StoreLayout:
                 raise ValueError(f"unsafe path component {part!r}")
         path = self.models / name / revision / variant
         if os.path.commonpath([path, self.models]) != str(self.models):
+            raise ValueError(f"{path} is outside the store")
+        return path
+
+    def adapter_dir(self, name: str) -> Path:
+        """<store>/adapters/<name>; raises ValueError for an unsafe name."""
+        if not is_safe_component(name):
+            raise ValueError(f"unsafe path component {name!r}")
+        path = self.adapters / name
+        if os.path.commonpath([path, self.adapters]) != str(self.adapters):
             raise ValueError(f"{path} is outside the store")
         return path
 

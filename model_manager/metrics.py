@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psutil
@@ -18,7 +18,7 @@ from model_manager import errors
 from model_manager.names import Variant
 from model_manager.store import CORRUPT, READY, AliasSet, Change, Corrupted, Removed, ScrubReport, Store
 
-OPERATIONS = ("pull", "import", "create_variant")
+OPERATIONS = ("pull", "import", "create_variant", "pull_adapter", "import_adapter")
 # Why an operation failed. Every value is fixed here: no repository id, name or message ever becomes a label.
 REASONS = (
     "network",
@@ -178,7 +178,7 @@ class ManagerMetrics:
         except BaseException as exc:
             reason = failure_reason(exc)
             self.operations.labels(kind, reason).inc()
-            if kind == "pull":
+            if kind in ("pull", "pull_adapter"):
                 self.download_failures.labels(reason).inc()
             if isinstance(exc, errors.ChecksumMismatch):
                 self.checksum_failures.inc()
@@ -246,9 +246,11 @@ class ManagerMetrics:
 class StoreCollector(Collector):
     """Store bytes, budget, free disk, stored variants, aliases, running operations and memory, at scrape time."""
 
-    def __init__(self, store: Store, metrics: ManagerMetrics):
+    def __init__(self, store: Store, metrics: ManagerMetrics, adapters: Callable[[], tuple[int, int]] | None = None):
         self._store = store
         self._metrics = metrics
+        # (stored adapters, their bytes), read at scrape time; None: not exported.
+        self._adapters = adapters
         self._process = psutil.Process(os.getpid())
 
     def describe(self) -> Iterable[Metric]:
@@ -260,6 +262,14 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("sdserve_manager_aliases", "Aliases in the store.", value=len(self._store.aliases()))
         yield from self._leases()
         yield from self._activity()
+        if self._adapters is not None:
+            count, nbytes = self._adapters()
+            yield GaugeMetricFamily(
+                "sdserve_manager_stored_adapters", "Stored adapters (LoRA and embeddings).", value=count
+            )
+            yield GaugeMetricFamily(
+                "sdserve_manager_adapter_bytes", "Bytes of the stored adapters' weights files.", value=nbytes
+            )
 
     def _space(self) -> Iterator[Metric]:
         """Store bytes, budget, protected and partial bytes, and the free space of its file system."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from model_manager.metrics import ManagerMetrics
 from model_manager.store import ScrubReport, Store
@@ -26,6 +27,8 @@ class Scrubber:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # More checks each scrub runs after the store's, each returning (checked, corrupt): the stored adapters.
+        self.also: list[Callable[[threading.Event], tuple[int, int]]] = []
         metrics.scrub_interval.set(interval_s)
 
     def start(self) -> None:
@@ -52,6 +55,10 @@ class Scrubber:
         """One scrub now (one at a time); updates the scrub metrics and logs the outcome."""
         with self._lock:
             report = self.store.scrub(self._stop)
+            for check in self.also:
+                checked, corrupt = check(self._stop)
+                level = logging.ERROR if corrupt else logging.INFO
+                log.log(level, "adapter scrub done", extra={"checked": checked, "corrupt": corrupt})
             self.metrics.on_scrub(report, time.time())
         level = logging.ERROR if report.corrupt else logging.INFO
         log.log(

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from model_manager import metrics
+from model_manager.adapters import AdapterStore
 from model_manager.hub import Hub
 from model_manager.layout import StoreLayout
 from model_manager.ops import Operations
@@ -48,10 +49,12 @@ class ManagerServer:
         )
         hub = Hub(settings.hf_endpoint, settings.hf_token, settings.hub_timeout, settings.offline, layout.downloads)
         self.metrics = metrics.ManagerMetrics()
-        self.metrics.add_collector(metrics.StoreCollector(self.store, self.metrics))
         self.store.subscribe(self.metrics.on_store_change)
         self.ops = Operations(settings, self.store, hub, self.metrics)
-        self.servicer = ModelManagerServicer(self.store, self.ops, settings)
+        self.adapters = AdapterStore(self.ops)
+        self.ops.scrubber.also.append(self.adapters.scrub)
+        self.metrics.add_collector(metrics.StoreCollector(self.store, self.metrics, self.adapters.usage))
+        self.servicer = ModelManagerServicer(self.store, self.ops, settings, self.adapters)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # The edge goes first so it also wraps what the API-key check answers.
         interceptors: list[Any] = [EdgeInterceptor()]

@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 import grpc
 
 from model_manager import convert, errors, status
-from model_manager.ops import OperationResult, Operations
+from model_manager.adapter_rpc import AdapterRpcs
+from model_manager.adapters import AdapterStore
+from model_manager.ops import Operations
 from model_manager.progress import Progress, Reporter
 from model_manager.settings import Settings
 from model_manager.store import Change, Store
@@ -21,23 +23,32 @@ from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R", pb.PullModelResponse, pb.ImportModelResponse, pb.CreateVariantResponse)
+R = TypeVar(
+    "R",
+    pb.PullModelResponse,
+    pb.ImportModelResponse,
+    pb.CreateVariantResponse,
+    pb.PullAdapterResponse,
+    pb.ImportAdapterResponse,
+)
 T = TypeVar("T")
 
 
 class _Done:
-    def __init__(self, result: OperationResult | None, error: BaseException | None):
+    def __init__(self, result: Any, error: BaseException | None):
         self.result = result
         self.error = error
 
 
-class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
-    """Thin: every rule lives in Operations and Store; this maps calls, progress and errors."""
+class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
+    """Thin: every rule lives in Operations, Store and AdapterStore; this maps calls, progress and errors (the adapter
+    RPCs are in model_manager.adapter_rpc)."""
 
-    def __init__(self, store: Store, ops: Operations, settings: Settings):
+    def __init__(self, store: Store, ops: Operations, settings: Settings, adapters: AdapterStore | None = None):
         self.store = store
         self.ops = ops
         self.settings = settings
+        self.adapters = adapters if adapters is not None else AdapterStore(ops)
 
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, errors.ManagerError):
@@ -58,8 +69,9 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         parse: Callable[[], Any],
-        run: Callable[[Any, Reporter], OperationResult],
+        run: Callable[[Any, Reporter], Any],
         wrap: Callable[..., R],
+        to_pb: Callable[[Any], Any] = convert.result,
     ) -> AsyncIterator[R]:
         try:
             request = parse()
@@ -95,7 +107,7 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
                 if item.error is not None:
                     await self._fail(context, item.error)
                 assert item.result is not None
-                yield wrap(result=convert.result(item.result))
+                yield wrap(result=to_pb(item.result))
                 return
         finally:
             # The caller went away (or we are done): a running operation stops at its next check and cleans up.

@@ -1,4 +1,5 @@
-"""`sdserve models ...` commands for the model-manager sidecar: pull, import, quantize, alias, list, show, rm."""
+"""`sdserve models ...` commands for the model-manager sidecar: pull, import, quantize, alias, list, show, rm, and
+`adapters list|show|import|pull|rm`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from sdserve.cli_args import Parser
 from sdserve.errors import SdserveError
 from sdserve.models_client import (
     DEFAULT_TARGET,
+    AdapterResult,
+    AdapterStream,
     Alias,
     AliasRemoved,
     AliasSet,
@@ -27,6 +30,7 @@ from sdserve.models_client import (
     OperationResult,
     OperationStream,
     Snapshot,
+    StoredAdapter,
     StoredModel,
     tls_credentials,
 )
@@ -342,6 +346,137 @@ def cmd_watch(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_adapter_operation(stream: AdapterStream, ns: argparse.Namespace, verb: str) -> int:
+    bar = TransferBar(sys.stderr, not ns.quiet)
+    previous = signal.signal(signal.SIGINT, lambda *_: stream.cancel())
+    try:
+        with stream:
+            result: AdapterResult = stream.adapter_result(bar.update)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.done()
+    if ns.json:
+        print(_as_json(result))
+        return 0
+    a = result.adapter
+    notes = [a.kind, a.layout, a.family, human_bytes(a.size_bytes)]
+    if result.already_present:
+        notes.append("already in the store")
+    if result.replaced:
+        notes.append("replaced the adapter stored under that name")
+    if result.downloaded_bytes:
+        notes.append(f"{human_bytes(result.downloaded_bytes)} downloaded")
+    print(f"{verb} adapter {a.name} ({'; '.join(notes)})")
+    print(f"  {a.path}")
+    return 0
+
+
+def cmd_adapters_pull(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        stream = c.stream_pull_adapter(
+            ns.repo_id, revision=ns.revision, filename=ns.filename, name=ns.name, token=ns.token, replace=ns.replace
+        )
+        return _run_adapter_operation(stream, ns, "pulled")
+
+
+def cmd_adapters_import(ns: argparse.Namespace) -> int:
+    path = os.path.abspath(ns.path)
+    with _client(ns) as c:
+        stream = c.stream_import_adapter(path, name=ns.name, token=ns.token, replace=ns.replace)
+        return _run_adapter_operation(stream, ns, "imported")
+
+
+def cmd_adapters_list(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        listing = c.list_adapters()
+    if ns.json:
+        print(_as_json(listing))
+        return 0
+    print(f"{'NAME':<28} {'KIND':<17} {'LAYOUT':<9} {'FAMILY':<6} {'SIZE':>10}  {'TOKEN':<16} BASE")
+    for a in listing.adapters:
+        state = f"  CORRUPT: {a.error}" if a.error else ""
+        print(
+            f"{a.name:<28} {a.kind:<17} {a.layout:<9} {a.family:<6} {human_bytes(a.size_bytes):>10}  "
+            f"{a.token or '-':<16} {a.base or '-'}{state}"
+        )
+    print(f"adapters folder {listing.adapters_dir}: {len(listing.adapters)} adapter(s)")
+    return 0
+
+
+def _print_adapter(a: StoredAdapter) -> None:
+    print(f"{a.name}  {a.kind}{'  CORRUPT: ' + a.error if a.error else ''}")
+    print(f"  path         {a.path}")
+    print(f"  layout       {a.layout}")
+    print(f"  family       {a.family}")
+    print(f"  base         {a.base or '-'}")
+    print(f"  targets      {', '.join(a.targets)}")
+    if a.token:
+        print(f"  token        {a.token}")
+    print(f"  size         {human_bytes(a.size_bytes)} ({a.size_bytes} bytes)")
+    print(f"  sha256       {a.sha256}")
+    print(f"  source       {a.source}")
+    print(f"  created      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a.created_at))}")
+
+
+def cmd_adapters_show(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        adapter = c.get_adapter(ns.name, verify=ns.verify)
+    if ns.json:
+        print(_as_json(adapter))
+        return 0
+    _print_adapter(adapter)
+    if ns.verify:
+        print("  verified     the file matches its recorded size and sha256")
+    return 0
+
+
+def cmd_adapters_rm(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        removed = c.delete_adapter(ns.name)
+    if ns.json:
+        print(_as_json({"removed": dataclasses.asdict(removed)}))
+        return 0
+    print(f"removed adapter {removed.name} (freed {human_bytes(removed.size_bytes)})")
+    return 0
+
+
+def add_adapter_commands(subparsers: Any) -> None:
+    """Registers `adapters list|show|import|pull|rm` under `sdserve models`."""
+    group = subparsers.add_parser("adapters", help="Stored LoRAs and textual-inversion embeddings.")
+    sub = group.add_subparsers(dest="adapters_command", required=True)
+    p = sub.add_parser("list", help="Stored adapters: kind, layout, family, size, token and base.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    _common(p, cmd_adapters_list)
+    p = sub.add_parser("show", help="One adapter's kind, base, targets, sha256 and source.")
+    p.add_argument("name", help="Adapter name.")
+    p.add_argument("--verify", action="store_true", help="Re-hash the file against its recorded sha256.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    _common(p, cmd_adapters_show)
+    for verb, help_text, func in (
+        ("import", "Store a local .safetensors LoRA or embedding (inside the sidecar's import folders).",
+         cmd_adapters_import),
+        ("pull", "Download a LoRA or embedding .safetensors file from the Hugging Face Hub.", cmd_adapters_pull),
+    ):  # fmt: skip
+        p = sub.add_parser(verb, help=help_text)
+        if verb == "import":
+            p.add_argument("path", help=".safetensors file, on the sidecar's machine.")
+            p.add_argument("--name", default="", help="Adapter name (default: the file name without .safetensors).")
+        else:
+            p.add_argument("repo_id", help="Hub repository, owner/name.")
+            p.add_argument("--revision", default="", help="Branch, tag or commit (default main).")
+            p.add_argument("--filename", default="", help="The file in the repository (needed when it has several).")
+            p.add_argument("--name", default="", help="Adapter name (default: the repository's name).")
+        p.add_argument("--token", default="", help="Textual inversion: the token that invokes it in prompts.")
+        p.add_argument("--replace", action="store_true", help="Replace an adapter stored under the name.")
+        p.add_argument("--quiet", action="store_true", help="No progress output.")
+        p.add_argument("--json", action="store_true", help="Print the result as JSON.")
+        _common(p, func)
+    p = sub.add_parser("rm", help="Remove a stored adapter.")
+    p.add_argument("name", help="Adapter name.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    _common(p, cmd_adapters_rm)
+
+
 def _common(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
     p.add_argument(
         "--manager",
@@ -372,7 +507,8 @@ def _common(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int
 
 
 def add_models_commands(subparsers: Any) -> None:
-    """Registers pull, import, quantize, alias set/rm, list, show, rm, pin, unpin and watch under `sdserve models`."""
+    """Registers pull, import, quantize, alias set/rm, list, show, rm, pin, unpin, watch and adapters under
+    `sdserve models`."""
     p = subparsers.add_parser("pull", help="Download a model from the Hugging Face Hub into the store.")
     p.add_argument("repo_id", help="Hub repository, for example stable-diffusion-v1-5/stable-diffusion-inpainting.")
     p.add_argument("--revision", default="", help="Branch, tag or commit (default main).")
@@ -445,6 +581,8 @@ def add_models_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("watch", help="Print store changes as they happen (Ctrl-C stops).")
     p.add_argument("--json", action="store_true", help="Print one JSON object per event and line.")
     _common(p, cmd_watch)
+
+    add_adapter_commands(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -207,6 +207,8 @@ class Snapshot:
     aliases: tuple[Alias, ...]
     store_path: str
     instance_id: str
+    # The store's adapters folder (<store>/adapters); empty from a sidecar without adapters.
+    adapters_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +261,46 @@ class ModelCorrupted:
     time: float
     model: StoredModel
     problems: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredAdapter:
+    """A stored adapter (kind `lora` or `textual_inversion`); `path` is its folder on the sidecar's machine, holding
+    adapter.safetensors and adapter.json. `base` is the architecture it fits (`cross_attention_dim=768,...`);
+    `error` is set when its file no longer matches its recorded sha256."""
+
+    name: str
+    kind: str
+    layout: str
+    family: str
+    base: str
+    targets: tuple[str, ...]
+    token: str
+    sha256: str
+    size_bytes: int
+    source: str
+    path: str
+    error: str = ""
+    created_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterResult:
+    """The outcome of an adapter pull or import."""
+
+    adapter: StoredAdapter
+    already_present: bool
+    replaced: bool
+    downloaded_bytes: int
+    resumed_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterListing:
+    """ListAdapters: every stored adapter and the store's adapters folder."""
+
+    adapters: tuple[StoredAdapter, ...]
+    adapters_dir: str
 
 
 WatchEvent = Snapshot | ModelPublished | ModelRemoved | AliasSet | AliasRemoved | ModelCorrupted
@@ -348,6 +390,35 @@ def _operation_event(msg: Any) -> OperationEvent:
     )
 
 
+_ADAPTER_KIND = {1: "lora", 2: "textual_inversion"}  # sdserve.v1.AdapterKind
+
+
+def _adapter(a: pb.StoredAdapter) -> StoredAdapter:
+    return StoredAdapter(
+        name=a.name,
+        kind=_ADAPTER_KIND.get(int(a.kind), ""),
+        layout=a.layout,
+        family=a.family,
+        base=a.base,
+        targets=tuple(a.targets),
+        token=a.token,
+        sha256=a.sha256,
+        size_bytes=a.size_bytes,
+        source=a.source,
+        path=a.path,
+        error=a.error,
+        created_at=_seconds(a.created_time),
+    )
+
+
+def _adapter_event(msg: Any) -> OperationProgress | AdapterResult:
+    if msg.WhichOneof("event") == "progress":
+        p = msg.progress
+        return OperationProgress(p.stage, p.file, p.done_bytes, p.total_bytes, p.resumed_bytes, p.message)
+    r = msg.result
+    return AdapterResult(_adapter(r.adapter), r.already_present, r.replaced, r.downloaded_bytes, r.resumed_bytes)
+
+
 def watch_event(msg: pb.WatchModelsResponse) -> WatchEvent:
     """Converts one WatchModels message."""
     seq, when = msg.sequence, _seconds(msg.time)
@@ -361,6 +432,7 @@ def watch_event(msg: pb.WatchModelsResponse) -> WatchEvent:
             tuple(_alias(a) for a in s.aliases),
             s.store_path,
             s.instance_id,
+            s.adapters_dir,
         )
     if kind == "model_published":
         return ModelPublished(seq, when, _model(msg.model_published.model))
@@ -429,6 +501,10 @@ class OperationStream:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
+    def events(self) -> Iterator[Any]:
+        """The stream's events, whatever the operation's result type."""
+        yield from self
+
     def cancel(self) -> None:
         self._call.cancel()
 
@@ -440,12 +516,35 @@ class OperationStream:
 
     def result(self, on_progress: Callable[[OperationProgress], None] | None = None) -> OperationResult:
         """Consumes the stream, calling on_progress per report, and returns the result."""
-        for ev in self:
-            if isinstance(ev, OperationResult):
-                return ev
+        for ev in self.events():
+            if not isinstance(ev, OperationProgress):
+                return ev  # type: ignore[no-any-return]
             if on_progress is not None:
                 on_progress(ev)
         raise SdserveError("UNKNOWN", "the operation ended without a result")
+
+
+class AdapterStream(OperationStream):
+    """Iterates an adapter pull's or import's OperationProgress events and its final AdapterResult."""
+
+    def events(self) -> Iterator[OperationProgress | AdapterResult]:
+        try:
+            for msg in self._call:
+                yield _adapter_event(msg)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.events()
+
+    def __enter__(self) -> AdapterStream:
+        return self
+
+    def adapter_result(self, on_progress: Callable[[OperationProgress], None] | None = None) -> AdapterResult:
+        """Consumes the stream, calling on_progress per report, and returns the result."""
+        result: Any = self.result(on_progress)
+        assert isinstance(result, AdapterResult)
+        return result
 
 
 class WatchStream:
@@ -633,6 +732,58 @@ class ModelManagerClient:
         """Subscribes to store changes: a Snapshot, then one event per change, until cancel()."""
         return WatchStream(self._stub.WatchModels(pb.WatchModelsRequest(), metadata=self._metadata))
 
+    # Adapters ---------------------------------------------------------------------------------
+
+    def stream_pull_adapter(
+        self, repo_id: str, *, revision: str = "", filename: str = "", name: str = "", token: str = "",
+        replace: bool = False,
+    ) -> AdapterStream:  # fmt: skip
+        """Pulls one LoRA or textual-inversion .safetensors file from a Hub repository (`filename`: required when the
+        repository has several) as a stream of progress events and an AdapterResult."""
+        req = pb.PullAdapterRequest(
+            repo_id=repo_id, revision=revision, filename=filename, name=name, token=token, replace=replace
+        )
+        return AdapterStream(self._stub.PullAdapter(req, metadata=self._metadata))
+
+    def pull_adapter(
+        self, repo_id: str, *, revision: str = "", filename: str = "", name: str = "", token: str = "",
+        replace: bool = False, on_progress: Callable[[OperationProgress], None] | None = None,
+    ) -> AdapterResult:  # fmt: skip
+        """Pulls an adapter and waits; see stream_pull_adapter."""
+        stream = self.stream_pull_adapter(
+            repo_id, revision=revision, filename=filename, name=name, token=token, replace=replace
+        )
+        with stream:
+            return stream.adapter_result(on_progress)
+
+    def stream_import_adapter(
+        self, path: str, *, name: str = "", token: str = "", replace: bool = False
+    ) -> AdapterStream:
+        """Stores a .safetensors adapter file on the sidecar's machine (inside its import folders)."""
+        req = pb.ImportAdapterRequest(path=path, name=name, token=token, replace=replace)
+        return AdapterStream(self._stub.ImportAdapter(req, metadata=self._metadata))
+
+    def import_adapter(
+        self, path: str, *, name: str = "", token: str = "", replace: bool = False,
+        on_progress: Callable[[OperationProgress], None] | None = None,
+    ) -> AdapterResult:  # fmt: skip
+        """Imports an adapter and waits; see stream_import_adapter."""
+        with self.stream_import_adapter(path, name=name, token=token, replace=replace) as stream:
+            return stream.adapter_result(on_progress)
+
+    def list_adapters(self) -> AdapterListing:
+        resp = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
+        return AdapterListing(tuple(_adapter(a) for a in resp.adapters), resp.adapters_dir)
+
+    def get_adapter(self, name: str, *, verify: bool = False) -> StoredAdapter:
+        """One adapter; `verify` re-hashes its file (a mismatch raises SdserveError DATA_LOSS)."""
+        resp = self._unary(self._stub.GetAdapter, pb.GetAdapterRequest(name=name, verify=verify))
+        return _adapter(resp.adapter)
+
+    def delete_adapter(self, name: str) -> StoredAdapter:
+        """Removes an adapter; returns it as it was."""
+        return _adapter(self._unary(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name)).removed)
+
 
 class AsyncModelManagerClient:
     """An asyncio client for what a server needs from the sidecar: watch, list, record_use, renew_leases and
@@ -693,6 +844,15 @@ class AsyncModelManagerClient:
         return Listing(
             tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage)
         )
+
+    async def list_adapters(self, *, timeout: float | None = None) -> AdapterListing:
+        resp = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return AdapterListing(tuple(_adapter(a) for a in resp.adapters), resp.adapters_dir)
+
+    async def get_adapter(self, name: str, *, verify: bool = False, timeout: float | None = None) -> StoredAdapter:
+        """One adapter; `verify` re-hashes its file (a mismatch raises SdserveError DATA_LOSS)."""
+        resp = await self._unary(self._stub.GetAdapter, pb.GetAdapterRequest(name=name, verify=verify), timeout)
+        return _adapter(resp.adapter)
 
     async def record_use(self, name: str, revision: str, variant: str, *, timeout: float | None = None) -> None:
         req = pb.RecordModelUseRequest(name=name, revision=revision, variant=_variant(variant))

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from sdserve.v1 import diffusion_pb2 as _diffusion_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -1381,10 +1382,15 @@ class StoreSnapshot(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     STORE_PATH_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ADAPTERS_DIR_FIELD_NUMBER: _builtins.int
     store_path: _builtins.str
     """Absolute path of the store."""
     instance_id: _builtins.str
     """A new random id each time the sidecar starts; a change means the sidecar restarted."""
+    adapters_dir: _builtins.str
+    """Absolute path of the store's adapters folder, `<store>/adapters`: one folder per adapter,
+    `<adapters_dir>/<name>/` holding `adapter.safetensors` and `adapter.json` (see StoredAdapter).
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredModel]:
         """Every stored variant."""
@@ -1400,10 +1406,11 @@ class StoreSnapshot(_message.Message):
         aliases: _abc.Iterable[Global___Alias] | None = ...,
         store_path: _builtins.str = ...,
         instance_id: _builtins.str = ...,
+        adapters_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "instance_id", b"instance_id", "models", b"models", "store_path", b"store_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_dir", b"adapters_dir", "aliases", b"aliases", "instance_id", b"instance_id", "models", b"models", "store_path", b"store_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1628,3 +1635,433 @@ class WatchModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___WatchModelsResponse: _TypeAlias = WatchModelsResponse  # noqa: Y015
+
+@_typing.final
+class StoredAdapter(_message.Message):
+    """StoredAdapter is one stored adapter: a LoRA or a textual-inversion embedding, published atomically at
+    `<store>/adapters/<name>/` as `adapter.safetensors` (the weights, as imported or downloaded),
+    `adapter.json` (every field below except `path` and `error`) and `README.md` when the Hub repository
+    had one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Adapter name: the same rules as model names (1 to 100 characters from `A-Z a-z 0-9 . _ -`, starting
+    with a letter or digit, without `..`). Adapters have their own namespace: a model may share the name.
+    """
+    kind: _diffusion_pb2.AdapterKind.ValueType
+    """LORA or TEXTUAL_INVERSION."""
+    layout: _builtins.str
+    """Key layout of the weights file. LoRA: `diffusers` (`unet.<module>.lora_A.weight`, ...), `peft`
+    (the same without the component prefix) or `kohya` (`lora_unet_<module>.lora_down.weight`, ...).
+    Textual inversion: `diffusers` (`{token: [n, width]}`), `a1111` (`{"emb_params": ...}`) or `sdxl`
+    (`{"clip_l": ..., "clip_g": ...}`).
+    """
+    family: _builtins.str
+    """The model family it fits: `sd15` (SD 1.x and 2.x layouts) or `sdxl`."""
+    base: _builtins.str
+    """The base architecture it fits, read from its tensor shapes: comma-separated `key=value` pairs among
+    `cross_attention_dim` (UNet cross-attention width), `text_width` (first text encoder's hidden size)
+    and `text_width_2` (second text encoder's), only those the adapter changes; for example
+    `cross_attention_dim=768,text_width=768`. A model fits when its family is the same and every pair
+    equals the model's (see docs/adapters.md).
+    """
+    token: _builtins.str
+    """Textual inversion: the token that invokes it in prompts. Empty for a LoRA."""
+    sha256: _builtins.str
+    """Lower-case hex sha256 of `adapter.safetensors`, recorded when it was stored."""
+    size_bytes: _builtins.int
+    """Size of `adapter.safetensors` in bytes."""
+    source: _builtins.str
+    """Where it came from: `hub:<repo_id>@<commit>/<filename>` or `file:<absolute path>`."""
+    path: _builtins.str
+    """Absolute path of the adapter's folder on the sidecar's machine (the shared store volume)."""
+    error: _builtins.str
+    """Why its files do not match `adapter.json`, as last found by GetAdapter with `verify` or by the
+    scrub; empty when they matched (or were not checked since the sidecar started). Do not apply it.
+    """
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The components it changes, sorted: among `text_encoder`, `text_encoder_2` and `unet`."""
+
+    @_builtins.property
+    def created_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored (the time its folder was published)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _diffusion_pb2.AdapterKind.ValueType = ...,
+        layout: _builtins.str = ...,
+        family: _builtins.str = ...,
+        base: _builtins.str = ...,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        token: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        source: _builtins.str = ...,
+        path: _builtins.str = ...,
+        error: _builtins.str = ...,
+        created_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "created_time", b"created_time", "error", b"error", "family", b"family", "kind", b"kind", "layout", b"layout", "name", b"name", "path", b"path", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "targets", b"targets", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredAdapter: _TypeAlias = StoredAdapter  # noqa: Y015
+
+@_typing.final
+class AdapterOperationResult(_message.Message):
+    """AdapterOperationResult is the outcome of a PullAdapter or ImportAdapter call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    ALREADY_PRESENT_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
+    DOWNLOADED_BYTES_FIELD_NUMBER: _builtins.int
+    RESUMED_BYTES_FIELD_NUMBER: _builtins.int
+    already_present: _builtins.bool
+    """True when the store already held this name with the same weights (sha256) and token; nothing was
+    changed.
+    """
+    replaced: _builtins.bool
+    """True when `replace` was set and another adapter of that name was replaced."""
+    downloaded_bytes: _builtins.int
+    """Bytes fetched from the Hub by this call (PullAdapter)."""
+    resumed_bytes: _builtins.int
+    """Bytes reused from an earlier interrupted transfer (PullAdapter)."""
+    @_builtins.property
+    def adapter(self) -> Global___StoredAdapter:
+        """The stored adapter."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___StoredAdapter | None = ...,
+        already_present: _builtins.bool = ...,
+        replaced: _builtins.bool = ...,
+        downloaded_bytes: _builtins.int = ...,
+        resumed_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "already_present", b"already_present", "downloaded_bytes", b"downloaded_bytes", "replaced", b"replaced", "resumed_bytes", b"resumed_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterOperationResult: _TypeAlias = AdapterOperationResult  # noqa: Y015
+
+@_typing.final
+class PullAdapterRequest(_message.Message):
+    """PullAdapterRequest names a Hub repository and the adapter file in it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPO_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    repo_id: _builtins.str
+    """Hub repository id `owner/name`."""
+    revision: _builtins.str
+    """Branch, tag or commit sha. Default: `main`. The file is pinned to the commit it resolves to."""
+    filename: _builtins.str
+    """Path of the `.safetensors` file in the repository. Default: the repository's only `.safetensors`
+    file; required when it has several (INVALID_ARGUMENT lists them). Pickle formats (`.pt`, `.bin`,
+    `.ckpt`, ...) are refused.
+    """
+    name: _builtins.str
+    """Adapter name. Default: the part of `repo_id` after the `/`."""
+    token: _builtins.str
+    """Textual inversion: the token that invokes it. Default: the tensor's name in the diffusers layout,
+    else the adapter's name. Ignored for a LoRA. At most 100 characters, without spaces.
+    """
+    replace: _builtins.bool
+    """Replace an adapter stored under `name` with other weights. Default false: ALREADY_EXISTS."""
+    def __init__(
+        self,
+        *,
+        repo_id: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        filename: _builtins.str = ...,
+        name: _builtins.str = ...,
+        token: _builtins.str = ...,
+        replace: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "name", b"name", "replace", b"replace", "repo_id", b"repo_id", "revision", b"revision", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullAdapterRequest: _TypeAlias = PullAdapterRequest  # noqa: Y015
+
+@_typing.final
+class PullAdapterResponse(_message.Message):
+    """PullAdapterResponse is one message of a PullAdapter stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___OperationProgress:
+        """Progress of the pull (stages `resolving`, `downloading`, `verifying`, `publishing`)."""
+
+    @_builtins.property
+    def result(self) -> Global___AdapterOperationResult:
+        """The outcome; the last message of the stream."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___OperationProgress | None = ...,
+        result: Global___AdapterOperationResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___PullAdapterResponse: _TypeAlias = PullAdapterResponse  # noqa: Y015
+
+@_typing.final
+class ImportAdapterRequest(_message.Message):
+    """ImportAdapterRequest names a local adapter file to store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Absolute path, on the sidecar's machine, of a `.safetensors` LoRA or textual-inversion file inside
+    one of the sidecar's import folders (after resolving symbolic links). Pickle formats are refused.
+    """
+    name: _builtins.str
+    """Adapter name. Default: the file's name without `.safetensors`."""
+    token: _builtins.str
+    """Textual inversion: the token that invokes it. Default: the tensor's name in the diffusers layout,
+    else the adapter's name. Ignored for a LoRA. At most 100 characters, without spaces.
+    """
+    replace: _builtins.bool
+    """Replace an adapter stored under `name` with other weights. Default false: ALREADY_EXISTS."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        name: _builtins.str = ...,
+        token: _builtins.str = ...,
+        replace: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "replace", b"replace", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportAdapterRequest: _TypeAlias = ImportAdapterRequest  # noqa: Y015
+
+@_typing.final
+class ImportAdapterResponse(_message.Message):
+    """ImportAdapterResponse is one message of an ImportAdapter stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___OperationProgress:
+        """Progress of the import (stages `copying`, `verifying`, `publishing`)."""
+
+    @_builtins.property
+    def result(self) -> Global___AdapterOperationResult:
+        """The outcome; the last message of the stream."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___OperationProgress | None = ...,
+        result: Global___AdapterOperationResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ImportAdapterResponse: _TypeAlias = ImportAdapterResponse  # noqa: Y015
+
+@_typing.final
+class ListAdaptersRequest(_message.Message):
+    """ListAdaptersRequest lists the stored adapters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdaptersRequest: _TypeAlias = ListAdaptersRequest  # noqa: Y015
+
+@_typing.final
+class ListAdaptersResponse(_message.Message):
+    """ListAdaptersResponse lists the stored adapters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_DIR_FIELD_NUMBER: _builtins.int
+    adapters_dir: _builtins.str
+    """Absolute path of the store's adapters folder."""
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredAdapter]:
+        """Every stored adapter, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        adapters: _abc.Iterable[Global___StoredAdapter] | None = ...,
+        adapters_dir: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "adapters_dir", b"adapters_dir"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdaptersResponse: _TypeAlias = ListAdaptersResponse  # noqa: Y015
+
+@_typing.final
+class GetAdapterRequest(_message.Message):
+    """GetAdapterRequest names an adapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Adapter name."""
+    verify: _builtins.bool
+    """Re-read `adapter.safetensors` and compare its size and sha256 with `adapter.json` (reads the whole
+    file). A mismatch fails the call with DATA_LOSS naming the file and the rule, and sets the adapter's
+    `error`. Default false: describe it from `adapter.json` only.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        verify: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "verify", b"verify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAdapterRequest: _TypeAlias = GetAdapterRequest  # noqa: Y015
+
+@_typing.final
+class GetAdapterResponse(_message.Message):
+    """GetAdapterResponse describes one adapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    verified: _builtins.bool
+    """True when `verify` was set and the file matched its recorded size and sha256."""
+    @_builtins.property
+    def adapter(self) -> Global___StoredAdapter:
+        """The adapter."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___StoredAdapter | None = ...,
+        verified: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAdapterResponse: _TypeAlias = GetAdapterResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAdapterRequest(_message.Message):
+    """DeleteAdapterRequest names an adapter to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Adapter name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAdapterRequest: _TypeAlias = DeleteAdapterRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAdapterResponse(_message.Message):
+    """DeleteAdapterResponse returns the removed adapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def removed(self) -> Global___StoredAdapter:
+        """The adapter as it was; its folder is gone."""
+
+    def __init__(
+        self,
+        *,
+        removed: Global___StoredAdapter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAdapterResponse: _TypeAlias = DeleteAdapterResponse  # noqa: Y015

@@ -138,6 +138,31 @@ class ModelManagerServiceStub:
                 request_serializer=sdserve_dot_v1_dot_model__manager__pb2.WatchModelsRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.WatchModelsResponse.FromString,
                 _registered_method=True)
+        self.PullAdapter = channel.unary_stream(
+                '/sdserve.v1.ModelManagerService/PullAdapter',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.PullAdapterRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.PullAdapterResponse.FromString,
+                _registered_method=True)
+        self.ImportAdapter = channel.unary_stream(
+                '/sdserve.v1.ModelManagerService/ImportAdapter',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.ImportAdapterRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.ImportAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/sdserve.v1.ModelManagerService/ListAdapters',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/sdserve.v1.ModelManagerService/GetAdapter',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.GetAdapterResponse.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/sdserve.v1.ModelManagerService/DeleteAdapter',
+                request_serializer=sdserve_dot_v1_dot_model__manager__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_model__manager__pb2.DeleteAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ModelManagerServiceServicer:
@@ -277,6 +302,43 @@ class ModelManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullAdapter(self, request, context):
+        """PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+        stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportAdapter(self, request, context):
+        """ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+        ImportModel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """ListAdapters lists every stored adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """GetAdapter describes one stored adapter and, when asked, re-hashes its weights file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """DeleteAdapter removes a stored adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -344,6 +406,31 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.WatchModels,
                     request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.WatchModelsRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_model__manager__pb2.WatchModelsResponse.SerializeToString,
+            ),
+            'PullAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.PullAdapterRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.PullAdapterResponse.SerializeToString,
+            ),
+            'ImportAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.ImportAdapterRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.ImportAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.GetAdapterRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.GetAdapterResponse.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_model__manager__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_model__manager__pb2.DeleteAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -736,6 +823,141 @@ class ModelManagerService:
             '/sdserve.v1.ModelManagerService/WatchModels',
             sdserve_dot_v1_dot_model__manager__pb2.WatchModelsRequest.SerializeToString,
             sdserve_dot_v1_dot_model__manager__pb2.WatchModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/PullAdapter',
+            sdserve_dot_v1_dot_model__manager__pb2.PullAdapterRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.PullAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/ImportAdapter',
+            sdserve_dot_v1_dot_model__manager__pb2.ImportAdapterRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.ImportAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/ListAdapters',
+            sdserve_dot_v1_dot_model__manager__pb2.ListAdaptersRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/GetAdapter',
+            sdserve_dot_v1_dot_model__manager__pb2.GetAdapterRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.GetAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.ModelManagerService/DeleteAdapter',
+            sdserve_dot_v1_dot_model__manager__pb2.DeleteAdapterRequest.SerializeToString,
+            sdserve_dot_v1_dot_model__manager__pb2.DeleteAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

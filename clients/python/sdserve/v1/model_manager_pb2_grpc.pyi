@@ -104,6 +104,20 @@ class ModelManagerServiceStub:
     """DeleteAlias removes an alias."""
     WatchModels: _grpc.UnaryStreamMultiCallable[_model_manager_pb2.WatchModelsRequest, _model_manager_pb2.WatchModelsResponse]
     """WatchModels sends a snapshot of the store, then one message per change, until cancelled."""
+    PullAdapter: _grpc.UnaryStreamMultiCallable[_model_manager_pb2.PullAdapterRequest, _model_manager_pb2.PullAdapterResponse]
+    """PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+    stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+    """
+    ImportAdapter: _grpc.UnaryStreamMultiCallable[_model_manager_pb2.ImportAdapterRequest, _model_manager_pb2.ImportAdapterResponse]
+    """ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+    ImportModel.
+    """
+    ListAdapters: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.ListAdaptersRequest, _model_manager_pb2.ListAdaptersResponse]
+    """ListAdapters lists every stored adapter."""
+    GetAdapter: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.GetAdapterRequest, _model_manager_pb2.GetAdapterResponse]
+    """GetAdapter describes one stored adapter and, when asked, re-hashes its weights file."""
+    DeleteAdapter: _grpc.UnaryUnaryMultiCallable[_model_manager_pb2.DeleteAdapterRequest, _model_manager_pb2.DeleteAdapterResponse]
+    """DeleteAdapter removes a stored adapter."""
 
 @_typing.type_check_only
 class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
@@ -181,6 +195,20 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """DeleteAlias removes an alias."""
     WatchModels: _aio.UnaryStreamMultiCallable[_model_manager_pb2.WatchModelsRequest, _model_manager_pb2.WatchModelsResponse]  # type: ignore[assignment]
     """WatchModels sends a snapshot of the store, then one message per change, until cancelled."""
+    PullAdapter: _aio.UnaryStreamMultiCallable[_model_manager_pb2.PullAdapterRequest, _model_manager_pb2.PullAdapterResponse]  # type: ignore[assignment]
+    """PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+    stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+    """
+    ImportAdapter: _aio.UnaryStreamMultiCallable[_model_manager_pb2.ImportAdapterRequest, _model_manager_pb2.ImportAdapterResponse]  # type: ignore[assignment]
+    """ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+    ImportModel.
+    """
+    ListAdapters: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.ListAdaptersRequest, _model_manager_pb2.ListAdaptersResponse]  # type: ignore[assignment]
+    """ListAdapters lists every stored adapter."""
+    GetAdapter: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.GetAdapterRequest, _model_manager_pb2.GetAdapterResponse]  # type: ignore[assignment]
+    """GetAdapter describes one stored adapter and, when asked, re-hashes its weights file."""
+    DeleteAdapter: _aio.UnaryUnaryMultiCallable[_model_manager_pb2.DeleteAdapterRequest, _model_manager_pb2.DeleteAdapterResponse]  # type: ignore[assignment]
+    """DeleteAdapter removes a stored adapter."""
 
 class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelManagerService is the model-manager sidecar: it owns the model store that it shares with
@@ -333,5 +361,49 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_model_manager_pb2.WatchModelsResponse], _abc.AsyncIterator[_model_manager_pb2.WatchModelsResponse]]:
         """WatchModels sends a snapshot of the store, then one message per change, until cancelled."""
+
+    @_abc_1.abstractmethod
+    def PullAdapter(
+        self,
+        request: _model_manager_pb2.PullAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_manager_pb2.PullAdapterResponse], _abc.AsyncIterator[_model_manager_pb2.PullAdapterResponse]]:
+        """PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+        stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportAdapter(
+        self,
+        request: _model_manager_pb2.ImportAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_manager_pb2.ImportAdapterResponse], _abc.AsyncIterator[_model_manager_pb2.ImportAdapterResponse]]:
+        """ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+        ImportModel.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAdapters(
+        self,
+        request: _model_manager_pb2.ListAdaptersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_pb2.ListAdaptersResponse, _abc.Awaitable[_model_manager_pb2.ListAdaptersResponse]]:
+        """ListAdapters lists every stored adapter."""
+
+    @_abc_1.abstractmethod
+    def GetAdapter(
+        self,
+        request: _model_manager_pb2.GetAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_pb2.GetAdapterResponse, _abc.Awaitable[_model_manager_pb2.GetAdapterResponse]]:
+        """GetAdapter describes one stored adapter and, when asked, re-hashes its weights file."""
+
+    @_abc_1.abstractmethod
+    def DeleteAdapter(
+        self,
+        request: _model_manager_pb2.DeleteAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_pb2.DeleteAdapterResponse, _abc.Awaitable[_model_manager_pb2.DeleteAdapterResponse]]:
+        """DeleteAdapter removes a stored adapter."""
 
 def add_ModelManagerServiceServicer_to_server(servicer: ModelManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

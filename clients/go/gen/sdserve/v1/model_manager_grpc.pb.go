@@ -47,6 +47,18 @@ type ModelManagerServiceClient interface {
 	DeleteAlias(ctx context.Context, in *DeleteAliasRequest, opts ...grpc.CallOption) (*DeleteAliasResponse, error)
 	// WatchModels sends a snapshot of the store, then one message per change, until cancelled.
 	WatchModels(ctx context.Context, in *WatchModelsRequest, opts ...grpc.CallOption) (ModelManagerService_WatchModelsClient, error)
+	// PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+	// stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+	PullAdapter(ctx context.Context, in *PullAdapterRequest, opts ...grpc.CallOption) (ModelManagerService_PullAdapterClient, error)
+	// ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+	// ImportModel.
+	ImportAdapter(ctx context.Context, in *ImportAdapterRequest, opts ...grpc.CallOption) (ModelManagerService_ImportAdapterClient, error)
+	// ListAdapters lists every stored adapter.
+	ListAdapters(ctx context.Context, in *ListAdaptersRequest, opts ...grpc.CallOption) (*ListAdaptersResponse, error)
+	// GetAdapter describes one stored adapter and, when asked, re-hashes its weights file.
+	GetAdapter(ctx context.Context, in *GetAdapterRequest, opts ...grpc.CallOption) (*GetAdapterResponse, error)
+	// DeleteAdapter removes a stored adapter.
+	DeleteAdapter(ctx context.Context, in *DeleteAdapterRequest, opts ...grpc.CallOption) (*DeleteAdapterResponse, error)
 }
 
 type modelManagerServiceClient struct {
@@ -266,6 +278,97 @@ func (x *modelManagerServiceWatchModelsClient) Recv() (*WatchModelsResponse, err
 	return m, nil
 }
 
+func (c *modelManagerServiceClient) PullAdapter(ctx context.Context, in *PullAdapterRequest, opts ...grpc.CallOption) (ModelManagerService_PullAdapterClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_ModelManagerService_serviceDesc.Streams[4], "/sdserve.v1.ModelManagerService/PullAdapter", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &modelManagerServicePullAdapterClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type ModelManagerService_PullAdapterClient interface {
+	Recv() (*PullAdapterResponse, error)
+	grpc.ClientStream
+}
+
+type modelManagerServicePullAdapterClient struct {
+	grpc.ClientStream
+}
+
+func (x *modelManagerServicePullAdapterClient) Recv() (*PullAdapterResponse, error) {
+	m := new(PullAdapterResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (c *modelManagerServiceClient) ImportAdapter(ctx context.Context, in *ImportAdapterRequest, opts ...grpc.CallOption) (ModelManagerService_ImportAdapterClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_ModelManagerService_serviceDesc.Streams[5], "/sdserve.v1.ModelManagerService/ImportAdapter", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &modelManagerServiceImportAdapterClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type ModelManagerService_ImportAdapterClient interface {
+	Recv() (*ImportAdapterResponse, error)
+	grpc.ClientStream
+}
+
+type modelManagerServiceImportAdapterClient struct {
+	grpc.ClientStream
+}
+
+func (x *modelManagerServiceImportAdapterClient) Recv() (*ImportAdapterResponse, error) {
+	m := new(ImportAdapterResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (c *modelManagerServiceClient) ListAdapters(ctx context.Context, in *ListAdaptersRequest, opts ...grpc.CallOption) (*ListAdaptersResponse, error) {
+	out := new(ListAdaptersResponse)
+	err := c.cc.Invoke(ctx, "/sdserve.v1.ModelManagerService/ListAdapters", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelManagerServiceClient) GetAdapter(ctx context.Context, in *GetAdapterRequest, opts ...grpc.CallOption) (*GetAdapterResponse, error) {
+	out := new(GetAdapterResponse)
+	err := c.cc.Invoke(ctx, "/sdserve.v1.ModelManagerService/GetAdapter", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelManagerServiceClient) DeleteAdapter(ctx context.Context, in *DeleteAdapterRequest, opts ...grpc.CallOption) (*DeleteAdapterResponse, error) {
+	out := new(DeleteAdapterResponse)
+	err := c.cc.Invoke(ctx, "/sdserve.v1.ModelManagerService/DeleteAdapter", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelManagerServiceServer is the server API for ModelManagerService service.
 // All implementations must embed UnimplementedModelManagerServiceServer
 // for forward compatibility
@@ -300,6 +403,18 @@ type ModelManagerServiceServer interface {
 	DeleteAlias(context.Context, *DeleteAliasRequest) (*DeleteAliasResponse, error)
 	// WatchModels sends a snapshot of the store, then one message per change, until cancelled.
 	WatchModels(*WatchModelsRequest, ModelManagerService_WatchModelsServer) error
+	// PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+	// stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+	PullAdapter(*PullAdapterRequest, ModelManagerService_PullAdapterServer) error
+	// ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+	// ImportModel.
+	ImportAdapter(*ImportAdapterRequest, ModelManagerService_ImportAdapterServer) error
+	// ListAdapters lists every stored adapter.
+	ListAdapters(context.Context, *ListAdaptersRequest) (*ListAdaptersResponse, error)
+	// GetAdapter describes one stored adapter and, when asked, re-hashes its weights file.
+	GetAdapter(context.Context, *GetAdapterRequest) (*GetAdapterResponse, error)
+	// DeleteAdapter removes a stored adapter.
+	DeleteAdapter(context.Context, *DeleteAdapterRequest) (*DeleteAdapterResponse, error)
 	mustEmbedUnimplementedModelManagerServiceServer()
 }
 
@@ -345,6 +460,21 @@ func (UnimplementedModelManagerServiceServer) DeleteAlias(context.Context, *Dele
 }
 func (UnimplementedModelManagerServiceServer) WatchModels(*WatchModelsRequest, ModelManagerService_WatchModelsServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchModels not implemented")
+}
+func (UnimplementedModelManagerServiceServer) PullAdapter(*PullAdapterRequest, ModelManagerService_PullAdapterServer) error {
+	return status.Errorf(codes.Unimplemented, "method PullAdapter not implemented")
+}
+func (UnimplementedModelManagerServiceServer) ImportAdapter(*ImportAdapterRequest, ModelManagerService_ImportAdapterServer) error {
+	return status.Errorf(codes.Unimplemented, "method ImportAdapter not implemented")
+}
+func (UnimplementedModelManagerServiceServer) ListAdapters(context.Context, *ListAdaptersRequest) (*ListAdaptersResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListAdapters not implemented")
+}
+func (UnimplementedModelManagerServiceServer) GetAdapter(context.Context, *GetAdapterRequest) (*GetAdapterResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetAdapter not implemented")
+}
+func (UnimplementedModelManagerServiceServer) DeleteAdapter(context.Context, *DeleteAdapterRequest) (*DeleteAdapterResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteAdapter not implemented")
 }
 func (UnimplementedModelManagerServiceServer) mustEmbedUnimplementedModelManagerServiceServer() {}
 
@@ -605,6 +735,102 @@ func (x *modelManagerServiceWatchModelsServer) Send(m *WatchModelsResponse) erro
 	return x.ServerStream.SendMsg(m)
 }
 
+func _ModelManagerService_PullAdapter_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(PullAdapterRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ModelManagerServiceServer).PullAdapter(m, &modelManagerServicePullAdapterServer{stream})
+}
+
+type ModelManagerService_PullAdapterServer interface {
+	Send(*PullAdapterResponse) error
+	grpc.ServerStream
+}
+
+type modelManagerServicePullAdapterServer struct {
+	grpc.ServerStream
+}
+
+func (x *modelManagerServicePullAdapterServer) Send(m *PullAdapterResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func _ModelManagerService_ImportAdapter_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ImportAdapterRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ModelManagerServiceServer).ImportAdapter(m, &modelManagerServiceImportAdapterServer{stream})
+}
+
+type ModelManagerService_ImportAdapterServer interface {
+	Send(*ImportAdapterResponse) error
+	grpc.ServerStream
+}
+
+type modelManagerServiceImportAdapterServer struct {
+	grpc.ServerStream
+}
+
+func (x *modelManagerServiceImportAdapterServer) Send(m *ImportAdapterResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func _ModelManagerService_ListAdapters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAdaptersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelManagerServiceServer).ListAdapters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sdserve.v1.ModelManagerService/ListAdapters",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelManagerServiceServer).ListAdapters(ctx, req.(*ListAdaptersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelManagerService_GetAdapter_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAdapterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelManagerServiceServer).GetAdapter(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sdserve.v1.ModelManagerService/GetAdapter",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelManagerServiceServer).GetAdapter(ctx, req.(*GetAdapterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelManagerService_DeleteAdapter_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteAdapterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelManagerServiceServer).DeleteAdapter(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sdserve.v1.ModelManagerService/DeleteAdapter",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelManagerServiceServer).DeleteAdapter(ctx, req.(*DeleteAdapterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ModelManagerService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "sdserve.v1.ModelManagerService",
 	HandlerType: (*ModelManagerServiceServer)(nil),
@@ -645,6 +871,18 @@ var _ModelManagerService_serviceDesc = grpc.ServiceDesc{
 			MethodName: "DeleteAlias",
 			Handler:    _ModelManagerService_DeleteAlias_Handler,
 		},
+		{
+			MethodName: "ListAdapters",
+			Handler:    _ModelManagerService_ListAdapters_Handler,
+		},
+		{
+			MethodName: "GetAdapter",
+			Handler:    _ModelManagerService_GetAdapter_Handler,
+		},
+		{
+			MethodName: "DeleteAdapter",
+			Handler:    _ModelManagerService_DeleteAdapter_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -665,6 +903,16 @@ var _ModelManagerService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchModels",
 			Handler:       _ModelManagerService_WatchModels_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "PullAdapter",
+			Handler:       _ModelManagerService_PullAdapter_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ImportAdapter",
+			Handler:       _ModelManagerService_ImportAdapter_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AdapterKind } from "./diffusion_pb.js";
+import { file_sdserve_v1_diffusion } from "./diffusion_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file sdserve/v1/model_manager.proto.
  */
 export const file_sdserve_v1_model_manager: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLXBAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZmFtaWx5GBMgASgJEg0KBXRhc2tzGBQgAygJIlgKClZhcmlhbnRSZWYSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IpQBCgxBbGlhc0ZhaWx1cmUSJgoGdGFyZ2V0GAEgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgCIAEoCRIQCghyZXBvcnRlchgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZlcnRlZBgFIAEoCCL9AQoFQWxpYXMSDAoEbmFtZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBSABKAkSMAoMdXBkYXRlZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCglyZXZlcnRfdG8YByABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLgoMbGFzdF9mYWlsdXJlGAggASgLMhguc2RzZXJ2ZS52MS5BbGlhc0ZhaWx1cmUimQEKClN0b3JlVXNhZ2USEgoKc3RvcmVfcGF0aBgBIAEoCRISCgp1c2VkX2J5dGVzGAIgASgEEhQKDGJ1ZGdldF9ieXRlcxgDIAEoBBIXCg9wcm90ZWN0ZWRfYnl0ZXMYBCABKAQSFQoNcGFydGlhbF9ieXRlcxgFIAEoBBIdChVmaWxlc3lzdGVtX2ZyZWVfYnl0ZXMYBiABKAQigQEKEU9wZXJhdGlvblByb2dyZXNzEg0KBXN0YWdlGAEgASgJEgwKBGZpbGUYAiABKAkSEgoKZG9uZV9ieXRlcxgDIAEoBBITCgt0b3RhbF9ieXRlcxgEIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAUgASgEEg8KB21lc3NhZ2UYBiABKAki7wEKD09wZXJhdGlvblJlc3VsdBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSLwoOYWxzb19wdWJsaXNoZWQYAiADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhcKD2FscmVhZHlfcHJlc2VudBgDIAEoCBIPCgdvZmZsaW5lGAQgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBSABKAQSFQoNcmVzdW1lZF9ieXRlcxgGIAEoBBIoCgdldmljdGVkGAcgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJvChBQdWxsTW9kZWxSZXF1ZXN0Eg8KB3JlcG9faWQYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIMCgRuYW1lGAQgASgJIn4KEVB1bGxNb2RlbFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiWwoSSW1wb3J0TW9kZWxSZXF1ZXN0EgwKBHBhdGgYASABKAkSDAoEbmFtZRgCIAEoCRIUCgxhcmNoaXRlY3R1cmUYAyABKAkSEwoLY29uZmlnX2Zyb20YBCABKAkigAEKE0ltcG9ydE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCKUAQoUQ3JlYXRlVmFyaWFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EhwKD21lYXN1cmVfcXVhbGl0eRgEIAEoCEgAiAEBQhIKEF9tZWFzdXJlX3F1YWxpdHkiggEKFUNyZWF0ZVZhcmlhbnRSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IicKF0xpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0EgwKBG5hbWUYASABKAkijgEKGExpc3RTdG9yZWRNb2RlbHNSZXNwb25zZRInCgZtb2RlbHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzEiUKBXVzYWdlGAMgASgLMhYuc2RzZXJ2ZS52MS5TdG9yZVVzYWdlIiUKFUdldFN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJImcKFkdldFN0b3JlZE1vZGVsUmVzcG9uc2USKQoIdmFyaWFudHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzImYKGERlbGV0ZVN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQiWgoZRGVsZXRlU3RvcmVkTW9kZWxSZXNwb25zZRIoCgdyZW1vdmVkGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBITCgtmcmVlZF9ieXRlcxgCIAEoBCI1ChVQaW5TdG9yZWRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZwaW5uZWQYAiABKAgiQwoWUGluU3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiYwoVUmVjb3JkTW9kZWxVc2VSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCIYChZSZWNvcmRNb2RlbFVzZVJlc3BvbnNlImoKF1JlbmV3TW9kZWxMZWFzZXNSZXF1ZXN0Eg4KBmhvbGRlchgBIAEoCRIoCgh2YXJpYW50cxgCIAMoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIVCg1sZWFzZV9zZWNvbmRzGAMgASgNInQKGFJlbmV3TW9kZWxMZWFzZXNSZXNwb25zZRInCgd1bmtub3duGAEgAygLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJiChlSZXBvcnRBbGlhc0ZhaWx1cmVSZXF1ZXN0Eg0KBWFsaWFzGAEgASgJEiYKBnRhcmdldBgCIAEoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIOCgZyZWFzb24YAyABKAkiUAoaUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEhAKCHJldmVydGVkGAIgASgIIm0KD1NldEFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IlkKEFNldEFsaWFzUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEiMKCHByZXZpb3VzGAIgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIjChJEZWxldGVBbGlhc1JlcXVlc3QSDQoFYWxpYXMYASABKAkiNwoTRGVsZXRlQWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiFAoSV2F0Y2hNb2RlbHNSZXF1ZXN0IoUBCg1TdG9yZVNuYXBzaG90EicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSEgoKc3RvcmVfcGF0aBgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCSI4Cg5Nb2RlbFB1Ymxpc2hlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiRgoMTW9kZWxSZW1vdmVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIOCgZyZWFzb24YAiABKAkinAEKCEFsaWFzU2V0EiAKBWFsaWFzGAEgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcxInCgZ0YXJnZXQYAiABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiMKCHByZXZpb3VzGAMgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcxIQCghyZXZlcnRlZBgEIAEoCBIOCgZyZWFzb24YBSABKAkiSgoOTW9kZWxDb3JydXB0ZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhAKCHByb2JsZW1zGAIgAygJIjAKDEFsaWFzUmVtb3ZlZBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiiAMKE1dhdGNoTW9kZWxzUmVzcG9uc2USEAoIc2VxdWVuY2UYASABKAQSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoIc25hcHNob3QYAyABKAsyGS5zZHNlcnZlLnYxLlN0b3JlU25hcHNob3RIABI1Cg9tb2RlbF9wdWJsaXNoZWQYBCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsUHVibGlzaGVkSAASMQoNbW9kZWxfcmVtb3ZlZBgFIAEoCzIYLnNkc2VydmUudjEuTW9kZWxSZW1vdmVkSAASKQoJYWxpYXNfc2V0GAYgASgLMhQuc2RzZXJ2ZS52MS5BbGlhc1NldEgAEjEKDWFsaWFzX3JlbW92ZWQYByABKAsyGC5zZHNlcnZlLnYxLkFsaWFzUmVtb3ZlZEgAEjUKD21vZGVsX2NvcnJ1cHRlZBgIIAEoCzIaLnNkc2VydmUudjEuTW9kZWxDb3JydXB0ZWRIAEIHCgVldmVudCqTAQoNV2VpZ2h0VmFyaWFudBIeChpXRUlHSFRfVkFSSUFOVF9VTlNQRUNJRklFRBAAEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMzIQARIXChNXRUlHSFRfVkFSSUFOVF9GUDE2EAISFwoTV0VJR0hUX1ZBUklBTlRfQkYxNhADEhcKE1dFSUdIVF9WQVJJQU5UX0lOVDgQBCp0ChBTdG9yZWRNb2RlbFN0YXRlEiIKHlNUT1JFRF9NT0RFTF9TVEFURV9VTlNQRUNJRklFRBAAEhwKGFNUT1JFRF9NT0RFTF9TVEFURV9SRUFEWRABEh4KGlNUT1JFRF9NT0RFTF9TVEFURV9DT1JSVVBUEAIqkgEKClNvdXJjZUtpbmQSGwoXU09VUkNFX0tJTkRfVU5TUEVDSUZJRUQQABITCg9TT1VSQ0VfS0lORF9IVUIQARIcChhTT1VSQ0VfS0lORF9MT0NBTF9GT0xERVIQAhIbChdTT1VSQ0VfS0lORF9TSU5HTEVfRklMRRADEhcKE1NPVVJDRV9LSU5EX0RFUklWRUQQBDKECQoTTW9kZWxNYW5hZ2VyU2VydmljZRJKCglQdWxsTW9kZWwSHC5zZHNlcnZlLnYxLlB1bGxNb2RlbFJlcXVlc3QaHS5zZHNlcnZlLnYxLlB1bGxNb2RlbFJlc3BvbnNlMAESUAoLSW1wb3J0TW9kZWwSHi5zZHNlcnZlLnYxLkltcG9ydE1vZGVsUmVxdWVzdBofLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXNwb25zZTABElYKDUNyZWF0ZVZhcmlhbnQSIC5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXF1ZXN0GiEuc2RzZXJ2ZS52MS5DcmVhdGVWYXJpYW50UmVzcG9uc2UwARJdChBMaXN0U3RvcmVkTW9kZWxzEiMuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVxdWVzdBokLnNkc2VydmUudjEuTGlzdFN0b3JlZE1vZGVsc1Jlc3BvbnNlElcKDkdldFN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5HZXRTdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVzcG9uc2USYAoRRGVsZXRlU3RvcmVkTW9kZWwSJC5zZHNlcnZlLnYxLkRlbGV0ZVN0b3JlZE1vZGVsUmVxdWVzdBolLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXNwb25zZRJXCg5QaW5TdG9yZWRNb2RlbBIhLnNkc2VydmUudjEuUGluU3RvcmVkTW9kZWxSZXF1ZXN0GiIuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlc3BvbnNlElcKDlJlY29yZE1vZGVsVXNlEiEuc2RzZXJ2ZS52MS5SZWNvcmRNb2RlbFVzZVJlcXVlc3QaIi5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVzcG9uc2USXQoQUmVuZXdNb2RlbExlYXNlcxIjLnNkc2VydmUudjEuUmVuZXdNb2RlbExlYXNlc1JlcXVlc3QaJC5zZHNlcnZlLnYxLlJlbmV3TW9kZWxMZWFzZXNSZXNwb25zZRJjChJSZXBvcnRBbGlhc0ZhaWx1cmUSJS5zZHNlcnZlLnYxLlJlcG9ydEFsaWFzRmFpbHVyZVJlcXVlc3QaJi5zZHNlcnZlLnYxLlJlcG9ydEFsaWFzRmFpbHVyZVJlc3BvbnNlEkUKCFNldEFsaWFzEhsuc2RzZXJ2ZS52MS5TZXRBbGlhc1JlcXVlc3QaHC5zZHNlcnZlLnYxLlNldEFsaWFzUmVzcG9uc2USTgoLRGVsZXRlQWxpYXMSHi5zZHNlcnZlLnYxLkRlbGV0ZUFsaWFzUmVxdWVzdBofLnNkc2VydmUudjEuRGVsZXRlQWxpYXNSZXNwb25zZRJQCgtXYXRjaE1vZGVscxIeLnNkc2VydmUudjEuV2F0Y2hNb2RlbHNSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5XYXRjaE1vZGVsc1Jlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLXBAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZmFtaWx5GBMgASgJEg0KBXRhc2tzGBQgAygJIlgKClZhcmlhbnRSZWYSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IpQBCgxBbGlhc0ZhaWx1cmUSJgoGdGFyZ2V0GAEgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgCIAEoCRIQCghyZXBvcnRlchgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZlcnRlZBgFIAEoCCL9AQoFQWxpYXMSDAoEbmFtZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBSABKAkSMAoMdXBkYXRlZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCglyZXZlcnRfdG8YByABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLgoMbGFzdF9mYWlsdXJlGAggASgLMhguc2RzZXJ2ZS52MS5BbGlhc0ZhaWx1cmUimQEKClN0b3JlVXNhZ2USEgoKc3RvcmVfcGF0aBgBIAEoCRISCgp1c2VkX2J5dGVzGAIgASgEEhQKDGJ1ZGdldF9ieXRlcxgDIAEoBBIXCg9wcm90ZWN0ZWRfYnl0ZXMYBCABKAQSFQoNcGFydGlhbF9ieXRlcxgFIAEoBBIdChVmaWxlc3lzdGVtX2ZyZWVfYnl0ZXMYBiABKAQigQEKEU9wZXJhdGlvblByb2dyZXNzEg0KBXN0YWdlGAEgASgJEgwKBGZpbGUYAiABKAkSEgoKZG9uZV9ieXRlcxgDIAEoBBITCgt0b3RhbF9ieXRlcxgEIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAUgASgEEg8KB21lc3NhZ2UYBiABKAki7wEKD09wZXJhdGlvblJlc3VsdBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSLwoOYWxzb19wdWJsaXNoZWQYAiADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhcKD2FscmVhZHlfcHJlc2VudBgDIAEoCBIPCgdvZmZsaW5lGAQgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBSABKAQSFQoNcmVzdW1lZF9ieXRlcxgGIAEoBBIoCgdldmljdGVkGAcgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJvChBQdWxsTW9kZWxSZXF1ZXN0Eg8KB3JlcG9faWQYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIMCgRuYW1lGAQgASgJIn4KEVB1bGxNb2RlbFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiWwoSSW1wb3J0TW9kZWxSZXF1ZXN0EgwKBHBhdGgYASABKAkSDAoEbmFtZRgCIAEoCRIUCgxhcmNoaXRlY3R1cmUYAyABKAkSEwoLY29uZmlnX2Zyb20YBCABKAkigAEKE0ltcG9ydE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCKUAQoUQ3JlYXRlVmFyaWFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EhwKD21lYXN1cmVfcXVhbGl0eRgEIAEoCEgAiAEBQhIKEF9tZWFzdXJlX3F1YWxpdHkiggEKFUNyZWF0ZVZhcmlhbnRSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IicKF0xpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0EgwKBG5hbWUYASABKAkijgEKGExpc3RTdG9yZWRNb2RlbHNSZXNwb25zZRInCgZtb2RlbHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzEiUKBXVzYWdlGAMgASgLMhYuc2RzZXJ2ZS52MS5TdG9yZVVzYWdlIiUKFUdldFN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJImcKFkdldFN0b3JlZE1vZGVsUmVzcG9uc2USKQoIdmFyaWFudHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzImYKGERlbGV0ZVN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQiWgoZRGVsZXRlU3RvcmVkTW9kZWxSZXNwb25zZRIoCgdyZW1vdmVkGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBITCgtmcmVlZF9ieXRlcxgCIAEoBCI1ChVQaW5TdG9yZWRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZwaW5uZWQYAiABKAgiQwoWUGluU3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiYwoVUmVjb3JkTW9kZWxVc2VSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCIYChZSZWNvcmRNb2RlbFVzZVJlc3BvbnNlImoKF1JlbmV3TW9kZWxMZWFzZXNSZXF1ZXN0Eg4KBmhvbGRlchgBIAEoCRIoCgh2YXJpYW50cxgCIAMoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIVCg1sZWFzZV9zZWNvbmRzGAMgASgNInQKGFJlbmV3TW9kZWxMZWFzZXNSZXNwb25zZRInCgd1bmtub3duGAEgAygLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJiChlSZXBvcnRBbGlhc0ZhaWx1cmVSZXF1ZXN0Eg0KBWFsaWFzGAEgASgJEiYKBnRhcmdldBgCIAEoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIOCgZyZWFzb24YAyABKAkiUAoaUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEhAKCHJldmVydGVkGAIgASgIIm0KD1NldEFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IlkKEFNldEFsaWFzUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEiMKCHByZXZpb3VzGAIgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIjChJEZWxldGVBbGlhc1JlcXVlc3QSDQoFYWxpYXMYASABKAkiNwoTRGVsZXRlQWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiFAoSV2F0Y2hNb2RlbHNSZXF1ZXN0IpsBCg1TdG9yZVNuYXBzaG90EicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSEgoKc3RvcmVfcGF0aBgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRIUCgxhZGFwdGVyc19kaXIYBSABKAkiOAoOTW9kZWxQdWJsaXNoZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIkYKDE1vZGVsUmVtb3ZlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSDgoGcmVhc29uGAIgASgJIpwBCghBbGlhc1NldBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSJwoGdGFyZ2V0GAIgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIjCghwcmV2aW91cxgDIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYBCABKAgSDgoGcmVhc29uGAUgASgJIkoKDk1vZGVsQ29ycnVwdGVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIQCghwcm9ibGVtcxgCIAMoCSIwCgxBbGlhc1JlbW92ZWQSIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzIogDChNXYXRjaE1vZGVsc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCHNuYXBzaG90GAMgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZVNuYXBzaG90SAASNQoPbW9kZWxfcHVibGlzaGVkGAQgASgLMhouc2RzZXJ2ZS52MS5Nb2RlbFB1Ymxpc2hlZEgAEjEKDW1vZGVsX3JlbW92ZWQYBSABKAsyGC5zZHNlcnZlLnYxLk1vZGVsUmVtb3ZlZEgAEikKCWFsaWFzX3NldBgGIAEoCzIULnNkc2VydmUudjEuQWxpYXNTZXRIABIxCg1hbGlhc19yZW1vdmVkGAcgASgLMhguc2RzZXJ2ZS52MS5BbGlhc1JlbW92ZWRIABI1Cg9tb2RlbF9jb3JydXB0ZWQYCCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsQ29ycnVwdGVkSABCBwoFZXZlbnQilQIKDVN0b3JlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBIOCgZsYXlvdXQYAyABKAkSDgoGZmFtaWx5GAQgASgJEgwKBGJhc2UYBSABKAkSDwoHdGFyZ2V0cxgGIAMoCRINCgV0b2tlbhgHIAEoCRIOCgZzaGEyNTYYCCABKAkSEgoKc2l6ZV9ieXRlcxgJIAEoBBIOCgZzb3VyY2UYCiABKAkSDAoEcGF0aBgLIAEoCRINCgVlcnJvchgMIAEoCRIwCgxjcmVhdGVkX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqABChZBZGFwdGVyT3BlcmF0aW9uUmVzdWx0EioKB2FkYXB0ZXIYASABKAsyGS5zZHNlcnZlLnYxLlN0b3JlZEFkYXB0ZXISFwoPYWxyZWFkeV9wcmVzZW50GAIgASgIEhAKCHJlcGxhY2VkGAMgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBCABKAQSFQoNcmVzdW1lZF9ieXRlcxgFIAEoBCJ3ChJQdWxsQWRhcHRlclJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIQCghmaWxlbmFtZRgDIAEoCRIMCgRuYW1lGAQgASgJEg0KBXRva2VuGAUgASgJEg8KB3JlcGxhY2UYBiABKAgihwEKE1B1bGxBZGFwdGVyUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASNAoGcmVzdWx0GAIgASgLMiIuc2RzZXJ2ZS52MS5BZGFwdGVyT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiUgoUSW1wb3J0QWRhcHRlclJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBXRva2VuGAMgASgJEg8KB3JlcGxhY2UYBCABKAgiiQEKFUltcG9ydEFkYXB0ZXJSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABI0CgZyZXN1bHQYAiABKAsyIi5zZHNlcnZlLnYxLkFkYXB0ZXJPcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCIVChNMaXN0QWRhcHRlcnNSZXF1ZXN0IlkKFExpc3RBZGFwdGVyc1Jlc3BvbnNlEisKCGFkYXB0ZXJzGAEgAygLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyEhQKDGFkYXB0ZXJzX2RpchgCIAEoCSIxChFHZXRBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnZlcmlmeRgCIAEoCCJSChJHZXRBZGFwdGVyUmVzcG9uc2USKgoHYWRhcHRlchgBIAEoCzIZLnNkc2VydmUudjEuU3RvcmVkQWRhcHRlchIQCgh2ZXJpZmllZBgCIAEoCCIkChREZWxldGVBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJIkMKFURlbGV0ZUFkYXB0ZXJSZXNwb25zZRIqCgdyZW1vdmVkGAEgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyKpMBCg1XZWlnaHRWYXJpYW50Eh4KGldFSUdIVF9WQVJJQU5UX1VOU1BFQ0lGSUVEEAASFwoTV0VJR0hUX1ZBUklBTlRfRlAzMhABEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMTYQAhIXChNXRUlHSFRfVkFSSUFOVF9CRjE2EAMSFwoTV0VJR0hUX1ZBUklBTlRfSU5UOBAEKnQKEFN0b3JlZE1vZGVsU3RhdGUSIgoeU1RPUkVEX01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1RPUkVEX01PREVMX1NUQVRFX1JFQURZEAESHgoaU1RPUkVEX01PREVMX1NUQVRFX0NPUlJVUFQQAiqSAQoKU291cmNlS2luZBIbChdTT1VSQ0VfS0lORF9VTlNQRUNJRklFRBAAEhMKD1NPVVJDRV9LSU5EX0hVQhABEhwKGFNPVVJDRV9LSU5EX0xPQ0FMX0ZPTERFUhACEhsKF1NPVVJDRV9LSU5EX1NJTkdMRV9GSUxFEAMSFwoTU09VUkNFX0tJTkRfREVSSVZFRBAEMqQMChNNb2RlbE1hbmFnZXJTZXJ2aWNlEkoKCVB1bGxNb2RlbBIcLnNkc2VydmUudjEuUHVsbE1vZGVsUmVxdWVzdBodLnNkc2VydmUudjEuUHVsbE1vZGVsUmVzcG9uc2UwARJQCgtJbXBvcnRNb2RlbBIeLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlc3BvbnNlMAESVgoNQ3JlYXRlVmFyaWFudBIgLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlcXVlc3QaIS5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXNwb25zZTABEl0KEExpc3RTdG9yZWRNb2RlbHMSIy5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVzcG9uc2USVwoOR2V0U3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXNwb25zZRJgChFEZWxldGVTdG9yZWRNb2RlbBIkLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0GiUuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlElcKDlBpblN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUmVjb3JkTW9kZWxVc2USIS5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVxdWVzdBoiLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXNwb25zZRJdChBSZW5ld01vZGVsTGVhc2VzEiMuc2RzZXJ2ZS52MS5SZW5ld01vZGVsTGVhc2VzUmVxdWVzdBokLnNkc2VydmUudjEuUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEmMKElJlcG9ydEFsaWFzRmFpbHVyZRIlLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVxdWVzdBomLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USRQoIU2V0QWxpYXMSGy5zZHNlcnZlLnYxLlNldEFsaWFzUmVxdWVzdBocLnNkc2VydmUudjEuU2V0QWxpYXNSZXNwb25zZRJOCgtEZWxldGVBbGlhcxIeLnNkc2VydmUudjEuRGVsZXRlQWxpYXNSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1Jlc3BvbnNlElAKC1dhdGNoTW9kZWxzEh4uc2RzZXJ2ZS52MS5XYXRjaE1vZGVsc1JlcXVlc3QaHy5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVzcG9uc2UwARJQCgtQdWxsQWRhcHRlchIeLnNkc2VydmUudjEuUHVsbEFkYXB0ZXJSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5QdWxsQWRhcHRlclJlc3BvbnNlMAESVgoNSW1wb3J0QWRhcHRlchIgLnNkc2VydmUudjEuSW1wb3J0QWRhcHRlclJlcXVlc3QaIS5zZHNlcnZlLnYxLkltcG9ydEFkYXB0ZXJSZXNwb25zZTABElEKDExpc3RBZGFwdGVycxIfLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVxdWVzdBogLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVzcG9uc2USSwoKR2V0QWRhcHRlchIdLnNkc2VydmUudjEuR2V0QWRhcHRlclJlcXVlc3QaHi5zZHNlcnZlLnYxLkdldEFkYXB0ZXJSZXNwb25zZRJUCg1EZWxldGVBZGFwdGVyEiAuc2RzZXJ2ZS52MS5EZWxldGVBZGFwdGVyUmVxdWVzdBohLnNkc2VydmUudjEuRGVsZXRlQWRhcHRlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_sdserve_v1_diffusion]);
 
 /**
  * ModelSource records where a stored variant came from.
@@ -1470,6 +1472,14 @@ export type StoreSnapshot = Message<"sdserve.v1.StoreSnapshot"> & {
    * @generated from field: string instance_id = 4;
    */
   instanceId: string;
+
+  /**
+   * Absolute path of the store's adapters folder, `<store>/adapters`: one folder per adapter,
+   * `<adapters_dir>/<name>/` holding `adapter.safetensors` and `adapter.json` (see StoredAdapter).
+   *
+   * @generated from field: string adapters_dir = 5;
+   */
+  adaptersDir: string;
 };
 
 /**
@@ -1710,6 +1720,493 @@ export type WatchModelsResponse = Message<"sdserve.v1.WatchModelsResponse"> & {
  */
 export const WatchModelsResponseSchema: GenMessage<WatchModelsResponse> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_model_manager, 41);
+
+/**
+ * StoredAdapter is one stored adapter: a LoRA or a textual-inversion embedding, published atomically at
+ * `<store>/adapters/<name>/` as `adapter.safetensors` (the weights, as imported or downloaded),
+ * `adapter.json` (every field below except `path` and `error`) and `README.md` when the Hub repository
+ * had one.
+ *
+ * @generated from message sdserve.v1.StoredAdapter
+ */
+export type StoredAdapter = Message<"sdserve.v1.StoredAdapter"> & {
+  /**
+   * Adapter name: the same rules as model names (1 to 100 characters from `A-Z a-z 0-9 . _ -`, starting
+   * with a letter or digit, without `..`). Adapters have their own namespace: a model may share the name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * LORA or TEXTUAL_INVERSION.
+   *
+   * @generated from field: sdserve.v1.AdapterKind kind = 2;
+   */
+  kind: AdapterKind;
+
+  /**
+   * Key layout of the weights file. LoRA: `diffusers` (`unet.<module>.lora_A.weight`, ...), `peft`
+   * (the same without the component prefix) or `kohya` (`lora_unet_<module>.lora_down.weight`, ...).
+   * Textual inversion: `diffusers` (`{token: [n, width]}`), `a1111` (`{"emb_params": ...}`) or `sdxl`
+   * (`{"clip_l": ..., "clip_g": ...}`).
+   *
+   * @generated from field: string layout = 3;
+   */
+  layout: string;
+
+  /**
+   * The model family it fits: `sd15` (SD 1.x and 2.x layouts) or `sdxl`.
+   *
+   * @generated from field: string family = 4;
+   */
+  family: string;
+
+  /**
+   * The base architecture it fits, read from its tensor shapes: comma-separated `key=value` pairs among
+   * `cross_attention_dim` (UNet cross-attention width), `text_width` (first text encoder's hidden size)
+   * and `text_width_2` (second text encoder's), only those the adapter changes; for example
+   * `cross_attention_dim=768,text_width=768`. A model fits when its family is the same and every pair
+   * equals the model's (see docs/adapters.md).
+   *
+   * @generated from field: string base = 5;
+   */
+  base: string;
+
+  /**
+   * The components it changes, sorted: among `text_encoder`, `text_encoder_2` and `unet`.
+   *
+   * @generated from field: repeated string targets = 6;
+   */
+  targets: string[];
+
+  /**
+   * Textual inversion: the token that invokes it in prompts. Empty for a LoRA.
+   *
+   * @generated from field: string token = 7;
+   */
+  token: string;
+
+  /**
+   * Lower-case hex sha256 of `adapter.safetensors`, recorded when it was stored.
+   *
+   * @generated from field: string sha256 = 8;
+   */
+  sha256: string;
+
+  /**
+   * Size of `adapter.safetensors` in bytes.
+   *
+   * @generated from field: uint64 size_bytes = 9;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Where it came from: `hub:<repo_id>@<commit>/<filename>` or `file:<absolute path>`.
+   *
+   * @generated from field: string source = 10;
+   */
+  source: string;
+
+  /**
+   * Absolute path of the adapter's folder on the sidecar's machine (the shared store volume).
+   *
+   * @generated from field: string path = 11;
+   */
+  path: string;
+
+  /**
+   * Why its files do not match `adapter.json`, as last found by GetAdapter with `verify` or by the
+   * scrub; empty when they matched (or were not checked since the sidecar started). Do not apply it.
+   *
+   * @generated from field: string error = 12;
+   */
+  error: string;
+
+  /**
+   * When it was stored (the time its folder was published).
+   *
+   * @generated from field: google.protobuf.Timestamp created_time = 13;
+   */
+  createdTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message sdserve.v1.StoredAdapter.
+ * Use `create(StoredAdapterSchema)` to create a new message.
+ */
+export const StoredAdapterSchema: GenMessage<StoredAdapter> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 42);
+
+/**
+ * AdapterOperationResult is the outcome of a PullAdapter or ImportAdapter call.
+ *
+ * @generated from message sdserve.v1.AdapterOperationResult
+ */
+export type AdapterOperationResult = Message<"sdserve.v1.AdapterOperationResult"> & {
+  /**
+   * The stored adapter.
+   *
+   * @generated from field: sdserve.v1.StoredAdapter adapter = 1;
+   */
+  adapter?: StoredAdapter | undefined;
+
+  /**
+   * True when the store already held this name with the same weights (sha256) and token; nothing was
+   * changed.
+   *
+   * @generated from field: bool already_present = 2;
+   */
+  alreadyPresent: boolean;
+
+  /**
+   * True when `replace` was set and another adapter of that name was replaced.
+   *
+   * @generated from field: bool replaced = 3;
+   */
+  replaced: boolean;
+
+  /**
+   * Bytes fetched from the Hub by this call (PullAdapter).
+   *
+   * @generated from field: uint64 downloaded_bytes = 4;
+   */
+  downloadedBytes: bigint;
+
+  /**
+   * Bytes reused from an earlier interrupted transfer (PullAdapter).
+   *
+   * @generated from field: uint64 resumed_bytes = 5;
+   */
+  resumedBytes: bigint;
+};
+
+/**
+ * Describes the message sdserve.v1.AdapterOperationResult.
+ * Use `create(AdapterOperationResultSchema)` to create a new message.
+ */
+export const AdapterOperationResultSchema: GenMessage<AdapterOperationResult> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 43);
+
+/**
+ * PullAdapterRequest names a Hub repository and the adapter file in it.
+ *
+ * @generated from message sdserve.v1.PullAdapterRequest
+ */
+export type PullAdapterRequest = Message<"sdserve.v1.PullAdapterRequest"> & {
+  /**
+   * Hub repository id `owner/name`.
+   *
+   * @generated from field: string repo_id = 1;
+   */
+  repoId: string;
+
+  /**
+   * Branch, tag or commit sha. Default: `main`. The file is pinned to the commit it resolves to.
+   *
+   * @generated from field: string revision = 2;
+   */
+  revision: string;
+
+  /**
+   * Path of the `.safetensors` file in the repository. Default: the repository's only `.safetensors`
+   * file; required when it has several (INVALID_ARGUMENT lists them). Pickle formats (`.pt`, `.bin`,
+   * `.ckpt`, ...) are refused.
+   *
+   * @generated from field: string filename = 3;
+   */
+  filename: string;
+
+  /**
+   * Adapter name. Default: the part of `repo_id` after the `/`.
+   *
+   * @generated from field: string name = 4;
+   */
+  name: string;
+
+  /**
+   * Textual inversion: the token that invokes it. Default: the tensor's name in the diffusers layout,
+   * else the adapter's name. Ignored for a LoRA. At most 100 characters, without spaces.
+   *
+   * @generated from field: string token = 5;
+   */
+  token: string;
+
+  /**
+   * Replace an adapter stored under `name` with other weights. Default false: ALREADY_EXISTS.
+   *
+   * @generated from field: bool replace = 6;
+   */
+  replace: boolean;
+};
+
+/**
+ * Describes the message sdserve.v1.PullAdapterRequest.
+ * Use `create(PullAdapterRequestSchema)` to create a new message.
+ */
+export const PullAdapterRequestSchema: GenMessage<PullAdapterRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 44);
+
+/**
+ * PullAdapterResponse is one message of a PullAdapter stream.
+ *
+ * @generated from message sdserve.v1.PullAdapterResponse
+ */
+export type PullAdapterResponse = Message<"sdserve.v1.PullAdapterResponse"> & {
+  /**
+   * Either progress or the final result.
+   *
+   * @generated from oneof sdserve.v1.PullAdapterResponse.event
+   */
+  event: {
+    /**
+     * Progress of the pull (stages `resolving`, `downloading`, `verifying`, `publishing`).
+     *
+     * @generated from field: sdserve.v1.OperationProgress progress = 1;
+     */
+    value: OperationProgress;
+    case: "progress";
+  } | {
+    /**
+     * The outcome; the last message of the stream.
+     *
+     * @generated from field: sdserve.v1.AdapterOperationResult result = 2;
+     */
+    value: AdapterOperationResult;
+    case: "result";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message sdserve.v1.PullAdapterResponse.
+ * Use `create(PullAdapterResponseSchema)` to create a new message.
+ */
+export const PullAdapterResponseSchema: GenMessage<PullAdapterResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 45);
+
+/**
+ * ImportAdapterRequest names a local adapter file to store.
+ *
+ * @generated from message sdserve.v1.ImportAdapterRequest
+ */
+export type ImportAdapterRequest = Message<"sdserve.v1.ImportAdapterRequest"> & {
+  /**
+   * Absolute path, on the sidecar's machine, of a `.safetensors` LoRA or textual-inversion file inside
+   * one of the sidecar's import folders (after resolving symbolic links). Pickle formats are refused.
+   *
+   * @generated from field: string path = 1;
+   */
+  path: string;
+
+  /**
+   * Adapter name. Default: the file's name without `.safetensors`.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * Textual inversion: the token that invokes it. Default: the tensor's name in the diffusers layout,
+   * else the adapter's name. Ignored for a LoRA. At most 100 characters, without spaces.
+   *
+   * @generated from field: string token = 3;
+   */
+  token: string;
+
+  /**
+   * Replace an adapter stored under `name` with other weights. Default false: ALREADY_EXISTS.
+   *
+   * @generated from field: bool replace = 4;
+   */
+  replace: boolean;
+};
+
+/**
+ * Describes the message sdserve.v1.ImportAdapterRequest.
+ * Use `create(ImportAdapterRequestSchema)` to create a new message.
+ */
+export const ImportAdapterRequestSchema: GenMessage<ImportAdapterRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 46);
+
+/**
+ * ImportAdapterResponse is one message of an ImportAdapter stream.
+ *
+ * @generated from message sdserve.v1.ImportAdapterResponse
+ */
+export type ImportAdapterResponse = Message<"sdserve.v1.ImportAdapterResponse"> & {
+  /**
+   * Either progress or the final result.
+   *
+   * @generated from oneof sdserve.v1.ImportAdapterResponse.event
+   */
+  event: {
+    /**
+     * Progress of the import (stages `copying`, `verifying`, `publishing`).
+     *
+     * @generated from field: sdserve.v1.OperationProgress progress = 1;
+     */
+    value: OperationProgress;
+    case: "progress";
+  } | {
+    /**
+     * The outcome; the last message of the stream.
+     *
+     * @generated from field: sdserve.v1.AdapterOperationResult result = 2;
+     */
+    value: AdapterOperationResult;
+    case: "result";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message sdserve.v1.ImportAdapterResponse.
+ * Use `create(ImportAdapterResponseSchema)` to create a new message.
+ */
+export const ImportAdapterResponseSchema: GenMessage<ImportAdapterResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 47);
+
+/**
+ * ListAdaptersRequest lists the stored adapters.
+ *
+ * @generated from message sdserve.v1.ListAdaptersRequest
+ */
+export type ListAdaptersRequest = Message<"sdserve.v1.ListAdaptersRequest"> & {
+};
+
+/**
+ * Describes the message sdserve.v1.ListAdaptersRequest.
+ * Use `create(ListAdaptersRequestSchema)` to create a new message.
+ */
+export const ListAdaptersRequestSchema: GenMessage<ListAdaptersRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 48);
+
+/**
+ * ListAdaptersResponse lists the stored adapters.
+ *
+ * @generated from message sdserve.v1.ListAdaptersResponse
+ */
+export type ListAdaptersResponse = Message<"sdserve.v1.ListAdaptersResponse"> & {
+  /**
+   * Every stored adapter, sorted by name.
+   *
+   * @generated from field: repeated sdserve.v1.StoredAdapter adapters = 1;
+   */
+  adapters: StoredAdapter[];
+
+  /**
+   * Absolute path of the store's adapters folder.
+   *
+   * @generated from field: string adapters_dir = 2;
+   */
+  adaptersDir: string;
+};
+
+/**
+ * Describes the message sdserve.v1.ListAdaptersResponse.
+ * Use `create(ListAdaptersResponseSchema)` to create a new message.
+ */
+export const ListAdaptersResponseSchema: GenMessage<ListAdaptersResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 49);
+
+/**
+ * GetAdapterRequest names an adapter.
+ *
+ * @generated from message sdserve.v1.GetAdapterRequest
+ */
+export type GetAdapterRequest = Message<"sdserve.v1.GetAdapterRequest"> & {
+  /**
+   * Adapter name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Re-read `adapter.safetensors` and compare its size and sha256 with `adapter.json` (reads the whole
+   * file). A mismatch fails the call with DATA_LOSS naming the file and the rule, and sets the adapter's
+   * `error`. Default false: describe it from `adapter.json` only.
+   *
+   * @generated from field: bool verify = 2;
+   */
+  verify: boolean;
+};
+
+/**
+ * Describes the message sdserve.v1.GetAdapterRequest.
+ * Use `create(GetAdapterRequestSchema)` to create a new message.
+ */
+export const GetAdapterRequestSchema: GenMessage<GetAdapterRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 50);
+
+/**
+ * GetAdapterResponse describes one adapter.
+ *
+ * @generated from message sdserve.v1.GetAdapterResponse
+ */
+export type GetAdapterResponse = Message<"sdserve.v1.GetAdapterResponse"> & {
+  /**
+   * The adapter.
+   *
+   * @generated from field: sdserve.v1.StoredAdapter adapter = 1;
+   */
+  adapter?: StoredAdapter | undefined;
+
+  /**
+   * True when `verify` was set and the file matched its recorded size and sha256.
+   *
+   * @generated from field: bool verified = 2;
+   */
+  verified: boolean;
+};
+
+/**
+ * Describes the message sdserve.v1.GetAdapterResponse.
+ * Use `create(GetAdapterResponseSchema)` to create a new message.
+ */
+export const GetAdapterResponseSchema: GenMessage<GetAdapterResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 51);
+
+/**
+ * DeleteAdapterRequest names an adapter to remove.
+ *
+ * @generated from message sdserve.v1.DeleteAdapterRequest
+ */
+export type DeleteAdapterRequest = Message<"sdserve.v1.DeleteAdapterRequest"> & {
+  /**
+   * Adapter name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message sdserve.v1.DeleteAdapterRequest.
+ * Use `create(DeleteAdapterRequestSchema)` to create a new message.
+ */
+export const DeleteAdapterRequestSchema: GenMessage<DeleteAdapterRequest> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 52);
+
+/**
+ * DeleteAdapterResponse returns the removed adapter.
+ *
+ * @generated from message sdserve.v1.DeleteAdapterResponse
+ */
+export type DeleteAdapterResponse = Message<"sdserve.v1.DeleteAdapterResponse"> & {
+  /**
+   * The adapter as it was; its folder is gone.
+   *
+   * @generated from field: sdserve.v1.StoredAdapter removed = 1;
+   */
+  removed?: StoredAdapter | undefined;
+};
+
+/**
+ * Describes the message sdserve.v1.DeleteAdapterResponse.
+ * Use `create(DeleteAdapterResponseSchema)` to create a new message.
+ */
+export const DeleteAdapterResponseSchema: GenMessage<DeleteAdapterResponse> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 53);
 
 /**
  * WeightVariant is the numeric format of a stored variant's weights.
@@ -2020,6 +2517,58 @@ export const ModelManagerService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchModelsRequestSchema;
     output: typeof WatchModelsResponseSchema;
+  },
+  /**
+   * PullAdapter fetches one LoRA or textual-inversion `.safetensors` file from the Hugging Face Hub and
+   * stores it as an adapter at `<store>/adapters/<name>/` (see StoredAdapter). Streams like PullModel.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.PullAdapter
+   */
+  pullAdapter: {
+    methodKind: "server_streaming";
+    input: typeof PullAdapterRequestSchema;
+    output: typeof PullAdapterResponseSchema;
+  },
+  /**
+   * ImportAdapter stores a local LoRA or textual-inversion `.safetensors` file as an adapter. Streams like
+   * ImportModel.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.ImportAdapter
+   */
+  importAdapter: {
+    methodKind: "server_streaming";
+    input: typeof ImportAdapterRequestSchema;
+    output: typeof ImportAdapterResponseSchema;
+  },
+  /**
+   * ListAdapters lists every stored adapter.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.ListAdapters
+   */
+  listAdapters: {
+    methodKind: "unary";
+    input: typeof ListAdaptersRequestSchema;
+    output: typeof ListAdaptersResponseSchema;
+  },
+  /**
+   * GetAdapter describes one stored adapter and, when asked, re-hashes its weights file.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.GetAdapter
+   */
+  getAdapter: {
+    methodKind: "unary";
+    input: typeof GetAdapterRequestSchema;
+    output: typeof GetAdapterResponseSchema;
+  },
+  /**
+   * DeleteAdapter removes a stored adapter.
+   *
+   * @generated from rpc sdserve.v1.ModelManagerService.DeleteAdapter
+   */
+  deleteAdapter: {
+    methodKind: "unary";
+    input: typeof DeleteAdapterRequestSchema;
+    output: typeof DeleteAdapterResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_sdserve_v1_model_manager, 0);
