@@ -80,9 +80,13 @@ class Driver:
 
     def run(self, name: str, indices: Sequence[int], concurrency: int) -> Phase:
         """Runs `indices` with at most `concurrency` in flight; images/s over the whole phase's wall time."""
+        return self.run_with(name, indices, concurrency, None)
+
+    def run_with(self, name: str, indices: Sequence[int], concurrency: int, extra: GenerationOptions | None) -> Phase:
+        """As run, each request with `extra` options (adapters, for example)."""
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            records = list(pool.map(self.request, indices))
+            records = list(pool.map(lambda i: self.request(i, extra), indices))
         return summarise(name, concurrency, records, time.perf_counter() - start)
 
     def previews(self, rounds: int) -> dict[str, Phase]:
