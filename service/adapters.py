@@ -152,10 +152,13 @@ def _mentioned(token: str, texts: Sequence[str]) -> bool:
 _NO_VECTORS = TokenEmbedding({})
 
 
-def resolve(catalog: AdapterCatalog, req: GenerationRequest, family: str, base: str) -> tuple[AdapterUse, ...]:
-    """The adapters that serve `req` on a model of `family` and `base`, sorted by name: the LoRAs it names, and
-    the embeddings (of that family and base) whose tokens its prompts use. Raises AdapterNotFound, InvalidRequest
-    (an embedding named as a LoRA) or AdapterUnusable (another family or base), each naming the field."""
+def resolve(
+    catalog: AdapterCatalog, req: GenerationRequest, family: str, base: str, variant: str = ""
+) -> tuple[AdapterUse, ...]:
+    """The adapters that serve `req` on a model of `family`, `base` and stored `variant`, sorted by name: the LoRAs
+    it names, and the embeddings (of that family and base) whose tokens its prompts use. Raises AdapterNotFound,
+    InvalidRequest (an embedding named as a LoRA) or AdapterUnusable (another family or base; a LoRA on int8
+    weights), each naming the field."""
     uses: list[AdapterUse] = []
     for ref in req.adapters:
         entry = catalog.get(ref.name)
@@ -165,6 +168,8 @@ def resolve(catalog: AdapterCatalog, req: GenerationRequest, family: str, base: 
             rule = f"adapter {ref.name!r} is a textual-inversion embedding: use its token {entry.token!r} in the prompt"
             raise InvalidRequest([FieldViolation(ref.field, rule)])
         reason = adapter_file.fits(entry.manifest.file, family, base)
+        if reason is None and variant == "int8":
+            reason = "LoRAs apply to float weights; this model is the int8 variant (use its fp32/fp16 variant)"
         if reason is not None:
             raise AdapterUnusable(f"{ref.field}: adapter {ref.name!r}: {reason}", ref.field)
         uses.append(_use(entry, ref.scale))

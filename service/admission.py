@@ -100,7 +100,7 @@ class Admission:
         """The request with the adapters that serve it and the text-encoder chunks its prompts take (both part of
         its batch key)."""
         req = resolved.request
-        uses = adapters.resolve(self.adapters, req, entry.family, entry.base)
+        uses = adapters.resolve(self.adapters, req, entry.family, entry.base, entry.variant)
         chunks = prompt_chunks.count(entry.path, req, resolved.guidance_scale > 1.0, adapters.vocab(uses))
         return dataclasses.replace(resolved, adapters=uses, prompt_chunks=chunks)
 

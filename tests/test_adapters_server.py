@@ -306,3 +306,18 @@ def test_pickle_named_weights_are_never_loaded(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(1)}, str(path))
     with pytest.raises(AdapterFormatError, match="pickle"):
         inspect(path)
+
+
+def test_a_lora_on_int8_weights_is_refused(adapters: Path) -> None:
+    from service.adapters import AdapterCatalog, AdapterUnusable, resolve
+    from service.requests import AdapterRequest, GenerationRequest, Task
+
+    catalog = AdapterCatalog([adapters])
+    base = "cross_attention_dim=32,text_width=32"
+    req = GenerationRequest(Task.GENERATE, TINY, "a <tok> circle", adapters=(AdapterRequest("both", 1.0, "f"),))
+    assert [u.name for u in resolve(catalog, req, "sd15", base, "fp32")] == ["both", "tok"]
+    with pytest.raises(AdapterUnusable, match="int8"):
+        resolve(catalog, req, "sd15", base, "int8")
+    # Embeddings need no float weights: they go on int8 models too.
+    only_token = GenerationRequest(Task.GENERATE, TINY, "a <tok> circle")
+    assert [u.name for u in resolve(catalog, only_token, "sd15", base, "int8")] == ["tok"]
