@@ -56,6 +56,7 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.adapters
 
 eval: install
 	$(BIN)/python -m quality
