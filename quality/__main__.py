@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from quality import served
+from quality.adapters import evaluate_adapters
 from quality.server import running_server, running_sidecar, wait_for_models
 from sdserve import Client
 from sdserve.models_client import ModelManagerClient
@@ -66,6 +68,26 @@ def evaluate_variants(variants: list[str], n: int, steps: int) -> dict[str, dict
             wait_for_models(target, list(aliases.values()))
             with Client(target) as c:
                 return {v: served.text_to_image(c, grid, steps=steps, model=a) for v, a in aliases.items()}
+
+
+def adapters_markdown(a: dict[str, Any]) -> str:
+    """The adapters' table: new colours with the LoRA, the embedding, scale 0, and the base grid with the LoRA."""
+    attrs = ["background", "colour", "shape", "size", "position"]
+    drop = a["base_drop_points"]
+    lines = [
+        "",
+        f"Adapters (models/adapters), {a['n']} prompts per grid, {a['steps']} steps, through the server:",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| LoRA at scale 1: new colour words right | {100 * a['lora_scale_1']['new_colour']:.1f}% | >= 90% |",
+        f"| embedding token: its colour right | {100 * a['ti']['new_colour']:.1f}% | >= 80% |",
+        f"| LoRA at scale 0: same pixels as without | {a['lora_scale_0_identical']} | True |",
+        "| base grid with the LoRA, points lost: "
+        + ", ".join(f"{k} {drop.get(k, 0):+.1f}" for k in attrs)
+        + f" | worst {max(drop.values(), default=0):.1f} | <= 5 |",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -131,16 +153,22 @@ def main() -> int:
         default="fp16,int8",
         help="Stored variants to make with the model manager and score (default scheduler); empty for none.",
     )
+    parser.add_argument(
+        "--adapters",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Score the shipped adapters (models/adapters) on the shapes model (default on).",
+    )
     parser.add_argument("--target", default="", help="Use a running server instead of starting one.")
     parser.add_argument("--out", default="quality/results")
     ns = parser.parse_args()
     start = time.monotonic()
     schedulers = [s for s in ns.schedulers.split(",") if s]
-    if ns.target:
-        results = evaluate(ns.target, ns.n, ns.steps, schedulers, ns.model)
-    else:
-        with running_server() as target:
-            results = evaluate(target, ns.n, ns.steps, schedulers, ns.model)
+    with contextlib.ExitStack() as stack:
+        target = ns.target or stack.enter_context(running_server())
+        results = evaluate(target, ns.n, ns.steps, schedulers, ns.model)
+        if ns.adapters and not ns.model:
+            results["adapters"] = evaluate_adapters(target, ns.n, ns.steps)
     variants = [v for v in ns.variants.split(",") if v]
     if variants and not ns.target and not ns.model:
         results["variants"] = evaluate_variants(variants, ns.n, ns.steps)
@@ -152,6 +180,9 @@ def main() -> int:
     (out / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     text = markdown(results)
     misses = check_targets(results)
+    if "adapters" in results:
+        text += adapters_markdown(results["adapters"])
+        misses += results["adapters"]["misses"]
     text += "\nTargets: " + ("all met." if not misses else "missed: " + "; ".join(misses)) + "\n"
     (out / f"{name}.md").write_text(text)
     sys.stdout.write(text)
