@@ -20,7 +20,7 @@ CLIENT_DIR = REPO_ROOT / "clients" / "python"
 # What each distribution is built from: the build runs on a copy of these, so the checkout stays untouched.
 SERVER_SOURCES = ("pyproject.toml", "README.md", "service", "model_manager", "sdserve_core", "models")
 CLIENT_SOURCES = ("pyproject.toml", "README.md", "sdserve")
-EMBEDDED = ("shapes", "shapes-inpainting")
+EMBEDDED = ("shapes", "shapes-inpainting", "adapters")
 
 
 def copy_sources(src: Path, names: tuple[str, ...], dest: Path) -> Path:
