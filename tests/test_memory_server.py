@@ -56,6 +56,8 @@ def test_strategies_are_chosen_named_and_counted(xl_dir: Path) -> None:
         assert big[1].started.memory_strategy == "vae_slicing,vae_tiling"
         assert big[-1].result.parameters.memory_strategy == "vae_slicing,vae_tiling"
         assert srv.server is not None
+        # The worker counts a call after posting its results: work queued now runs once that call is done.
+        srv.server.worker.run(lambda: None)
         text = scrape(srv.server.metrics_port)
         assert sample(text, "sdserve_memory_strategy_calls_total", model="xl", strategy="vae_slicing,vae_tiling") == 1
         assert sample(text, "sdserve_memory_strategy_calls_total", model="xl", strategy="none") >= 1

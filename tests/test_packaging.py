@@ -20,7 +20,8 @@ CLIENT_DIR = REPO_ROOT / "clients" / "python"
 # What each distribution is built from: the build runs on a copy of these, so the checkout stays untouched.
 SERVER_SOURCES = ("pyproject.toml", "README.md", "service", "model_manager", "sdserve_core", "models")
 CLIENT_SOURCES = ("pyproject.toml", "README.md", "sdserve")
-EMBEDDED = ("shapes", "shapes-inpainting", "adapters")
+MODELS = ("shapes", "shapes-inpainting")
+EMBEDDED = (*MODELS, "adapters")
 
 
 def copy_sources(src: Path, names: tuple[str, ...], dest: Path) -> Path:
@@ -128,7 +129,7 @@ def test_installed_server_finds_its_embedded_models(wheels: dict[str, Path], tmp
     venv = (tmp_path / "venv").resolve()
     assert service_file.resolve().is_relative_to(venv) and sdserve_file.resolve().is_relative_to(venv)
     assert first_dir.resolve().is_relative_to(venv), f"the embedded models are looked for in {first_dir}"
-    for model in EMBEDDED:
+    for model in MODELS:
         assert (first_dir / model / "model_index.json").is_file()
         assert (first_dir / model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 

