@@ -1,5 +1,5 @@
 """Adapters through a real server: an unknown adapter is NOT_FOUND naming its field from the sync and async
-clients and the CLI, GetServerInfo's limit, and the shipped shapes LoRA (models/adapters/shapes-pink-cyan) applied
+clients and the CLI, GetServerInfo's limit, and the shipped shapes LoRA (models/adapters/LORA_NAME) applied
 with `sdserve generate --lora` and reported back as the served identity."""
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from sdserve import AsyncClient, Client, ResolvedAdapter, Result, SdserveError, 
 from service.settings import REPO_ROOT
 from tests.harness import ServerThread, pixels, serving
 from tests.test_cli import run_cli
+from training.shapes.adapters import LORA_NAME
+from training.shapes.grammar import LORA_COLOURS
 
 MODELS = REPO_ROOT / "models"
-SHAPES_LORA = MODELS / "adapters" / "shapes-pink-cyan"
+SHAPES_LORA = MODELS / "adapters" / LORA_NAME
 MISSING = "no-such-adapter"
 FIELD = "params.adapters[0].name"
-PROMPT = "a pink circle on a white background"
+PROMPT = f"a {next(iter(LORA_COLOURS))} circle on a white background"
 
 
 def _names_field(err: SdserveError, field: str) -> bool:
@@ -84,7 +86,7 @@ def _file_hashes(folder: Path) -> set[str]:
 
 def test_cli_generate_with_the_shapes_lora(shapes: ServerThread, tmp_path: Path) -> None:
     name = SHAPES_LORA.name
-    out = tmp_path / "pink.png"
+    out = tmp_path / "lora.png"
     args = ("--prompt", PROMPT, "--seed", "3", "--lora", f"{name}:1", "--out", str(out), "--json")
     proc = run_cli(shapes, "generate", *args)
     assert proc.returncode == 0, proc.stderr

@@ -19,6 +19,7 @@ from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 from tests.clients.live import (
     ADAPTER_FIELD,
+    LORA_PROMPT,
     MISSING_ADAPTER,
     SDXL_BASE,
     SDXL_REFINER,
@@ -165,7 +166,7 @@ def adapter_request(lora: str) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         params=pb.GenerationParams(
             model="shapes",
-            prompt="a pink circle on a white background",
+            prompt=LORA_PROMPT,
             steps=8,
             seed=5,
             adapters=[pb.AdapterRef(name=lora, scale=1.0)],
@@ -176,7 +177,7 @@ def adapter_request(lora: str) -> pb.GenerateRequest:
 @pytest.fixture(scope="package")
 def adapter_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The unknown adapter's name and the field the server names for it; when the checkout ships the shapes LoRA
-    (models/adapters/shapes-pink-cyan), also a request with it run through the Python stubs: the request (proto3
+    (models/adapters/LORA_NAME), also a request with it run through the Python stubs: the request (proto3
     JSON), the image bytes and the resolved adapters (proto3 JSON) the server reported in `started` and the result.
     Without the LoRA `lora` is "" and the clients skip that test."""
     case: dict[str, Any] = {"missing": MISSING_ADAPTER, "field": ADAPTER_FIELD, "lora": ""}
@@ -190,6 +191,7 @@ def adapter_cases(live_server: LiveServer, tmp_path_factory: pytest.TempPathFact
         assert [a["name"] for a in resolved] == [SHAPES_LORA.name], resolved
         case.update(
             lora=SHAPES_LORA.name,
+            prompt=LORA_PROMPT,
             request=json_format.MessageToDict(request),
             images=_expected([image.data for image in result.images]),
             adapters=resolved,

@@ -15,6 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.tiny_sdxl import build_tiny_sdxl
+from training.shapes.adapters import LORA_NAME
+from training.shapes.grammar import LORA_COLOURS
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "sdserve.v1.DiffusionService"
@@ -25,7 +27,9 @@ INSTALL_HINT = "install the client toolchains with scripts/install_client_toolch
 SDXL_BASE = "tiny-sdxl"
 SDXL_REFINER = "tiny-sdxl-refiner"
 # The shapes LoRA the repository ships (when it does): the clients' adapter tests apply it to `shapes`.
-SHAPES_LORA = REPO / "models" / "adapters" / "shapes-pink-cyan"
+SHAPES_LORA = REPO / "models" / "adapters" / LORA_NAME
+# A prompt that uses its first new colour word.
+LORA_PROMPT = f"a {next(iter(LORA_COLOURS))} circle on a white background"
 # An adapter no server has, and the field a NOT_FOUND for it names.
 MISSING_ADAPTER = "no-such-adapter"
 ADAPTER_FIELD = "params.adapters[0].name"

@@ -27,6 +27,7 @@ type adapterCase struct {
 	Missing  string            `json:"missing"`
 	Field    string            `json:"field"`
 	Lora     string            `json:"lora"`
+	Prompt   string            `json:"prompt"`
 	Request  json.RawMessage   `json:"request"`
 	Images   []expectedImage   `json:"images"`
 	Adapters []json.RawMessage `json:"adapters"`
@@ -71,12 +72,12 @@ func TestLiveAdapterLoRA(t *testing.T) {
 	c := live(t)
 	ac := loadAdapters(t)
 	if ac.Lora == "" {
-		t.Skip("models/adapters/shapes-pink-cyan is not in this checkout")
+		t.Skip("the shapes LoRA (models/adapters) is not in this checkout")
 	}
 	// The reference request, written the way a caller would.
 	req := &sdservev1.GenerateRequest{Params: &sdservev1.GenerationParams{
 		Model:    "shapes",
-		Prompt:   "a pink circle on a white background",
+		Prompt:   ac.Prompt,
 		Steps:    8,
 		Seed:     proto.Uint64(5),
 		Adapters: []*sdservev1.AdapterRef{sdserve.Adapter(ac.Lora, 1)},

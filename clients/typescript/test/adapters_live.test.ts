@@ -23,6 +23,7 @@ interface AdapterCase {
   missing: string;
   field: string;
   lora: string;
+  prompt?: string;
   request?: JsonValue;
   images?: { sha256: string; data_b64: string }[];
   adapters?: JsonValue[];
@@ -60,14 +61,14 @@ test("adapters: an unknown adapter is NOT_FOUND naming its field", async () => {
 
 test("adapters: the shapes LoRA gives the Python stubs' bytes and resolved adapters", async (t) => {
   if (!cases.lora) {
-    t.skip("models/adapters/shapes-pink-cyan is not in this checkout");
+    t.skip("the shapes LoRA (models/adapters) is not in this checkout");
     return;
   }
   // The reference request, written the way a caller would.
   const request: GenerateInput = {
     params: {
       model: "shapes",
-      prompt: "a pink circle on a white background",
+      prompt: cases.prompt ?? "",
       steps: 8,
       seed: 5n,
       adapters: [{ name: cases.lora, scale: 1 }],
