@@ -45,8 +45,9 @@ lint: install
 typecheck: install
 	$(BIN)/mypy service model_manager sdserve_core clients/python/sdserve tests training quality bench
 
+# Two pytest workers (each test file stays on one), one torch thread each (tests/conftest.py).
 test: install deps check-gen check-breaking lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
