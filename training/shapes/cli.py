@@ -17,6 +17,9 @@ from typing import Any
 import torch
 
 from . import card
+from .adapter_stage import ADAPTERS_DIR, train_adapters
+from .adapters import BATCH as ADAPTER_BATCH
+from .adapters import LORA_STEPS, N_SCENES, TI_COMPARE_STEPS, TI_STEPS, AdapterRun
 from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir, terminal_dir, vae_dir
 from .inpaint import train_inpaint
@@ -44,7 +47,7 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m training.shapes", description=__doc__)
-    p.add_argument("stage", nargs="?", default="all", choices=("all", "selfcheck", *STAGES))
+    p.add_argument("stage", nargs="?", default="all", choices=("all", "selfcheck", *STAGES, "adapters"))
     p.add_argument("--out", type=Path, default=Path("models"), help="where the model folders go")
     p.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"), help="stage checkpoints and caches")
     p.add_argument(
@@ -84,10 +87,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="eval: sampling steps")
     p.add_argument("--n", type=int, default=96, help="eval: prompts in the grid")
     p.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    _adapter_args(p)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
     return args
+
+
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    """The `adapters` stage's options (its eval uses --n and --steps, its base model --model)."""
+    p.add_argument("--lora-steps", type=int, default=LORA_STEPS, help="adapters: LoRA training steps")
+    p.add_argument("--ti-steps", type=int, default=TI_STEPS, help="adapters: textual-inversion training steps")
+    p.add_argument("--ti-compare-steps", type=int, default=TI_COMPARE_STEPS, help="adapters: TI candidates' steps")
+    p.add_argument("--adapter-batch", type=int, default=ADAPTER_BATCH, help="adapters: batch size")
+    p.add_argument("--adapter-scenes", type=int, default=N_SCENES, help="adapters: rendered scenes per data set")
 
 
 class Run:
@@ -145,6 +158,8 @@ def main(argv: list[str]) -> int:
     w, out, seed = run.work, args.out, args.seed
     t2i_model: Path = args.model or out / T2I_NAME
     wanted = STAGES if args.stage == "all" else (args.stage,)
+    if args.stage == "adapters":
+        return _adapters(run, t2i_model)
     if args.stage == "selfcheck":
         from .evaluate import ground_truth_accuracy
 
@@ -205,6 +220,16 @@ def main(argv: list[str]) -> int:
     for name in wanted:
         done, fn = stages[name]
         run.stage(name, done, fn)
+    return 0
+
+
+def _adapters(run: Run, model: Path) -> int:
+    """Stage `adapters` (not part of "all"): the LoRA and the textual-inversion embedding for the shipped
+    text-to-image model, into OUT/adapters/ (see training/shapes/adapters.py)."""
+    a = run.args
+    spec = AdapterRun(model, a.seed, a.lora_steps, a.ti_steps, a.adapter_batch, a.adapter_scenes, a.ti_compare_steps)
+    out = a.out / ADAPTERS_DIR
+    run.stage("adapters", False, lambda: train_adapters(spec, out, a.n, a.steps, run.work / "adapters-report.json"))
     return 0
 
 

@@ -14,13 +14,14 @@ Geometry (image side S = 64 px, continuous coordinates 0..S, thirds at S/3 and 2
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from .grammar import COLOURS, POSITION_CELLS, POSITIONS, SHAPES, SIZES, Attributes
+from .grammar import ALL_COLOURS, COLOURS, POSITION_CELLS, POSITIONS, SHAPES, SIZES, Attributes
 
 SIZE = 64
 THIRD = SIZE / 3
@@ -56,6 +57,18 @@ def random_attributes(rng: random.Random) -> Attributes:
     return Attributes(rng.choice(SHAPES), colour, background, size, position)
 
 
+def attributes_with(rng: random.Random, new: Sequence[str], others: Sequence[str]) -> Attributes:
+    """Draw attributes like random_attributes, but with one of the new colours (the adapters' training data): in
+    the shape half the time, else in the background; the other slot takes a different colour from others."""
+    colour = rng.choice(sorted(new))
+    other = rng.choice(sorted(c for c in others if c != colour))
+    if rng.random() >= 0.5:
+        colour, other = other, colour
+    size = rng.choice(SIZES) if rng.random() < P_SIZE_WORD else None
+    position = rng.choice(sorted(POSITIONS)) if rng.random() < P_POSITION_WORD else None
+    return Attributes(rng.choice(SHAPES), colour, other, size, position)
+
+
 def _axis_range(cell: int | None, side: float) -> tuple[float, float]:
     lo, hi = side / 2 + _BORDER, SIZE - side / 2 - _BORDER
     if cell is not None:
@@ -79,13 +92,13 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def render(scene: Scene) -> Image.Image:
-    """Draw the scene as a 64x64 RGB image (box-filtered 4x supersampling)."""
+    """Draw the scene as a 64x64 RGB image (box-filtered 4x supersampling); the adapters' colours render too."""
     k = _SUPERSAMPLE
-    big = Image.new("RGB", (SIZE * k, SIZE * k), COLOURS[scene.attrs.background])
+    big = Image.new("RGB", (SIZE * k, SIZE * k), ALL_COLOURS[scene.attrs.background])
     draw = ImageDraw.Draw(big)
     h = scene.side / 2
     x0, y0, x1, y1 = ((scene.cx - h) * k, (scene.cy - h) * k, (scene.cx + h) * k, (scene.cy + h) * k)
-    fill = COLOURS[scene.attrs.colour]
+    fill = ALL_COLOURS[scene.attrs.colour]
     if scene.attrs.shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif scene.attrs.shape == "square":

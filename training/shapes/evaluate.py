@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
 from .data import SIZE, THIRD, Mask, Scene, place, render, shape_box_mask
-from .grammar import COLOURS, POSITION_CELLS, POSITIONS, SHAPES, Attributes
+from .grammar import ALL_COLOURS, COLOURS, POSITION_CELLS, POSITIONS, SHAPES, Attributes
 
-_NAMES = list(COLOURS)
-_PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
+Palette = Mapping[str, tuple[int, int, int]]
+# The adapters' scoring palette (opt-in; judge's default is the base COLOURS).
+EXTENDED_PALETTE: Palette = ALL_COLOURS
 _FAR_FROM_BACKGROUND = 48.0
 _CELL_NAMES = {cell: name for name, cell in POSITION_CELLS.items()}
 _ROWS = ("top", "middle", "bottom")
@@ -58,13 +60,18 @@ class Judgement:
     top_fraction: float = 0.0
 
 
-def _nearest(pixels: FloatArray) -> NDArray[np.intp]:
-    d = ((pixels[:, None, :] - _PALETTE[None, :, :]) ** 2).sum(-1)
+@lru_cache(maxsize=8)
+def _palette_array(items: tuple[tuple[str, tuple[int, int, int]], ...]) -> FloatArray:
+    return np.array([rgb for _, rgb in items], dtype=np.float32)
+
+
+def _nearest(pixels: FloatArray, palette: FloatArray) -> NDArray[np.intp]:
+    d = ((pixels[:, None, :] - palette[None, :, :]) ** 2).sum(-1)
     return np.asarray(d.argmin(-1))
 
 
-def _mode(labels: NDArray[np.intp]) -> int:
-    return int(np.bincount(labels, minlength=len(_NAMES)).argmax())
+def _mode(labels: NDArray[np.intp], size: int) -> int:
+    return int(np.bincount(labels, minlength=size).argmax())
 
 
 def _largest_blob(mask: Mask) -> Mask:
@@ -106,23 +113,32 @@ def as_array(image: Image.Image) -> FloatArray:
     return np.asarray(image, dtype=np.float32)
 
 
-def judge(image: Image.Image) -> Judgement:
-    """Measure background, shape colour, class, size and position from the pixels."""
+def judge(image: Image.Image, palette: Palette | None = None) -> Judgement:
+    """Measure background, shape colour, class, size and position from the pixels. Colours are named from palette:
+    the 8 base colours unless given (the adapters' evals pass EXTENDED_PALETTE: the base colours plus the adapters'
+    maroon, cream and teal)."""
+    names = list(palette or COLOURS)
+    rgb = _palette_array(tuple((n, (palette or COLOURS)[n]) for n in names))
     a = as_array(image)
     border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    border_labels = _nearest(border)
-    bg_label = _mode(border_labels)
+    border_labels = _nearest(border, rgb)
+    bg_label = _mode(border_labels, len(names))
     bg = np.median(border[border_labels == bg_label], axis=0)
     flat = a.reshape(-1, 3)
     far = np.linalg.norm(flat - bg, axis=-1) > _FAR_FROM_BACKGROUND
-    labels = _nearest(flat[far])
+    labels = _nearest(flat[far], rgb)
     labels = labels[labels != bg_label]
     if labels.size < 4:
-        return Judgement(background=_NAMES[bg_label])
-    fg_label = _mode(labels)
-    fg = np.median(flat[far][_nearest(flat[far]) == fg_label], axis=0)
+        return Judgement(background=names[bg_label])
+    fg_label = _mode(labels, len(names))
+    fg = np.median(flat[far][_nearest(flat[far], rgb) == fg_label], axis=0)
     d = fg - bg
     alpha = np.clip(((a - bg) @ d) / float(d @ d), 0.0, 1.0)
+    return _measure_shape(alpha, names[bg_label], names[fg_label])
+
+
+def _measure_shape(alpha: FloatArray, background: str, colour: str) -> Judgement:
+    """Class, size and position of the shape from its coverage alpha."""
     blob = _largest_blob(alpha > 0.5)
     ys, xs = np.nonzero(blob)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
@@ -142,8 +158,8 @@ def judge(image: Image.Image) -> Judgement:
         shape = "circle"
     size = "small" if side <= SMALL_MAX else "large" if side >= LARGE_MIN else "medium"
     return Judgement(
-        background=_NAMES[bg_label],
-        colour=_NAMES[fg_label],
+        background=background,
+        colour=colour,
         shape=shape,
         size=size,
         position=_position_name(cx, cy),
@@ -198,6 +214,26 @@ def prompt_grid(n: int, seed: int = 0) -> list[GridItem]:
         colour, background = rng.sample(sorted(COLOURS), 2)
         attrs = Attributes(SHAPES[i % 3], colour, background, sizes[(i // 3) % 3], positions[(i // 9) % 6])
         items.append(GridItem(attrs, 1000 * (seed + 1) + i))
+    return items
+
+
+ADAPTER_GRID_SEED = 50_000
+
+
+def adapter_grid(n: int, new: Sequence[str], others: Sequence[str], seed: int = 0) -> list[GridItem]:
+    """Fixed prompts for an adapter's colours: item i has new[(i // 2) % len(new)] as its shape colour (even i)
+    or background (odd i), the other slot drawn from others; shapes, sizes and positions cycle as in
+    prompt_grid, and the sampling seeds (ADAPTER_GRID_SEED + 1000 * seed + i) are none of prompt_grid's."""
+    rng = random.Random(f"adapter-grid:{seed}:{','.join(new)}")
+    sizes: list[str | None] = ["small", "large", None]
+    positions: list[str | None] = [*POSITIONS, None]
+    items = []
+    for i in range(n):
+        colour = new[(i // 2) % len(new)]
+        other = rng.choice(sorted(c for c in others if c != colour))
+        colour, background = (colour, other) if i % 2 == 0 else (other, colour)
+        attrs = Attributes(SHAPES[i % 3], colour, background, sizes[(i // 3) % 3], positions[(i // 9) % 6])
+        items.append(GridItem(attrs, ADAPTER_GRID_SEED + 1000 * seed + i))
     return items
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -15,6 +16,25 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
+# Colours the base model does not know, taught by the adapters (issue 23). The shipped VAE only ever saw the 8
+# base colours; these three are ones it still reproduces (encoded and decoded, a flat field or a shape on white
+# comes back within 22-48 RGB units), each more than 90 units from every base colour. Textual inversion was tried
+# for "maroon" and "teal" (TI_CANDIDATES); the better one, TI_COLOUR, is the embedding `shapes-<colour>` (prompt
+# word TI_TOKEN) and the LoRA `shapes-<colour>-<colour>` teaches the other two (LORA_COLOURS). The base language,
+# its training data and the default scorer use COLOURS only.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "maroon": (128, 0, 0),
+    "cream": (255, 255, 128),
+    "teal": (64, 128, 128),
+}
+TI_CANDIDATES = ("maroon", "teal")
+TI_COLOUR = "maroon"
+TI_TOKEN = f"<{TI_COLOUR}>"
+LORA_COLOURS: dict[str, tuple[int, int, int]] = {c: v for c, v in NEW_COLOURS.items() if c != TI_COLOUR}
+ADAPTER_COLOURS: dict[str, tuple[int, int, int]] = {**LORA_COLOURS, TI_COLOUR: NEW_COLOURS[TI_COLOUR]}
+ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **ADAPTER_COLOURS}
+# The prompt word of each colour that is not its name.
+PROMPT_WORDS: dict[str, str] = {TI_COLOUR: TI_TOKEN}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 POSITIONS: dict[str, str] = {
@@ -49,15 +69,17 @@ class Attributes:
     position: str | None = None
 
 
-def prompt_text(a: Attributes) -> str:
-    """Render attributes as a prompt in the shapes language."""
+def prompt_text(a: Attributes, words: Mapping[str, str] | None = None) -> str:
+    """Render attributes as a prompt in the shapes language; words maps colour names to other prompt words
+    (PROMPT_WORDS for the adapters' colours)."""
+    words = words or {}
     parts = ["a"]
     if a.size:
         parts.append(a.size)
-    parts += [a.colour, a.shape]
+    parts += [words.get(a.colour, a.colour), a.shape]
     if a.position:
         parts.append(POSITIONS[a.position])
-    parts.append(f"on a {a.background} background")
+    parts.append(f"on a {words.get(a.background, a.background)} background")
     return " ".join(parts)
 
 

@@ -1,0 +1,288 @@
+"""Stage "adapters" (issue 23): two adapters for the shipped text-to-image model, trained on top of it, teaching
+three colours the base language lacks (grammar.NEW_COLOURS: maroon, cream, teal).
+
+- LORA_NAME (`shapes-<c1>-<c2>`), a LoRA (rank LORA_RANK) on the UNet's attention projections and the text
+  encoder's attention and MLP projections, teaching two colour words (LORA_COLOURS) as shape colour and as
+  background colour. The base training never saw the words, so the text-encoder LoRA learns to turn them into
+  colour features and the UNet LoRA to draw them. Half of each batch is new-colour scenes with their renders as
+  targets; the other half are base-language scenes whose target is the frozen base model's own prediction (and
+  every prompt dropped for classifier-free guidance is the base model's unconditional prediction), so with the
+  LoRA active the base language and the unconditional prediction stay what they were.
+- TI_NAME (`shapes-<colour>`), a textual-inversion embedding: one vector in the text encoder's input embedding
+  space for the token TI_TOKEN (`<colour>`), everything else frozen. The token is added to the tokenizer and a
+  forward hook on the token embedding puts the trained vector at its positions. Saved as diffusers'
+  learned-embeds layout ({TI_TOKEN: float32 [TI_VECTORS, 64]}), which `pipe.load_textual_inversion(path,
+  token=TI_TOKEN)` reads. The stage trains one for each of grammar.TI_CANDIDATES and ships TI_COLOUR's.
+
+Both train on the shipped VAE's encodings of rendered scenes (a fresh latent_dist.sample() per use, as the base
+training does) with the shipped zero-terminal-SNR schedule and the stage-2 loss (v-prediction, min-SNR weights),
+fp32, with a fixed step count and a cosine learning-rate decay. The colours are ones the VAE reproduces (it only
+ever saw the 8 base colours; an earlier version's pink and cyan came back white and blue, and latent corrections
+for them were off-distribution and hurt the base language).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .configs import train_scheduler
+from .data import attributes_with, place, random_attributes, render
+from .grammar import COLOURS, LORA_COLOURS, TI_COLOUR, TI_TOKEN, Attributes, prompt_text
+from .loop import Budget, Progress, seed_everything
+from .loop import smooth as smoothed
+from .tensors import encode_moments, to_tensor
+from .text import drop_prompts, token_ids
+from .unet import MIN_SNR, P_EMPTY_PROMPT
+
+log = logging.getLogger(__name__)
+
+LORA_NAME = "shapes-" + "-".join(LORA_COLOURS)
+TI_NAME = f"shapes-{TI_COLOUR}"
+WEIGHTS = "adapter.safetensors"
+LORA_RANK = 8
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+LORA_STEPS = 250
+LORA_LR = 6e-3
+TI_STEPS = 200
+TI_COMPARE_STEPS = 80  # steps of each candidate's embedding in the comparison that picks TI_COLOUR
+TI_LR = 1e-2
+TI_VECTORS = 1
+BATCH = 16
+N_SCENES = 1536  # rendered scenes per data set (new colours; base language)
+WARMUP = 30
+
+
+@dataclass(frozen=True)
+class AdapterRun:
+    """What the adapters stage is given: the base model folder, seed, step counts (LoRA, shipped embedding, each
+    candidate embedding in the comparison), batch size and scenes per data set."""
+
+    model: Path
+    seed: int = 0
+    lora_steps: int = LORA_STEPS
+    ti_steps: int = TI_STEPS
+    batch: int = BATCH
+    n_scenes: int = N_SCENES
+    ti_compare_steps: int = TI_COMPARE_STEPS
+
+
+@dataclass
+class Base:
+    """The shipped model's parts, loaded in fp32."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+
+
+def load_base(model: Path) -> Base:
+    """Load tokenizer, text encoder, UNet and VAE of a text-to-image folder (fp32, frozen, eval mode)."""
+    tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(model / "text_encoder"), dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(model / "unet"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
+    for m in (text_encoder, unet, vae):
+        m.requires_grad_(False).eval()
+    return Base(tokenizer, text_encoder, unet, vae)
+
+
+@dataclass
+class Scenes:
+    """Posterior moments (unscaled) of rendered scenes' latents, the VAE's scaling factor and the prompts' token ids."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scale: float
+    ids: torch.Tensor
+
+    def latents(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Scaled latent samples of items idx (a fresh latent_dist.sample() of each)."""
+        noise = torch.randn(self.std[idx].shape, generator=gen)
+        return (self.mean[idx] + self.std[idx] * noise) * self.scale
+
+
+def render_scenes(
+    base: Base,
+    draw: Callable[[random.Random], Attributes],
+    tag: str,
+    n: int,
+    words: Mapping[str, str] | None = None,
+) -> Scenes:
+    """Render n scenes whose attributes draw() picks (item i seeded by tag and i), encode (posterior moments, drawn
+    from afresh each batch as the base training's latent_dist.sample()) and tokenise them."""
+    images = np.empty((n, 64, 64, 3), dtype=np.uint8)
+    scenes = []
+    for i in range(n):
+        rng = random.Random(f"adapters:{tag}:{i}")
+        scenes.append(place(draw(rng), rng))
+        images[i] = np.asarray(render(scenes[-1]))
+    mean, std = encode_moments(base.vae, to_tensor(images))
+    prompts = [prompt_text(s.attrs, words) for s in scenes]
+    return Scenes(mean, std, float(base.vae.config.scaling_factor), token_ids(base.tokenizer, prompts))
+
+
+def weighted_loss(scheduler: DDPMScheduler, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """unet.diffusion_loss with a given v target: per-item MSE, image-space weight capped at MIN_SNR."""
+    per_item = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod[t]
+    snr_plus_one = 1 / (1 - alphas_cumprod)
+    loss: torch.Tensor = (snr_plus_one.clamp(max=MIN_SNR) / snr_plus_one * per_item).mean()
+    return loss
+
+
+def _lora_config(targets: Sequence[str]) -> LoraConfig:
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def _draw_batch(
+    gen: torch.Generator, new: Scenes, old: Scenes, batch: int, empty: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents, token ids and the teacher mask (True: target is the base model's prediction) of one batch:
+    the first half new-colour scenes, the rest base-language scenes, prompts dropped at P_EMPTY_PROMPT."""
+    k = batch // 2
+    i_new = torch.randint(len(new.ids), (k,), generator=gen)
+    i_old = torch.randint(len(old.ids), (batch - k,), generator=gen)
+    x0 = torch.cat([new.latents(i_new, gen), old.latents(i_old, gen)])
+    ids = torch.cat([new.ids[i_new], old.ids[i_old]])
+    dropped = drop_prompts(ids, empty, P_EMPTY_PROMPT, gen)
+    teacher = (torch.arange(batch) >= k) | (dropped != ids).any(dim=1)
+    return x0, dropped, teacher
+
+
+def train_lora(run: AdapterRun) -> tuple[Base, dict[str, float]]:
+    """Train the LoRA of LORA_COLOURS; return the base parts with the trained adapters attached, and figures."""
+    seed_everything(run.seed)
+    base = load_base(run.model)
+    colours = [*COLOURS, *LORA_COLOURS]
+    draw: Callable[[random.Random], Attributes] = lambda r: attributes_with(r, list(LORA_COLOURS), colours)  # noqa: E731
+    new = render_scenes(base, draw, "lora", run.n_scenes)
+    old = render_scenes(base, random_attributes, "base", run.n_scenes)
+    teacher_unet, teacher_text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    base.unet.add_adapter(_lora_config(UNET_TARGETS))
+    # peft's injection, not transformers' add_adapter (which wants peft >= 0.22; the project pins 0.21.2)
+    inject_adapter_in_model(_lora_config(TEXT_TARGETS), base.text_encoder)
+    params = [p for m in (base.unet, base.text_encoder) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LORA_LR, weight_decay=0.0)
+    scheduler, gen = train_scheduler(), torch.Generator().manual_seed(run.seed)
+    empty = token_ids(base.tokenizer, [""])[0]
+    budget, progress, smooth = Budget(0.0, WARMUP, run.lora_steps), Progress("lora"), 0.0
+    base.unet.train()
+    base.text_encoder.train()
+    for step in range(run.lora_steps):
+        x0, ids, use_teacher = _draw_batch(gen, new, old, run.batch, empty)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (run.batch,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        with torch.no_grad():
+            taught = teacher_unet(noisy, t, teacher_text(ids)[0]).sample
+        target = torch.where(use_teacher[:, None, None, None], taught, scheduler.get_velocity(x0, noise, t))
+        loss = weighted_loss(scheduler, base.unet(noisy, t, base.text_encoder(ids)[0]).sample, target, t)
+        _step(opt, loss, params, LORA_LR * budget.factor(step))
+        smooth = smoothed(smooth, loss.item(), step)
+        progress.step(step, loss=smooth)
+    base.unet.eval()
+    base.text_encoder.eval()
+    return base, {"steps": run.lora_steps, "seconds": budget.elapsed(), "final_loss": smooth}
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The injected "default" LoRA's weights keyed as get_peft_model_state_dict keys them (no adapter name), under
+    "text_model." as CLIPTextModel's modules were named before transformers 5 (diffusers strips it where needed)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            key = k.replace(".default.", ".")
+            out[key if key.startswith("text_model.") else f"text_model.{key}"] = v.detach().clone()
+    return out
+
+
+def save_lora(base: Base, folder: Path) -> Path:
+    """Write the trained LoRA as folder/adapter.safetensors in diffusers' layout (unet.* and text_encoder.*)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=get_peft_model_state_dict(base.unet),
+            text_encoder_lora_layers=lora_state_dict(base.text_encoder),
+            safe_serialization=True,
+        )
+        shutil.copyfile(Path(tmp) / "pytorch_lora_weights.safetensors", folder / WEIGHTS)
+    return folder / WEIGHTS
+
+
+def add_placeholder(base: Base, token: str = TI_TOKEN) -> int:
+    """Add token to the tokenizer and a row for it to the text encoder; return its id."""
+    base.tokenizer.add_tokens([token])
+    base.text_encoder.resize_token_embeddings(len(base.tokenizer))
+    return int(base.tokenizer.convert_tokens_to_ids(token))
+
+
+def colour_embedding_mean(base: Base) -> torch.Tensor:
+    """Mean input embedding of the base colour words (the embedding's starting point)."""
+    ids = [base.tokenizer(c, add_special_tokens=False).input_ids[0] for c in COLOURS]
+    weight: torch.Tensor = base.text_encoder.get_input_embeddings().weight
+    return weight[ids].mean(0).detach().clone()
+
+
+def train_ti(run: AdapterRun, colour: str = TI_COLOUR) -> tuple[torch.Tensor, dict[str, float]]:
+    """Train the embedding of the token `<colour>`: TI_VECTORS x 64, everything else frozen; return it and
+    figures."""
+    seed_everything(run.seed + 1)
+    base = load_base(run.model)
+    token = f"<{colour}>"
+    placeholder = add_placeholder(base, token)
+    vectors = torch.nn.Parameter(colour_embedding_mean(base).repeat(TI_VECTORS, 1))
+
+    def inject(_m: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return torch.where((inputs[0] == placeholder)[..., None], vectors[0], out)
+
+    hook = base.text_encoder.get_input_embeddings().register_forward_hook(inject)
+    draw: Callable[[random.Random], Attributes] = lambda r: attributes_with(r, [colour], list(COLOURS))  # noqa: E731
+    scenes = render_scenes(base, draw, f"ti-{colour}", run.n_scenes, {colour: token})
+    opt = torch.optim.AdamW([vectors], lr=TI_LR, weight_decay=0.0)
+    scheduler, gen = train_scheduler(), torch.Generator().manual_seed(run.seed + 1)
+    budget, progress, smooth = Budget(0.0, WARMUP, run.ti_steps), Progress("ti"), 0.0
+    for step in range(run.ti_steps):
+        idx = torch.randint(len(scenes.ids), (run.batch,), generator=gen)
+        x0 = scenes.latents(idx, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (run.batch,), generator=gen)
+        pred = base.unet(scheduler.add_noise(x0, noise, t), t, base.text_encoder(scenes.ids[idx])[0]).sample
+        loss = weighted_loss(scheduler, pred, scheduler.get_velocity(x0, noise, t), t)
+        _step(opt, loss, [vectors], TI_LR * budget.factor(step))
+        smooth = smoothed(smooth, loss.item(), step)
+        progress.step(step, loss=smooth)
+    hook.remove()
+    return vectors.detach().float().clone(), {"steps": run.ti_steps, "seconds": budget.elapsed(), "final_loss": smooth}
+
+
+def save_ti(vectors: torch.Tensor, folder: Path, token: str = TI_TOKEN) -> Path:
+    """Write {token: float32 [n, 64]} as folder/adapter.safetensors (diffusers' learned_embeds layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({token: vectors.contiguous()}, str(folder / WEIGHTS))
+    return folder / WEIGHTS
