@@ -129,7 +129,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__)
-    ap.add_argument("--models", default="tiny,small", help="comma-separated model keys (default tiny,small)")
+    ap.add_argument(
+        "--models", default="tiny", help="comma-separated model keys (default tiny; small takes about 25 minutes)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a smoke test: a few short requests")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
