@@ -19,16 +19,16 @@ Layouts (`AdapterFile.layout`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sdserve_core import family_index
+from sdserve_core.manifest import sha256_file
 
 WEIGHTS = "adapter.safetensors"
 MANIFEST = "adapter.json"
@@ -40,7 +40,6 @@ PICKLE_RULE = "only .safetensors; pickle formats are refused"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 BASE_KEYS = ("cross_attention_dim", "text_width", "text_width_2")
 _MAX_HEADER = 100 * 1024 * 1024
-_CHUNK = 1 << 20
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -172,17 +171,6 @@ def read_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"{bad} (its header describes {end_max} bytes of data, the file has {size - 8 - length})"
         )
     return shapes
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """Lower-case hex sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return digest.hexdigest()
 
 
 # ---- classification -----------------------------------------------------------------------------------------------
