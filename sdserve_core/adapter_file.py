@@ -23,12 +23,11 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from sdserve_core import family_index
-from sdserve_core.manifest import sha256_file
+from sdserve_core import family_index, manifest
 
 WEIGHTS = "adapter.safetensors"
 MANIFEST = "adapter.json"
@@ -174,6 +173,11 @@ def read_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 # ---- classification -----------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Lower-case hex sha256 of the file's bytes (sdserve_core.manifest's, as models are hashed)."""
+    return manifest.sha256_file(path, on_bytes)
 
 
 def token_problem(token: str) -> str | None:
