@@ -15,6 +15,11 @@ rm -rf "$out/clients/python/sdserve/v1"
   --plugin=protoc-gen-mypy="$(dirname "$py")/protoc-gen-mypy" \
   --plugin=protoc-gen-mypy_grpc="$(dirname "$py")/protoc-gen-mypy_grpc" \
   --mypy_out="$out/clients/python" --mypy_grpc_out="$out/clients/python" $protos
+# Connect / gRPC-Web / JSON server stubs (connect-python): the server's HTTP edge imports them; the gRPC client
+# does not, so `pip install sdserve` still needs only grpcio and protobuf.
+"$py" -m grpc_tools.protoc -Iproto \
+  --plugin=protoc-gen-connect-python="$(dirname "$py")/protoc-gen-connect-python" \
+  --connect-python_out="$out/clients/python" $protos
 touch "$out/clients/python/sdserve/v1/__init__.py"
 printf '"""Generated protobuf and gRPC modules for sdserve.v1 (do not edit; run make gen)."""\n' \
   > "$out/clients/python/sdserve/v1/__init__.py"

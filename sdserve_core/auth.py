@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+MISSING_KEY = "missing or invalid API key: send 'authorization: Bearer <key>' metadata"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.")
 
 
@@ -34,24 +35,36 @@ def bearer_token(value: str) -> str:
     return parts[1].strip() if len(parts) == 2 and parts[0].lower() == "bearer" else ""
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Rejects calls without a valid `authorization: Bearer <key>` with UNAUTHENTICATED."""
+class KeyCheck:
+    """Accepts a bearer token that is one of the keys; every transport (gRPC, HTTP) checks with one of these."""
 
-    def __init__(self, keys: Iterable[str], on_reject: Callable[[str], None] | None = None):
+    def __init__(self, keys: Iterable[str]):
         # Compare digests so every comparison takes the same time whatever the key lengths.
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-        self._on_reject = on_reject
 
-    def _valid(self, metadata: Any) -> bool:
+    def valid(self, authorization: Iterable[str]) -> bool:
+        """Whether one of the `authorization` header values is `Bearer <a key>`."""
         token = ""
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                token = bearer_token(value) or token
+        for value in authorization:
+            token = bearer_token(value) or token
         digest = hashlib.sha256(token.encode()).digest()
         ok = False
         for expected in self._digests:
             ok |= hmac.compare_digest(digest, expected)
         return ok and bool(token)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Rejects calls without a valid `authorization: Bearer <key>` with UNAUTHENTICATED."""
+
+    def __init__(self, keys: Iterable[str], on_reject: Callable[[str], None] | None = None):
+        self._check = KeyCheck(keys)
+        self._on_reject = on_reject
+
+    def _valid(self, metadata: Any) -> bool:
+        return self._check.valid(
+            value for key, value in metadata or () if key == "authorization" and isinstance(value, str)
+        )
 
     async def intercept_service(
         self,
@@ -64,7 +77,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         if self._on_reject is not None:
             self._on_reject(method)
-        message = "missing or invalid API key: send 'authorization: Bearer <key>' metadata"
+        message = MISSING_KEY
 
         if handler.response_streaming:
 

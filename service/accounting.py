@@ -70,10 +70,10 @@ class Accounting(Observer):
         self._m.adapter_bytes.set(nbytes)
         self._m.adapter_entries.set(entries)
 
-    def unauthenticated(self, method: str) -> None:
+    def unauthenticated(self, method: str, transport: str = "grpc") -> None:
         """A call the API-key check refused."""
         rpc = method.rsplit("/", 1)[-1]
-        self._m.requests.labels(rpc, "unknown", "", "", Outcome.UNAUTHENTICATED.value).inc()
+        self._m.requests.labels(rpc, "unknown", "", "", Outcome.UNAUTHENTICATED.value, transport).inc()
 
     def rpc_finished(
         self,
@@ -85,14 +85,16 @@ class Accounting(Observer):
         job: Job | None,
         outcome: Outcome,
         arrived: float,
+        transport: str = "grpc",
     ) -> None:
         """Counts a finished generation RPC and writes its access-log line; `labels` are its (model, variant)."""
         model, variant = labels
         elapsed = time.monotonic() - arrived
-        self._m.requests.labels(rpc, model, variant, task.value, outcome.value).inc()
-        self._m.request_seconds.labels(rpc, outcome.value).observe(elapsed)
+        self._m.requests.labels(rpc, model, variant, task.value, outcome.value, transport).inc()
+        self._m.request_seconds.labels(rpc, outcome.value, transport).observe(elapsed)
         fields: dict[str, object] = {
             "rpc": rpc,
+            "transport": transport,
             "model": model,
             "variant": variant,
             "outcome": outcome.value,

@@ -29,10 +29,10 @@ class ServerMetrics:
         """Finished RPCs by outcome and the time requests spend queued, running, stepping and in total."""
         self.requests = Counter(
             "sdserve_requests",
-            "Finished RPCs by method, model, weights variant, task and outcome "
+            "Finished RPCs by method, model, weights variant, task, outcome "
             "(ok, invalid, not_found, failed_precondition, overloaded, cancelled, deadline, oom, unavailable, "
-            "unauthenticated, internal).",
-            ["rpc", "model", "variant", "task", "outcome"],
+            "unauthenticated, internal) and transport (grpc, connect, grpc-web, a1111).",
+            ["rpc", "model", "variant", "task", "outcome", "transport"],
             registry=r,
         )
         self.queue_seconds = Histogram(
@@ -65,8 +65,8 @@ class ServerMetrics:
         )
         self.request_seconds = Histogram(
             "sdserve_request_seconds",
-            "End-to-end time of finished generation RPCs.",
-            ["rpc", "outcome"],
+            "End-to-end time of finished generation RPCs by method, outcome and transport.",
+            ["rpc", "outcome", "transport"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -111,6 +111,9 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.grpc = self._build_grpc()
         self.port = 0
+        self.http_port = 0
+        self._http: Any = None
+        self._serving = False
         self.metrics_port = 0
         self._metrics_http: Any = None
         # The model-manager follower (service.watcher.StoreWatcher) when --manager-target is set.
@@ -196,11 +199,18 @@ class Server:
         await self._set_ready(NOT_SERVING)
         await self.health.set(LIVENESS_NAME, SERVING)
         await self.grpc.start()
+        await self._start_http()
         if s.port_file:
             await asyncio.to_thread(Path(s.port_file).write_text, str(self.port))
         log.info(
             "listening",
-            extra={"host": s.host, "port": self.port, "tls": bool(creds), "metrics_port": self.metrics_port},
+            extra={
+                "host": s.host,
+                "port": self.port,
+                "http_port": self.http_port,
+                "tls": bool(creds),
+                "metrics_port": self.metrics_port,
+            },
         )
         self._idle.bind(asyncio.get_running_loop())
         self.worker.start()
@@ -208,8 +218,25 @@ class Server:
             await self._follow_manager()
         await run_in_fresh_thread(self.lifecycle.start, "sdserve-startup")
         await self._set_ready(SERVING)
+        self._serving = True
         log.info("serving", extra={"default_model": self.registry.default, "device": self.choice.type})
         return self.port
+
+    async def _start_http(self) -> None:
+        """The HTTP port (Connect / gRPC-Web / JSON, /sdapi, the page) when --http-port is set."""
+        s = self.settings
+        if s.http_port < 0:
+            return
+        from service.http_edge import build_app
+        from service.http_server import HttpServer
+        from service.manager_proxy import ManagerProxy
+
+        self._manager_proxy = ManagerProxy(s)
+        app = build_app(self.servicer, s, self.accounting, lambda: self._serving, self._manager_proxy)
+        self._http = HttpServer(app, s.host, s.http_port, s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+        self.http_port = await self._http.start()
+        if s.http_port_file:
+            await asyncio.to_thread(Path(s.http_port_file).write_text, str(self.http_port))
 
     async def _follow_manager(self) -> None:
         """Starts following the model manager and waits (up to --manager-wait-seconds) for its first snapshot."""
@@ -232,6 +259,7 @@ class Server:
         in-flight streams; what is left (or everything, once `force` is set) ends UNAVAILABLE.
         Returns how many requests were cut off."""
         self.admission.begin_drain()
+        self._serving = False
         await self._set_ready(NOT_SERVING)
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wait_idle())]
         if force is not None:
@@ -261,6 +289,9 @@ class Server:
         await self.health.enter_graceful_shutdown()
         # Streams already ended; the short grace lets their final status frames flush.
         await self.grpc.stop(1.0)
+        if self._http is not None:
+            await self._http.stop()
+            await self._manager_proxy.close()
         self.admission.stop()
         await asyncio.to_thread(self.worker.join, 10.0)
         if self._metrics_http is not None:

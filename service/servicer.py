@@ -11,11 +11,12 @@ import grpc
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-from service import convert, status, validation
+from service import convert, validation
 from service.accounting import Accounting
 from service.adapters import AdapterPool
 from service.admission import Admission
 from service.batching import BatchPolicy
+from service.call_context import CallContext, GrpcCall
 from service.device import DeviceChoice
 from service.errors import Draining, ServiceError
 from service.jobs import Job
@@ -27,9 +28,14 @@ R = TypeVar("R", pb.GenerateResponse, pb.EditResponse, pb.InpaintResponse)
 Reader = Callable[[Any, Settings], GenerationRequest]
 
 _RPC_TASKS = {"Generate": Task.GENERATE, "Edit": Task.EDIT, "Inpaint": Task.INPAINT}
+_READERS: dict[str, tuple[Reader, type[Any]]] = {
+    "Generate": (validation.generate_request, pb.GenerateResponse),
+    "Edit": (validation.edit_request, pb.EditResponse),
+    "Inpaint": (validation.inpaint_request, pb.InpaintResponse),
+}
 
 
-def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any], deadline: float | None) -> bool:
+def _deadline_passed(context: CallContext, deadline: float | None) -> bool:
     """Whether a call that ended without a result ran out of time rather than being cancelled by the client.
     grpc cancels the handler at the caller's deadline, which is a hair earlier than `deadline` (measured after
     the call arrived), so ask grpc for the time left as well."""
@@ -42,7 +48,7 @@ def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any], deadline: floa
 class _Call:
     """What one generation RPC has got to: its request, job and how it ended (for the access log)."""
 
-    def __init__(self, rpc: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]):
+    def __init__(self, rpc: str, request: Any, context: CallContext):
         self.rpc = rpc
         self.task = _RPC_TASKS[rpc]
         self.request = request
@@ -78,19 +84,19 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
-        async for event in self._stream("Generate", request, context, validation.generate_request, pb.GenerateResponse):
+        async for event in self.stream("Generate", request, GrpcCall(context)):
             yield event
 
     async def Edit(
         self, request: pb.EditRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.EditResponse]:
-        async for event in self._stream("Edit", request, context, validation.edit_request, pb.EditResponse):
+        async for event in self.stream("Edit", request, GrpcCall(context)):
             yield event
 
     async def Inpaint(
         self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.InpaintResponse]:
-        async for event in self._stream("Inpaint", request, context, validation.inpaint_request, pb.InpaintResponse):
+        async for event in self.stream("Inpaint", request, GrpcCall(context)):
             yield event
 
     def _admit(self, call: _Call, read: Reader) -> Job:
@@ -100,8 +106,14 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         call.req = read(call.request, self._settings)
         return self._admission.submit(call.req, asyncio.get_running_loop(), call.deadline)
 
+    def stream(self, rpc: str, request: Any, context: CallContext) -> AsyncIterator[Any]:
+        """The events of one Generate, Edit or Inpaint call (`rpc`) as response messages, whatever the transport;
+        an error ends it through `context.fail`."""
+        read, cls = _READERS[rpc]
+        return self._stream(rpc, request, context, read, cls)
+
     async def _stream(
-        self, rpc: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], read: Reader, cls: type[R]
+        self, rpc: str, request: Any, context: CallContext, read: Reader, cls: type[R]
     ) -> AsyncIterator[R]:
         call = _Call(rpc, request, context)
         failed: Failed | None = None
@@ -123,8 +135,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                     return
             if failed is not None:
                 call.outcome = failed.outcome
-                code, message, metadata = status.rich_status(failed)
-                await context.abort(code, message, trailing_metadata=metadata)
+                await context.fail(failed)
         except (asyncio.CancelledError, GeneratorExit):
             # GeneratorExit: the call ended (client cancel) while this generator was paused at a yield.
             if call.outcome is not Outcome.OK:
@@ -135,7 +146,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                 self._admission.cancel(call.job)
             labels = self._model_labels(request, call.job)
             self._accounting.rpc_finished(
-                rpc, call.task, labels, request, call.req, call.job, call.outcome, call.arrived
+                rpc, call.task, labels, request, call.req, call.job, call.outcome, call.arrived, context.transport
             )
 
     def _model_labels(self, request: Any, job: Job | None) -> tuple[str, str]:
@@ -150,11 +161,19 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
-        return convert.model_list(self._registry)
+        return self.model_list()
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
+        return self.server_info()
+
+    def model_list(self) -> pb.ListModelsResponse:
+        """ListModels' answer (the same for every transport)."""
+        return convert.model_list(self._registry)
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        """GetServerInfo's answer (the same for every transport)."""
         loaded_in = self._adapter_pool.loaded_in() if self._adapter_pool is not None else {}
         return convert.server_info(
             self._settings,

@@ -52,6 +52,14 @@ class Settings:
     host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = setting(50051, "TCP port to listen on; 0 picks a free one.", int)
     port_file: str = setting("", "Write the bound port to this file once serving (useful with --port 0).")
+    http_port: int = setting(
+        -1,
+        "HTTP port for Connect / gRPC-Web / JSON, the A1111-compatible REST API (/sdapi/v1), /openapi.json and "
+        "the playground page (/); 0 picks a free one, -1 (the default) serves no HTTP. Same host, API keys and "
+        "TLS files as gRPC. `sdserve serve` turns it on (8080).",
+        int,
+    )
+    http_port_file: str = setting("", "Write the bound HTTP port to this file once serving (with --http-port 0).")
     model_dirs: tuple[Path, ...] = setting(
         _default_model_dirs(),
         "Folders holding model folders (diffusers layout), separated by ':'. "
@@ -206,6 +214,8 @@ class Settings:
                 "the sidecar's Unix socket is plaintext: manager_ca_file and manager_client_cert_file "
                 "need a host:port manager_target"
             )
+        if not -1 <= self.http_port <= 65535:
+            problems.append("http_port must be -1 (off), 0 (any) or a port")
         if self.metrics_port < -1 or self.metrics_port > 65535:
             problems.append("metrics_port must be -1 (off), 0 (any) or a port")
         if self.batch_policy not in ("measured", "fixed"):

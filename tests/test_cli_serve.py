@@ -113,6 +113,7 @@ def served(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     serve = Serve(
         cwd,
         "--port", "0",
+        "--http-port", "0",
         "--model-dirs", str(models_dir),
         "--model", TINY,
         "--metrics-port", "-1",
@@ -191,6 +192,7 @@ def test_a_sidecar_that_cannot_start_stops_serve_with_one_line(models_dir: Path,
         serve = Serve(
             tmp_path,
             "--port", "0",
+            "--http-port", "-1",
             "--model-dirs", str(models_dir),
             "--model", TINY,
             "--metrics-port", "-1",
@@ -213,7 +215,7 @@ def test_a_busy_server_metrics_port_is_one_line_and_a_non_zero_exit(models_dir: 
     with busy_port() as taken:
         serve = Serve(
             tmp_path,
-            "--port", "0", "--model-dirs", str(models_dir), "--model", TINY,
+            "--port", "0", "--http-port", "-1", "--model-dirs", str(models_dir), "--model", TINY,
             "--metrics-port", str(taken), "--no-manager",
         )  # fmt: skip
         try:

@@ -391,6 +391,9 @@ def _port(value: int | None, flag: str, low: int) -> None:
 def _check_serve_flags(ns: argparse.Namespace) -> None:
     _port(ns.port, "--port", 0)
     _port(ns.metrics_port, "--metrics-port", -1)
+    _port(ns.http_port, "--http-port", -1)
+    if ns.http_port > 0 and ns.http_port == ns.port:
+        raise flag_error("--http-port", f"must differ from --port (both {ns.port})")
     if ns.no_manager:
         return
     _port(ns.manager_port, "--manager-port", 1)
@@ -423,6 +426,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         )
         return 1
     args = [sys.executable, "-m", "service", "--port", str(ns.port), "--host", ns.host]
+    args += ["--http-port", str(ns.http_port)]
     if ns.model:
         args += ["--default-model", ns.model]
     if ns.model_dirs:
@@ -594,6 +598,13 @@ def _add_serve(sub: Any, environ: Mapping[str, str]) -> None:
     p.add_argument("--model", default="", help="Default model (default: the embedded model).")
     p.add_argument("--model-dirs", default="", help="Model folders, ':'-separated (default: the server's).")
     p.add_argument("--metrics-port", type=int, help="Server /metrics port (default 9400; -1 off).")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="HTTP port: Connect/JSON, the A1111-compatible /sdapi/v1, the playground page at / "
+        "(default 8080; 0 picks a free one; -1 off).",
+    )
     p.add_argument(
         "--store",
         default=environ.get("SDSERVE_MANAGER_STORE", "~/.cache/sdserve/store"),

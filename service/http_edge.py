@@ -1,0 +1,32 @@
+"""Builds the HTTP port's application from the server's parts: the same servicer, keys and accounting as gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sdserve.v1.diffusion_connect import DiffusionServiceASGIApplication
+from sdserve.v1.model_manager_connect import ModelManagerServiceASGIApplication
+from sdserve_core.auth import load_keys
+from service.accounting import Accounting
+from service.connect_edge import DiffusionConnect, install_strict_codecs
+from service.http_app import ASGIApp, HttpApp
+from service.manager_proxy import ManagerProxy
+from service.servicer import DiffusionServicer
+from service.settings import Settings
+
+
+def build_app(
+    servicer: DiffusionServicer,
+    settings: Settings,
+    accounting: Accounting,
+    ready: Callable[[], bool],
+    manager: ManagerProxy,
+) -> HttpApp:
+    """Connect / gRPC-Web / JSON for DiffusionService and the model manager's read-only RPCs, plus the page."""
+    install_strict_codecs()
+    limit = settings.max_message_bytes
+    diffusion = DiffusionServiceASGIApplication(DiffusionConnect(servicer), read_max_bytes=limit)
+    models = ModelManagerServiceASGIApplication(manager, read_max_bytes=limit)
+    routes: dict[str, ASGIApp] = {diffusion.path + "/": diffusion, models.path + "/": models}
+    keys = load_keys(settings.api_keys, settings.api_keys_file)
+    return HttpApp(routes, {}, keys, ready, accounting.unauthenticated)
