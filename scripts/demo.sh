@@ -11,8 +11,9 @@ rm -f "$OUT"/*.png "$OUT"/previews/* 2>/dev/null || true
 
 echo "== starting sdserve on 127.0.0.1:$PORT (log: $OUT/server.log)"
 # Its own sidecar port and no /metrics endpoints, so the demo runs beside another sdserve on the defaults.
-"$BIN/sdserve" serve --port "$PORT" --manager-port "$((PORT + 1))" --metrics-port -1 --manager-metrics-port -1 \
-  > "$OUT/server.log" 2>&1 &
+HTTP_PORT="$((PORT + 2))"
+"$BIN/sdserve" serve --port "$PORT" --manager-port "$((PORT + 1))" --http-port "$HTTP_PORT" \
+  --metrics-port -1 --manager-metrics-port -1 > "$OUT/server.log" 2>&1 &
 SERVER=$!
 cleanup() { kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -53,6 +54,10 @@ PY
 "$BIN/sdserve" inpaint --image "$OUT/generate.png" --mask "$OUT/mask.png" --preserve-unmasked \
   --prompt "a small green square on the left on a blue background" --seed 3 --out "$OUT/inpaint.png"
 "$BIN/sdserve" info
+echo "== the same server over HTTP (Connect JSON; the playground page is http://127.0.0.1:$HTTP_PORT/)"
+curl -sf -H 'content-type: application/json' -d '{}' -o "$OUT/models.json" \
+  "http://127.0.0.1:$HTTP_PORT/sdserve.v1.DiffusionService/ListModels"
+head -c 400 "$OUT/models.json"; echo
 echo "== stopping (the server drains first, then the sidecar)"
 trap - EXIT
 kill -TERM "$SERVER"

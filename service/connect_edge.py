@@ -140,19 +140,24 @@ class DiffusionConnect:
 
 _AT = re.compile(r' at "([^"]+)"')
 _NO_FIELD = re.compile(r'has no field named "([^"]+)"')
+_PARSING = re.compile(r"Failed to parse (\w+) field: ")
 
 
 def _json_violation(exc: Exception) -> FieldViolation:
     """The field a protobuf JSON parse error is about (json_format names it in its message) and the rule."""
     text = str(exc)
+    path = ".".join(_PARSING.findall(text))
     at = _AT.search(text)
-    path = at.group(1).split(".", 1)[1] if at and "." in at.group(1) else ""
+    if not path and at and "." in at.group(1):
+        path = at.group(1).split(".", 1)[1]
     missing = _NO_FIELD.search(text)
     if missing:
         path = f"{path}.{missing.group(1)}" if path else missing.group(1)
         return FieldViolation(path, "is not a field of this message")
-    rule = _AT.sub("", text).removeprefix("Failed to parse ").strip() or "is not valid JSON for this message"
-    return FieldViolation(path or "request", rule)
+    rule = _AT.sub("", _PARSING.sub("", text)).strip().rstrip(".")
+    if rule.startswith("invalid literal for int()"):
+        rule = "must be an integer"
+    return FieldViolation(path or "request", rule or "is not valid JSON for this message")
 
 
 class _StrictJSON(_codec.ProtoJSONCodec):  # type: ignore[type-arg]

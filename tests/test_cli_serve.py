@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,22 @@ def test_model_commands_print_json(served: tuple[Serve, str, int, Path]) -> None
     assert [m["name"] for m in models("list")["models"]] == ["mine"]
     assert models("show", "mine")["variants"][0]["name"] == "mine"
     assert models("alias", "rm", "spare")["removed"]["name"] == "spare"
+
+
+def test_serve_opens_the_http_port_and_forwards_model_manager_reads(served: tuple[Serve, str, int, Path]) -> None:
+    serve = served[0]
+    listening = next(line for line in serve.lines if logged("service.server", "listening")(line))
+    http_port = record(listening)["http_port"]
+    assert http_port > 0
+    for rpc in ("DiffusionService/ListModels", "ModelManagerService/ListStoredModels"):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/sdserve.v1.{rpc}", data=b"{}", headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+            answer = json.loads(resp.read())
+        # proto3 JSON leaves out empty lists: the store may hold nothing yet, the server always has a model.
+        assert isinstance(answer, dict) and ("models" in answer or rpc.startswith("ModelManager"))
 
 
 def test_a_dead_sidecar_is_restarted_and_sigterm_stops_the_server_first_with_status_0(
