@@ -561,6 +561,7 @@ def test_probes_use_the_health_services(builds: dict[str, list[dict[str, Any]]])
         server = container(docs, "server")
         assert {p["name"]: p["containerPort"] for p in server["ports"]} == {
             "grpc": int(server_cfg["SDSERVE_PORT"]),
+            "http": int(server_cfg["SDSERVE_HTTP_PORT"]),
             "metrics": int(server_cfg["SDSERVE_METRICS_PORT"]),
         }
         for probe_name, service in expected.items():
@@ -699,7 +700,7 @@ def test_service_monitor_network_policy_and_autoscaler_agree(builds: dict[str, l
         assert {p["targetPort"] for p in ports.values()} <= pod_ports
         policy = one(docs, "NetworkPolicy")
         allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert allowed == {"grpc", "metrics", "mgr-metrics"}, f"{name}: the sidecar's gRPC API stays closed"
+        assert allowed == {"grpc", "http", "metrics", "mgr-metrics"}, f"{name}: the sidecar's gRPC API stays closed"
         namespace = one(docs, "Namespace")["metadata"]["name"]
         scaled = one(docs, "ScaledObject")
         assert scaled["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
