@@ -264,3 +264,13 @@ def test_draining_refuses_new_http_calls_unavailable(models_dir: Path) -> None:
         srv.server.admission.begin_drain()
         events = stream_json(srv, "Generate", {"params": PARAMS})
         assert events[-1]["error"]["code"] == "unavailable"
+
+
+def test_grpc_clients_are_served_on_the_http_port_too(web: ServerThread) -> None:
+    """HTTP/2 without TLS (prior knowledge) carries plain gRPC as well: one port can front everything."""
+    assert web.server is not None
+    with Client(f"127.0.0.1:{web.server.http_port}") as c:
+        result = c.generate(PARAMS["prompt"], steps=2, seed=7, width=64, height=64, model=TINY)
+    with Client(web.target) as c:
+        direct = c.generate(PARAMS["prompt"], steps=2, seed=7, width=64, height=64, model=TINY)
+    assert (pixels(result.images[0].data) == pixels(direct.images[0].data)).all()
