@@ -64,3 +64,10 @@ eval: install
 
 clean:
 	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info clients/python/*.egg-info
+
+# The playground page: bundles clients/typescript/playground into service/web (committed, so a server install needs
+# no Node; tests/test_playground_bundle.py fails when it is stale). Needs clients/typescript/node_modules
+# (scripts/install_client_toolchains.sh).
+.PHONY: web
+web:
+	cd clients/typescript && npm run build:playground

@@ -2,7 +2,9 @@
 # Installs what the TypeScript and Go clients need to generate, build and test, on Debian 12:
 #   - Go 1.19, protoc, protoc-gen-go, protoc-gen-go-grpc and the grpc-go / protobuf-go / genproto
 #     sources from Debian (the Go client builds offline against /usr/share/gocode);
-#   - the npm packages pinned in clients/typescript/package-lock.json (npm ci), on Node >= 20.
+#   - the npm packages pinned in clients/typescript/package-lock.json (npm ci), on Node >= 20;
+#   - Chromium (with DejaVu fonts for the README screenshots), the browser tests/test_playground.py drives
+#     through Playwright for Python (the `dev` extra) at /usr/bin/chromium: no `playwright install`.
 # Idempotent: installs only missing Debian packages and reruns npm ci only when the lock file changed.
 # Uses sudo for apt-get when not root. Needs apt and the npm registry reachable.
 set -euo pipefail
@@ -19,6 +21,8 @@ packages=(
   golang-google-protobuf-dev
   golang-github-golang-protobuf-1-5-dev
   golang-google-genproto-dev
+  chromium
+  fonts-dejavu-core
 )
 sudo=()
 if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi

@@ -89,6 +89,8 @@ def test_server_wheel_carries_the_server_the_sidecar_and_the_embedded_models(whe
         assert shipped and {f"service/embedded_models/{p}" for p in shipped} <= files, model
     configs = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "model_manager" / "configs").rglob("*.json")}
     assert configs and configs <= files
+    page = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "service" / "web").rglob("*") if p.is_file()}
+    assert "service/web/index.html" in page and page <= files, "the playground page is not in the wheel"
     meta = metadata(wheels["server"])
     assert meta["Name"] == "sdserve-server"
     assert f"sdserve=={sdserve.__version__}" in (meta.get_all("Requires-Dist") or [])

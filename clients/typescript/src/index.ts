@@ -1,6 +1,7 @@
 /** Public entry point of the sdserve TypeScript client. */
 export {
   SdserveClient,
+  SdserveTransportClient,
   DEFAULT_MAX_MESSAGE_BYTES,
   MAX_ADAPTER_SCALE,
   checkAdapters,
