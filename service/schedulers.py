@@ -56,8 +56,13 @@ def class_name(name: str, config: Mapping[str, Any]) -> str:
 
 def max_steps(name: str, config: Mapping[str, Any]) -> int:
     """The most denoising steps the scheduler accepts for a model: its training timesteps, and for LCM the
-    distillation schedule's length (`original_inference_steps`, 50 unless the config says otherwise)."""
+    distillation schedule's length (`original_inference_steps`, 50 unless the config says otherwise). With
+    "leading" spacing the schedule is shifted up by `steps_offset`, so one step per training timestep would reach
+    timestep `num_train_timesteps`, past the end of the noise schedule (DDIM, PNDM and DDPM index it): the limit is
+    lower by the offset."""
     limit = int(config.get("num_train_timesteps", 1000))
+    if config.get("timestep_spacing", "leading") == "leading":
+        limit -= int(config.get("steps_offset", 0))
     if class_name(name, config) == "LCMScheduler":
         limit = min(limit, int(config.get("original_inference_steps", 50)))
     return limit
