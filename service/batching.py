@@ -36,9 +36,9 @@ class Limit:
 
 
 class BatchPolicy:
-    """Per-key batch limits. Unmeasured keys start at 1 and explore upward (2, 4, ...) only while the
-    larger batch measures faster per image than every smaller one, so batching never settles on a size
-    that lowers throughput."""
+    """Per-key batch limits. Unmeasured keys (a size calibration did not cover) start at 1 and explore upward
+    (2, 4, ...) only while the larger batch measures faster per image than every smaller one; a size that measured
+    slower is not tried again, so batching never settles on (or keeps exploring) a size that lowers throughput."""
 
     def __init__(self, max_images: int):
         self.max_images = max(1, max_images)
@@ -51,11 +51,16 @@ class BatchPolicy:
         return (r.identity, r.width, r.height)
 
     def limit(self, job: Job) -> int:
+        return self.limit_for(self.key_of(job))
+
+    def limit_for(self, key: Key) -> int:
+        """How many images the next pipeline call for `key` may carry."""
         if self.max_images == 1:
             return 1
         with self._lock:
-            stats = self._stats.get(self.key_of(job))
-            return 2 if stats is None else stats.limit
+            stats = self._stats.get(key)
+            # A size never measured runs alone first: batching is tried only against a measured single image.
+            return 1 if stats is None else stats.limit
 
     def observe(self, key: Key, images: int, step_seconds: float, source: str = "learned") -> None:
         """Records one pipeline call: `images` images took `step_seconds` per denoising step."""
@@ -71,7 +76,11 @@ class BatchPolicy:
                 stats.source = source
 
     def _choose(self, measured: dict[int, float]) -> int:
-        best = 1 if 1 in measured else min(measured)
+        if 1 not in measured:
+            # Only batches measured so far (another limit's live batches): measure one image alone before
+            # exploring further, so no size is tried without a baseline to beat.
+            return 1
+        best = 1
         for size in sorted(measured):
             if size != best and measured[size] < measured[best] * MARGIN:
                 best = size

@@ -250,3 +250,22 @@ def test_prompt_cache_is_bounded_in_bytes() -> None:
     pooled = PromptEmbeds(torch.zeros(1, 77, 8), None, torch.zeros(1, 8))
     assert pooled.nbytes == (77 * 8 + 8) * 4
     assert cache.hits == 1 and cache.misses == 6
+
+
+def test_policy_measures_an_uncalibrated_size_alone_and_never_retries_a_slower_batch() -> None:
+    """The mid-size SD 1.5 case: calibrated at 512 px, served at 256 px. The served size runs alone first, then
+    tries 2; once 2 measured slower per image, the limit is 1 and stays 1 (no exploration of 2 or 4 again)."""
+    policy = BatchPolicy(max_images=8)
+    policy.observe((M, 512, 512), 1, 4.0, "calibrated")
+    job_key = (M, 256, 256)
+    assert policy.limit_for(job_key) == 1  # never measured: alone first
+    policy.observe(job_key, 2, 2.2)  # a batch measured before any single image (another limit's live batch)
+    assert policy.limit_for(job_key) == 1
+    policy.observe(job_key, 1, 1.0)
+    # 1.1 s per image in a batch of 2 against 1.0 alone: batching is slower here, and is not tried again.
+    for _ in range(5):
+        assert policy.limit_for(job_key) == 1
+        policy.observe(job_key, 1, 1.0)
+    fast = (M, 128, 128)
+    policy.observe(fast, 1, 1.0)
+    assert policy.limit_for(fast) == 2  # measured alone: batching may be tried
