@@ -261,13 +261,21 @@ def encode_chunk(
 
 def emphasis(z: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """A1111's "Original" emphasis: each token's vector times its weight, then the whole chunk rescaled to its
-    original mean (computed in float32; unchanged when every weight is 1)."""
+    original mean (computed in float32; unchanged when every weight is 1).
+
+    The rescale divides by the weighted chunk's mean. An encoder whose last LayerNorm has no bias (randomly
+    initialised or tiny models) gives hidden states with a mean of almost exactly 0, where that division turns the
+    embeddings into huge values or NaN (a black image); there the weighted vectors are kept unrescaled. Real CLIP
+    towers have means far from 0 and are rescaled exactly as A1111 does."""
     if all(w == 1.0 for w in weights):
         return z
     zf = z.float()
     original_mean = zf.mean()
     scaled = zf * torch.tensor(weights, dtype=torch.float32, device=z.device).view(1, -1, 1)
-    return (scaled * (original_mean / scaled.mean())).to(z.dtype)
+    new_mean = scaled.mean()
+    if not bool(torch.isfinite(original_mean / new_mean)) or new_mean.abs() <= 1e-3 * zf.abs().mean():
+        return scaled.to(z.dtype)
+    return (scaled * (original_mean / new_mean)).to(z.dtype)
 
 
 def encode(

@@ -205,8 +205,32 @@ def reference_chunk(tokenizer: Any, parts: list[tuple[str, float]]) -> tuple[tor
 
 
 def emphasised(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A1111's formula, with sdserve's one exception: a chunk whose mean is ~0 (the tiny test encoders' last
+    LayerNorm has no bias) is not rescaled (sdserve_core.weighted.emphasis)."""
     scaled = z * w
+    if scaled.mean().abs() <= 1e-3 * z.abs().mean():
+        return scaled
     return scaled * (z.mean() / scaled.mean())
+
+
+def test_emphasis_rescales_to_the_original_mean_as_a1111_does() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 77, 8, generator=gen) * 0.5 + 0.3  # a real CLIP tower's hidden states have a non-zero mean
+    weights = [1.0, 1.5, 1.5, 0.9, *[1.0] * 73]
+    w = torch.tensor(weights).view(1, -1, 1)
+    expected = (z * w) * (z.mean() / (z * w).mean())
+    torch.testing.assert_close(weighted.emphasis(z, weights), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [1.2, 1.5, 0.5])
+def test_emphasis_on_a_zero_mean_chunk_stays_finite_and_unrescaled(weight: float) -> None:
+    """Dividing by a mean of ~1e-9 turned `(masterpiece:1.2)` into NaN (a black image) on the tiny models."""
+    z = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(1))
+    z = z - z.mean(dim=-1, keepdim=True)  # what a LayerNorm without bias gives
+    weights = [1.0, weight, weight, *[1.0] * 74]
+    found = weighted.emphasis(z, weights)
+    assert torch.isfinite(found).all()
+    torch.testing.assert_close(found, z * torch.tensor(weights).view(1, -1, 1), rtol=0, atol=0)
 
 
 # Plain prompts, fitting one chunk: diffusers' encode_prompt exactly as before.
