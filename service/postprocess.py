@@ -9,6 +9,7 @@ from PIL import Image
 from service import imaging
 from service.jobs import Job
 from service.requests import AdapterUse, RefinerMode, ResultImage, Task
+from service.sampler_names import AUTOMATIC, a1111_names
 
 
 def prepare_inputs(job: Job) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -120,8 +121,11 @@ def a1111_text(job: Job, seed: int) -> str:
     lines = [req.prompt + tags]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
+    # A1111's own sampler names ("Euler a", "DPM++ 2M" with "Schedule type: Karras"), which its tools parse.
+    sampler, schedule = a1111_names(r.scheduler_name)
+    schedule_item = f", Schedule type: {schedule}" if schedule != AUTOMATIC else ""
     settings = (
-        f"Steps: {r.steps}, Sampler: {r.scheduler_name}, CFG scale: {r.guidance_scale:g}, Seed: {seed}, "
+        f"Steps: {r.steps}, Sampler: {sampler}{schedule_item}, CFG scale: {r.guidance_scale:g}, Seed: {seed}, "
         f"Size: {r.width}x{r.height}, Model: {r.model}, Model hash: {r.model_revision[:10]}"
     )
     if r.task is not Task.GENERATE:

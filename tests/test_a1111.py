@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from sdserve import Client
+from sdserve.types import SchedulerName
 from tests.harness import TINY, ServerThread, pixels, png, running, sample_image, sample_mask, serving
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "a1111"
@@ -410,3 +411,18 @@ def test_the_doc_curl_examples_run(web: ServerThread, tmp_path: Path) -> None:
     assert '"Sampler":"DPM++ 2M"' in out and '"Schedule type":"Karras"' in out
     assert json.loads((tmp_path / "img2img.json").read_text())["images"]
     assert '"job_count":0' in out and out.rstrip().endswith("{}")
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "written"),
+    [("EULER_ANCESTRAL", "Sampler: Euler a, CFG"), ("DPMPP_2M_KARRAS", "Sampler: DPM++ 2M, Schedule type: Karras, CFG"),
+     ("DPMPP_2M", "Sampler: DPM++ 2M, Schedule type: Uniform, CFG"), ("DDIM", "Sampler: DDIM, CFG")],
+)  # fmt: skip
+def test_every_images_infotext_names_the_sampler_as_a1111_does(
+    web: ServerThread, scheduler: SchedulerName, written: str
+) -> None:
+    """A gRPC result's PNG carries A1111's sampler names, which A1111's own tools and image browsers parse."""
+    with Client(web.target) as c:
+        result = c.generate("a cat", steps=2, seed=1, width=64, height=64, scheduler=scheduler, model=TINY)
+    text = Image.open(io.BytesIO(result.images[0].data)).info["parameters"]
+    assert written in text.splitlines()[-1], text
