@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,23 @@ def wait_ledger(server: ServerThread, request_id: str, timeout: float = 60.0) ->
     entries = [e for e in server.server.admission.outcomes() if e.request_id == request_id]
     assert len(entries) == 1, entries
     return entries[0]
+
+
+def requests_counted(srv: ServerThread, **labels: str) -> float:
+    """The sum of `sdserve_requests_total` over the series matching `labels` (e.g. transport="connect")."""
+    assert srv.server is not None
+    total = 0.0
+    for metric in srv.server.metrics.registry.collect():
+        for s in metric.samples:
+            if s.name == "sdserve_requests_total" and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Polls `predicate` until true (bounded): the server accounts for a call just after its stream ends."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

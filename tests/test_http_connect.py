@@ -9,10 +9,9 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from google.rpc import error_details_pb2
 from sdserve import Client
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1.diffusion_connect import DiffusionServiceClientSync
-from tests.harness import TINY, ServerThread, pixels, running, serving
+from tests.harness import TINY, ServerThread, pixels, requests_counted, running, serving, wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PARAMS: dict[str, Any] = {"prompt": "a red circle", "steps": 2, "seed": 7, "width": 64, "height": 64, "model": TINY}
@@ -69,25 +68,6 @@ def stream_json(srv: ServerThread, rpc: str, request: dict[str, Any], **headers:
     status, data = post(url, frame(json.dumps(request).encode()), "application/connect+json", headers)
     assert status == 200, data
     return [dict(json.loads(msg), _end=flags & 2 == 2) for flags, msg in unframe(data)]
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Polls `predicate` until true (bounded): the server accounts for a call just after its stream ends."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def requests_counted(srv: ServerThread, **labels: str) -> float:
-    assert srv.server is not None
-    total = 0.0
-    for metric in srv.server.metrics.registry.collect():
-        for s in metric.samples:
-            if s.name == "sdserve_requests_total" and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def test_the_readme_curl_examples_run(web: ServerThread) -> None:
@@ -195,8 +175,8 @@ def test_a_client_that_hangs_up_cancels_its_job(web: ServerThread) -> None:
             chunk = resp.read1(65536)
             assert chunk, "stream ended before any progress"
             seen += chunk
-    wait_for(lambda: requests_counted(web, transport="connect", outcome="cancelled") >= before + 1, "the cancel")
-    wait_for(lambda: web.server is not None and web.server.admission.active_count() == 0, "the job to end")
+    wait_until(lambda: requests_counted(web, transport="connect", outcome="cancelled") >= before + 1, "the cancel")
+    wait_until(lambda: web.server is not None and web.server.admission.active_count() == 0, "the job to end")
 
 
 def test_health_paths_answer_plain_http(web: ServerThread) -> None:

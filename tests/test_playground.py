@@ -6,8 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ from PIL import Image
 
 from sdserve import Client
 from service.requests import Outcome
-from tests.harness import TINY, ServerThread, running, serving, wait_ledger
+from tests.harness import TINY, ServerThread, requests_counted, running, serving, wait_ledger, wait_until
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -112,25 +111,6 @@ def image_bytes(page: Page, selector: str) -> bytes:
 
 def pixels(data: bytes, mode: str = "RGB") -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert(mode), dtype=np.int16)
-
-
-def requests_counted(srv: ServerThread, **labels: str) -> float:
-    assert srv.server is not None
-    total = 0.0
-    for metric in srv.server.metrics.registry.collect():
-        for s in metric.samples:
-            if s.name == "sdserve_requests_total" and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Polls `predicate` until true (bounded): the server accounts for a call just after its stream ends."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def fill_form(page: Page, **fields: str) -> None:
@@ -238,7 +218,7 @@ def test_cancel_stops_the_run_on_the_server(page: Page, web: ServerThread) -> No
     assert request_id
     entry = wait_ledger(web, request_id)
     assert entry.outcome is Outcome.CANCELLED and entry.steps_done < 500 and not entry.decoded
-    wait_for(
+    wait_until(
         lambda: requests_counted(web, transport="connect", outcome="cancelled", rpc="Generate") >= before + 1,
         "the cancelled call to be counted",
     )
