@@ -303,6 +303,10 @@ def test_deadline_is_honoured_in_the_refiner_pass(xl_server: ServerThread, xl_di
         stub = pb_grpc.DiffusionServiceStub(channel)
         # The base pass is 1 step; the refiner's 149 at 256x256 take far longer than the deadline.
         refiner = pb.RefinerOptions(model=REFINER, switch_at=0.01)
+        # Load and warm the refiner at this size first: a first use loads it inside the request, and on a busy
+        # machine the load alone could outlast the deadline before any step runs.
+        warm = params(steps=2, width=256, height=256, refiner=pb.RefinerOptions(model=REFINER, switch_at=0.5))
+        assert list(stub.Generate(pb.GenerateRequest(params=warm)))[-1].WhichOneof("event") == "result"
         p = params(steps=150, width=256, height=256, refiner=refiner, request_id=request_id)
         with pytest.raises(grpc.RpcError) as info:
             for event in stub.Generate(pb.GenerateRequest(params=p), timeout=3.0):
