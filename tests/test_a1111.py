@@ -426,3 +426,22 @@ def test_every_images_infotext_names_the_sampler_as_a1111_does(
         result = c.generate("a cat", steps=2, seed=1, width=64, height=64, scheduler=scheduler, model=TINY)
     text = Image.open(io.BytesIO(result.images[0].data)).info["parameters"]
     assert written in text.splitlines()[-1], text
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "field"),
+    [
+        ("/sdapi/v1/txt2img", b'{"prompt": "a\\ud800", "steps": 2}', "prompt"),
+        ("/sdapi/v1/txt2img", b'{"prompt": "a", "override_settings": {"sd_model_checkpoint": "\\udc00"}}',
+         "override_settings.sd_model_checkpoint"),
+        ("/sdapi/v1/txt2img", b'{"prompt": "a", "styles": ["\\udc00"]}', "styles.0"),
+        ("/sdapi/v1/png-info", b'{"image": "\\udc00"}', "image"),
+    ],
+)  # fmt: skip
+def test_text_json_cannot_carry_as_utf8_is_422_naming_the_field(
+    web: ServerThread, path: str, raw: bytes, field: str
+) -> None:
+    """A lone surrogate escape is valid JSON but not text: it was a 500 (the contract's strings are UTF-8)."""
+    status, _, body = call(web, path, raw=raw)
+    assert status == 422, body
+    assert any(f"{field}: must be valid UTF-8" in e["msg"] for e in body["detail"]), body

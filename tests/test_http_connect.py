@@ -139,6 +139,11 @@ def test_malformed_json_names_the_field_and_leaks_nothing(web: ServerThread) -> 
     assert error["code"] == "invalid_argument" and "params.steps: must be an integer" in error["message"], error
     status, body = post(url, b"{not json", "application/json")
     assert status == 400 and json.loads(body)["code"] == "invalid_argument"
+    # A lone surrogate escape is valid JSON but not text the contract's strings can hold.
+    url = f"{base(web)}/sdserve.v1.DiffusionService/Generate"
+    status, data = post(url, frame(b'{"params": {"prompt": "a\\ud800"}}'), "application/connect+json")
+    error = json.loads(unframe(data)[-1][1])["error"]
+    assert error["code"] == "invalid_argument" and "params.prompt" in error["message"], error
 
 
 def test_invalid_utf8_in_a_binary_request_names_the_field(web: ServerThread) -> None:

@@ -4,11 +4,14 @@ servicer and answers in A1111's shapes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
 
 from fastapi import Body, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, Response
 
 from sdserve_core.status import FieldViolation
@@ -172,6 +175,14 @@ def _routes(app: FastAPI, api: A1111Api) -> None:
     route("/sdapi/v1/png-info", api.png_info, methods=["POST"], response_model=PNGInfoResponse)
 
 
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 body, rendered with ASCII escapes: the `input` it echoes may hold a lone surrogate (from a JSON
+    `\\ud800` escape), which the default handler fails to encode as UTF-8 and answers 500."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    body = json.dumps({"detail": jsonable_encoder(errors)}, ensure_ascii=True)
+    return Response(body, status_code=422, media_type="application/json")
+
+
 class A1111App:
     """The ASGI application for /sdapi/ (request bodies limited to the server's max_message_bytes); `fastapi` is
     the FastAPI application, whose schema the OpenAPI document starts from."""
@@ -186,6 +197,7 @@ class A1111App:
             openapi_url=None,
         )
         _routes(self.fastapi, self.api)
+        self.fastapi.add_exception_handler(RequestValidationError, _invalid)
         self._asgi = BodyLimit(self.fastapi, settings.max_message_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

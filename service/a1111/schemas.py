@@ -8,11 +8,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def _unencodable(value: Any, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    """The path of the first string in `value` that is not valid UTF-8 text (a lone surrogate from a JSON `\\ud800`
+    escape), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _unencodable(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data: Any) -> Any:
+        """Text the contract cannot carry is refused here, naming the field, instead of failing later."""
+        found = _unencodable(data, ())
+        if found:
+            where = ".".join(str(p) for p in found)
+            raise ValueError(f"{where}: must be valid UTF-8 text (a lone surrogate escape such as \\ud800 is not)")
+        return data
 
 
 class ProcessingBody(_Body):
