@@ -10,12 +10,14 @@ import asyncio
 import logging
 import re
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
 from connectrpc import _codec
 from connectrpc.code import Code
+from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from google.protobuf import json_format
@@ -189,3 +191,31 @@ def install_strict_codecs() -> None:
     strict_json, strict_proto = _StrictJSON(), _StrictProto()
     for name, codec in list(_codec._codecs.items()):
         _codec._codecs[name] = strict_json if isinstance(codec, _codec.ProtoJSONCodec) else strict_proto
+
+
+class BoundedGzip(GzipCompression):
+    """gzip whose decompression stops at `limit` bytes: a small compressed body (a "zip bomb") could otherwise
+    expand to gigabytes before connect-python compares the message with --max-message-bytes."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self._limit = limit
+
+    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
+        out = bytearray()
+        rest = bytes(data)
+        while rest:
+            inflater = zlib.decompressobj(wbits=31)  # one gzip member; a body may hold several
+            try:
+                out += inflater.decompress(rest, self._limit + 1 - len(out))
+            except zlib.error:
+                raise invalid_error([FieldViolation("request", "is not valid gzip data")]) from None
+            if len(out) > self._limit or inflater.unconsumed_tail:
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"the request decompresses to more than {self._limit} bytes (the server's max_message_bytes)",
+                )
+            if not inflater.eof:
+                raise invalid_error([FieldViolation("request", "is truncated gzip data")])
+            rest = inflater.unused_data
+        return bytes(out)

@@ -9,7 +9,7 @@ from sdserve.v1.model_manager_connect import ModelManagerServiceASGIApplication
 from sdserve_core.auth import load_keys
 from service.a1111.app import A1111App
 from service.accounting import Accounting
-from service.connect_edge import DiffusionConnect, install_strict_codecs
+from service.connect_edge import BoundedGzip, DiffusionConnect, install_strict_codecs
 from service.http_app import ASGIApp, HttpApp
 from service.manager_proxy import ManagerProxy
 from service.openapi import OpenApiDocument, document
@@ -28,8 +28,9 @@ def build_app(
     (/sdapi/), the OpenAPI document, plus the page."""
     install_strict_codecs()
     limit = settings.max_message_bytes
-    diffusion = DiffusionServiceASGIApplication(DiffusionConnect(servicer), read_max_bytes=limit)
-    models = ModelManagerServiceASGIApplication(manager, read_max_bytes=limit)
+    gzip = [BoundedGzip(limit)]
+    diffusion = DiffusionServiceASGIApplication(DiffusionConnect(servicer), read_max_bytes=limit, compressions=gzip)
+    models = ModelManagerServiceASGIApplication(manager, read_max_bytes=limit, compressions=gzip)
     keys = load_keys(settings.api_keys, settings.api_keys_file)
     sdapi = A1111App(servicer, settings, keyed=bool(keys))
     routes: dict[str, ASGIApp] = {diffusion.path + "/": diffusion, models.path + "/": models, "/sdapi/": sdapi}

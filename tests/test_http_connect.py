@@ -259,3 +259,32 @@ def test_grpc_clients_are_served_on_the_http_port_too(web: ServerThread) -> None
     with Client(web.target) as c:
         direct = c.generate(PARAMS["prompt"], steps=2, seed=7, width=64, height=64, model=TINY)
     assert (pixels(result.images[0].data) == pixels(direct.images[0].data)).all()
+
+
+def test_gzip_bodies_work_and_a_zip_bomb_is_refused_before_it_expands(models_dir: Path) -> None:
+    import gzip
+
+    limit = 4 * 1024 * 1024
+    with serving(models_dir, http_port=0, default_model=TINY, max_message_bytes=limit) as srv:
+        url = f"{base(srv)}/sdserve.v1.DiffusionService/ListModels"
+        status, body = post(url, gzip.compress(b"{}"), "application/json", {"content-encoding": "gzip"})
+        assert status == 200 and TINY in body.decode()
+        # 64 MiB of spaces (valid JSON whitespace) in about 64 KB: refused at the limit, not decompressed whole.
+        bomb = gzip.compress(b"{" + b" " * (16 * limit) + b"}", compresslevel=9)
+        assert len(bomb) < limit // 8
+        status, body = post(url, bomb, "application/json", {"content-encoding": "gzip"})
+        assert status == 429 and json.loads(body)["code"] == "resource_exhausted", body
+        assert "max_message_bytes" in json.loads(body)["message"]
+        status, body = post(url, b"not gzip", "application/json", {"content-encoding": "gzip"})
+        assert status == 400 and json.loads(body)["code"] == "invalid_argument"
+        # A compressed stream message (flags 1) goes through the same bound.
+        stream = f"{base(srv)}/sdserve.v1.DiffusionService/Generate"
+        message = gzip.compress(json.dumps({"params": PARAMS}).encode())
+        status, data = post(
+            stream, frame(message, flags=1), "application/connect+json", {"connect-content-encoding": "gzip"}
+        )
+        assert status == 200 and json.loads(unframe(data)[-1][1]) == {}
+        status, data = post(
+            stream, frame(bomb, flags=1), "application/connect+json", {"connect-content-encoding": "gzip"}
+        )
+        assert json.loads(unframe(data)[-1][1])["error"]["code"] == "resource_exhausted"
