@@ -58,6 +58,7 @@ demo: install
 bench: install
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.adapters
+	$(BIN)/python -m bench.roofline
 
 eval: install
 	$(BIN)/python -m quality
