@@ -15,7 +15,7 @@ from tests.clients.live import INSTALL_HINT, REPO, SHAPES_LORA, LiveServer, requ
 TS_DIR = REPO / "clients" / "typescript"
 SDXL_FILE = "sdxl_live.test.js"  # run by test_typescript_sdxl, with the SDXL reference
 ADAPTERS_FILE = "adapters_live.test.js"  # run by test_typescript_adapters, with the adapter reference
-MIN_PASSES = 14  # test() calls in clients/typescript/test/*.test.ts but SDXL_FILE and ADAPTERS_FILE: 7 live, 7 unit
+MIN_PASSES = 17  # test() calls in clients/typescript/test/*.test.ts but SDXL_FILE and ADAPTERS_FILE: 7 live, 10 unit
 SDXL_PASSES = 3  # test() calls in test/sdxl_live.test.ts
 ADAPTER_TESTS = 2  # test() calls in test/adapters_live.test.ts; the LoRA one skips without models/adapters/...
 
