@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sdserve_core.prompt_syntax import PromptSyntaxError, parse_attention
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from service.observers import Observer
 from service.requests import ServedIdentity
@@ -16,7 +17,11 @@ from service.requests import ServedIdentity
 # guidance, guidance on): the variant is part of the identity, so fp16 and int8 text encoders of one revision never
 # share an entry, and a refiner's encodings never pass for its base model's.
 # The last part: (sha256, scale) of each adapter that changes the text encoders' output (LoRAs on a text encoder).
-Key = tuple[ServedIdentity, PromptInputs, bool, tuple[tuple[str, float], ...]]
+# The prompt texts are keyed by their parsed form (A1111 syntax: fragments and weights), so `(red)` and
+# `(red:1.1)`, or `red` and `(red:1)`, share an entry: they encode to the same tensors.
+Parsed = tuple[tuple[str, float], ...]
+Texts = tuple[Parsed, Parsed, Parsed, Parsed, int, tuple[tuple[str, str], ...]]
+Key = tuple[ServedIdentity, Texts, bool, tuple[tuple[str, float], ...]]
 Embeds = PromptEmbeds
 
 
@@ -82,7 +87,18 @@ def cache_key(
 ) -> Key:
     if not cfg:
         inputs = dataclasses.replace(inputs, negative_prompt="", negative_prompt_2="")
-    return (identity, inputs, cfg, text_adapters)
+    texts = (inputs.prompt, inputs.negative_prompt, inputs.prompt_2, inputs.negative_prompt_2)
+    p, n, p2, n2 = (_parsed(t) for t in texts)
+    return (identity, (p, n, p2, n2, inputs.clip_skip, inputs.embeddings), cfg, text_adapters)
+
+
+def _parsed(text: str) -> Parsed:
+    """The text's parsed form. A text that does not parse (validation refuses those first) keys on itself plus an
+    empty fragment of the same weight, which no parse gives (the parser merges neighbours of equal weight)."""
+    try:
+        return tuple(parse_attention(text))
+    except PromptSyntaxError:
+        return ((text, 1.0), ("", 1.0))
 
 
 def stats(cache: PromptCache) -> dict[str, Any]:

@@ -211,6 +211,11 @@ def test_prompt_cache_hits_give_identical_images(server: ServerThread) -> None:
         second = c.generate("cache me please", seed=3, steps=2)
         assert cache.hits == hits + 1
         assert first.image.data == second.image.data
+        # The same parse, written differently: a hit, and the same pixels as encoding it afresh.
+        hits = cache.hits
+        weighted = c.generate("(cache me please:1)", seed=3, steps=2)
+        assert cache.hits == hits + 1
+        assert (pixels(weighted.image.data) == pixels(first.image.data)).all()
 
 
 def key(
@@ -269,3 +274,16 @@ def test_policy_measures_an_uncalibrated_size_alone_and_never_retries_a_slower_b
     fast = (M, 128, 128)
     policy.observe(fast, 1, 1.0)
     assert policy.limit_for(fast) == 2  # measured alone: batching may be tried
+
+
+def test_the_prompt_cache_keys_on_the_parsed_prompt() -> None:
+    """Texts that parse to the same fragments and weights share an entry (they encode to the same tensors, see
+    tests/test_weighted_prompts.py); texts whose parse differs do not."""
+    assert key(M, "a (red:1.1) circle") == key(M, "a (red) circle")
+    assert key(M, "red") == key(M, "(red:1)")
+    assert key(M, "a red circle", "(blurry:1.0)") == key(M, "a red circle", "blurry")
+    assert key(M, "a (red) circle") != key(M, "a red circle")
+    assert key(M, "a [red] circle") != key(M, "a (red) circle")
+    assert key(M, r"a \(red\) circle") != key(M, "a (red) circle")
+    assert key(M, "a BREAK b") != key(M, "a b")
+    assert key(M, "a", prompt_2="(b:1.1)") == key(M, "a", prompt_2="(b)")

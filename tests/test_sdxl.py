@@ -404,7 +404,8 @@ def test_prompt_cache_holds_both_encoders_and_pooled(
     events(stub, "generate", params(prompt="cache me", prompt_2="other", negative_prompt="not me", seed=3))
     assert cache.misses == misses + 1
     with cache._lock:
-        entries = [v for k, v in cache._items.items() if k[1].prompt == "cache me" and k[1].prompt_2 == "and me"]
+        texts = (("cache me", 1.0),), (("and me", 1.0),)
+        entries = [v for k, v in cache._items.items() if (k[1][0], k[1][2]) == texts]
     assert len(entries) == 1
     embeds = entries[0]
     assert embeds.pooled is not None and embeds.negative_pooled is not None and embeds.negative is not None
