@@ -1,6 +1,6 @@
 """Writes docs/images/shapes-adapters.png: the embedded shapes model through a live server, the same prompts and
 seeds three ways per column pair: without adapters, with the shipped LoRA (its new colour words), and with the
-shipped embedding's token (python scripts/readme_adapter_images.py; starts its own server)."""
+shipped embedding's token (python -m scripts.readme_adapter_images; starts its own server)."""
 
 from __future__ import annotations
 

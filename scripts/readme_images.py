@@ -1,5 +1,5 @@
 """Writes docs/images/shapes-demo.png: generate, edit and inpaint results of the embedded model, through a
-live server (python scripts/readme_images.py; starts its own server)."""
+live server (python -m scripts.readme_images; starts its own server)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Writes docs/images/playground.png and docs/images/playground-inpaint.png: the playground page (service/web) in
-headless Chromium, driving the embedded shapes model through a live server (python scripts/readme_playground_images.py
+headless Chromium, driving the embedded shapes model through a live server (python -m scripts.readme_playground_images
 [OUT_DIR]; starts its own server; needs /usr/bin/chromium and playwright, as tests/test_playground.py does)."""
 
 from __future__ import annotations
@@ -13,18 +13,8 @@ from PIL import Image
 from playwright.sync_api import Page, ViewportSize, sync_playwright
 
 from quality.server import running_server
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT: ViewportSize = {"width": 1180, "height": 700}  # full-page shots: as tall as the page
 MODEL = "shapes"
 STEPS = "20"
@@ -71,7 +61,7 @@ def main(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "http-port"
         with running_server("--http-port", "0", "--http-port-file", str(port_file)), sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
             page.goto(f"http://127.0.0.1:{port_file.read_text()}/")
             page.wait_for_selector("body[data-ready=true]")

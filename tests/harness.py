@@ -195,3 +195,18 @@ def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def connect_frame(message: bytes, flags: int = 0) -> bytes:
+    """One Connect streaming envelope: a flags byte, the big-endian length, the message."""
+    return bytes([flags]) + len(message).to_bytes(4, "big") + message
+
+
+def connect_unframe(data: bytes) -> list[tuple[int, bytes]]:
+    """A Connect stream's envelopes as (flags, message) pairs; flags 2 marks the end-of-stream message."""
+    out, i = [], 0
+    while i < len(data):
+        size = int.from_bytes(data[i + 1 : i + 5], "big")
+        out.append((data[i], data[i + 5 : i + 5 + size]))
+        i += 5 + size
+    return out

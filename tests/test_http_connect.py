@@ -24,7 +24,17 @@ from google.rpc import error_details_pb2
 from sdserve import Client
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1.diffusion_connect import DiffusionServiceClientSync
-from tests.harness import TINY, ServerThread, pixels, requests_counted, running, serving, wait_until
+from tests.harness import (
+    TINY,
+    ServerThread,
+    connect_frame,
+    connect_unframe,
+    pixels,
+    requests_counted,
+    running,
+    serving,
+    wait_until,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PARAMS: dict[str, Any] = {"prompt": "a red circle", "steps": 2, "seed": 7, "width": 64, "height": 64, "model": TINY}
@@ -49,25 +59,12 @@ def post(url: str, body: bytes, content_type: str, headers: dict[str, str] | Non
         return err.code, err.read()
 
 
-def frame(message: bytes, flags: int = 0) -> bytes:
-    return bytes([flags]) + len(message).to_bytes(4, "big") + message
-
-
-def unframe(data: bytes) -> list[tuple[int, bytes]]:
-    out, i = [], 0
-    while i < len(data):
-        n = int.from_bytes(data[i + 1 : i + 5], "big")
-        out.append((data[i], data[i + 5 : i + 5 + n]))
-        i += 5 + n
-    return out
-
-
 def stream_json(srv: ServerThread, rpc: str, request: dict[str, Any], **headers: str) -> list[dict[str, Any]]:
     """A Connect JSON stream's messages; the end-of-stream message last (flags 2)."""
     url = f"{base(srv)}/sdserve.v1.DiffusionService/{rpc}"
-    status, data = post(url, frame(json.dumps(request).encode()), "application/connect+json", headers)
+    status, data = post(url, connect_frame(json.dumps(request).encode()), "application/connect+json", headers)
     assert status == 200, data
-    return [dict(json.loads(msg), _end=flags & 2 == 2) for flags, msg in unframe(data)]
+    return [dict(json.loads(msg), _end=flags & 2 == 2) for flags, msg in connect_unframe(data)]
 
 
 def test_the_readme_curl_examples_run(web: ServerThread) -> None:
@@ -141,8 +138,8 @@ def test_malformed_json_names_the_field_and_leaks_nothing(web: ServerThread) -> 
     assert status == 400 and json.loads(body)["code"] == "invalid_argument"
     # A lone surrogate escape is valid JSON but not text the contract's strings can hold.
     url = f"{base(web)}/sdserve.v1.DiffusionService/Generate"
-    status, data = post(url, frame(b'{"params": {"prompt": "a\\ud800"}}'), "application/connect+json")
-    error = json.loads(unframe(data)[-1][1])["error"]
+    status, data = post(url, connect_frame(b'{"params": {"prompt": "a\\ud800"}}'), "application/connect+json")
+    error = json.loads(connect_unframe(data)[-1][1])["error"]
     assert error["code"] == "invalid_argument" and "params.prompt" in error["message"], error
 
 
@@ -150,9 +147,9 @@ def test_invalid_utf8_in_a_binary_request_names_the_field(web: ServerThread) -> 
     good = pb.GenerateRequest(params=pb.GenerationParams(prompt="AB", steps=2)).SerializeToString()
     broken = good.replace(b"AB", b"\xff\xfe")
     url = f"{base(web)}/sdserve.v1.DiffusionService/Generate"
-    status, data = post(url, frame(broken), "application/connect+proto")
+    status, data = post(url, connect_frame(broken), "application/connect+proto")
     assert status == 200
-    flags, end = unframe(data)[-1]
+    flags, end = connect_unframe(data)[-1]
     error = json.loads(end)["error"]
     assert flags & 2 and error["code"] == "invalid_argument" and "params.prompt" in error["message"]
 
@@ -171,9 +168,8 @@ def test_a_client_that_hangs_up_cancels_its_job(web: ServerThread) -> None:
     before = requests_counted(web, transport="connect", outcome="cancelled")
     params = dict(PARAMS, steps=150, seed=4)
     url = f"{base(web)}/sdserve.v1.DiffusionService/Generate"
-    req = urllib.request.Request(
-        url, data=frame(json.dumps({"params": params}).encode()), headers={"content-type": "application/connect+json"}
-    )
+    body = connect_frame(json.dumps({"params": params}).encode())
+    req = urllib.request.Request(url, data=body, headers={"content-type": "application/connect+json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         seen = b""
         while b'"progress"' not in seen:
@@ -281,10 +277,10 @@ def test_gzip_bodies_work_and_a_zip_bomb_is_refused_before_it_expands(models_dir
         stream = f"{base(srv)}/sdserve.v1.DiffusionService/Generate"
         message = gzip.compress(json.dumps({"params": PARAMS}).encode())
         status, data = post(
-            stream, frame(message, flags=1), "application/connect+json", {"connect-content-encoding": "gzip"}
+            stream, connect_frame(message, flags=1), "application/connect+json", {"connect-content-encoding": "gzip"}
         )
-        assert status == 200 and json.loads(unframe(data)[-1][1]) == {}
+        assert status == 200 and json.loads(connect_unframe(data)[-1][1]) == {}
         status, data = post(
-            stream, frame(bomb, flags=1), "application/connect+json", {"connect-content-encoding": "gzip"}
+            stream, connect_frame(bomb, flags=1), "application/connect+json", {"connect-content-encoding": "gzip"}
         )
-        assert json.loads(unframe(data)[-1][1])["error"]["code"] == "resource_exhausted"
+        assert json.loads(connect_unframe(data)[-1][1])["error"]["code"] == "resource_exhausted"

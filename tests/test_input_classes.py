@@ -19,7 +19,7 @@ from sdserve import Client, SdserveError
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import model_manager_pb2 as mm
 from service import schedulers
-from tests.harness import TINY, TINY_INPAINT, ServerThread, pixels, png, sample_image
+from tests.harness import TINY, TINY_INPAINT, ServerThread, pixels, png, requests_counted, sample_image
 from tests.test_equivalence import _PIPES, assert_same, direct
 from tests.test_validation import expect
 
@@ -225,45 +225,35 @@ def test_sidecar_edge_refuses_undecodable_bytes(tmp_path: Path) -> None:
 # ---- outcome labels and log lines --------------------------------------------------------------------------------
 
 
-def _count(srv: ServerThread, **labels: str) -> float:
-    assert srv.server is not None
-    total = 0.0
-    for metric in srv.server.metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == "sdserve_requests_total" and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-def _wait_count(srv: ServerThread, value: float, **labels: str) -> float:
+def _waitrequests_counted(srv: ServerThread, value: float, **labels: str) -> float:
     """The request counter is bumped when the handler finishes, just after the client sees the status."""
     deadline = time.monotonic() + 30
-    while _count(srv, **labels) < value and time.monotonic() < deadline:
+    while requests_counted(srv, **labels) < value and time.monotonic() < deadline:
         time.sleep(0.01)
-    return _count(srv, **labels)
+    return requests_counted(srv, **labels)
 
 
 def test_deadlines_are_counted_as_deadlines(server: ServerThread) -> None:
-    before = _count(server, outcome="deadline", rpc="Generate")
-    cancelled = _count(server, outcome="cancelled", rpc="Generate")
+    before = requests_counted(server, outcome="deadline", rpc="Generate")
+    cancelled = requests_counted(server, outcome="cancelled", rpc="Generate")
     with Client(server.target) as c:
         for _ in range(4):
             with pytest.raises(SdserveError) as info:
                 c.generate("slow", steps=150, width=256, height=256, timeout=0.3)
             assert info.value.code == "DEADLINE_EXCEEDED"
-    assert _wait_count(server, before + 4, outcome="deadline", rpc="Generate") == before + 4
-    assert _count(server, outcome="cancelled", rpc="Generate") == cancelled
+    assert _waitrequests_counted(server, before + 4, outcome="deadline", rpc="Generate") == before + 4
+    assert requests_counted(server, outcome="cancelled", rpc="Generate") == cancelled
 
 
 def test_refused_requests_carry_their_model_and_request_id(server: ServerThread, caplog: pytest.LogCaptureFixture
                                                           ) -> None:  # fmt: skip
-    before = _count(server, outcome="invalid", model=TINY)
-    unknown = _count(server, outcome="not_found", model="unknown")
+    before = requests_counted(server, outcome="invalid", model=TINY)
+    unknown = requests_counted(server, outcome="not_found", model="unknown")
     with caplog.at_level(logging.INFO, logger="service.servicer"), Client(server.target) as c:
         expect(lambda: c.generate("x", model=TINY, width=100, request_id="rid-invalid-1"), "INVALID_ARGUMENT",
                "params.width")  # fmt: skip
         expect(lambda: c.generate("x", model="no-such-model", request_id="rid-nf-1"), "NOT_FOUND", "")
-        assert _wait_count(server, before + 1, outcome="invalid", model=TINY) == before + 1
-        assert _wait_count(server, unknown + 1, outcome="not_found", model="unknown") == unknown + 1
+        assert _waitrequests_counted(server, before + 1, outcome="invalid", model=TINY) == before + 1
+        assert _waitrequests_counted(server, unknown + 1, outcome="not_found", model="unknown") == unknown + 1
     ids = {getattr(r, "request_id", "") for r in caplog.records if r.getMessage() == "request"}
     assert {"rid-invalid-1", "rid-nf-1"} <= ids

@@ -13,7 +13,7 @@ import pytest
 from openapi_schema_validator import validate as validate_instance
 from openapi_spec_validator import validate as validate_spec
 
-from tests.harness import TINY, ServerThread, running
+from tests.harness import TINY, ServerThread, connect_unframe, running
 from tests.test_a1111 import SMALL, base, call
 
 
@@ -36,16 +36,6 @@ def conforms(doc: dict[str, Any], instance: Any, schema: dict[str, Any]) -> None
 
 def component(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-def unframe(data: bytes) -> list[tuple[int, bytes]]:
-    """Connect envelopes: (flags, message) pairs."""
-    out, i = [], 0
-    while i < len(data):
-        size = int.from_bytes(data[i + 1 : i + 5], "big")
-        out.append((data[i], data[i + 5 : i + 5 + size]))
-        i += 5 + size
-    return out
 
 
 def test_the_document_is_valid_openapi(doc: dict[str, Any]) -> None:
@@ -101,7 +91,7 @@ def test_live_answers_validate_against_the_document(doc: dict[str, Any], keyed: 
         headers={"content-type": "application/connect+json", "authorization": "Bearer k1"},
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
-        frames = unframe(resp.read())
+        frames = connect_unframe(resp.read())
     assert [flags for flags, _ in frames][-1] == 2 and len(frames) >= 5
     for flags, data in frames:
         schema = "connect.EndStreamResponse" if flags == 2 else "sdserve.v1.GenerateResponse"

@@ -16,12 +16,12 @@ from PIL import Image
 
 from sdserve import Client
 from service.requests import Outcome
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.harness import TINY, ServerThread, requests_counted, running, serving, wait_ledger, wait_until
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(
         f"{CHROMIUM} is missing: `apt-get install chromium` (scripts/install_client_toolchains.sh installs it)",
@@ -29,17 +29,6 @@ if not CHROMIUM.exists():
     )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install -e '.[dev]'")
 
-# Chromium as a test browser: no GPU, no sandbox (containers), nothing that talks to the network on its own.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WAIT_MS = 60_000
 
 

@@ -1,7 +1,8 @@
-// Bundles the playground page into service/web (or the folder given with --out): index.html and
-// assets/playground.{js,css}. The output is committed, so a server install needs no Node; tests/test_playground_bundle.py
-// rebuilds into a temporary folder and fails when the committed files differ.
-import { copyFileSync, mkdirSync } from "node:fs";
+// Bundles the playground's script and styles into service/web/assets (or the folder given with --out):
+// assets/playground.{js,css}. The page itself, service/web/index.html, is written by hand and not built. The output is
+// committed, so a server install needs no Node; tests/test_playground_bundle.py rebuilds into a temporary folder and
+// fails when the committed files differ.
+import { mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -30,5 +31,4 @@ await esbuild.build({
   charset: "utf8",
   logLevel: "warning",
 });
-copyFileSync(join(here, "index.html"), join(out, "index.html"));
-console.log(`playground: wrote ${join(out, "index.html")} and ${join(out, "assets")}/playground.{js,css}`);
+console.log(`playground: wrote ${join(out, "assets")}/playground.{js,css}`);

@@ -3,19 +3,7 @@ import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
 import { SdserveTransportClient } from "./core.js";
 
-export {
-  MAX_ADAPTER_SCALE,
-  SdserveTransportClient,
-  checkAdapters,
-  type AdapterInput,
-  type CallOptions,
-  type EditInput,
-  type GenerateInput,
-  type GenerationCallOptions,
-  type GenerationResult,
-  type InpaintInput,
-  type SdserveEvent,
-} from "./core.js";
+export * from "./core.js";
 export { Code, SdserveError, type FieldViolation, type GrpcCodeName } from "./errors.js";
 export * from "./gen/sdserve/v1/diffusion_pb.js";
 

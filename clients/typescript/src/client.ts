@@ -3,20 +3,7 @@ import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { DEFAULT_MAX_MESSAGE_BYTES, SdserveTransportClient } from "./core.js";
 
-export {
-  DEFAULT_MAX_MESSAGE_BYTES,
-  MAX_ADAPTER_SCALE,
-  SdserveTransportClient,
-  checkAdapters,
-  type AdapterInput,
-  type CallOptions,
-  type EditInput,
-  type GenerateInput,
-  type GenerationCallOptions,
-  type GenerationResult,
-  type InpaintInput,
-  type SdserveEvent,
-} from "./core.js";
+export * from "./core.js";
 
 /** Options of a client. */
 export interface ClientOptions {
