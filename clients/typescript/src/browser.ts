@@ -1,7 +1,7 @@
 /** Browser entry point of the sdserve TypeScript client: the same calls over fetch (Connect or gRPC-Web). */
 import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
-import { SdserveTransportClient } from "./core.js";
+import { SdserveTransportClient, withApiKey } from "./core.js";
 
 export * from "./core.js";
 export { Code, SdserveError, type FieldViolation, type GrpcCodeName } from "./errors.js";
@@ -25,15 +25,7 @@ export interface BrowserClientOptions {
 
 /** The fetch transport for `baseUrl` (the server's HTTP port, e.g. `http://127.0.0.1:8080` or a page's origin). */
 export function createBrowserTransport(baseUrl: string, options: BrowserClientOptions = {}): Transport {
-  const interceptors: Interceptor[] = [];
-  const apiKey = options.apiKey;
-  if (apiKey) {
-    interceptors.push((next) => (req) => {
-      req.header.set("authorization", `Bearer ${apiKey}`);
-      return next(req);
-    });
-  }
-  interceptors.push(...(options.interceptors ?? []));
+  const interceptors = withApiKey(options.apiKey, options.interceptors);
   const common = { baseUrl, interceptors, defaultTimeoutMs: options.defaultTimeoutMs, fetch: options.fetch };
   if (options.protocol === "grpc-web") {
     return createGrpcWebTransport(common);

@@ -1,7 +1,7 @@
 /** SdserveClient: the typed DiffusionService calls over connect-node's gRPC transport (HTTP/2). */
 import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
-import { DEFAULT_MAX_MESSAGE_BYTES, SdserveTransportClient } from "./core.js";
+import { DEFAULT_MAX_MESSAGE_BYTES, SdserveTransportClient, withApiKey } from "./core.js";
 
 export * from "./core.js";
 
@@ -53,15 +53,7 @@ export class SdserveClient extends SdserveTransportClient {
     const baseUrl = toBaseUrl(address);
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     const session = new Http2SessionManager(baseUrl);
-    const interceptors: Interceptor[] = [];
-    const apiKey = options.apiKey;
-    if (apiKey) {
-      interceptors.push((next) => (req) => {
-        req.header.set("authorization", `Bearer ${apiKey}`);
-        return next(req);
-      });
-    }
-    interceptors.push(...(options.interceptors ?? []));
+    const interceptors = withApiKey(options.apiKey, options.interceptors);
     super(
       createGrpcTransport({
         // gRPC always runs over HTTP/2 (connect-node v2 has no httpVersion option for it); plaintext

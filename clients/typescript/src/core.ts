@@ -1,6 +1,12 @@
 /** SdserveTransportClient: the typed DiffusionService calls over any Connect transport (Node or browser). */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { createClient, type CallOptions as ConnectCallOptions, type Client, type Transport } from "@connectrpc/connect";
+import {
+  createClient,
+  type CallOptions as ConnectCallOptions,
+  type Client,
+  type Interceptor,
+  type Transport,
+} from "@connectrpc/connect";
 import {
   DiffusionService,
   EditRequestSchema,
@@ -37,6 +43,21 @@ export type InpaintInput = MessageInitShape<typeof InpaintRequestSchema>;
 
 /** The bounds of an adapter's scale: -MAX_ADAPTER_SCALE to MAX_ADAPTER_SCALE. */
 export const MAX_ADAPTER_SCALE = 4;
+
+/**
+ * The interceptors of a client: one that sends `authorization: Bearer <apiKey>` when a key is given (as the server's
+ * API keys expect, on gRPC and HTTP alike), then `extra` in order.
+ */
+export function withApiKey(apiKey: string | undefined, extra: readonly Interceptor[] = []): Interceptor[] {
+  const interceptors: Interceptor[] = [];
+  if (apiKey) {
+    interceptors.push((next) => (req) => {
+      req.header.set("authorization", `Bearer ${apiKey}`);
+      return next(req);
+    });
+  }
+  return [...interceptors, ...extra];
+}
 
 /**
  * One LoRA for a request, an entry of `params.adapters`: its name (as `getServerInfo().adapters` lists it) and
