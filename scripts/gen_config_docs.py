@@ -33,7 +33,23 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "docs" / "configuration.md"
+def main(argv: list[str]) -> int:
+    """Write docs/configuration.md (or the path given); `--check` fails when the committed file is stale."""
+    check = "--check" in argv
+    paths = [a for a in argv if a != "--check"]
+    if any(a.startswith("-") for a in paths):
+        print(f"unknown option {paths[0]!r}; usage: gen_config_docs.py [--check] [PATH]", file=sys.stderr)
+        return 2
+    target = Path(paths[0]) if paths else REPO_ROOT / "docs" / "configuration.md"
+    if check:
+        if not target.exists() or target.read_text() != render():
+            print(f"{target} is stale: run python scripts/gen_config_docs.py", file=sys.stderr)
+            return 1
+        return 0
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
