@@ -49,7 +49,7 @@ class Accounting(Observer):
         self._m.batch_images.labels(model).observe(stats.images)
         self._m.memory_calls.labels(model, jobs[0].resolved.memory_strategy).inc()
         if stats.steps:
-            self._m.step_seconds.labels(model).observe(stats.step_seconds)
+            self._m.step_seconds.labels(model, jobs[0].resolved.execution_profile).observe(stats.step_seconds)
 
     def model_loaded(self, entry: ModelEntry, seconds: float) -> None:
         self._m.model_load_seconds.labels(entry.name).observe(seconds)

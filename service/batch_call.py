@@ -15,6 +15,7 @@ from sdserve_core.pipeline.adapters import lora_active
 from sdserve_core.pipeline.call import PipelineCall
 from sdserve_core.pipeline.run import prepare
 from sdserve_core.pipeline.steps import StepCallback, StopDenoising
+from sdserve_core.profiles import Profile
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.weighted import TokenEmbedding
 from service import postprocess, previews, schedulers
@@ -199,12 +200,14 @@ def run_batch(
     refiner: LoadedModel | None = None,
     memory: MemoryPlan | None = None,
     adapters: Adapters = NO_ADAPTERS,
+    profile: Profile | None = None,
 ) -> BatchStats:
     """Runs `jobs` (equal batch keys) as one pipeline call, and a refiner pass after it when they have one (on
     `refiner`, loaded by the caller), with the `memory` strategies and the batch's `adapters` (its LoRAs active in
-    the model for the call, inactive afterwards whatever happens); posts progress and results, or raises."""
+    the model for the call, inactive afterwards whatever happens), the base pass in the execution `profile` (None:
+    exact; the refiner pass runs exact); posts progress and results, or raises."""
     with lora_active(model.components, adapters.loras):
-        return _run_batch(model, jobs, cache, refiner, memory, adapters)
+        return _run_batch(model, jobs, cache, refiner, memory, adapters, profile)
 
 
 def _run_batch(
@@ -214,12 +217,13 @@ def _run_batch(
     refiner: LoadedModel | None,
     memory: MemoryPlan | None,
     adapters: Adapters,
+    profile: Profile | None,
 ) -> BatchStats:
     first = jobs[0].resolved
     t_start = time.perf_counter()
     scheduler = schedulers.build(first.scheduler, model.entry.scheduler_config)
     spans = spans_of(jobs)
-    call = dataclasses.replace(build_call(model, jobs, cache, adapters), memory=memory)
+    call = dataclasses.replace(build_call(model, jobs, cache, adapters), memory=memory, profile=profile)
     prepared = prepare(model.components, call, scheduler)
     t_prepared = time.perf_counter()
     clock = StepCallback(BatchObserver(model, spans))

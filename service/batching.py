@@ -9,7 +9,7 @@ import threading
 from service.jobs import Job
 from service.requests import ServedIdentity
 
-Key = tuple[ServedIdentity, int, int]  # served identity, width, height
+Key = tuple[ServedIdentity, int, int, str]  # served identity, width, height, precision (fast or exact)
 # A batch size must beat the best smaller one by this factor to be preferred: noise is not a reason to batch.
 MARGIN = 0.97
 # Weight of a new measurement in the running average of a batch size's per-image step time.
@@ -33,6 +33,7 @@ class Limit:
     height: int
     max_images: int
     source: str
+    precision: str = "fast"
 
 
 class BatchPolicy:
@@ -48,7 +49,7 @@ class BatchPolicy:
     @staticmethod
     def key_of(job: Job) -> Key:
         r = job.resolved
-        return (r.identity, r.width, r.height)
+        return (r.identity, r.width, r.height, r.precision)
 
     def limit(self, job: Job) -> int:
         return self.limit_for(self.key_of(job))
@@ -94,7 +95,13 @@ class BatchPolicy:
         with self._lock:
             return [
                 Limit(
-                    model=k[0].model, variant=k[0].variant, width=k[1], height=k[2], max_images=s.limit, source=s.source
+                    model=k[0].model,
+                    variant=k[0].variant,
+                    width=k[1],
+                    height=k[2],
+                    max_images=s.limit,
+                    source=s.source,
+                    precision=k[3],
                 )
-                for k, s in sorted(self._stats.items(), key=lambda item: (item[0][0].slot, item[0][1], item[0][2]))
+                for k, s in sorted(self._stats.items(), key=lambda item: (item[0][0].slot, *item[0][1:]))
             ]

@@ -3,6 +3,7 @@ the enum maps that reading requests uses."""
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -31,6 +32,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.adapters import AdapterEntry
+    from service.execution import Choice
 
 VERSION = "0.1.0"
 
@@ -89,6 +91,7 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                 refiner_model_variant=event.refiner.variant if event.refiner else "",
                 memory_strategy=event.memory_strategy,
                 adapters=adapters_to_proto(event.adapters),
+                execution_profile=event.execution_profile,
             )
         )
     if isinstance(event, Progress):
@@ -176,6 +179,8 @@ def _family_parameters(r: ResolvedRequest) -> dict[str, Any]:
         "negative_prompt_2": req.negative_prompt_2,
         "memory_strategy": r.memory_strategy,
         "adapters": adapters_to_proto(r.adapters),
+        "execution_profile": r.execution_profile,
+        "precision": pb.PRECISION_EXACT if r.precision == "exact" else pb.PRECISION_FAST,
     }
     if r.conditioning is not None:
         out["conditioning"] = conditioning_to_proto(r.conditioning)
@@ -322,6 +327,7 @@ def server_info(
     batch_limits: Iterable[BatchLimit],
     offloaded: Iterable[str] = (),
     adapters: Iterable[pb.AdapterInfo] = (),
+    profiles: Iterable[Choice] = (),
 ) -> pb.GetServerInfoResponse:
     """The server's version, device, library versions, schedulers, limits, batch limits, families and memory."""
     import diffusers
@@ -355,8 +361,37 @@ def server_info(
                 max_batch_images=b.max_images,
                 source=b.source,
                 variant=b.variant,
+                precision=b.precision,
             )
             for b in batch_limits
         ],
         adapters=adapters,
+        precision=settings.precision,
+        execution_profile=settings.execution_profile,
+        profiles=[profile_info(c) for c in profiles],
+    )
+
+
+def profile_info(c: Choice) -> pb.ExecutionProfileInfo:
+    """GetServerInfo's account of one model's execution profile and the trials that chose it."""
+    return pb.ExecutionProfileInfo(
+        model=c.identity.model,
+        model_revision=c.identity.revision,
+        model_variant=c.identity.variant,
+        width=c.width,
+        height=c.height,
+        profile=c.profile.name,
+        source=c.source,
+        seconds=c.seconds,
+        trials=[
+            pb.ProfileTrial(
+                profile=t.profile.name,
+                # A candidate that failed to run has no step time: 0.
+                seconds_per_step=t.seconds_per_step if math.isfinite(t.seconds_per_step) else 0.0,
+                psnr_db=t.psnr_db,
+                accepted=t.accepted,
+                reason=t.reason,
+            )
+            for t in c.trials
+        ],
     )

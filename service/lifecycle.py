@@ -15,9 +15,11 @@ import torch
 
 from sdserve_core.manifest import verify_folder
 from sdserve_core.pipeline import run as pipeline
+from sdserve_core.profiles import Profile
 from service import schedulers
 from service.batching import MARGIN, BatchPolicy
 from service.device import DeviceChoice
+from service.execution import ProfileBook
 from service.jobs import Job
 from service.models import LoadedModel, ModelEntry, ModelRegistry, ModelState
 from service.observers import Observer
@@ -78,8 +80,10 @@ class ModelLifecycle(Observer):
         cache: PromptCache | None,
         observer: Observer,
         in_use: Callable[[], set[str]],
+        profiles: ProfileBook | None = None,
     ):
         self._settings = settings
+        self._profiles = profiles if profiles is not None else ProfileBook(settings, choice.type)
         self._choice = choice
         self._registry = registry
         self._worker = worker
@@ -134,6 +138,7 @@ class ModelLifecycle(Observer):
         if self._settings.preload_default:
             entry = self._registry.lookup("", Task.GENERATE)
             self.warm_up(entry)
+            self._profiles.ensure(self._registry.get_loaded(entry))
             if self._settings.calibrate_batching:
                 self.calibrate(entry)
 
@@ -212,6 +217,9 @@ class ModelLifecycle(Observer):
         self._registry.upsert(entry)
         try:
             self.warm_up(entry)
+            model = self._registry.get_loaded(entry)
+            # The swap's target serves in its own profile from its first request: chosen before the alias moves.
+            self._worker.run(lambda: self._profiles.ensure(model))
         except Exception as exc:
             try:
                 _state, load_error = self._registry.state(entry.slot)
@@ -257,6 +265,8 @@ class ModelLifecycle(Observer):
         if self._registry.unload(slot):
             if entry is not None and self._cache is not None:
                 self._cache.drop(entry.identity)
+            if entry is not None:
+                self._profiles.forget(entry.identity)
             gc.collect()
             empty_device_cache(self._choice.type)
             log.info("model unloaded", extra={"model": slot})
@@ -280,11 +290,13 @@ class ModelLifecycle(Observer):
             # Calibration times Generate; inpainting-only models and refiners learn their limits from live batches.
             return
         model = self._registry.get_loaded(entry)
-        key = (entry.identity, entry.default_width, entry.default_height)
+        precision = self._settings.precision
+        key = (entry.identity, entry.default_width, entry.default_height, precision)
+        profile = self._profiles.profile_of(entry.identity, precision)
         size = 1
         best = float("inf")
         while size <= self._batching.max_images:
-            per_step = _step_seconds(model, entry, size, steps)
+            per_step = _step_seconds(model, entry, size, steps, profile)
             self._batching.observe(key, size, per_step, "calibrated")
             per_image = per_step / size
             if size > 1 and per_image >= best * MARGIN:
@@ -303,7 +315,8 @@ def _one_step(model: LoadedModel, entry: ModelEntry) -> None:
     pipeline.warm_up(model.components, task, entry.default_width, entry.default_height, scheduler)
 
 
-def _step_seconds(model: LoadedModel, entry: ModelEntry, size: int, steps: int) -> float:
-    """Seconds per denoising step of a batch of `size` images at the model's default size."""
+def _step_seconds(model: LoadedModel, entry: ModelEntry, size: int, steps: int, profile: Profile) -> float:
+    """Seconds per denoising step of a batch of `size` images at the model's default size in `profile`."""
     scheduler = schedulers.build("", entry.scheduler_config)
-    return pipeline.step_seconds(model.components, size, steps, entry.default_width, entry.default_height, scheduler)
+    w, h = entry.default_width, entry.default_height
+    return pipeline.step_seconds(model.components, size, steps, w, h, scheduler, profile)

@@ -51,8 +51,9 @@ class ServerMetrics:
         )
         self.step_seconds = Histogram(
             "sdserve_step_seconds",
-            "Wall time of one denoising step of a pipeline call (all images of the batch).",
-            ["model"],
+            "Wall time of one denoising step of a pipeline call (all images of the batch), by model and the execution "
+            "profile the call ran in (exact, or levers joined by '+').",
+            ["model", "profile"],
             buckets=STEP_BUCKETS,
             registry=r,
         )

@@ -154,6 +154,8 @@ class GenerationRequest:
     refiner: RefinerSpec | None = None
     # LoRAs asked for: params.adapters, then the prompts' <lora:NAME:SCALE> tags (removed from the texts above).
     adapters: tuple[AdapterRequest, ...] = ()
+    # "fast" (the model's execution profile) or "exact"; the server's default already applied.
+    precision: str = "fast"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +253,9 @@ class ResolvedRequest:
     # Text-encoder chunks the longest of its prompts needs (prompts beyond one window are encoded in chunks):
     # embeddings of different lengths cannot share a pipeline call.
     prompt_chunks: int = 1
+    # "fast" or "exact" (from the request); the execution profile it runs in is set when its batch starts.
+    precision: str = "fast"
+    execution_profile: str = "exact"
 
     @property
     def prompt_inputs(self) -> PromptInputs:
@@ -296,6 +301,7 @@ class ResolvedRequest:
             self.refiner,
             self.adapters,
             self.prompt_chunks,
+            self.precision,
             # Cropped inpaints work on a per-request region, so they never share a call.
             None if inpaint is None else (inpaint.area, id(inpaint) if inpaint.area is InpaintArea.MASK_ONLY else 0),
         )
@@ -323,6 +329,7 @@ class Started:
     refiner: ServedIdentity | None = None
     memory_strategy: str = "none"
     adapters: tuple[AdapterUse, ...] = ()
+    execution_profile: str = "exact"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from service.adapters import AdapterCatalog, AdapterPool
 from service.admission import Admission
 from service.batch_call import BatchStats
 from service.batching import BatchPolicy
+from service.execution import ProfileBook
 from service.job_queue import JobQueue
 from service.jobs import Job
 from service.lifecycle import ModelLifecycle
@@ -106,7 +107,14 @@ class Server:
         self._told = told
         self._build_core(told)
         self.servicer = DiffusionServicer(
-            self.admission, self.registry, self.batching, self.choice, settings, self.accounting, self.adapter_pool
+            self.admission,
+            self.registry,
+            self.batching,
+            self.choice,
+            settings,
+            self.accounting,
+            self.adapter_pool,
+            self.profiles,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.grpc = self._build_grpc()
@@ -137,6 +145,7 @@ class Server:
         learner = _BatchLearner(self.batching)
         self.adapters = AdapterCatalog(s.adapter_dirs)
         self.adapter_pool = AdapterPool(s.adapter_pool_bytes, told)
+        self.profiles = ProfileBook(s, self.choice.type)
         self.worker = DeviceWorker(
             self.queue,
             self.registry,
@@ -147,6 +156,7 @@ class Server:
             Observers([learner, told]),
             memory_policy(s),
             self.adapter_pool,
+            self.profiles,
         )
         self.lifecycle = ModelLifecycle(
             s,
@@ -157,6 +167,7 @@ class Server:
             self.prompt_cache,
             told,
             in_use=lambda: self.admission.slots_in_use(),  # noqa: PLW0108 (admission is built next)
+            profiles=self.profiles,
         )
         self.admission = Admission(
             s, self.choice, self.registry, self.queue, Observers([self.lifecycle, told]), self.adapters

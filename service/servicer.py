@@ -19,6 +19,7 @@ from service.batching import BatchPolicy
 from service.call_context import CallContext, GrpcCall
 from service.device import DeviceChoice
 from service.errors import Draining, ServiceError
+from service.execution import ProfileBook
 from service.jobs import Job
 from service.models import ModelRegistry
 from service.requests import Failed, GenerationRequest, Outcome, Result, Task
@@ -72,8 +73,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         settings: Settings,
         accounting: Accounting,
         adapter_pool: AdapterPool | None = None,
+        profiles: ProfileBook | None = None,
     ):
         self._admission = admission
+        self._profiles = profiles
         self._adapter_pool = adapter_pool
         self._registry = registry
         self._batching = batching
@@ -182,4 +185,5 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             self._batching.limits(),
             self._registry.offloaded(),
             convert.adapter_infos(self._admission.adapters.entries(), loaded_in),
+            self._profiles.choices() if self._profiles is not None else (),
         )

@@ -113,6 +113,34 @@ class Settings:
     calibrate_batching: bool = setting(
         True, "At start-up, time batch sizes 1, 2, 4, ... at the default model's size to seed the policy.", parse_bool
     )
+    execution_profile: str = setting(
+        "auto",
+        "How fast requests run: auto (per model, measure the candidate profiles at load and keep the fastest that "
+        "passes the quality guard), exact, or a fixed profile such as bf16-autocast+channels-last "
+        "(docs/performance.md).",
+    )
+    profile_candidates: str = setting(
+        "",
+        "With execution_profile auto: the profiles to measure, comma-separated (exact is always measured). Empty: "
+        "the device's own list (GPUs: channels-last, fp16/bf16 autocast over fp32 weights, each also compiled; "
+        "CPUs: bf16 autocast only with AVX512-BF16 or AMX, else none).",
+    )
+    profile_min_psnr: float = setting(
+        30.0,
+        "Quality guard: a candidate profile is accepted only if every probe image is at least this PSNR (dB) "
+        "against the exact profile's.",
+        float,
+    )
+    precision: str = setting(
+        "fast",
+        "Precision of requests that name none: fast (the model's execution profile) or exact (the pipeline as "
+        "diffusers runs it, bit for bit).",
+    )
+    compile_cache_dir: str = setting(
+        "",
+        "Folder of torch.compile's kernel and graph cache, so restarts load compiled kernels (put it beside the "
+        "model store in a pod). Empty: ~/.cache/sdserve/compile.",
+    )
     adapter_dirs: tuple[Path, ...] = setting(
         _default_adapter_dirs(),
         "Folders holding adapter folders (adapter.safetensors + adapter.json; see docs/adapters.md), separated by "
@@ -225,10 +253,33 @@ class Settings:
                 problems.append(f"{name} must be auto, on or off")
         if self.vae_tiling_min_pixels < 1:
             problems.append("vae_tiling_min_pixels must be at least 1")
+        if self.precision not in ("fast", "exact"):
+            problems.append("precision must be fast or exact")
+        problems += _profile_problems(self)
         if self.log_format not in ("auto", "json", "text"):
             problems.append("log_format must be auto, json or text")
         if problems:
             raise SystemExit("invalid settings: " + "; ".join(problems))
+
+
+def _profile_problems(s: Settings) -> list[str]:
+    """What is wrong with the execution-profile settings (profile names parsed by sdserve_core.profiles)."""
+    from sdserve_core import profiles
+
+    problems = []
+    if s.execution_profile != "auto":
+        try:
+            profiles.parse(s.execution_profile)
+        except ValueError as exc:
+            problems.append(f"execution_profile: {exc}")
+    for name in filter(None, (n.strip() for n in s.profile_candidates.split(","))):
+        try:
+            profiles.parse(name)
+        except ValueError as exc:
+            problems.append(f"profile_candidates: {exc}")
+    if not 0 < s.profile_min_psnr < 200:
+        problems.append("profile_min_psnr must be above 0 and below 200 dB")
+    return problems
 
 
 def memory_policy(s: Settings) -> MemoryPolicy:

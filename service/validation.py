@@ -197,7 +197,20 @@ def _params(c: _Checker, task: Task, p: pb.GenerationParams) -> dict[str, object
         "negative_prompt_2": c.text("params.negative_prompt_2", p.negative_prompt_2, s.max_prompt_chars),
         "conditioning": family_params.read_conditioning(c.bad, c.real_range, p),
         "refiner": family_params.read_refiner(c.bad, c.real_range, p),
+        "precision": _precision(c, p.precision),
     }
+
+
+_PRECISIONS: dict[int, str] = {pb.PRECISION_UNSPECIFIED: "", pb.PRECISION_EXACT: "exact", pb.PRECISION_FAST: "fast"}
+
+
+def _precision(c: _Checker, value: int) -> str:
+    """The request's precision, the server's `precision` setting when it names none."""
+    name = _PRECISIONS.get(value)
+    if name is None:
+        c.bad("params.precision", f"must be PRECISION_EXACT, PRECISION_FAST or unset; got {value}")
+        return c.s.precision
+    return name or c.s.precision
 
 
 def _input_image(c: _Checker, data: bytes, p: pb.GenerationParams, whole: bool) -> Image.Image | None:
@@ -395,4 +408,5 @@ def bind(
         family=entry.family,
         conditioning=family_params.conditioning(req, width, height) if sdxl else None,
         refiner=family_params.resolve_refiner(req.refiner, refiner),
+        precision=req.precision,
     )

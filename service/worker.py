@@ -11,11 +11,13 @@ from typing import TypeVar
 
 import torch
 
-from sdserve_core import memory
+from sdserve_core import memory, profiles
 from sdserve_core.memory import MemoryPlan, MemoryPolicy
+from sdserve_core.profiles import Profile
 from service import adapters, batch_call
 from service.adapters import AdapterPool
 from service.errors import INTERNAL, OUT_OF_MEMORY, ServiceError, to_failed
+from service.execution import ProfileBook
 from service.job_queue import DeviceWork, JobQueue
 from service.jobs import Job
 from service.models import LoadedModel, ModelRegistry
@@ -51,8 +53,11 @@ class DeviceWorker:
         observer: Observer,
         memory: MemoryPolicy | None = None,
         adapters: AdapterPool | None = None,
+        profiles: ProfileBook | None = None,
     ):
         self._queue = queue
+        # The execution profile of each loaded model; None: every call runs exact.
+        self._profiles = profiles
         # LoRAs loaded into models (least recently used unloaded first); None: one that never unloads.
         self._adapters = adapters if adapters is not None else AdapterPool(1 << 62, observer)
         self._memory = memory or MemoryPolicy()
@@ -126,6 +131,7 @@ class DeviceWorker:
                     refiner=None if r.refiner is None else r.refiner.identity,
                     memory_strategy=r.memory_strategy,
                     adapters=r.adapters,
+                    execution_profile=r.execution_profile,
                 )
             )
 
@@ -145,16 +151,28 @@ class DeviceWorker:
             # Loaded (and verified) before Started too: a LoRA that does not fit never starts the request.
             loras = self._adapters.prepare(model.components, model.name, uses)
             vocab = adapters.vocab(uses)
+            profile = self._profile(model, live, bool(loras))
             for job in live:
-                job.resolved = dataclasses.replace(job.resolved, memory_strategy=plan.label())
+                job.resolved = dataclasses.replace(
+                    job.resolved, memory_strategy=plan.label(), execution_profile=profile.name
+                )
             self._post_started(live)
-            stats = batch_call.run_batch(model, live, self._cache, refined, plan, batch_call.Adapters(loras, vocab))
+            stats = batch_call.run_batch(
+                model, live, self._cache, refined, plan, batch_call.Adapters(loras, vocab), profile
+            )
         except Exception as exc:
             self._fail(live, self._failure(live, exc))
         finally:
             self._fail(live, Failed(Outcome.INTERNAL, "internal error: the request ended without a result"))
             if stats is not None:
                 self._observer.batch_ran(live, stats)
+
+    def _profile(self, model: LoadedModel, live: list[Job], with_loras: bool) -> Profile:
+        """The batch's execution profile (choosing the model's first, when it was loaded by a request)."""
+        if self._profiles is None:
+            return profiles.EXACT
+        self._profiles.ensure(model)
+        return self._profiles.profile_for(live[0].resolved, adapters=with_loras)
 
     def _plan(self, model: LoadedModel, live: list[Job]) -> MemoryPlan:
         """The memory strategies of the batch's pipeline calls: from its size, its image count and the device's

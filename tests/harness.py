@@ -125,6 +125,9 @@ def make_settings(models: Path, **overrides: Any) -> Settings:
         log_format="text",
         preload_default=True,
         metrics_port=-1,
+        # Tests compare pixels with direct diffusers calls: a machine whose CPU has a faster profile (native
+        # bfloat16) must not change them. Tests of profile choice ask for auto themselves.
+        execution_profile="exact",
     )
     return dataclasses.replace(base, **overrides)
 

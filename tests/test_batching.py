@@ -170,7 +170,7 @@ M = ServedIdentity("m", "r", "fp32", "m")
 
 def test_policy_explores_while_faster_and_settles() -> None:
     policy = BatchPolicy(max_images=8)
-    key = (M, 64, 64)
+    key = (M, 64, 64, "fast")
     policy.observe(key, 1, 0.100)
     assert policy.limits()[0].max_images == 2  # only batch 1 measured: try 2
     policy.observe(key, 2, 0.120)  # 60 ms per image: better
@@ -179,7 +179,7 @@ def test_policy_explores_while_faster_and_settles() -> None:
     assert policy.limits()[0].max_images == 8
     policy.observe(key, 8, 0.480)  # 60 ms per image: worse than 4
     assert policy.limits()[0].max_images == 4
-    big = (M, 512, 512)
+    big = (M, 512, 512, "fast")
     policy.observe(big, 1, 1.0)
     policy.observe(big, 2, 2.4)  # batching hurts large latents
     assert [lim.max_images for lim in policy.limits() if lim.width == 512] == [1]
@@ -187,7 +187,7 @@ def test_policy_explores_while_faster_and_settles() -> None:
 
 def test_policy_never_exceeds_max() -> None:
     policy = BatchPolicy(max_images=3)
-    key = (M, 8, 8)
+    key = (M, 8, 8, "fast")
     for size, t in ((1, 1.0), (2, 1.0), (3, 1.0)):
         policy.observe(key, size, t)
     assert policy.limits()[0].max_images == 3
@@ -261,8 +261,8 @@ def test_policy_measures_an_uncalibrated_size_alone_and_never_retries_a_slower_b
     """The mid-size SD 1.5 case: calibrated at 512 px, served at 256 px. The served size runs alone first, then
     tries 2; once 2 measured slower per image, the limit is 1 and stays 1 (no exploration of 2 or 4 again)."""
     policy = BatchPolicy(max_images=8)
-    policy.observe((M, 512, 512), 1, 4.0, "calibrated")
-    job_key = (M, 256, 256)
+    policy.observe((M, 512, 512, "fast"), 1, 4.0, "calibrated")
+    job_key = (M, 256, 256, "fast")
     assert policy.limit_for(job_key) == 1  # never measured: alone first
     policy.observe(job_key, 2, 2.2)  # a batch measured before any single image (another limit's live batch)
     assert policy.limit_for(job_key) == 1
@@ -271,7 +271,7 @@ def test_policy_measures_an_uncalibrated_size_alone_and_never_retries_a_slower_b
     for _ in range(5):
         assert policy.limit_for(job_key) == 1
         policy.observe(job_key, 1, 1.0)
-    fast = (M, 128, 128)
+    fast = (M, 128, 128, "fast")
     policy.observe(fast, 1, 1.0)
     assert policy.limit_for(fast) == 2  # measured alone: batching may be tried
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from sdserve_core.memory import MemoryPlan
+from sdserve_core.profiles import Profile
 from sdserve_core.prompts import PromptEmbeds
 from sdserve_core.tasks import Task
 
@@ -64,6 +65,8 @@ class PipelineCall:
     denoising_end: float | None = None
     # Memory strategies for this call (sdserve_core.memory); None: the components as they are.
     memory: MemoryPlan | None = None
+    # The execution profile (sdserve_core.profiles); None: EXACT, the pipeline as diffusers runs it.
+    profile: Profile | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.embeds is None):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdserve_core import families
+from sdserve_core import families, profiles
 from sdserve_core.components import Components
 from sdserve_core.memory import MemoryPlan, applied
 from sdserve_core.pipeline import edit, generate, inpaint
@@ -33,15 +33,20 @@ class Prepared:
     pipe: Any
     kwargs: dict[str, Any]
     memory: MemoryPlan | None = None
+    profile: profiles.Profile | None = None
+    # The eager UNet the profile's memory format applies to (the pipeline's may be its compiled wrapper).
+    unet: Any = None
 
     def __call__(self, on_step: StepCallback | None = None) -> Any:
-        """Runs the pipeline (inference mode, with the call's memory strategies on) and returns its `.images`;
-        StopDenoising from `on_step` propagates."""
+        """Runs the pipeline (inference mode, with the call's memory strategies and execution profile on) and
+        returns its `.images`; StopDenoising from `on_step` propagates."""
         extra: dict[str, Any] = {} if on_step is None else {"callback_on_step_end": on_step}
         strategies: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        unet = self.unet if self.unet is not None else self.pipe.unet
         if self.memory is not None:
-            strategies = applied(self.pipe.vae, self.pipe.unet, self.memory)
-        with torch.inference_mode(), strategies:
+            strategies = applied(self.pipe.vae, unet, self.memory)
+        profile = profiles.applied(self.profile, unet, self.pipe.device.type)
+        with torch.inference_mode(), strategies, profile:
             return self.pipe(**self.kwargs, **extra).images
 
 
@@ -50,7 +55,10 @@ def prepare(components: Components, call: PipelineCall, scheduler: Any) -> Prepa
     family = families.get(components.family)
     kwargs = KWARGS[call.task](call)
     family.add_kwargs(components, call, kwargs)
-    return Prepared(family.pipeline(components, call.task, scheduler), kwargs, call.memory)
+    eager = components.unet
+    if call.profile is not None and call.profile.compile:
+        components = dataclasses.replace(components, unet=profiles.compiled_unet(eager))
+    return Prepared(family.pipeline(components, call.task, scheduler), kwargs, call.memory, call.profile, eager)
 
 
 def offload(components: Components, device: torch.device | str) -> None:
@@ -66,7 +74,9 @@ def run(components: Components, call: PipelineCall, scheduler: Any, on_step: Ste
     return prepare(components, call, scheduler)(on_step)
 
 
-def warm_up(components: Components, task: Task, width: int, height: int, scheduler: Any) -> None:
+def warm_up(
+    components: Components, task: Task, width: int, height: int, scheduler: Any, profile: profiles.Profile | None = None
+) -> None:
     """One denoising step of an empty prompt at `width` x `height` (seed 0). Edit and inpaint start from a black
     image at strength 1.0; inpaint repaints all of it (a white mask)."""
     size = (width, height)
@@ -82,11 +92,20 @@ def warm_up(components: Components, task: Task, width: int, height: int, schedul
         images=image,
         masks=Image.new("L", size, 255) if task is Task.INPAINT else None,
         strength=None if task is Task.GENERATE else 1.0,
+        profile=profile,
     )
     run(components, call, scheduler)
 
 
-def step_seconds(components: Components, images: int, steps: int, width: int, height: int, scheduler: Any) -> float:
+def step_seconds(
+    components: Components,
+    images: int,
+    steps: int,
+    width: int,
+    height: int,
+    scheduler: Any,
+    profile: profiles.Profile | None = None,
+) -> float:
     """Seconds per denoising step of a batch of `images` empty prompts at `width` x `height` (seeds 0, 1, ...),
     measured between the first and the last step's end (setup and decoding excluded: latents are not decoded)."""
     clock = StepCallback()
@@ -98,6 +117,7 @@ def step_seconds(components: Components, images: int, steps: int, width: int, he
         generators=tuple(torch.Generator("cpu").manual_seed(i) for i in range(images)),
         output_type="latent",
         prompt=("",) * images,
+        profile=profile,
     )
     run(components, call, scheduler, clock)
     return clock.seconds_per_step()

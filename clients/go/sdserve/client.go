@@ -86,6 +86,10 @@ type Result struct {
 	// Adapters are the adapters the request ran with (Parameters.Adapters): LoRAs with their
 	// scales and embeddings the prompts used, sorted by name, each with its weights' SHA-256.
 	Adapters []*sdservev1.ResolvedAdapter
+	// ExecutionProfile is the execution profile it ran in (Parameters.ExecutionProfile): "exact",
+	// or levers joined by "+" such as "bf16-autocast+channels-last". Set Params.Precision to
+	// PRECISION_EXACT for the exact pipeline.
+	ExecutionProfile string
 }
 
 // CallOption configures one call.
@@ -252,6 +256,8 @@ func collect(s *Stream, onEvent func(Event)) (*Result, error) {
 				RequestID:  r.GetRequestId(),
 				Started:    started,
 				Adapters:   r.GetParameters().GetAdapters(),
+				// The profile the request ran in, as the result's parameters report it.
+				ExecutionProfile: r.GetParameters().GetExecutionProfile(),
 			}
 		}
 	}

@@ -58,6 +58,7 @@ _ADAPTER_KINDS: dict[int, AdapterKindName] = {
     pb.ADAPTER_KIND_TEXTUAL_INVERSION: "textual_inversion",
 }
 
+_PRECISIONS = {"exact": pb.PRECISION_EXACT, "fast": pb.PRECISION_FAST}
 _KNOWN = set(GenerationOptions.__annotations__)
 
 
@@ -103,6 +104,10 @@ def params(prompt: str, options: GenerationOptions) -> pb.GenerationParams:
     _refiner(p, o)
     if o.get("adapters") is not None:
         p.adapters.extend(adapter_refs(o["adapters"]))
+    if o.get("precision"):
+        if o["precision"] not in _PRECISIONS:
+            raise ValueError(f"precision: must be exact or fast, not {o['precision']!r}")
+        p.precision = _PRECISIONS[o["precision"]]
     return p
 
 
@@ -265,6 +270,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             refiner_model_variant=s.refiner_model_variant,
             memory_strategy=s.memory_strategy,
             adapters=resolved_adapters(s.adapters),
+            execution_profile=s.execution_profile,
         )
     if kind == "progress":
         p = msg.progress
@@ -301,6 +307,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             conditioning=conditioning(r.parameters.conditioning) if r.parameters.HasField("conditioning") else None,
             memory_strategy=r.parameters.memory_strategy,
             adapters=resolved_adapters(r.parameters.adapters),
+            execution_profile=r.parameters.execution_profile,
         )
     raise ValueError(f"unexpected stream message without an event: {msg!r}")
 

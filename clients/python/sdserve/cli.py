@@ -96,6 +96,8 @@ def _options(ns: argparse.Namespace) -> GenerationOptions:
         opts["output_format"] = ns.format
     if ns.lora:
         opts["adapters"] = list(ns.lora)
+    if ns.precision:
+        opts["precision"] = ns.precision
     opts.update(_sdxl_options(ns))
     return opts  # type: ignore[return-value]
 
@@ -205,6 +207,8 @@ def _started_line(ev: Started) -> str:
         line += f" + refiner {ev.refiner_model}@{ev.refiner_model_revision[:10]}"
     if ev.adapters:
         line += f" + adapters {', '.join(_adapter_label(a) for a in ev.adapters)}"
+    if ev.execution_profile:
+        line += f" ({ev.execution_profile})"
     return f"{line} seeds {list(ev.seeds)}"
 
 
@@ -270,7 +274,7 @@ def _fields(message: Any) -> dict[str, Any]:
 
 def info_dict(info: pb.GetServerInfoResponse) -> dict[str, Any]:
     """GetServerInfo as plain JSON values (the CLI's --json output)."""
-    nested = ("schedulers", "limits", "batch_limits", "memory", "families", "adapters")
+    nested = ("schedulers", "limits", "batch_limits", "memory", "families", "adapters", "profiles")
     data = {k: v for k, v in _fields(info).items() if k not in nested}
     data["schedulers"] = [_scheduler_name(s) for s in info.schedulers]
     data["limits"] = _fields(info.limits)
@@ -283,7 +287,26 @@ def info_dict(info: pb.GetServerInfoResponse) -> dict[str, Any]:
     data["adapters"] = [dataclasses.asdict(_convert.adapter_info(a)) for a in info.adapters]
     for a in data["adapters"]:
         a["targets"], a["loaded_in"] = list(a["targets"]), list(a["loaded_in"])
+    data["profiles"] = [{**_fields(p), "trials": [_fields(t) for t in p.trials]} for p in info.profiles]
     return data
+
+
+def _profile_lines(info: pb.GetServerInfoResponse) -> list[str]:
+    """The execution-profile lines of `sdserve info`: the mode, then each model's profile and its trials."""
+    lines = [f"precision    {info.precision or '-'} by default; profiles {info.execution_profile or '-'}"]
+    for p in info.profiles:
+        trials = "; ".join(
+            f"{t.profile} {t.seconds_per_step * 1000:.1f} ms/step"
+            + (f", {t.psnr_db:.1f} dB" if t.psnr_db else "")
+            + (f" ({t.reason})" if t.reason else "")
+            for t in p.trials
+        )
+        variant = f" {p.model_variant}" if p.model_variant else ""
+        lines.append(
+            f"profile      {p.model}{variant}: {p.profile} ({p.source}, {p.seconds:.1f} s)"
+            + (f": {trials}" if trials else "")
+        )
+    return lines
 
 
 def _memory_line(m: pb.MemoryPolicy) -> str:
@@ -317,14 +340,17 @@ def info_lines(info: pb.GetServerInfoResponse) -> list[str]:
     ]
     for b in info.batch_limits:
         variant = f" {b.variant}" if b.variant else ""
+        precision = f", {b.precision}" if b.precision else ""
         lines.append(
-            f"batch        {b.model}{variant} {b.width}x{b.height}: up to {b.max_batch_images} images ({b.source})"
+            f"batch        {b.model}{variant} {b.width}x{b.height}: up to {b.max_batch_images} images "
+            f"({b.source}{precision})"
         )
     for f in info.families:
         own = f"; its own fields: {', '.join(f.fields)}" if f.fields else ""
         lines.append(f"family       {f.name}: {', '.join(f.pipeline_classes)}{own}")
     if info.HasField("memory"):
         lines.append(_memory_line(info.memory))
+    lines += _profile_lines(info)
     for a in map(_convert.adapter_info, info.adapters):
         kind = f"embedding {a.token}" if a.kind == "textual_inversion" else (a.kind or "?")
         loaded = f"; loaded in {', '.join(a.loaded_in)}" if a.loaded_in else ""
@@ -477,6 +503,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=0, help="Images to make (default 1).")
     p.add_argument("--clip-skip", type=int, default=0, help="Text-encoder layers to skip (default 0).")
     p.add_argument("--format", choices=("png", "jpeg", "webp"), help="Output format (default png).")
+    p.add_argument(
+        "--precision",
+        choices=("exact", "fast"),
+        help="exact: bit-for-bit the diffusers pipeline; fast: the model's measured execution profile "
+        "(default: the server's setting).",
+    )
     p.add_argument("--preview-dir", help="Write previews into this folder as they arrive.")
     p.add_argument("--preview", choices=("latent_rgb", "full_vae"), default="latent_rgb", help="Preview kind.")
     p.add_argument("--preview-every", type=int, default=1, help="Preview every N steps.")

@@ -25,6 +25,8 @@ ImageFormatName = Literal["png", "jpeg", "webp"]
 PreviewModeName = Literal["none", "latent_rgb", "full_vae"]
 # How a refiner takes over: "latent_handoff" (the base model's undecoded latents, the default) or "image".
 RefinerModeName = Literal["latent_handoff", "image"]
+# exact: the pipeline as diffusers runs it, bit for bit; fast: the model's measured execution profile.
+PrecisionName = Literal["exact", "fast"]
 # The denoising pass a progress step belongs to; "" from servers before passes existed (the only pass).
 DenoisePassName = Literal["", "base", "refiner"]
 # What an adapter changes: a LoRA or a textual-inversion embedding; "" for a kind newer than this client.
@@ -161,6 +163,8 @@ class GenerationOptions(TypedDict, total=False):
     # -4 to 4, each name once, at most the server's limits.max_adapters. Checked here before the call (ValueError).
     # Inline `<lora:NAME:SCALE>` tags in the prompts are added by the server.
     adapters: AdapterSpec
+    # "exact" or "fast" (default: the server's `precision` setting, normally fast); see Started.execution_profile.
+    precision: PrecisionName
 
 
 class EditOptions(GenerationOptions, total=False):
@@ -215,6 +219,8 @@ class Started:
     memory_strategy: str = ""
     # The adapters serving the request (LoRAs with their scales, embeddings the prompts use), sorted by name.
     adapters: tuple[ResolvedAdapter, ...] = ()
+    # The execution profile it runs in: "exact", or levers joined by "+" (e.g. "bf16-autocast+channels-last").
+    execution_profile: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +290,8 @@ class Result:
     memory_strategy: str = ""
     # The adapters it ran with, as in Started.adapters (also under parameters["adapters"]).
     adapters: tuple[ResolvedAdapter, ...] = ()
+    # The execution profile it ran in, as in Started.execution_profile.
+    execution_profile: str = ""
 
     @property
     def image(self) -> GeneratedImage:

@@ -128,6 +128,11 @@ export interface GenerationResult {
    * prompts used, sorted by name, each with its kind and its weights' SHA-256.
    */
   readonly adapters: readonly ResolvedAdapter[];
+  /**
+   * The execution profile it ran in (`parameters.executionProfile`): `exact`, or levers joined by `+` such as
+   * `bf16-autocast+channels-last`. Ask for `params.precision: Precision.EXACT` to get the exact pipeline.
+   */
+  readonly executionProfile: string;
 }
 
 /** Per-call options. */
@@ -290,6 +295,7 @@ async function collect(
         requestId: r.requestId,
         started,
         adapters: r.parameters?.adapters ?? [],
+        executionProfile: r.parameters?.executionProfile ?? "",
       };
     }
   }

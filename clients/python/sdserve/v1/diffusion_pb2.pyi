@@ -195,6 +195,42 @@ TASK_INPAINT: Task.ValueType  # 3
 """Inpainting (Inpaint)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
+class _Precision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
+    """The server's `precision` setting (`fast` unless configured otherwise)."""
+    PRECISION_EXACT: _Precision.ValueType  # 1
+    """The pipeline exactly as a direct diffusers call runs it with the same weights: no autocast, no
+    torch.compile, the default memory format. The same pixels, bit for bit, on the same machine and
+    build. Reported as the profile `exact`.
+    """
+    PRECISION_FAST: _Precision.ValueType  # 2
+    """The model's execution profile, chosen when it loads by measuring candidates against `exact` with a
+    quality guard (see GetServerInfoResponse.profiles and docs/performance.md). It is `exact` where
+    nothing measured faster.
+    """
+
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+    """Precision says whether a request may run in its model's measured execution profile."""
+
+PRECISION_UNSPECIFIED: Precision.ValueType  # 0
+"""The server's `precision` setting (`fast` unless configured otherwise)."""
+PRECISION_EXACT: Precision.ValueType  # 1
+"""The pipeline exactly as a direct diffusers call runs it with the same weights: no autocast, no
+torch.compile, the default memory format. The same pixels, bit for bit, on the same machine and
+build. Reported as the profile `exact`.
+"""
+PRECISION_FAST: Precision.ValueType  # 2
+"""The model's execution profile, chosen when it loads by measuring candidates against `exact` with a
+quality guard (see GetServerInfoResponse.profiles and docs/performance.md). It is `exact` where
+nothing measured faster.
+"""
+Global___Precision: _TypeAlias = Precision  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -408,6 +444,7 @@ class GenerationParams(_message.Message):
     CONDITIONING_FIELD_NUMBER: _builtins.int
     REFINER_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name or alias. Empty: the server's default model for the task."""
     prompt: _builtins.str
@@ -459,6 +496,10 @@ class GenerationParams(_message.Message):
     """
     negative_prompt_2: _builtins.str
     """SDXL only: the negative prompt for the second text encoder. Empty: `negative_prompt`."""
+    precision: Global___Precision.ValueType
+    """Exact or fast execution. Default: the server's `precision` setting. Requests of different
+    precisions never share a pipeline call.
+    """
     @_builtins.property
     def preview(self) -> Global___PreviewOptions:
         """Previews while denoising. Default: none."""
@@ -506,10 +547,11 @@ class GenerationParams(_message.Message):
         conditioning: Global___MicroConditioning | None = ...,
         refiner: Global___RefinerOptions | None = ...,
         adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
+        precision: Global___Precision.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "output", b"output", "preview", b"preview", "refiner", b"refiner", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "adapters", b"adapters", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "height", b"height", "max_queue_seconds", b"max_queue_seconds", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "output", b"output", "preview", b"preview", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "request_id", b"request_id", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "adapters", b"adapters", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "guidance_scale", b"guidance_scale", "height", b"height", "max_queue_seconds", b"max_queue_seconds", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "output", b"output", "precision", b"precision", "preview", b"preview", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "request_id", b"request_id", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -992,6 +1034,7 @@ class StartedEvent(_message.Message):
     REFINER_MODEL_VARIANT_FIELD_NUMBER: _builtins.int
     MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that runs the request (an alias resolved to its name)."""
     model_revision: _builtins.str
@@ -1017,6 +1060,10 @@ class StartedEvent(_message.Message):
     memory_strategy: _builtins.str
     """Memory strategies this request runs with, comma-separated and sorted (for example
     `vae_tiling,vae_slicing`), or `none`. See GetServerInfoResponse.memory.
+    """
+    execution_profile: _builtins.str
+    """The execution profile this request runs in: `exact`, or levers joined by `+` (`bf16-autocast`,
+    `fp16-autocast`, `channels-last`, `compile`), for example `fp16-autocast+compile`.
     """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -1044,10 +1091,11 @@ class StartedEvent(_message.Message):
         refiner_model_variant: _builtins.str = ...,
         memory_strategy: _builtins.str = ...,
         adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
+        execution_profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "execution_profile", b"execution_profile", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1210,6 +1258,8 @@ class ResolvedParameters(_message.Message):
     REFINER_MODEL_VARIANT_FIELD_NUMBER: _builtins.int
     MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """Task run."""
     model: _builtins.str
@@ -1266,6 +1316,10 @@ class ResolvedParameters(_message.Message):
     """The refiner's stored weights variant."""
     memory_strategy: _builtins.str
     """Memory strategies used, as in StartedEvent.memory_strategy."""
+    execution_profile: _builtins.str
+    """The execution profile the request ran in, as in StartedEvent.execution_profile."""
+    precision: Global___Precision.ValueType
+    """The precision asked for, resolved (never UNSPECIFIED)."""
     @_builtins.property
     def conditioning(self) -> Global___MicroConditioning:
         """The micro-conditioning used, defaults filled in (SDXL; unset for other families)."""
@@ -1314,10 +1368,12 @@ class ResolvedParameters(_message.Message):
         refiner_model_variant: _builtins.str = ...,
         memory_strategy: _builtins.str = ...,
         adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
+        execution_profile: _builtins.str = ...,
+        precision: Global___Precision.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conditioning", b"conditioning", "refiner", b"refiner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "execution_profile", b"execution_profile", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "precision", b"precision", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1755,6 +1811,7 @@ class BatchLimit(_message.Message):
     MAX_BATCH_IMAGES_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     width: _builtins.int
@@ -1767,6 +1824,8 @@ class BatchLimit(_message.Message):
     """How the limit was chosen, for example `calibrated` or `configured`."""
     variant: _builtins.str
     """The model's stored weights variant (`fp32`, `fp16`, `bf16`, `int8`): each variant has its own limit."""
+    precision: _builtins.str
+    """The precision of the requests it applies to (`exact` or `fast`): each has its own limit."""
     def __init__(
         self,
         *,
@@ -1776,10 +1835,11 @@ class BatchLimit(_message.Message):
         max_batch_images: _builtins.int = ...,
         source: _builtins.str = ...,
         variant: _builtins.str = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "max_batch_images", b"max_batch_images", "model", b"model", "source", b"source", "variant", b"variant", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "max_batch_images", b"max_batch_images", "model", b"model", "precision", b"precision", "source", b"source", "variant", b"variant", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1806,6 +1866,9 @@ class GetServerInfoResponse(_message.Message):
     MEMORY_FIELD_NUMBER: _builtins.int
     FAMILIES_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
+    PROFILES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """sdserve version."""
     device: _builtins.str
@@ -1824,6 +1887,10 @@ class GetServerInfoResponse(_message.Message):
     """Name of the default model."""
     transformers_version: _builtins.str
     """transformers version."""
+    precision: _builtins.str
+    """The precision requests get when they name none: `fast` or `exact` (the `precision` setting)."""
+    execution_profile: _builtins.str
+    """How the server chooses execution profiles: `auto` (measured per model at load), or a fixed profile."""
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[Global___Scheduler.ValueType]:
         """Schedulers this server offers."""
@@ -1848,6 +1915,10 @@ class GetServerInfoResponse(_message.Message):
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]:
         """The adapters (LoRAs and textual-inversion embeddings) requests may use, by name."""
 
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutionProfileInfo]:
+        """The execution profile of each model loaded so far, with the measurements that chose it."""
+
     def __init__(
         self,
         *,
@@ -1866,14 +1937,118 @@ class GetServerInfoResponse(_message.Message):
         memory: Global___MemoryPolicy | None = ...,
         families: _abc.Iterable[Global___FamilyInfo] | None = ...,
         adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
+        precision: _builtins.str = ...,
+        execution_profile: _builtins.str = ...,
+        profiles: _abc.Iterable[Global___ExecutionProfileInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "families", b"families", "limits", b"limits", "memory", b"memory", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "execution_profile", b"execution_profile", "families", b"families", "limits", b"limits", "memory", b"memory", "precision", b"precision", "profiles", b"profiles", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class ExecutionProfileInfo(_message.Message):
+    """ExecutionProfileInfo is the execution profile a loaded model serves `fast` requests in."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_REVISION_FIELD_NUMBER: _builtins.int
+    MODEL_VARIANT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TRIALS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    model_revision: _builtins.str
+    """Model revision."""
+    model_variant: _builtins.str
+    """The model's stored weights variant."""
+    width: _builtins.int
+    """The size the candidates were measured at (the model's default size) in pixels."""
+    height: _builtins.int
+    """Height in pixels."""
+    profile: _builtins.str
+    """The chosen profile, as in StartedEvent.execution_profile."""
+    source: _builtins.str
+    """`measured` (the fastest candidate that passed the quality guard, or `exact` when none beat it),
+    `configured` (the `execution_profile` setting names it; also `exact` for models loaded with CPU
+    offload) or `no-candidates` (the device has none worth measuring, for example a CPU without
+    native bfloat16: `exact`).
+    """
+    seconds: _builtins.float
+    """Seconds the choice took at load (compiling included)."""
+    @_builtins.property
+    def trials(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileTrial]:
+        """The candidates measured, `exact` first (empty when configured)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_revision: _builtins.str = ...,
+        model_variant: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        profile: _builtins.str = ...,
+        source: _builtins.str = ...,
+        trials: _abc.Iterable[Global___ProfileTrial] | None = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "profile", b"profile", "seconds", b"seconds", "source", b"source", "trials", b"trials", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutionProfileInfo: _TypeAlias = ExecutionProfileInfo  # noqa: Y015
+
+@_typing.final
+class ProfileTrial(_message.Message):
+    """ProfileTrial is one candidate profile measured for a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    SECONDS_PER_STEP_FIELD_NUMBER: _builtins.int
+    PSNR_DB_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    profile: _builtins.str
+    """The candidate, as in StartedEvent.execution_profile."""
+    seconds_per_step: _builtins.float
+    """Seconds per denoising step for one image at the measured size (0 when it failed to run)."""
+    psnr_db: _builtins.float
+    """The worst peak signal-to-noise ratio, in dB, of its probe images against `exact`'s: +Infinity when
+    they are identical, 0 when not measured (`exact` itself, and a candidate that was not faster than
+    `exact`, which could not be chosen anyway).
+    """
+    accepted: _builtins.bool
+    """Whether it passed the guard (at least the server's `profile_min_psnr`)."""
+    reason: _builtins.str
+    """Why it was not chosen or not accepted, when it was not."""
+    def __init__(
+        self,
+        *,
+        profile: _builtins.str = ...,
+        seconds_per_step: _builtins.float = ...,
+        psnr_db: _builtins.float = ...,
+        accepted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "profile", b"profile", "psnr_db", b"psnr_db", "reason", b"reason", "seconds_per_step", b"seconds_per_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileTrial: _TypeAlias = ProfileTrial  # noqa: Y015
 
 @_typing.final
 class FamilyInfo(_message.Message):

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sdserve/v1/diffusion.proto.
  */
 export const file_sdserve_v1_diffusion: GenFile = /*@__PURE__*/
-  fileDesc("ChpzZHNlcnZlL3YxL2RpZmZ1c2lvbi5wcm90bxIKc2RzZXJ2ZS52MSKaAQoOUHJldmlld09wdGlvbnMSJQoEbW9kZRgBIAEoDjIXLnNkc2VydmUudjEuUHJldmlld01vZGUSFQoNZXZlcnlfbl9zdGVwcxgCIAEoDRIQCghtYXhfZWRnZRgDIAEoDRInCgZmb3JtYXQYBCABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYBSABKA0ifQoNT3V0cHV0T3B0aW9ucxInCgZmb3JtYXQYASABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYAiABKA0SHQoQZW1iZWRfcGFyYW1ldGVycxgDIAEoCEgAiAEBQhMKEV9lbWJlZF9wYXJhbWV0ZXJzItUEChBHZW5lcmF0aW9uUGFyYW1zEg0KBW1vZGVsGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSACIAQESKAoJc2NoZWR1bGVyGAggASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISEQoEc2VlZBgJIAEoBEgBiAEBEhIKCm51bV9pbWFnZXMYCiABKA0SEQoJY2xpcF9za2lwGAsgASgNEisKB3ByZXZpZXcYDCABKAsyGi5zZHNlcnZlLnYxLlByZXZpZXdPcHRpb25zEikKBm91dHB1dBgNIAEoCzIZLnNkc2VydmUudjEuT3V0cHV0T3B0aW9ucxISCgpyZXF1ZXN0X2lkGA4gASgJEhkKEW1heF9xdWV1ZV9zZWNvbmRzGA8gASgBEhAKCHByb21wdF8yGBAgASgJEhkKEW5lZ2F0aXZlX3Byb21wdF8yGBEgASgJEjMKDGNvbmRpdGlvbmluZxgSIAEoCzIdLnNkc2VydmUudjEuTWljcm9Db25kaXRpb25pbmcSKwoHcmVmaW5lchgTIAEoCzIaLnNkc2VydmUudjEuUmVmaW5lck9wdGlvbnMSKAoIYWRhcHRlcnMYFCADKAsyFi5zZHNlcnZlLnYxLkFkYXB0ZXJSZWZCEQoPX2d1aWRhbmNlX3NjYWxlQgcKBV9zZWVkIjgKCkFkYXB0ZXJSZWYSDAoEbmFtZRgBIAEoCRISCgVzY2FsZRgCIAEoAkgAiAEBQggKBl9zY2FsZSJ0Cg9SZXNvbHZlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBINCgVzY2FsZRgDIAEoAhIOCgZzaGEyNTYYBCABKAkSDQoFdG9rZW4YBSABKAkitwEKC0FkYXB0ZXJJbmZvEgwKBG5hbWUYASABKAkSJQoEa2luZBgCIAEoDjIXLnNkc2VydmUudjEuQWRhcHRlcktpbmQSDgoGZmFtaWx5GAMgASgJEgwKBGJhc2UYBCABKAkSDQoFdG9rZW4YBSABKAkSDgoGc2hhMjU2GAYgASgJEhIKCnNpemVfYnl0ZXMYByABKAQSDwoHdGFyZ2V0cxgIIAMoCRIRCglsb2FkZWRfaW4YCSADKAkiKgoJSW1hZ2VTaXplEg0KBXdpZHRoGAEgASgNEg4KBmhlaWdodBgCIAEoDSInCgpDcm9wT2Zmc2V0EgsKA3RvcBgBIAEoDRIMCgRsZWZ0GAIgASgNIsYDChFNaWNyb0NvbmRpdGlvbmluZxIsCg1vcmlnaW5hbF9zaXplGAEgASgLMhUuc2RzZXJ2ZS52MS5JbWFnZVNpemUSNQoVY3JvcHNfY29vcmRzX3RvcF9sZWZ0GAIgASgLMhYuc2RzZXJ2ZS52MS5Dcm9wT2Zmc2V0EioKC3RhcmdldF9zaXplGAMgASgLMhUuc2RzZXJ2ZS52MS5JbWFnZVNpemUSNQoWbmVnYXRpdmVfb3JpZ2luYWxfc2l6ZRgEIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEj4KHm5lZ2F0aXZlX2Nyb3BzX2Nvb3Jkc190b3BfbGVmdBgFIAEoCzIWLnNkc2VydmUudjEuQ3JvcE9mZnNldBIzChRuZWdhdGl2ZV90YXJnZXRfc2l6ZRgGIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEhwKD2Flc3RoZXRpY19zY29yZRgHIAEoAkgAiAEBEiUKGG5lZ2F0aXZlX2Flc3RoZXRpY19zY29yZRgIIAEoAkgBiAEBQhIKEF9hZXN0aGV0aWNfc2NvcmVCGwoZX25lZ2F0aXZlX2Flc3RoZXRpY19zY29yZSKQAQoOUmVmaW5lck9wdGlvbnMSDQoFbW9kZWwYASABKAkSJQoEbW9kZRgCIAEoDjIXLnNkc2VydmUudjEuUmVmaW5lck1vZGUSFgoJc3dpdGNoX2F0GAMgASgCSACIAQESFQoIc3RyZW5ndGgYBCABKAJIAYgBAUIMCgpfc3dpdGNoX2F0QgsKCV9zdHJlbmd0aCI/Cg9HZW5lcmF0ZVJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zIm4KC0VkaXRSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcxINCgVpbWFnZRgCIAEoDBIVCghzdHJlbmd0aBgDIAEoAkgAiAEBQgsKCV9zdHJlbmd0aCKVAgoOSW5wYWludFJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zEg0KBWltYWdlGAIgASgMEgwKBG1hc2sYAyABKAwSEQoJbWFza19ibHVyGAQgASgNEhMKC2ludmVydF9tYXNrGAUgASgIEhUKCHN0cmVuZ3RoGAYgASgCSACIAQESJQoEYXJlYRgHIAEoDjIXLnNkc2VydmUudjEuSW5wYWludEFyZWESGQoMbWFza19wYWRkaW5nGAggASgNSAGIAQESGQoRcHJlc2VydmVfdW5tYXNrZWQYCSABKAhCCwoJX3N0cmVuZ3RoQg8KDV9tYXNrX3BhZGRpbmciHwoLUXVldWVkRXZlbnQSEAoIcG9zaXRpb24YASABKA0ixwIKDFN0YXJ0ZWRFdmVudBINCgVzZWVkcxgBIAMoBBINCgVtb2RlbBgCIAEoCRIWCg5tb2RlbF9yZXZpc2lvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhUKDXF1ZXVlX3NlY29uZHMYBSABKAESEgoKYmF0Y2hfc2l6ZRgGIAEoDRIVCg1tb2RlbF92YXJpYW50GAcgASgJEg0KBWR0eXBlGAggASgJEhUKDXJlZmluZXJfbW9kZWwYCSABKAkSHgoWcmVmaW5lcl9tb2RlbF9yZXZpc2lvbhgKIAEoCRIdChVyZWZpbmVyX21vZGVsX3ZhcmlhbnQYCyABKAkSFwoPbWVtb3J5X3N0cmF0ZWd5GAwgASgJEi0KCGFkYXB0ZXJzGA0gAygLMhsuc2RzZXJ2ZS52MS5SZXNvbHZlZEFkYXB0ZXIibgoHUHJldmlldxINCgVpbmRleBgBIAEoDRIMCgRkYXRhGAIgASgMEicKBmZvcm1hdBgDIAEoDjIXLnNkc2VydmUudjEuSW1hZ2VGb3JtYXQSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNIogBCg1Qcm9ncmVzc0V2ZW50EgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0SJQoIcHJldmlld3MYAyADKAsyEy5zZHNlcnZlLnYxLlByZXZpZXcSLQoMZGVub2lzZV9wYXNzGAQgASgOMhcuc2RzZXJ2ZS52MS5EZW5vaXNlUGFzcyJ6CgVJbWFnZRINCgVpbmRleBgBIAEoDRIMCgRkYXRhGAIgASgMEicKBmZvcm1hdBgDIAEoDjIXLnNkc2VydmUudjEuSW1hZ2VGb3JtYXQSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEgwKBHNlZWQYBiABKAQioAYKElJlc29sdmVkUGFyYW1ldGVycxIeCgR0YXNrGAEgASgOMhAuc2RzZXJ2ZS52MS5UYXNrEg0KBW1vZGVsGAIgASgJEhYKDm1vZGVsX3JldmlzaW9uGAMgASgJEg4KBnByb21wdBgEIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYBSABKAkSDQoFd2lkdGgYBiABKA0SDgoGaGVpZ2h0GAcgASgNEg0KBXN0ZXBzGAggASgNEhYKDmd1aWRhbmNlX3NjYWxlGAkgASgCEigKCXNjaGVkdWxlchgKIAEoDjIVLnNkc2VydmUudjEuU2NoZWR1bGVyEgwKBHNlZWQYCyABKAQSEgoKbnVtX2ltYWdlcxgMIAEoDRIRCgljbGlwX3NraXAYDSABKA0SEAoIc3RyZW5ndGgYDiABKAISEQoJbWFza19ibHVyGA8gASgNEiUKBGFyZWEYECABKA4yFy5zZHNlcnZlLnYxLklucGFpbnRBcmVhEhQKDG1hc2tfcGFkZGluZxgRIAEoDRIZChFwcmVzZXJ2ZV91bm1hc2tlZBgSIAEoCBITCgtpbnZlcnRfbWFzaxgTIAEoCBIXCg9zY2hlZHVsZXJfY2xhc3MYFCABKAkSDgoGZGV2aWNlGBUgASgJEg0KBWR0eXBlGBYgASgJEhUKDW1vZGVsX3ZhcmlhbnQYFyABKAkSEAoIcHJvbXB0XzIYGCABKAkSGQoRbmVnYXRpdmVfcHJvbXB0XzIYGSABKAkSMwoMY29uZGl0aW9uaW5nGBogASgLMh0uc2RzZXJ2ZS52MS5NaWNyb0NvbmRpdGlvbmluZxIrCgdyZWZpbmVyGBsgASgLMhouc2RzZXJ2ZS52MS5SZWZpbmVyT3B0aW9ucxIeChZyZWZpbmVyX21vZGVsX3JldmlzaW9uGBwgASgJEh0KFXJlZmluZXJfbW9kZWxfdmFyaWFudBgdIAEoCRIXCg9tZW1vcnlfc3RyYXRlZ3kYHiABKAkSLQoIYWRhcHRlcnMYHyADKAsyGy5zZHNlcnZlLnYxLlJlc29sdmVkQWRhcHRlciKyAQoHVGltaW5ncxIVCg1xdWV1ZV9zZWNvbmRzGAEgASgBEhcKD3ByZXBhcmVfc2Vjb25kcxgCIAEoARIXCg9kZW5vaXNlX3NlY29uZHMYAyABKAESFgoOZGVjb2RlX3NlY29uZHMYBCABKAESFgoOZW5jb2RlX3NlY29uZHMYBSABKAESFQoNdG90YWxfc2Vjb25kcxgGIAEoARIXCg9wcmV2aWV3X3NlY29uZHMYByABKAEingEKC1Jlc3VsdEV2ZW50EiEKBmltYWdlcxgBIAMoCzIRLnNkc2VydmUudjEuSW1hZ2USMgoKcGFyYW1ldGVycxgCIAEoCzIeLnNkc2VydmUudjEuUmVzb2x2ZWRQYXJhbWV0ZXJzEiQKB3RpbWluZ3MYAyABKAsyEy5zZHNlcnZlLnYxLlRpbWluZ3MSEgoKcmVxdWVzdF9pZBgEIAEoCSLNAQoQR2VuZXJhdGVSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiyQEKDEVkaXRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQizAEKD0lucGFpbnRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3QiugIKCU1vZGVsSW5mbxIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuc2RzZXJ2ZS52MS5Nb2RlbFN0YXRlEg8KB2FsaWFzZXMYBCADKAkSHwoFdGFza3MYBSADKA4yEC5zZHNlcnZlLnYxLlRhc2sSDwoHdmFyaWFudBgGIAEoCRIVCg1kZWZhdWx0X3dpZHRoGAcgASgNEhYKDmRlZmF1bHRfaGVpZ2h0GAggASgNEhgKEHVuZXRfaW5fY2hhbm5lbHMYCSABKA0SDQoFZXJyb3IYCiABKAkSEwoLZGVzY3JpcHRpb24YCyABKAkSFQoNaW5wYWludF9tb2RlbBgMIAEoCRIOCgZmYW1pbHkYDSABKAkSDwoHcmVmaW5lchgOIAEoCCJSChJMaXN0TW9kZWxzUmVzcG9uc2USJQoGbW9kZWxzGAEgAygLMhUuc2RzZXJ2ZS52MS5Nb2RlbEluZm8SFQoNZGVmYXVsdF9tb2RlbBgCIAEoCSIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCKHAgoGTGltaXRzEhAKCG1pbl9zaXplGAEgASgNEhAKCG1heF9zaXplGAIgASgNEhgKEG1heF9pbnB1dF9waXhlbHMYAyABKAQSFwoPbWF4X2ltYWdlX2J5dGVzGAQgASgEEhEKCW1heF9zdGVwcxgFIAEoDRISCgptYXhfaW1hZ2VzGAYgASgNEhgKEG1heF9wcm9tcHRfY2hhcnMYByABKA0SGQoRbWF4X21lc3NhZ2VfYnl0ZXMYCCABKAQSEQoJbWF4X3F1ZXVlGAkgASgNEiEKGWRlZmF1bHRfbWF4X3F1ZXVlX3NlY29uZHMYCiABKAESFAoMbWF4X2FkYXB0ZXJzGAsgASgNInUKCkJhdGNoTGltaXQSDQoFbW9kZWwYASABKAkSDQoFd2lkdGgYAiABKA0SDgoGaGVpZ2h0GAMgASgNEhgKEG1heF9iYXRjaF9pbWFnZXMYBCABKA0SDgoGc291cmNlGAUgASgJEg8KB3ZhcmlhbnQYBiABKAki1wMKFUdldFNlcnZlckluZm9SZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgJEg4KBmRldmljZRgCIAEoCRITCgtkZXZpY2VfbmFtZRgDIAEoCRINCgVkdHlwZRgEIAEoCRIVCg10b3JjaF92ZXJzaW9uGAUgASgJEhkKEWRpZmZ1c2Vyc192ZXJzaW9uGAYgASgJEhYKDnB5dGhvbl92ZXJzaW9uGAcgASgJEikKCnNjaGVkdWxlcnMYCCADKA4yFS5zZHNlcnZlLnYxLlNjaGVkdWxlchIiCgZsaW1pdHMYCSABKAsyEi5zZHNlcnZlLnYxLkxpbWl0cxIVCg1kZWZhdWx0X21vZGVsGAogASgJEhwKFHRyYW5zZm9ybWVyc192ZXJzaW9uGAsgASgJEiwKDGJhdGNoX2xpbWl0cxgMIAMoCzIWLnNkc2VydmUudjEuQmF0Y2hMaW1pdBIoCgZtZW1vcnkYDSABKAsyGC5zZHNlcnZlLnYxLk1lbW9yeVBvbGljeRIoCghmYW1pbGllcxgOIAMoCzIWLnNkc2VydmUudjEuRmFtaWx5SW5mbxIpCghhZGFwdGVycxgPIAMoCzIXLnNkc2VydmUudjEuQWRhcHRlckluZm8iRAoKRmFtaWx5SW5mbxIMCgRuYW1lGAEgASgJEhgKEHBpcGVsaW5lX2NsYXNzZXMYAiADKAkSDgoGZmllbGRzGAMgAygJIrsBCgxNZW1vcnlQb2xpY3kSEgoKdmFlX3RpbGluZxgBIAEoCRIdChV2YWVfdGlsaW5nX21pbl9waXhlbHMYAiABKAQSEwoLdmFlX3NsaWNpbmcYAyABKAkSGQoRYXR0ZW50aW9uX3NsaWNpbmcYBCABKAkSEwoLY3B1X29mZmxvYWQYBSABKAkSGQoRZGV2aWNlX2ZyZWVfYnl0ZXMYBiABKAQSGAoQb2ZmbG9hZGVkX21vZGVscxgHIAMoCSqcAgoJU2NoZWR1bGVyEhkKFVNDSEVEVUxFUl9VTlNQRUNJRklFRBAAEhIKDlNDSEVEVUxFUl9ERElNEAESEgoOU0NIRURVTEVSX1BORE0QAhISCg5TQ0hFRFVMRVJfRERQTRADEhEKDVNDSEVEVUxFUl9MTVMQBBITCg9TQ0hFRFVMRVJfRVVMRVIQBRIdChlTQ0hFRFVMRVJfRVVMRVJfQU5DRVNUUkFMEAYSEgoOU0NIRURVTEVSX0hFVU4QBxIWChJTQ0hFRFVMRVJfRFBNUFBfMk0QCBIdChlTQ0hFRFVMRVJfRFBNUFBfMk1fS0FSUkFTEAkSEwoPU0NIRURVTEVSX1VOSVBDEAoSEQoNU0NIRURVTEVSX0xDTRALKm8KC0ltYWdlRm9ybWF0EhwKGElNQUdFX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhQKEElNQUdFX0ZPUk1BVF9QTkcQARIVChFJTUFHRV9GT1JNQVRfSlBFRxACEhUKEUlNQUdFX0ZPUk1BVF9XRUJQEAMqegoLUHJldmlld01vZGUSHAoYUFJFVklFV19NT0RFX1VOU1BFQ0lGSUVEEAASFQoRUFJFVklFV19NT0RFX05PTkUQARIbChdQUkVWSUVXX01PREVfTEFURU5UX1JHQhACEhkKFVBSRVZJRVdfTU9ERV9GVUxMX1ZBRRADKmUKC0lucGFpbnRBcmVhEhwKGElOUEFJTlRfQVJFQV9VTlNQRUNJRklFRBAAEhwKGElOUEFJTlRfQVJFQV9XSE9MRV9JTUFHRRABEhoKFklOUEFJTlRfQVJFQV9NQVNLX09OTFkQAipQCgRUYXNrEhQKEFRBU0tfVU5TUEVDSUZJRUQQABIRCg1UQVNLX0dFTkVSQVRFEAESDQoJVEFTS19FRElUEAISEAoMVEFTS19JTlBBSU5UEAMqiwEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNNT0RFTF9TVEFURV9PTl9ESVNLEAESFwoTTU9ERUxfU1RBVEVfTE9BRElORxACEhYKEk1PREVMX1NUQVRFX0xPQURFRBADEhYKEk1PREVMX1NUQVRFX0ZBSUxFRBAEKmYKC0FkYXB0ZXJLaW5kEhwKGEFEQVBURVJfS0lORF9VTlNQRUNJRklFRBAAEhUKEUFEQVBURVJfS0lORF9MT1JBEAESIgoeQURBUFRFUl9LSU5EX1RFWFRVQUxfSU5WRVJTSU9OEAIqZAoLUmVmaW5lck1vZGUSHAoYUkVGSU5FUl9NT0RFX1VOU1BFQ0lGSUVEEAASHwobUkVGSU5FUl9NT0RFX0xBVEVOVF9IQU5ET0ZGEAESFgoSUkVGSU5FUl9NT0RFX0lNQUdFEAIqXAoLRGVub2lzZVBhc3MSHAoYREVOT0lTRV9QQVNTX1VOU1BFQ0lGSUVEEAASFQoRREVOT0lTRV9QQVNTX0JBU0UQARIYChRERU5PSVNFX1BBU1NfUkVGSU5FUhACMoEDChBEaWZmdXNpb25TZXJ2aWNlEkcKCEdlbmVyYXRlEhsuc2RzZXJ2ZS52MS5HZW5lcmF0ZVJlcXVlc3QaHC5zZHNlcnZlLnYxLkdlbmVyYXRlUmVzcG9uc2UwARI7CgRFZGl0Ehcuc2RzZXJ2ZS52MS5FZGl0UmVxdWVzdBoYLnNkc2VydmUudjEuRWRpdFJlc3BvbnNlMAESRAoHSW5wYWludBIaLnNkc2VydmUudjEuSW5wYWludFJlcXVlc3QaGy5zZHNlcnZlLnYxLklucGFpbnRSZXNwb25zZTABEksKCkxpc3RNb2RlbHMSHS5zZHNlcnZlLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh4uc2RzZXJ2ZS52MS5MaXN0TW9kZWxzUmVzcG9uc2USVAoNR2V0U2VydmVySW5mbxIgLnNkc2VydmUudjEuR2V0U2VydmVySW5mb1JlcXVlc3QaIS5zZHNlcnZlLnYxLkdldFNlcnZlckluZm9SZXNwb25zZWIGcHJvdG8z");
+  fileDesc("ChpzZHNlcnZlL3YxL2RpZmZ1c2lvbi5wcm90bxIKc2RzZXJ2ZS52MSKaAQoOUHJldmlld09wdGlvbnMSJQoEbW9kZRgBIAEoDjIXLnNkc2VydmUudjEuUHJldmlld01vZGUSFQoNZXZlcnlfbl9zdGVwcxgCIAEoDRIQCghtYXhfZWRnZRgDIAEoDRInCgZmb3JtYXQYBCABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYBSABKA0ifQoNT3V0cHV0T3B0aW9ucxInCgZmb3JtYXQYASABKA4yFy5zZHNlcnZlLnYxLkltYWdlRm9ybWF0Eg8KB3F1YWxpdHkYAiABKA0SHQoQZW1iZWRfcGFyYW1ldGVycxgDIAEoCEgAiAEBQhMKEV9lbWJlZF9wYXJhbWV0ZXJzIv8EChBHZW5lcmF0aW9uUGFyYW1zEg0KBW1vZGVsGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSACIAQESKAoJc2NoZWR1bGVyGAggASgOMhUuc2RzZXJ2ZS52MS5TY2hlZHVsZXISEQoEc2VlZBgJIAEoBEgBiAEBEhIKCm51bV9pbWFnZXMYCiABKA0SEQoJY2xpcF9za2lwGAsgASgNEisKB3ByZXZpZXcYDCABKAsyGi5zZHNlcnZlLnYxLlByZXZpZXdPcHRpb25zEikKBm91dHB1dBgNIAEoCzIZLnNkc2VydmUudjEuT3V0cHV0T3B0aW9ucxISCgpyZXF1ZXN0X2lkGA4gASgJEhkKEW1heF9xdWV1ZV9zZWNvbmRzGA8gASgBEhAKCHByb21wdF8yGBAgASgJEhkKEW5lZ2F0aXZlX3Byb21wdF8yGBEgASgJEjMKDGNvbmRpdGlvbmluZxgSIAEoCzIdLnNkc2VydmUudjEuTWljcm9Db25kaXRpb25pbmcSKwoHcmVmaW5lchgTIAEoCzIaLnNkc2VydmUudjEuUmVmaW5lck9wdGlvbnMSKAoIYWRhcHRlcnMYFCADKAsyFi5zZHNlcnZlLnYxLkFkYXB0ZXJSZWYSKAoJcHJlY2lzaW9uGBUgASgOMhUuc2RzZXJ2ZS52MS5QcmVjaXNpb25CEQoPX2d1aWRhbmNlX3NjYWxlQgcKBV9zZWVkIjgKCkFkYXB0ZXJSZWYSDAoEbmFtZRgBIAEoCRISCgVzY2FsZRgCIAEoAkgAiAEBQggKBl9zY2FsZSJ0Cg9SZXNvbHZlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBINCgVzY2FsZRgDIAEoAhIOCgZzaGEyNTYYBCABKAkSDQoFdG9rZW4YBSABKAkitwEKC0FkYXB0ZXJJbmZvEgwKBG5hbWUYASABKAkSJQoEa2luZBgCIAEoDjIXLnNkc2VydmUudjEuQWRhcHRlcktpbmQSDgoGZmFtaWx5GAMgASgJEgwKBGJhc2UYBCABKAkSDQoFdG9rZW4YBSABKAkSDgoGc2hhMjU2GAYgASgJEhIKCnNpemVfYnl0ZXMYByABKAQSDwoHdGFyZ2V0cxgIIAMoCRIRCglsb2FkZWRfaW4YCSADKAkiKgoJSW1hZ2VTaXplEg0KBXdpZHRoGAEgASgNEg4KBmhlaWdodBgCIAEoDSInCgpDcm9wT2Zmc2V0EgsKA3RvcBgBIAEoDRIMCgRsZWZ0GAIgASgNIsYDChFNaWNyb0NvbmRpdGlvbmluZxIsCg1vcmlnaW5hbF9zaXplGAEgASgLMhUuc2RzZXJ2ZS52MS5JbWFnZVNpemUSNQoVY3JvcHNfY29vcmRzX3RvcF9sZWZ0GAIgASgLMhYuc2RzZXJ2ZS52MS5Dcm9wT2Zmc2V0EioKC3RhcmdldF9zaXplGAMgASgLMhUuc2RzZXJ2ZS52MS5JbWFnZVNpemUSNQoWbmVnYXRpdmVfb3JpZ2luYWxfc2l6ZRgEIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEj4KHm5lZ2F0aXZlX2Nyb3BzX2Nvb3Jkc190b3BfbGVmdBgFIAEoCzIWLnNkc2VydmUudjEuQ3JvcE9mZnNldBIzChRuZWdhdGl2ZV90YXJnZXRfc2l6ZRgGIAEoCzIVLnNkc2VydmUudjEuSW1hZ2VTaXplEhwKD2Flc3RoZXRpY19zY29yZRgHIAEoAkgAiAEBEiUKGG5lZ2F0aXZlX2Flc3RoZXRpY19zY29yZRgIIAEoAkgBiAEBQhIKEF9hZXN0aGV0aWNfc2NvcmVCGwoZX25lZ2F0aXZlX2Flc3RoZXRpY19zY29yZSKQAQoOUmVmaW5lck9wdGlvbnMSDQoFbW9kZWwYASABKAkSJQoEbW9kZRgCIAEoDjIXLnNkc2VydmUudjEuUmVmaW5lck1vZGUSFgoJc3dpdGNoX2F0GAMgASgCSACIAQESFQoIc3RyZW5ndGgYBCABKAJIAYgBAUIMCgpfc3dpdGNoX2F0QgsKCV9zdHJlbmd0aCI/Cg9HZW5lcmF0ZVJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zIm4KC0VkaXRSZXF1ZXN0EiwKBnBhcmFtcxgBIAEoCzIcLnNkc2VydmUudjEuR2VuZXJhdGlvblBhcmFtcxINCgVpbWFnZRgCIAEoDBIVCghzdHJlbmd0aBgDIAEoAkgAiAEBQgsKCV9zdHJlbmd0aCKVAgoOSW5wYWludFJlcXVlc3QSLAoGcGFyYW1zGAEgASgLMhwuc2RzZXJ2ZS52MS5HZW5lcmF0aW9uUGFyYW1zEg0KBWltYWdlGAIgASgMEgwKBG1hc2sYAyABKAwSEQoJbWFza19ibHVyGAQgASgNEhMKC2ludmVydF9tYXNrGAUgASgIEhUKCHN0cmVuZ3RoGAYgASgCSACIAQESJQoEYXJlYRgHIAEoDjIXLnNkc2VydmUudjEuSW5wYWludEFyZWESGQoMbWFza19wYWRkaW5nGAggASgNSAGIAQESGQoRcHJlc2VydmVfdW5tYXNrZWQYCSABKAhCCwoJX3N0cmVuZ3RoQg8KDV9tYXNrX3BhZGRpbmciHwoLUXVldWVkRXZlbnQSEAoIcG9zaXRpb24YASABKA0i4gIKDFN0YXJ0ZWRFdmVudBINCgVzZWVkcxgBIAMoBBINCgVtb2RlbBgCIAEoCRIWCg5tb2RlbF9yZXZpc2lvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhUKDXF1ZXVlX3NlY29uZHMYBSABKAESEgoKYmF0Y2hfc2l6ZRgGIAEoDRIVCg1tb2RlbF92YXJpYW50GAcgASgJEg0KBWR0eXBlGAggASgJEhUKDXJlZmluZXJfbW9kZWwYCSABKAkSHgoWcmVmaW5lcl9tb2RlbF9yZXZpc2lvbhgKIAEoCRIdChVyZWZpbmVyX21vZGVsX3ZhcmlhbnQYCyABKAkSFwoPbWVtb3J5X3N0cmF0ZWd5GAwgASgJEi0KCGFkYXB0ZXJzGA0gAygLMhsuc2RzZXJ2ZS52MS5SZXNvbHZlZEFkYXB0ZXISGQoRZXhlY3V0aW9uX3Byb2ZpbGUYDiABKAkibgoHUHJldmlldxINCgVpbmRleBgBIAEoDRIMCgRkYXRhGAIgASgMEicKBmZvcm1hdBgDIAEoDjIXLnNkc2VydmUudjEuSW1hZ2VGb3JtYXQSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNIogBCg1Qcm9ncmVzc0V2ZW50EgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0SJQoIcHJldmlld3MYAyADKAsyEy5zZHNlcnZlLnYxLlByZXZpZXcSLQoMZGVub2lzZV9wYXNzGAQgASgOMhcuc2RzZXJ2ZS52MS5EZW5vaXNlUGFzcyJ6CgVJbWFnZRINCgVpbmRleBgBIAEoDRIMCgRkYXRhGAIgASgMEicKBmZvcm1hdBgDIAEoDjIXLnNkc2VydmUudjEuSW1hZ2VGb3JtYXQSDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEgwKBHNlZWQYBiABKAQi5QYKElJlc29sdmVkUGFyYW1ldGVycxIeCgR0YXNrGAEgASgOMhAuc2RzZXJ2ZS52MS5UYXNrEg0KBW1vZGVsGAIgASgJEhYKDm1vZGVsX3JldmlzaW9uGAMgASgJEg4KBnByb21wdBgEIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYBSABKAkSDQoFd2lkdGgYBiABKA0SDgoGaGVpZ2h0GAcgASgNEg0KBXN0ZXBzGAggASgNEhYKDmd1aWRhbmNlX3NjYWxlGAkgASgCEigKCXNjaGVkdWxlchgKIAEoDjIVLnNkc2VydmUudjEuU2NoZWR1bGVyEgwKBHNlZWQYCyABKAQSEgoKbnVtX2ltYWdlcxgMIAEoDRIRCgljbGlwX3NraXAYDSABKA0SEAoIc3RyZW5ndGgYDiABKAISEQoJbWFza19ibHVyGA8gASgNEiUKBGFyZWEYECABKA4yFy5zZHNlcnZlLnYxLklucGFpbnRBcmVhEhQKDG1hc2tfcGFkZGluZxgRIAEoDRIZChFwcmVzZXJ2ZV91bm1hc2tlZBgSIAEoCBITCgtpbnZlcnRfbWFzaxgTIAEoCBIXCg9zY2hlZHVsZXJfY2xhc3MYFCABKAkSDgoGZGV2aWNlGBUgASgJEg0KBWR0eXBlGBYgASgJEhUKDW1vZGVsX3ZhcmlhbnQYFyABKAkSEAoIcHJvbXB0XzIYGCABKAkSGQoRbmVnYXRpdmVfcHJvbXB0XzIYGSABKAkSMwoMY29uZGl0aW9uaW5nGBogASgLMh0uc2RzZXJ2ZS52MS5NaWNyb0NvbmRpdGlvbmluZxIrCgdyZWZpbmVyGBsgASgLMhouc2RzZXJ2ZS52MS5SZWZpbmVyT3B0aW9ucxIeChZyZWZpbmVyX21vZGVsX3JldmlzaW9uGBwgASgJEh0KFXJlZmluZXJfbW9kZWxfdmFyaWFudBgdIAEoCRIXCg9tZW1vcnlfc3RyYXRlZ3kYHiABKAkSLQoIYWRhcHRlcnMYHyADKAsyGy5zZHNlcnZlLnYxLlJlc29sdmVkQWRhcHRlchIZChFleGVjdXRpb25fcHJvZmlsZRggIAEoCRIoCglwcmVjaXNpb24YISABKA4yFS5zZHNlcnZlLnYxLlByZWNpc2lvbiKyAQoHVGltaW5ncxIVCg1xdWV1ZV9zZWNvbmRzGAEgASgBEhcKD3ByZXBhcmVfc2Vjb25kcxgCIAEoARIXCg9kZW5vaXNlX3NlY29uZHMYAyABKAESFgoOZGVjb2RlX3NlY29uZHMYBCABKAESFgoOZW5jb2RlX3NlY29uZHMYBSABKAESFQoNdG90YWxfc2Vjb25kcxgGIAEoARIXCg9wcmV2aWV3X3NlY29uZHMYByABKAEingEKC1Jlc3VsdEV2ZW50EiEKBmltYWdlcxgBIAMoCzIRLnNkc2VydmUudjEuSW1hZ2USMgoKcGFyYW1ldGVycxgCIAEoCzIeLnNkc2VydmUudjEuUmVzb2x2ZWRQYXJhbWV0ZXJzEiQKB3RpbWluZ3MYAyABKAsyEy5zZHNlcnZlLnYxLlRpbWluZ3MSEgoKcmVxdWVzdF9pZBgEIAEoCSLNAQoQR2VuZXJhdGVSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiyQEKDEVkaXRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQizAEKD0lucGFpbnRSZXNwb25zZRIpCgZxdWV1ZWQYASABKAsyFy5zZHNlcnZlLnYxLlF1ZXVlZEV2ZW50SAASKwoHc3RhcnRlZBgCIAEoCzIYLnNkc2VydmUudjEuU3RhcnRlZEV2ZW50SAASLQoIcHJvZ3Jlc3MYAyABKAsyGS5zZHNlcnZlLnYxLlByb2dyZXNzRXZlbnRIABIpCgZyZXN1bHQYBCABKAsyFy5zZHNlcnZlLnYxLlJlc3VsdEV2ZW50SABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3QiugIKCU1vZGVsSW5mbxIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuc2RzZXJ2ZS52MS5Nb2RlbFN0YXRlEg8KB2FsaWFzZXMYBCADKAkSHwoFdGFza3MYBSADKA4yEC5zZHNlcnZlLnYxLlRhc2sSDwoHdmFyaWFudBgGIAEoCRIVCg1kZWZhdWx0X3dpZHRoGAcgASgNEhYKDmRlZmF1bHRfaGVpZ2h0GAggASgNEhgKEHVuZXRfaW5fY2hhbm5lbHMYCSABKA0SDQoFZXJyb3IYCiABKAkSEwoLZGVzY3JpcHRpb24YCyABKAkSFQoNaW5wYWludF9tb2RlbBgMIAEoCRIOCgZmYW1pbHkYDSABKAkSDwoHcmVmaW5lchgOIAEoCCJSChJMaXN0TW9kZWxzUmVzcG9uc2USJQoGbW9kZWxzGAEgAygLMhUuc2RzZXJ2ZS52MS5Nb2RlbEluZm8SFQoNZGVmYXVsdF9tb2RlbBgCIAEoCSIWChRHZXRTZXJ2ZXJJbmZvUmVxdWVzdCKHAgoGTGltaXRzEhAKCG1pbl9zaXplGAEgASgNEhAKCG1heF9zaXplGAIgASgNEhgKEG1heF9pbnB1dF9waXhlbHMYAyABKAQSFwoPbWF4X2ltYWdlX2J5dGVzGAQgASgEEhEKCW1heF9zdGVwcxgFIAEoDRISCgptYXhfaW1hZ2VzGAYgASgNEhgKEG1heF9wcm9tcHRfY2hhcnMYByABKA0SGQoRbWF4X21lc3NhZ2VfYnl0ZXMYCCABKAQSEQoJbWF4X3F1ZXVlGAkgASgNEiEKGWRlZmF1bHRfbWF4X3F1ZXVlX3NlY29uZHMYCiABKAESFAoMbWF4X2FkYXB0ZXJzGAsgASgNIogBCgpCYXRjaExpbWl0Eg0KBW1vZGVsGAEgASgJEg0KBXdpZHRoGAIgASgNEg4KBmhlaWdodBgDIAEoDRIYChBtYXhfYmF0Y2hfaW1hZ2VzGAQgASgNEg4KBnNvdXJjZRgFIAEoCRIPCgd2YXJpYW50GAYgASgJEhEKCXByZWNpc2lvbhgHIAEoCSK5BAoVR2V0U2VydmVySW5mb1Jlc3BvbnNlEg8KB3ZlcnNpb24YASABKAkSDgoGZGV2aWNlGAIgASgJEhMKC2RldmljZV9uYW1lGAMgASgJEg0KBWR0eXBlGAQgASgJEhUKDXRvcmNoX3ZlcnNpb24YBSABKAkSGQoRZGlmZnVzZXJzX3ZlcnNpb24YBiABKAkSFgoOcHl0aG9uX3ZlcnNpb24YByABKAkSKQoKc2NoZWR1bGVycxgIIAMoDjIVLnNkc2VydmUudjEuU2NoZWR1bGVyEiIKBmxpbWl0cxgJIAEoCzISLnNkc2VydmUudjEuTGltaXRzEhUKDWRlZmF1bHRfbW9kZWwYCiABKAkSHAoUdHJhbnNmb3JtZXJzX3ZlcnNpb24YCyABKAkSLAoMYmF0Y2hfbGltaXRzGAwgAygLMhYuc2RzZXJ2ZS52MS5CYXRjaExpbWl0EigKBm1lbW9yeRgNIAEoCzIYLnNkc2VydmUudjEuTWVtb3J5UG9saWN5EigKCGZhbWlsaWVzGA4gAygLMhYuc2RzZXJ2ZS52MS5GYW1pbHlJbmZvEikKCGFkYXB0ZXJzGA8gAygLMhcuc2RzZXJ2ZS52MS5BZGFwdGVySW5mbxIRCglwcmVjaXNpb24YECABKAkSGQoRZXhlY3V0aW9uX3Byb2ZpbGUYESABKAkSMgoIcHJvZmlsZXMYEiADKAsyIC5zZHNlcnZlLnYxLkV4ZWN1dGlvblByb2ZpbGVJbmZvIs8BChRFeGVjdXRpb25Qcm9maWxlSW5mbxINCgVtb2RlbBgBIAEoCRIWCg5tb2RlbF9yZXZpc2lvbhgCIAEoCRIVCg1tb2RlbF92YXJpYW50GAMgASgJEg0KBXdpZHRoGAQgASgNEg4KBmhlaWdodBgFIAEoDRIPCgdwcm9maWxlGAYgASgJEg4KBnNvdXJjZRgHIAEoCRIoCgZ0cmlhbHMYCCADKAsyGC5zZHNlcnZlLnYxLlByb2ZpbGVUcmlhbBIPCgdzZWNvbmRzGAkgASgBImwKDFByb2ZpbGVUcmlhbBIPCgdwcm9maWxlGAEgASgJEhgKEHNlY29uZHNfcGVyX3N0ZXAYAiABKAESDwoHcHNucl9kYhgDIAEoARIQCghhY2NlcHRlZBgEIAEoCBIOCgZyZWFzb24YBSABKAkiRAoKRmFtaWx5SW5mbxIMCgRuYW1lGAEgASgJEhgKEHBpcGVsaW5lX2NsYXNzZXMYAiADKAkSDgoGZmllbGRzGAMgAygJIrsBCgxNZW1vcnlQb2xpY3kSEgoKdmFlX3RpbGluZxgBIAEoCRIdChV2YWVfdGlsaW5nX21pbl9waXhlbHMYAiABKAQSEwoLdmFlX3NsaWNpbmcYAyABKAkSGQoRYXR0ZW50aW9uX3NsaWNpbmcYBCABKAkSEwoLY3B1X29mZmxvYWQYBSABKAkSGQoRZGV2aWNlX2ZyZWVfYnl0ZXMYBiABKAQSGAoQb2ZmbG9hZGVkX21vZGVscxgHIAMoCSqcAgoJU2NoZWR1bGVyEhkKFVNDSEVEVUxFUl9VTlNQRUNJRklFRBAAEhIKDlNDSEVEVUxFUl9ERElNEAESEgoOU0NIRURVTEVSX1BORE0QAhISCg5TQ0hFRFVMRVJfRERQTRADEhEKDVNDSEVEVUxFUl9MTVMQBBITCg9TQ0hFRFVMRVJfRVVMRVIQBRIdChlTQ0hFRFVMRVJfRVVMRVJfQU5DRVNUUkFMEAYSEgoOU0NIRURVTEVSX0hFVU4QBxIWChJTQ0hFRFVMRVJfRFBNUFBfMk0QCBIdChlTQ0hFRFVMRVJfRFBNUFBfMk1fS0FSUkFTEAkSEwoPU0NIRURVTEVSX1VOSVBDEAoSEQoNU0NIRURVTEVSX0xDTRALKm8KC0ltYWdlRm9ybWF0EhwKGElNQUdFX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhQKEElNQUdFX0ZPUk1BVF9QTkcQARIVChFJTUFHRV9GT1JNQVRfSlBFRxACEhUKEUlNQUdFX0ZPUk1BVF9XRUJQEAMqegoLUHJldmlld01vZGUSHAoYUFJFVklFV19NT0RFX1VOU1BFQ0lGSUVEEAASFQoRUFJFVklFV19NT0RFX05PTkUQARIbChdQUkVWSUVXX01PREVfTEFURU5UX1JHQhACEhkKFVBSRVZJRVdfTU9ERV9GVUxMX1ZBRRADKmUKC0lucGFpbnRBcmVhEhwKGElOUEFJTlRfQVJFQV9VTlNQRUNJRklFRBAAEhwKGElOUEFJTlRfQVJFQV9XSE9MRV9JTUFHRRABEhoKFklOUEFJTlRfQVJFQV9NQVNLX09OTFkQAipQCgRUYXNrEhQKEFRBU0tfVU5TUEVDSUZJRUQQABIRCg1UQVNLX0dFTkVSQVRFEAESDQoJVEFTS19FRElUEAISEAoMVEFTS19JTlBBSU5UEAMqTwoJUHJlY2lzaW9uEhkKFVBSRUNJU0lPTl9VTlNQRUNJRklFRBAAEhMKD1BSRUNJU0lPTl9FWEFDVBABEhIKDlBSRUNJU0lPTl9GQVNUEAIqiwEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNNT0RFTF9TVEFURV9PTl9ESVNLEAESFwoTTU9ERUxfU1RBVEVfTE9BRElORxACEhYKEk1PREVMX1NUQVRFX0xPQURFRBADEhYKEk1PREVMX1NUQVRFX0ZBSUxFRBAEKmYKC0FkYXB0ZXJLaW5kEhwKGEFEQVBURVJfS0lORF9VTlNQRUNJRklFRBAAEhUKEUFEQVBURVJfS0lORF9MT1JBEAESIgoeQURBUFRFUl9LSU5EX1RFWFRVQUxfSU5WRVJTSU9OEAIqZAoLUmVmaW5lck1vZGUSHAoYUkVGSU5FUl9NT0RFX1VOU1BFQ0lGSUVEEAASHwobUkVGSU5FUl9NT0RFX0xBVEVOVF9IQU5ET0ZGEAESFgoSUkVGSU5FUl9NT0RFX0lNQUdFEAIqXAoLRGVub2lzZVBhc3MSHAoYREVOT0lTRV9QQVNTX1VOU1BFQ0lGSUVEEAASFQoRREVOT0lTRV9QQVNTX0JBU0UQARIYChRERU5PSVNFX1BBU1NfUkVGSU5FUhACMoEDChBEaWZmdXNpb25TZXJ2aWNlEkcKCEdlbmVyYXRlEhsuc2RzZXJ2ZS52MS5HZW5lcmF0ZVJlcXVlc3QaHC5zZHNlcnZlLnYxLkdlbmVyYXRlUmVzcG9uc2UwARI7CgRFZGl0Ehcuc2RzZXJ2ZS52MS5FZGl0UmVxdWVzdBoYLnNkc2VydmUudjEuRWRpdFJlc3BvbnNlMAESRAoHSW5wYWludBIaLnNkc2VydmUudjEuSW5wYWludFJlcXVlc3QaGy5zZHNlcnZlLnYxLklucGFpbnRSZXNwb25zZTABEksKCkxpc3RNb2RlbHMSHS5zZHNlcnZlLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh4uc2RzZXJ2ZS52MS5MaXN0TW9kZWxzUmVzcG9uc2USVAoNR2V0U2VydmVySW5mbxIgLnNkc2VydmUudjEuR2V0U2VydmVySW5mb1JlcXVlc3QaIS5zZHNlcnZlLnYxLkdldFNlcnZlckluZm9SZXNwb25zZWIGcHJvdG8z");
 
 /**
  * PreviewOptions asks for intermediate images while denoising.
@@ -260,6 +260,14 @@ export type GenerationParams = Message<"sdserve.v1.GenerationParams"> & {
    * @generated from field: repeated sdserve.v1.AdapterRef adapters = 20;
    */
   adapters: AdapterRef[];
+
+  /**
+   * Exact or fast execution. Default: the server's `precision` setting. Requests of different
+   * precisions never share a pipeline call.
+   *
+   * @generated from field: sdserve.v1.Precision precision = 21;
+   */
+  precision: Precision;
 };
 
 /**
@@ -857,6 +865,14 @@ export type StartedEvent = Message<"sdserve.v1.StartedEvent"> & {
    * @generated from field: repeated sdserve.v1.ResolvedAdapter adapters = 13;
    */
   adapters: ResolvedAdapter[];
+
+  /**
+   * The execution profile this request runs in: `exact`, or levers joined by `+` (`bf16-autocast`,
+   * `fp16-autocast`, `channels-last`, `compile`), for example `fp16-autocast+compile`.
+   *
+   * @generated from field: string execution_profile = 14;
+   */
+  executionProfile: string;
 };
 
 /**
@@ -1238,6 +1254,20 @@ export type ResolvedParameters = Message<"sdserve.v1.ResolvedParameters"> & {
    * @generated from field: repeated sdserve.v1.ResolvedAdapter adapters = 31;
    */
   adapters: ResolvedAdapter[];
+
+  /**
+   * The execution profile the request ran in, as in StartedEvent.execution_profile.
+   *
+   * @generated from field: string execution_profile = 32;
+   */
+  executionProfile: string;
+
+  /**
+   * The precision asked for, resolved (never UNSPECIFIED).
+   *
+   * @generated from field: sdserve.v1.Precision precision = 33;
+   */
+  precision: Precision;
 };
 
 /**
@@ -1819,6 +1849,13 @@ export type BatchLimit = Message<"sdserve.v1.BatchLimit"> & {
    * @generated from field: string variant = 6;
    */
   variant: string;
+
+  /**
+   * The precision of the requests it applies to (`exact` or `fast`): each has its own limit.
+   *
+   * @generated from field: string precision = 7;
+   */
+  precision: string;
 };
 
 /**
@@ -1938,6 +1975,27 @@ export type GetServerInfoResponse = Message<"sdserve.v1.GetServerInfoResponse"> 
    * @generated from field: repeated sdserve.v1.AdapterInfo adapters = 15;
    */
   adapters: AdapterInfo[];
+
+  /**
+   * The precision requests get when they name none: `fast` or `exact` (the `precision` setting).
+   *
+   * @generated from field: string precision = 16;
+   */
+  precision: string;
+
+  /**
+   * How the server chooses execution profiles: `auto` (measured per model at load), or a fixed profile.
+   *
+   * @generated from field: string execution_profile = 17;
+   */
+  executionProfile: string;
+
+  /**
+   * The execution profile of each model loaded so far, with the measurements that chose it.
+   *
+   * @generated from field: repeated sdserve.v1.ExecutionProfileInfo profiles = 18;
+   */
+  profiles: ExecutionProfileInfo[];
 };
 
 /**
@@ -1946,6 +2004,137 @@ export type GetServerInfoResponse = Message<"sdserve.v1.GetServerInfoResponse"> 
  */
 export const GetServerInfoResponseSchema: GenMessage<GetServerInfoResponse> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_diffusion, 30);
+
+/**
+ * ExecutionProfileInfo is the execution profile a loaded model serves `fast` requests in.
+ *
+ * @generated from message sdserve.v1.ExecutionProfileInfo
+ */
+export type ExecutionProfileInfo = Message<"sdserve.v1.ExecutionProfileInfo"> & {
+  /**
+   * Model name.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * Model revision.
+   *
+   * @generated from field: string model_revision = 2;
+   */
+  modelRevision: string;
+
+  /**
+   * The model's stored weights variant.
+   *
+   * @generated from field: string model_variant = 3;
+   */
+  modelVariant: string;
+
+  /**
+   * The size the candidates were measured at (the model's default size) in pixels.
+   *
+   * @generated from field: uint32 width = 4;
+   */
+  width: number;
+
+  /**
+   * Height in pixels.
+   *
+   * @generated from field: uint32 height = 5;
+   */
+  height: number;
+
+  /**
+   * The chosen profile, as in StartedEvent.execution_profile.
+   *
+   * @generated from field: string profile = 6;
+   */
+  profile: string;
+
+  /**
+   * `measured` (the fastest candidate that passed the quality guard, or `exact` when none beat it),
+   * `configured` (the `execution_profile` setting names it; also `exact` for models loaded with CPU
+   * offload) or `no-candidates` (the device has none worth measuring, for example a CPU without
+   * native bfloat16: `exact`).
+   *
+   * @generated from field: string source = 7;
+   */
+  source: string;
+
+  /**
+   * The candidates measured, `exact` first (empty when configured).
+   *
+   * @generated from field: repeated sdserve.v1.ProfileTrial trials = 8;
+   */
+  trials: ProfileTrial[];
+
+  /**
+   * Seconds the choice took at load (compiling included).
+   *
+   * @generated from field: double seconds = 9;
+   */
+  seconds: number;
+};
+
+/**
+ * Describes the message sdserve.v1.ExecutionProfileInfo.
+ * Use `create(ExecutionProfileInfoSchema)` to create a new message.
+ */
+export const ExecutionProfileInfoSchema: GenMessage<ExecutionProfileInfo> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 31);
+
+/**
+ * ProfileTrial is one candidate profile measured for a model.
+ *
+ * @generated from message sdserve.v1.ProfileTrial
+ */
+export type ProfileTrial = Message<"sdserve.v1.ProfileTrial"> & {
+  /**
+   * The candidate, as in StartedEvent.execution_profile.
+   *
+   * @generated from field: string profile = 1;
+   */
+  profile: string;
+
+  /**
+   * Seconds per denoising step for one image at the measured size (0 when it failed to run).
+   *
+   * @generated from field: double seconds_per_step = 2;
+   */
+  secondsPerStep: number;
+
+  /**
+   * The worst peak signal-to-noise ratio, in dB, of its probe images against `exact`'s: +Infinity when
+   * they are identical, 0 when not measured (`exact` itself, and a candidate that was not faster than
+   * `exact`, which could not be chosen anyway).
+   *
+   * @generated from field: double psnr_db = 3;
+   */
+  psnrDb: number;
+
+  /**
+   * Whether it passed the guard (at least the server's `profile_min_psnr`).
+   *
+   * @generated from field: bool accepted = 4;
+   */
+  accepted: boolean;
+
+  /**
+   * Why it was not chosen or not accepted, when it was not.
+   *
+   * @generated from field: string reason = 5;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message sdserve.v1.ProfileTrial.
+ * Use `create(ProfileTrialSchema)` to create a new message.
+ */
+export const ProfileTrialSchema: GenMessage<ProfileTrial> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_diffusion, 32);
 
 /**
  * FamilyInfo describes one model family (ModelInfo.family names it).
@@ -1981,7 +2170,7 @@ export type FamilyInfo = Message<"sdserve.v1.FamilyInfo"> & {
  * Use `create(FamilyInfoSchema)` to create a new message.
  */
 export const FamilyInfoSchema: GenMessage<FamilyInfo> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 31);
+  messageDesc(file_sdserve_v1_diffusion, 33);
 
 /**
  * MemoryPolicy says which memory strategies the server applies and when. Each mode is `auto` (chosen
@@ -2049,7 +2238,7 @@ export type MemoryPolicy = Message<"sdserve.v1.MemoryPolicy"> & {
  * Use `create(MemoryPolicySchema)` to create a new message.
  */
 export const MemoryPolicySchema: GenMessage<MemoryPolicy> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_diffusion, 32);
+  messageDesc(file_sdserve_v1_diffusion, 34);
 
 /**
  * Scheduler selects the noise scheduler. Each is built per request from the model's scheduler config.
@@ -2309,6 +2498,44 @@ export const TaskSchema: GenEnum<Task> = /*@__PURE__*/
   enumDesc(file_sdserve_v1_diffusion, 4);
 
 /**
+ * Precision says whether a request may run in its model's measured execution profile.
+ *
+ * @generated from enum sdserve.v1.Precision
+ */
+export enum Precision {
+  /**
+   * The server's `precision` setting (`fast` unless configured otherwise).
+   *
+   * @generated from enum value: PRECISION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The pipeline exactly as a direct diffusers call runs it with the same weights: no autocast, no
+   * torch.compile, the default memory format. The same pixels, bit for bit, on the same machine and
+   * build. Reported as the profile `exact`.
+   *
+   * @generated from enum value: PRECISION_EXACT = 1;
+   */
+  EXACT = 1,
+
+  /**
+   * The model's execution profile, chosen when it loads by measuring candidates against `exact` with a
+   * quality guard (see GetServerInfoResponse.profiles and docs/performance.md). It is `exact` where
+   * nothing measured faster.
+   *
+   * @generated from enum value: PRECISION_FAST = 2;
+   */
+  FAST = 2,
+}
+
+/**
+ * Describes the enum sdserve.v1.Precision.
+ */
+export const PrecisionSchema: GenEnum<Precision> = /*@__PURE__*/
+  enumDesc(file_sdserve_v1_diffusion, 5);
+
+/**
  * ModelState is where a model is in its life on this server.
  *
  * @generated from enum sdserve.v1.ModelState
@@ -2354,7 +2581,7 @@ export enum ModelState {
  * Describes the enum sdserve.v1.ModelState.
  */
 export const ModelStateSchema: GenEnum<ModelState> = /*@__PURE__*/
-  enumDesc(file_sdserve_v1_diffusion, 5);
+  enumDesc(file_sdserve_v1_diffusion, 6);
 
 /**
  * AdapterKind is what an adapter changes.
@@ -2388,7 +2615,7 @@ export enum AdapterKind {
  * Describes the enum sdserve.v1.AdapterKind.
  */
 export const AdapterKindSchema: GenEnum<AdapterKind> = /*@__PURE__*/
-  enumDesc(file_sdserve_v1_diffusion, 6);
+  enumDesc(file_sdserve_v1_diffusion, 7);
 
 /**
  * RefinerMode selects how the refiner takes over from the base model.
@@ -2424,7 +2651,7 @@ export enum RefinerMode {
  * Describes the enum sdserve.v1.RefinerMode.
  */
 export const RefinerModeSchema: GenEnum<RefinerMode> = /*@__PURE__*/
-  enumDesc(file_sdserve_v1_diffusion, 7);
+  enumDesc(file_sdserve_v1_diffusion, 8);
 
 /**
  * DenoisePass is one denoising pass of a request.
@@ -2458,7 +2685,7 @@ export enum DenoisePass {
  * Describes the enum sdserve.v1.DenoisePass.
  */
 export const DenoisePassSchema: GenEnum<DenoisePass> = /*@__PURE__*/
-  enumDesc(file_sdserve_v1_diffusion, 8);
+  enumDesc(file_sdserve_v1_diffusion, 9);
 
 /**
  * DiffusionService runs Stable Diffusion pipelines on the server's device.
