@@ -35,6 +35,11 @@ DECODE_MARGIN = 1.5
 # offload: the device must hold the weights and their activations; at SDXL's native size the UNet's activations
 # and the (tiled when short) decode stay under half the weights.
 OFFLOAD_HEADROOM = 1.5
+# On the CPU (whose free memory is not consulted), a batch decodes one image at a time once its whole decode
+# (decode_bytes) would exceed this: on the reference 2-core CPU, sd15-small's batch of 8 at 256 x 256 decoded no
+# slower sliced (189 s against 199 s, measured back to back) with 963 MiB peak RSS instead of 2294 MiB, so
+# batching stops doubling the server's memory (docs/memory.md).
+CPU_SLICE_MIN_BYTES = 512 * 1024 * 1024
 TILING = "use_tiling"
 SLICING = "use_slicing"
 
@@ -115,7 +120,7 @@ def plan(
     - VAE tiling: at `vae_tiling_min_pixels` pixels or more, or when one image's whole decode (decode_bytes) does
       not fit in the free memory;
     - VAE slicing (one image at a time): for a batch (images > 1) when tiling is on or the batch's whole decode does
-      not fit;
+      not fit, and on the CPU when the batch's whole decode would take more than CPU_SLICE_MIN_BYTES;
     - attention slicing: only when torch lacks scaled_dot_product_attention.
 
     A strategy the VAE does not implement (no use_tiling / use_slicing attribute) stays off, even when forced."""
@@ -125,7 +130,8 @@ def plan(
     batch_short = known and free_bytes is not None and free_bytes < decode_bytes(vae, width, height, images, dtype)
     tiling = _decide(policy.vae_tiling, width * height >= policy.vae_tiling_min_pixels or one_short)
     tiling = tiling and hasattr(vae, TILING)
-    slicing = _decide(policy.vae_slicing, images > 1 and (tiling or batch_short)) and hasattr(vae, SLICING)
+    cpu_big = device_type == "cpu" and decode_bytes(vae, width, height, images, dtype) > CPU_SLICE_MIN_BYTES
+    slicing = _decide(policy.vae_slicing, images > 1 and (tiling or batch_short or cpu_big)) and hasattr(vae, SLICING)
     attention = _decide(policy.attention_slicing, not sdpa_available())
     chosen = MemoryPlan(vae_tiling=tiling, vae_slicing=slicing, attention_slicing=attention)
     logger.debug(

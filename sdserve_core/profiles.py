@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ logger = logging.getLogger(__name__)
 AUTOCAST = {"bf16-autocast": "bfloat16", "fp16-autocast": "float16"}
 CHANNELS_LAST = "channels-last"
 COMPILE = "compile"
+CUDA_GRAPHS = "cuda-graphs"
 EXACT_NAME = "exact"
-LEVERS = (*AUTOCAST, CHANNELS_LAST, COMPILE)
+LEVERS = (*AUTOCAST, CHANNELS_LAST, COMPILE, CUDA_GRAPHS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +46,14 @@ class Profile:
     autocast: str = ""
     channels_last: bool = False
     compile: bool = False
+    # With compile: inductor's "reduce-overhead" mode, which replays the UNet as CUDA graphs (GPUs only).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.autocast not in ("", *AUTOCAST.values()):
             raise ValueError(f"autocast must be bfloat16, float16 or empty, not {self.autocast!r}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda-graphs is a mode of compile: name both (compile+cuda-graphs)")
 
     @property
     def exact(self) -> bool:
@@ -58,11 +62,11 @@ class Profile:
     @property
     def name(self) -> str:
         parts = [lever for lever, dtype in AUTOCAST.items() if dtype == self.autocast]
-        parts += [CHANNELS_LAST] * self.channels_last + [COMPILE] * self.compile
+        parts += [CHANNELS_LAST] * self.channels_last + [COMPILE] * self.compile + [CUDA_GRAPHS] * self.cuda_graphs
         return "+".join(parts) or EXACT_NAME
 
     def without_compile(self) -> Profile:
-        return dataclasses.replace(self, compile=False)
+        return dataclasses.replace(self, compile=False, cuda_graphs=False)
 
 
 EXACT = Profile()
@@ -70,7 +74,7 @@ EXACT = Profile()
 
 def parse(text: str) -> Profile:
     """The profile named `text` ("exact", or levers joined by "+": bf16-autocast, fp16-autocast, channels-last,
-    compile); ValueError naming the part and the rule."""
+    compile, cuda-graphs (with compile)); ValueError naming the part and the rule."""
     text = text.strip()
     if text == EXACT_NAME:
         return EXACT
@@ -84,8 +88,13 @@ def parse(text: str) -> Profile:
     autocasts = [AUTOCAST[p] for p in parts if p in AUTOCAST]
     if len(autocasts) > 1:
         raise ValueError(f"profile {text!r} names two autocast precisions; pick one")
+    if CUDA_GRAPHS in parts and COMPILE not in parts:
+        raise ValueError(f"profile {text!r}: cuda-graphs is a mode of compile; name both (compile+cuda-graphs)")
     return Profile(
-        autocast=autocasts[0] if autocasts else "", channels_last=CHANNELS_LAST in parts, compile=COMPILE in parts
+        autocast=autocasts[0] if autocasts else "",
+        channels_last=CHANNELS_LAST in parts,
+        compile=COMPILE in parts,
+        cuda_graphs=CUDA_GRAPHS in parts,
     )
 
 
@@ -99,7 +108,8 @@ def cpu_has_native_bf16() -> bool:
 
 def candidates(device_type: str, weights_dtype: torch.dtype, with_compile: bool) -> list[Profile]:
     """The profiles worth measuring on a device by default, EXACT first. CUDA: channels_last, autocast over float32
-    weights (float16, and bfloat16 where supported), each again compiled when `with_compile`. CPU: bfloat16 autocast
+    weights (float16, and bfloat16 where supported), each again compiled when `with_compile`, and the
+    default-layout ones compiled with CUDA graphs too. CPU: bfloat16 autocast
     (with and without channels_last) only where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it
     nothing, as on the reference CPU channels_last measured 2% slower and bf16 17x slower (bench/README.md), so a
     CPU without bf16 serves EXACT without measuring anything. Other devices: none."""
@@ -114,24 +124,36 @@ def candidates(device_type: str, weights_dtype: torch.dtype, with_compile: bool)
     elif device_type == "cpu" and weights_dtype == torch.float32 and cpu_has_native_bf16():
         out += [Profile(autocast="bfloat16"), Profile(autocast="bfloat16", channels_last=True)]
     if with_compile:
-        out += [dataclasses.replace(p, compile=True) for p in out]
+        compiled = [dataclasses.replace(p, compile=True) for p in out]
+        graphs = [dataclasses.replace(p, cuda_graphs=True) for p in compiled if not p.channels_last]
+        out += compiled + (graphs if device_type == "cuda" else [])
     return out
 
 
-# Compiled UNets, one per loaded UNet module (dropped with the module).
-_compiled: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _compile_lock = threading.Lock()
+# The attribute of a UNet module holding its compiled wrappers by inductor mode. Set with object.__setattr__ (not
+# as a submodule): the wrapper refers back to the UNet, a cycle the garbage collector frees with the model.
+_COMPILED_ATTR = "_sdserve_compiled"
 
 
-def compiled_unet(unet: Any) -> Any:
-    """`unet` through torch.compile (inductor, default mode, shapes specialised per size), built once per module;
-    the first call with each input shape compiles (or loads from the inductor cache, see `use_compile_cache`)."""
+def compiled_unet(unet: Any, cuda_graphs: bool = False) -> Any:
+    """`unet` through torch.compile (inductor; "reduce-overhead", which replays CUDA graphs, with `cuda_graphs`),
+    built once per module and mode; the first call with each input shape compiles (or loads from the inductor
+    cache, see `use_compile_cache`)."""
+    mode = "reduce-overhead" if cuda_graphs else "default"
     with _compile_lock:
-        found = _compiled.get(unet)
+        wrappers: dict[str, Any] = unet.__dict__.setdefault(_COMPILED_ATTR, {})
+        found = wrappers.get(mode)
         if found is None:
-            found = torch.compile(unet)
-            _compiled[unet] = found
+            found = torch.compile(unet, mode=mode)
+            wrappers[mode] = found
         return found
+
+
+def drop_compiled(unet: Any) -> None:
+    """Forgets `unet`'s compiled wrappers (so its memory is freed with it, without waiting for a GC cycle)."""
+    with _compile_lock:
+        unet.__dict__.pop(_COMPILED_ATTR, None)
 
 
 def use_compile_cache(folder: Path) -> None:

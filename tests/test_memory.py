@@ -18,6 +18,7 @@ import torch
 
 from sdserve_core.components import load_components
 from sdserve_core.memory import (
+    CPU_SLICE_MIN_BYTES,
     DEFAULT_TILING_MIN_PIXELS,
     OFFLOAD_HEADROOM,
     MemoryPlan,
@@ -69,7 +70,7 @@ def plan_for(vae: Any, policy: MemoryPolicy | None = None, **overrides: Any) -> 
 
 def test_native_sizes_plan_nothing(vae: Any) -> None:
     assert plan_for(vae) == MemoryPlan()
-    assert plan_for(vae, width=1344, height=768, images=4) == MemoryPlan()
+    assert plan_for(vae, device_type="cuda", width=1344, height=768, images=4) == MemoryPlan()
 
 
 def test_tiling_starts_at_the_threshold(vae: Any) -> None:
@@ -106,7 +107,21 @@ def test_slicing_alone_when_one_image_fits_but_the_batch_does_not(vae: Any) -> N
 
 def test_unknown_free_memory_and_the_cpu_leave_only_the_pixel_rule(vae: Any) -> None:
     assert plan_for(vae, device_type="cuda", free_bytes=None, images=2) == MemoryPlan()
-    assert plan_for(vae, device_type="cpu", free_bytes=0, images=2) == MemoryPlan()
+    # The CPU's free memory is not consulted (0 here); small batches decode whole.
+    assert plan_for(vae, device_type="cpu", free_bytes=0, width=256, height=256, images=2) == MemoryPlan()
+
+
+def test_cpu_batches_whose_decode_is_big_are_sliced(vae: Any) -> None:
+    """On the CPU a batch decodes one image at a time once its whole decode passes CPU_SLICE_MIN_BYTES (it costs
+    no time there and halves the peak), whatever the free memory; one image is never sliced."""
+    per_image = decode_bytes(vae, 1024, 1024, 1, torch.float32)
+    under = max(1, CPU_SLICE_MIN_BYTES // per_image)
+    assert not plan_for(vae, images=under).vae_slicing
+    assert plan_for(vae, images=under + 1).vae_slicing
+    assert plan_for(vae, images=under + 1) == MemoryPlan(vae_slicing=True)
+    assert not plan_for(vae, images=1, width=2048, height=1024).vae_slicing
+    assert not plan_for(vae, MemoryPolicy(vae_slicing="off"), images=under + 1).vae_slicing
+    assert not plan_for(vae, device_type="cuda", free_bytes=None, images=under + 1).vae_slicing
 
 
 def test_decode_bytes_scales_with_pixels_images_and_dtype(vae: Any) -> None:

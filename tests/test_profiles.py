@@ -238,3 +238,28 @@ def test_the_python_client_checks_precision() -> None:
     with pytest.raises(ValueError, match="precision: must be exact or fast"):
         _convert.params("x", {"precision": "sloppy"})  # type: ignore[typeddict-item]
     assert _convert.params("x", {"precision": "exact"}).precision == pb.PRECISION_EXACT
+
+
+def test_cuda_graphs_is_a_mode_of_compile() -> None:
+    assert profiles.parse("compile+cuda-graphs").name == "compile+cuda-graphs"
+    with pytest.raises(ValueError, match="cuda-graphs is a mode of compile"):
+        profiles.parse("cuda-graphs")
+    with pytest.raises(ValueError, match="cuda-graphs is a mode of compile"):
+        Profile(cuda_graphs=True)
+    assert profiles.parse("fp16-autocast+compile+cuda-graphs").without_compile().name == "fp16-autocast"
+
+
+def test_a_compiled_wrapper_does_not_keep_its_model_alive() -> None:
+    import gc
+    import weakref
+
+    module = torch.nn.Linear(2, 2)
+    wrapper = profiles.compiled_unet(module)
+    assert profiles.compiled_unet(module) is wrapper  # built once per module and mode
+    assert profiles.compiled_unet(module, cuda_graphs=True) is not wrapper
+    assert list(module.parameters()) == list(module.parameters())  # not registered as a submodule
+    assert len(list(module.modules())) == 1
+    gone = weakref.ref(module)
+    del module, wrapper
+    gc.collect()
+    assert gone() is None

@@ -57,7 +57,7 @@ def prepare(components: Components, call: PipelineCall, scheduler: Any) -> Prepa
     family.add_kwargs(components, call, kwargs)
     eager = components.unet
     if call.profile is not None and call.profile.compile:
-        components = dataclasses.replace(components, unet=profiles.compiled_unet(eager))
+        components = dataclasses.replace(components, unet=profiles.compiled_unet(eager, call.profile.cuda_graphs))
     return Prepared(family.pipeline(components, call.task, scheduler), kwargs, call.memory, call.profile, eager)
 
 
