@@ -34,6 +34,9 @@ REASONS = (
     "other",
 )
 VARIANTS = tuple(v.value for v in Variant)
+# The declared-state reconciler's labels: what failed (never its name: the log line names the entry), and passes.
+RECONCILE_KINDS = ("file", "model", "variant", "adapter", "alias")
+RECONCILE_RESULTS = ("converged", "failed")
 STATES = (READY, CORRUPT)
 VARIANT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -68,6 +71,7 @@ class ManagerMetrics:
         self._register_operation_metrics(self.registry)
         self._register_event_metrics(self.registry)
         self._register_scrub_metrics(self.registry)
+        self._register_reconcile_metrics(self.registry)
         self._in_flight = dict.fromkeys(OPERATIONS, 0)
         self._watchers = 0
         self._lock = threading.Lock()
@@ -159,6 +163,61 @@ class ManagerMetrics:
             "Seconds between scrubs (--scrub-interval-seconds; 0: off).",
             registry=r,
         )
+
+    def _register_reconcile_metrics(self, r: CollectorRegistry) -> None:
+        """Progress and drift of the declared state (--declared-state): passes, failed entries, pending models."""
+        self.reconcile_passes = Counter(
+            "sdserve_manager_reconcile_passes",
+            "Reconcile passes of the declared state by result (converged, or failed: some entry did not converge).",
+            ["result"],
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "sdserve_manager_reconcile_errors",
+            "Declared entries that failed to reconcile, by kind ("
+            + ", ".join(RECONCILE_KINDS)
+            + ") and reason ("
+            + ", ".join(REASONS)
+            + "); the log line of the entry names it.",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.reconcile_last_success = Gauge(
+            "sdserve_manager_reconcile_last_success_timestamp_seconds",
+            "Unix time the last reconcile pass ended with every declared entry converged; 0 until then.",
+            registry=r,
+        )
+        self.reconcile_pending_models = Gauge(
+            "sdserve_manager_reconcile_pending_models",
+            "Declared models that are not stored, made and verified yet (pending or failed).",
+            registry=r,
+        )
+        self.reconcile_failed_entries = Gauge(
+            "sdserve_manager_reconcile_failed_entries",
+            "Declared entries (models, adapters, aliases) whose last reconcile failed.",
+            registry=r,
+        )
+        self.declared_state_info = Gauge(
+            "sdserve_manager_declared_state_applied",
+            "1 for the content (sha256, first 12 hex digits) of the declared-state file the sidecar last applied; "
+            "compare across pods to watch a change converge.",
+            ["sha256"],
+            registry=r,
+        )
+
+    def declared_state_in_use(self) -> None:
+        """Creates the reconcile pass series (exported as 0 before the first pass) once a declared state is used."""
+        for result in RECONCILE_RESULTS:
+            self.reconcile_passes.labels(result)
+
+    def on_reconcile_error(self, kind: str, exc: BaseException) -> None:
+        """Counts one failed declared entry (kind is fixed by the reconciler; the reason is bounded)."""
+        self.reconcile_errors.labels(kind, failure_reason(exc)).inc()
+
+    def on_declared_applied(self, sha256: str) -> None:
+        """Shows which declared-state content this sidecar applies now (one series at a time)."""
+        self.declared_state_info.clear()
+        self.declared_state_info.labels(sha256[:12]).set(1)
 
     def _create_zero_series(self) -> None:
         """Creates every (operation, outcome) and failure-reason series, so each is exported as 0 before it happens."""

@@ -4,6 +4,7 @@ reflection, API keys and a Prometheus endpoint."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -18,6 +19,7 @@ from model_manager.adapters import AdapterStore
 from model_manager.hub import Hub
 from model_manager.layout import StoreLayout
 from model_manager.ops import Operations
+from model_manager.reconcile import reconciler_for
 from model_manager.servicer import ModelManagerServicer
 from model_manager.settings import Settings
 from model_manager.store import Store
@@ -31,6 +33,8 @@ from sdserve_core.tls import server_credentials
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelManagerService"].full_name
+# SERVING while the process answers RPCs; "" and SERVICE_NAME also wait for a declared `default` alias to be ready.
+LIVENESS_NAME = "liveness"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -55,6 +59,9 @@ class ManagerServer:
         self.ops.scrubber.also.append(self.adapters.scrub)
         self.metrics.add_collector(metrics.StoreCollector(self.store, self.metrics, self.adapters.usage))
         self.servicer = ModelManagerServicer(self.store, self.ops, settings, self.adapters)
+        self.declared = reconciler_for(settings, self.ops, self.adapters)
+        self._declared_task: asyncio.Task[None] | None = None
+        self._ready: bool | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # The edge goes first so it also wraps what the API-key check answers.
         interceptors: list[Any] = [EdgeInterceptor()]
@@ -100,9 +107,11 @@ class ManagerServer:
                 raise SystemExit(f"could not bind unix:{sock}")
         if s.metrics_port >= 0:
             self._metrics_http, self.metrics_port = serve_metrics(self.metrics.registry, s.metrics_host, s.metrics_port)
+        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._report_ready(self.declared is None)
         await self.grpc.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.declared is not None:
+            self._declared_task = asyncio.create_task(self.declared.run(self._report_ready))
         if s.port_file:
             await asyncio.to_thread(Path(s.port_file).write_text, str(self.port))
         if not self.authenticated and s.port >= 0 and not _loopback(s.host):
@@ -124,8 +133,24 @@ class ManagerServer:
         )
         return self.port
 
+    async def _report_ready(self, ready: bool) -> None:
+        """Sets "" and the service's health (only when it changes, so Watch streams hear each change once)."""
+        if ready == self._ready:
+            return
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+        if self.declared is not None:
+            log.info("ready" if ready else "not ready", extra={"declared_state": self.settings.declared_state})
+
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.declared is not None and self._declared_task is not None:
+            self.declared.close()
+            # A running operation stops at its next progress check; give it a bounded time to clean up.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._declared_task, 60)
         await self.grpc.stop(grace)
         if self._metrics_http is not None:
             metrics.stop_http(self._metrics_http)

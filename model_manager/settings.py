@@ -99,6 +99,17 @@ class Settings:
     tls_client_ca_file: str = setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
     )
+    declared_state: str = setting(
+        "",
+        "A declared-state YAML file (models, variants, adapters, aliases; see docs/declared-state.md) that the "
+        "sidecar reconciles at start and whenever it changes. Empty: none.",
+    )
+    declared_poll_seconds: float = setting(
+        5.0, "Seconds between checks of --declared-state for a change (path, inode, mtime, content hash).", float
+    )
+    declared_retry_seconds: float = setting(
+        60.0, "Seconds before declared entries that failed are tried again with an unchanged file; 0: never.", float
+    )
     log_format: str = setting("auto", "Log format: auto (JSON unless on a terminal), json or text.")
     log_level: str = setting("INFO", "Log level.")
 
@@ -138,6 +149,10 @@ class Settings:
             problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.tls_cert_file and self.port == -1:
             problems.append("TLS applies to the TCP port (the Unix socket stays plaintext); with port -1 there is none")
+        if self.declared_poll_seconds <= 0:
+            problems.append("declared_poll_seconds must be positive")
+        if self.declared_retry_seconds < 0:
+            problems.append("declared_retry_seconds must be 0 (never) or positive")
         if problems:
             raise SystemExit("invalid settings: " + "; ".join(problems))
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from model_manager import declared
 from model_manager import settings as manager_settings
 from service import settings as server_settings
 
@@ -191,7 +192,8 @@ def test_overlays_build_with_every_part(builds: dict[str, list[dict[str, Any]]])
         assert expected <= kinds, f"{name} lacks {expected - kinds}"
         assert "Secret" not in kinds, f"{name} must not carry Secret values (secrets.example.yaml shows them)"
         assert "HorizontalPodAutoscaler" not in kinds, f"{name}: KEDA owns the HPA; do not add another"
-        assert len(of_kind(docs, "ConfigMap")) == 2
+        # Server settings, sidecar settings (both hashed), and the declared state (not hashed: applied in place).
+        assert len(of_kind(docs, "ConfigMap")) == 3
         assert "replicas" not in one(docs, "Deployment")["spec"], "the ScaledObject owns the replica count"
         namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
         assert namespaces == {one(docs, "Namespace")["metadata"]["name"]}, f"{name}: mixed namespaces {namespaces}"
@@ -554,6 +556,7 @@ def probe_target(probe: Mapping[str, Any]) -> tuple[str, int, str, bool]:
 def test_probes_use_the_health_services(builds: dict[str, list[dict[str, Any]]]) -> None:
     liveness = python_constant(ROOT / "service" / "server.py", "LIVENESS_NAME")
     assert liveness == "liveness"
+    manager_liveness = python_constant(ROOT / "model_manager" / "server.py", "LIVENESS_NAME")
     expected = {"startupProbe": "", "readinessProbe": "", "livenessProbe": liveness}
     for name, docs in builds.items():
         server_cfg = config_map(docs, "sdserve-server-config")
@@ -575,8 +578,11 @@ def test_probes_use_the_health_services(builds: dict[str, list[dict[str, Any]]])
         sidecar = container(docs, "model-manager")
         assert sidecar.get("restartPolicy") == "Always", "the model manager runs as a native sidecar"
         assert "readinessProbe" not in sidecar, "the sidecar's health must not take the pod out of the Service"
+        # The sidecar's "" waits for the declared default alias: its probes ask whether the process is alive.
         for probe_name in ("startupProbe", "livenessProbe"):
-            assert probe_target(sidecar[probe_name]) == ("exec", int(manager_cfg["SDSERVE_MANAGER_PORT"]), "", False)
+            assert probe_target(sidecar[probe_name]) == (
+                "exec", int(manager_cfg["SDSERVE_MANAGER_PORT"]), manager_liveness, False
+            )  # fmt: skip
         assert manager_cfg["SDSERVE_MANAGER_HOST"] == "127.0.0.1", "the store API stays on loopback"
 
 
@@ -646,6 +652,26 @@ def test_settings_are_known_and_valid(builds: dict[str, list[dict[str, Any]]]) -
         elif name == "cpu":
             assert (server.device, server.dtype) == ("cpu", "float32") and server.torch_threads > 0
     assert not problems, "\n".join(problems)
+
+
+def test_the_sidecar_reconciles_the_declared_state_configmap(builds: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in builds.items():
+        manager = manager_settings.Settings.from_sources([], config_map(docs, "sdserve-manager-config"))
+        assert manager.declared_state, f"{name}: the sidecar has no --declared-state"
+        state_file = Path(manager.declared_state)
+        volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "declared-state")
+        # Not hashed: an applied change must reach running pods in place rather than roll them.
+        cm = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"] == volume["configMap"]["name"])
+        assert cm["metadata"]["name"] == "sdserve-declared-state"
+        mount = next(m for m in container(docs, "model-manager")["volumeMounts"] if m["name"] == "declared-state")
+        assert "subPath" not in mount, f"{name}: kubelet never updates a subPath mount"
+        assert Path(mount["mountPath"]) == state_file.parent and mount.get("readOnly") is True
+        state = declared.parse(cm["data"][state_file.name])
+        assert state.alias("default") is not None, f"{name}: the example declares no default alias"
+        for source in [m.source for m in state.models] + [a.source for a in state.adapters]:
+            if isinstance(source, declared.LocalSource):
+                where = Path(source.path)
+                assert any(where.is_relative_to(r) for r in manager.import_roots), f"{name}: {where} is not importable"
 
 
 def test_pods_are_locked_down(builds: dict[str, list[dict[str, Any]]]) -> None:
