@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,7 @@ class Server:
         self.worker.start()
         if s.manager_target:
             await self._follow_manager()
+            await self._wait_for_default()
         await run_in_fresh_thread(self.lifecycle.start, "sdserve-startup")
         await self._set_ready(SERVING)
         self._serving = True
@@ -264,6 +266,21 @@ class Server:
             log.warning(
                 "no snapshot from the model manager yet; serving local models", extra={"target": s.manager_target}
             )
+
+    async def _wait_for_default(self) -> None:
+        """Waits (up to --wait-for-default-seconds, NOT_SERVING meanwhile) until the sidecar publishes the default
+        model: --default-model, else its `default` alias (a declared state's, reconciled after a download)."""
+        s = self.settings
+        name = s.default_model or "default"
+        deadline = time.monotonic() + s.wait_for_default_seconds
+        if s.wait_for_default_seconds and self.registry.slot_of(name) is None:
+            log.info("waiting for the sidecar to publish the default model", extra={"model": name})
+        while s.wait_for_default_seconds and self.registry.slot_of(name) is None:
+            if time.monotonic() >= deadline:
+                log.warning("the default model was not published in time; going on", extra={"model": name})
+                return
+            # The watcher applies snapshots on this loop; a short poll keeps this independent of its internals.
+            await asyncio.sleep(0.2)
 
     async def drain(self, grace: float, force: asyncio.Event | None = None) -> int:
         """Stops admitting work (NOT_SERVING, new calls UNAVAILABLE) and waits up to `grace` seconds for

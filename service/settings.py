@@ -77,6 +77,13 @@ class Settings:
     manager_wait_seconds: float = setting(
         30.0, "At start-up, how long to wait for the sidecar's first snapshot before serving without it.", float
     )
+    wait_for_default_seconds: float = setting(
+        0.0,
+        "With --manager-target: at start-up, how long to stay NOT_SERVING waiting for the sidecar to publish the "
+        "default model (--default-model, else its `default` alias; e.g. set by its declared state) before going on "
+        "without it. 0: do not wait.",
+        float,
+    )
     manager_api_key: str = setting(
         "", "API key sent to the sidecar as 'authorization: Bearer KEY' (its --api-keys); empty: none.", secret=True
     )
@@ -253,6 +260,8 @@ class Settings:
                 problems.append(f"{name} must be auto, on or off")
         if self.vae_tiling_min_pixels < 1:
             problems.append("vae_tiling_min_pixels must be at least 1")
+        if self.wait_for_default_seconds < 0 or (self.wait_for_default_seconds and not self.manager_target):
+            problems.append("wait_for_default_seconds must be 0 or more, and needs manager_target")
         if self.precision not in ("fast", "exact"):
             problems.append("precision must be fast or exact")
         problems += _profile_problems(self)

@@ -365,3 +365,31 @@ def test_status_reports_each_entry_and_failed_entries_are_retried(
     assert status.converged and status.last_success_at >= status.last_pass_at > 0
     assert {r.name: r.model for r, _ in reconciler.store.aliases()} == {"default": "tiny", "prod": "later"}
     assert not reconciler.poll(), "nothing failed and nothing changed: no pass"
+
+
+def test_a_server_waiting_for_its_declared_default_serves_it(
+    tmp_path: Path, tiny_root: Path, sidecars: Callable[..., Sidecar], volume: ConfigMapVolume
+) -> None:
+    """The server (following the sidecar, --wait-for-default-seconds) starts serving only once the declared
+    `default` is published, and then serves it: never the local fallback model it would otherwise pick."""
+    from sdserve import Client
+    from tests.harness import serving
+
+    volume.write(_yaml([_local("declared-tiny", tiny_root / "tiny-sd")], {"default": "declared-tiny"}))
+    car = sidecars(
+        tmp_path / "store",
+        import_roots=[tiny_root],
+        args=["--declared-state", str(volume.path), "--declared-poll-seconds", "0.2", "--quality-check", "false"],
+    )
+    with (
+        serving(
+            tmp_path / "local-models",
+            manager_target=car.target,
+            default_model="",
+            wait_for_default_seconds=120,
+            calibrate_batching=False,
+        ) as srv,
+        Client(srv.target) as c,
+    ):
+        result = c.generate("a red circle", steps=1, seed=1)
+    assert result.parameters["model"] == "declared-tiny"
