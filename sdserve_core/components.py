@@ -9,6 +9,7 @@ everything else goes to the diffusers pipeline as it is.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,11 +87,26 @@ def component_classes() -> tuple[Any, Any, Any, Any]:
 PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
 
 
+# Held while torch modules are built in this process. diffusers' and transformers' from_pretrained patch
+# process-wide state for the length of a load: torch.nn.init's functions are replaced with no-ops,
+# nn.Module.register_parameter puts new parameters on the meta device (accelerate's init_empty_weights), and the
+# default dtype is switched to the load's. A module built on another thread meanwhile (a LoRA's layers injected on
+# the device worker while a hot swap loads beside serving, the tiny fallback model being written) would get
+# uninitialised or meta weights ("Cannot copy out of meta tensor"). Loads and such construction take this lock.
+CONSTRUCTION_LOCK = threading.RLock()
+
+
 def load_components(folder: Path, variant: str, dtype: torch.dtype, device: torch.device | str) -> Components:
     """Loads a diffusers folder's components (safetensors only) in `dtype` onto `device`, in eval mode and without
     gradients. The int8 variant keeps its UNet and text encoder weights int8 (sdserve_core.quant); `dtype` is then
     the compute dtype of everything else. The family comes from the folder's model_index.json; the text encoders
-    are those it names. In float16, sdserve.json's `vae_fp16` subfolder (a VAE safe in float16) replaces vae/."""
+    are those it names. In float16, sdserve.json's `vae_fp16` subfolder (a VAE safe in float16) replaces vae/.
+    Holds CONSTRUCTION_LOCK throughout."""
+    with CONSTRUCTION_LOCK:
+        return _load_components(folder, variant, dtype, device)
+
+
+def _load_components(folder: Path, variant: str, dtype: torch.dtype, device: torch.device | str) -> Components:
     from sdserve_core.families import family_of
 
     UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer = component_classes()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdserve_core import adapter_file
 from sdserve_core.adapter_file import LORA, TEXTUAL_INVERSION, AdapterFormatError, Manifest
+from sdserve_core.components import CONSTRUCTION_LOCK
 from sdserve_core.status import FieldViolation
 from sdserve_core.weighted import TokenEmbedding
 from service.errors import InvalidRequest, ServiceError
@@ -300,7 +301,9 @@ def _load(components: object, use: AdapterUse) -> int:
             "(corrupt or replaced in place); import it again"
         )
     try:
-        nbytes = runtime.load_lora(components, peft_name(use), use.weights)  # type: ignore[arg-type]
+        # peft builds the LoRA layers: never while another thread's load has patched module construction.
+        with CONSTRUCTION_LOCK:
+            nbytes = runtime.load_lora(components, peft_name(use), use.weights)  # type: ignore[arg-type]
     except runtime.AdapterLoadError as exc:
         raise AdapterUnusable(f"adapter {use.name!r}: {exc}") from exc
     log.info("adapter loaded", extra={"adapter": use.name, "seconds": round(time.perf_counter() - started, 3)})

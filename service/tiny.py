@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdserve_core import model_folder
+from sdserve_core.components import CONSTRUCTION_LOCK
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -74,7 +75,8 @@ def build_tiny(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    _write_tiny(tmp, seed, in_channels)
+    with CONSTRUCTION_LOCK:  # built from configs: not while another thread's load patches module construction
+        _write_tiny(tmp, seed, in_channels)
     try:
         tmp.rename(folder)
     except OSError:

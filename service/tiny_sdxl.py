@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from sdserve_core import model_folder
+from sdserve_core.components import CONSTRUCTION_LOCK
 from sdserve_core.latent_rgb import fit_latent_rgb, smooth_images
 from service.tiny import tiny_vae, write_tokenizer
 
@@ -38,7 +39,8 @@ def build_tiny_sdxl(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        _write(tmp, seed, kind, channels, sample_size)
+        with CONSTRUCTION_LOCK:  # not while another thread's load patches module construction
+            _write(tmp, seed, kind, channels, sample_size)
         tmp.rename(folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
