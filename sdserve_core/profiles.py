@@ -35,8 +35,9 @@ AUTOCAST = {"bf16-autocast": "bfloat16", "fp16-autocast": "float16"}
 CHANNELS_LAST = "channels-last"
 COMPILE = "compile"
 CUDA_GRAPHS = "cuda-graphs"
+ONNXRUNTIME = "onnxruntime"
 EXACT_NAME = "exact"
-LEVERS = (*AUTOCAST, CHANNELS_LAST, COMPILE, CUDA_GRAPHS)
+LEVERS = (*AUTOCAST, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, ONNXRUNTIME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,25 +49,32 @@ class Profile:
     compile: bool = False
     # With compile: inductor's "reduce-overhead" mode, which replays the UNet as CUDA graphs (GPUs only).
     cuda_graphs: bool = False
+    # The UNet exported to ONNX and run by ONNX Runtime's CPU provider (sdserve_core.onnx_unet); alone.
+    onnxruntime: bool = False
 
     def __post_init__(self) -> None:
         if self.autocast not in ("", *AUTOCAST.values()):
             raise ValueError(f"autocast must be bfloat16, float16 or empty, not {self.autocast!r}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda-graphs is a mode of compile: name both (compile+cuda-graphs)")
+        if self.onnxruntime and (self.autocast or self.channels_last or self.compile):
+            raise ValueError("onnxruntime replaces the torch UNet: it takes no other lever")
 
     @property
     def exact(self) -> bool:
-        return not (self.autocast or self.channels_last or self.compile)
+        return not (self.autocast or self.channels_last or self.compile or self.onnxruntime)
 
     @property
     def name(self) -> str:
         parts = [lever for lever, dtype in AUTOCAST.items() if dtype == self.autocast]
         parts += [CHANNELS_LAST] * self.channels_last + [COMPILE] * self.compile + [CUDA_GRAPHS] * self.cuda_graphs
+        parts += [ONNXRUNTIME] * self.onnxruntime
         return "+".join(parts) or EXACT_NAME
 
     def without_compile(self) -> Profile:
-        return dataclasses.replace(self, compile=False, cuda_graphs=False)
+        """The profile for a batch with LoRAs active: no compiled or exported UNet (peft switches adapters per call,
+        and an export holds the weights it was made from)."""
+        return dataclasses.replace(self, compile=False, cuda_graphs=False, onnxruntime=False)
 
 
 EXACT = Profile()
@@ -90,11 +98,14 @@ def parse(text: str) -> Profile:
         raise ValueError(f"profile {text!r} names two autocast precisions; pick one")
     if CUDA_GRAPHS in parts and COMPILE not in parts:
         raise ValueError(f"profile {text!r}: cuda-graphs is a mode of compile; name both (compile+cuda-graphs)")
+    if ONNXRUNTIME in parts and len(parts) > 1:
+        raise ValueError(f"profile {text!r}: onnxruntime replaces the torch UNet and takes no other lever")
     return Profile(
         autocast=autocasts[0] if autocasts else "",
         channels_last=CHANNELS_LAST in parts,
         compile=COMPILE in parts,
         cuda_graphs=CUDA_GRAPHS in parts,
+        onnxruntime=ONNXRUNTIME in parts,
     )
 
 
@@ -109,10 +120,10 @@ def cpu_has_native_bf16() -> bool:
 def candidates(device_type: str, weights_dtype: torch.dtype, with_compile: bool) -> list[Profile]:
     """The profiles worth measuring on a device by default, EXACT first. CUDA: channels_last, autocast over float32
     weights (float16, and bfloat16 where supported), each again compiled when `with_compile`, and the
-    default-layout ones compiled with CUDA graphs too. CPU: bfloat16 autocast
-    (with and without channels_last) only where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it
-    nothing, as on the reference CPU channels_last measured 2% slower and bf16 17x slower (bench/README.md), so a
-    CPU without bf16 serves EXACT without measuring anything. Other devices: none."""
+    default-layout ones compiled with CUDA graphs too. CPU (float32 weights): onnxruntime where it is installed,
+    and bfloat16 autocast (with and without channels_last) only where the CPU computes bfloat16 natively
+    (AVX512-BF16 or AMX): on the reference CPU channels_last measured 2% slower, bf16 17x slower and compile no
+    faster (bench/README.md), while ONNX Runtime ran the UNet 1.2-2.7x faster. Other devices: none."""
     out = [EXACT]
     if device_type == "cuda":
         precisions = [""]
@@ -121,10 +132,15 @@ def candidates(device_type: str, weights_dtype: torch.dtype, with_compile: bool)
             if torch.cuda.is_bf16_supported():
                 precisions.append("bfloat16")
         out = [Profile(autocast=p, channels_last=cl) for p in precisions for cl in (False, True)]
-    elif device_type == "cpu" and weights_dtype == torch.float32 and cpu_has_native_bf16():
-        out += [Profile(autocast="bfloat16"), Profile(autocast="bfloat16", channels_last=True)]
+    elif device_type == "cpu" and weights_dtype == torch.float32:
+        from sdserve_core import onnx_unet
+
+        if onnx_unet.available():
+            out.append(Profile(onnxruntime=True))
+        if cpu_has_native_bf16():
+            out += [Profile(autocast="bfloat16"), Profile(autocast="bfloat16", channels_last=True)]
     if with_compile:
-        compiled = [dataclasses.replace(p, compile=True) for p in out]
+        compiled = [dataclasses.replace(p, compile=True) for p in out if not p.onnxruntime]
         graphs = [dataclasses.replace(p, cuda_graphs=True) for p in compiled if not p.channels_last]
         out += compiled + (graphs if device_type == "cuda" else [])
     return out

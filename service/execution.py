@@ -119,6 +119,10 @@ class ProfileBook:
             return Choice(identity, *size, profiles.EXACT, "no-candidates")
         if any(p.compile for p in candidates):
             profiles.use_compile_cache(compile_cache(self._settings))
+        if any(p.onnxruntime for p in candidates):
+            from sdserve_core import onnx_unet
+
+            onnx_unet.use_cache(compile_cache(self._settings) / "onnx")
         chosen, trials, seconds = trial.choose(
             model.components,
             candidates,

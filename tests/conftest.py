@@ -14,6 +14,10 @@ from tests.harness import ServerThread, build_models, running
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Servers the tests start as processes run the exact profile, as the in-process ones do (tests/harness.py): their
+# images are compared with direct diffusers calls, and measuring profiles at each start would add to the suite's
+# time. tests/test_profiles.py covers the other profiles.
+os.environ.setdefault("SDSERVE_EXECUTION_PROFILE", "exact")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest workers on the two-core reference machine: one torch thread each (and in the

@@ -58,6 +58,10 @@ def prepare(components: Components, call: PipelineCall, scheduler: Any) -> Prepa
     eager = components.unet
     if call.profile is not None and call.profile.compile:
         components = dataclasses.replace(components, unet=profiles.compiled_unet(eager, call.profile.cuda_graphs))
+    elif call.profile is not None and call.profile.onnxruntime:
+        from sdserve_core import onnx_unet
+
+        components = dataclasses.replace(components, unet=onnx_unet.ort_unet(eager))
     return Prepared(family.pipeline(components, call.task, scheduler), kwargs, call.memory, call.profile, eager)
 
 
