@@ -157,6 +157,26 @@ class Driver:
         base = self.wl.indices("cancel", 2 * trials)
         return [self.cancel_trial(base[2 * t], after_step) for t in range(trials)]
 
+    def profiles(self) -> list[dict[str, object]]:
+        """The server's execution profiles (GetServerInfo.profiles): each model's profile and its trials."""
+        info = self.client.server_info()
+        return [
+            {
+                "model": p.model,
+                "profile": p.profile,
+                "source": p.source,
+                "seconds": p.seconds,
+                "trials": [{"profile": t.profile, "seconds_per_step": t.seconds_per_step} for t in p.trials],
+            }
+            for p in info.profiles
+        ]
+
+    def exact_images(self, count: int) -> dict[int, bytes]:
+        """Requests 0 .. count-1 again with precision exact, for the equality check against direct diffusers."""
+        for index in range(count):
+            self.request(index, GenerationOptions(precision="exact"))
+        return {i: self.images[i] for i in range(count)}
+
     def batch_limits(self) -> list[dict[str, object]]:
         """The server's chosen batch limits (GetServerInfo.batch_limits), if it reports any."""
         info = self.client.server_info()

@@ -126,6 +126,9 @@ def model_table(r: dict[str, Any]) -> list[str]:
     )
     diffs = [f"{x['image_max_diff_vs_direct']}/255" for x in (off, on)]
     lines.append(_row("same images as direct (largest channel difference)", "", *diffs, ""))
+    if "exact_image_max_diff_vs_direct" in off:
+        exact = f"{off['exact_image_max_diff_vs_direct']}/255"
+        lines.append(_row("same images as direct, precision exact (2 requests)", "", exact, "", ""))
     means = " ".join(f"{k} {_ms(v)};" for k, v in c1o.server_mean.items())
     lines += ["", f"sdserve's own timings at c=1, batching off (means): {means}"]
     limits = on.get("batch_limits") or []
@@ -133,6 +136,13 @@ def model_table(r: dict[str, Any]) -> list[str]:
         f"{b['model']} {b['width']}x{b['height']}: {b['max_batch_images']} ({b['source']})" for b in limits
     )
     lines.append(f"Batch limits reported by GetServerInfo: {text or 'none reported'}.")
+    chosen = ", ".join(
+        f"{p['model']}: {p['profile']} ({p['source']}, chosen in {p['seconds']:.1f} s; "
+        + "; ".join(f"{t['profile']} {1000 * t['seconds_per_step']:.1f} ms/step" for t in p["trials"])
+        + ")"
+        for p in off.get("profiles") or []
+    )
+    lines.append(f"Execution profile (fast requests; GetServerInfo.profiles): {chosen or 'none reported'}.")
     return lines
 
 

@@ -146,6 +146,9 @@ def run_model(wl: Workload, settings: ServerSettings, workdir: Path) -> dict[str
         on["c1"] = _sequential("c1-batch", on_rec)
         off["image_max_diff_vs_direct"] = image_diff(direct.png_dir, off_drv.images)
         on["image_max_diff_vs_direct"] = image_diff(direct.png_dir, on_drv.images)
+        # The same first requests with precision exact: the exact profile must equal direct diffusers bit for bit.
+        off["exact_image_max_diff_vs_direct"] = image_diff(direct.png_dir, off_drv.exact_images(2))
+        off["profiles"] = off_drv.profiles()
         on["peak_rss_c1"] = on_srv.peak_rss()
 
         log.info("%s: previews, %d rounds", wl.key, wl.preview_rounds)

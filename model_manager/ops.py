@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import trace
+
 from model_manager import errors
 from model_manager.errors import FieldViolation
 from model_manager.hub import Hub, HubUnreachable, RemoteFile, RepoSnapshot
@@ -84,6 +86,22 @@ class OperationResult:
     downloaded_bytes: int = 0
     resumed_bytes: int = 0
     evicted: tuple[StoredVariant, ...] = ()
+
+
+def _key_attributes(key: VariantKey) -> dict[str, str]:
+    return {"sdserve.model": key.name, "sdserve.model.revision": key.revision, "sdserve.model.variant": key.variant}
+
+
+def _result_attributes(result: OperationResult) -> dict[str, Any]:
+    """A finished operation's span attributes: what it stored and what it cost."""
+    return {
+        **_key_attributes(result.model.key),
+        "sdserve.already_present": result.already_present,
+        "sdserve.offline": result.offline,
+        "sdserve.downloaded_bytes": result.downloaded_bytes,
+        "sdserve.resumed_bytes": result.resumed_bytes,
+        "sdserve.published": len(result.also_published) + (0 if result.already_present else 1),
+    }
 
 
 def _disk_full(exc: OSError) -> bool:
@@ -199,8 +217,17 @@ def _checkpoint_meta(req: ImportRequest, path: Path, config_dir: Path, architect
 class Operations:
     """Runs long operations in the calling (worker) thread, reporting through a Reporter."""
 
-    def __init__(self, settings: Settings, store: Store, hub: Hub, metrics: ManagerMetrics | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        metrics: ManagerMetrics | None = None,
+        tracer: trace.Tracer | None = None,
+    ):
         self.settings = settings
+        # Spans of pulls, imports, variants and verifies (sdserve_core.tracing); OpenTelemetry's no-op one when off.
+        self.tracer = tracer or trace.NoOpTracer()
         self.store = store
         self.hub = hub
         self.metrics = metrics or ManagerMetrics()
@@ -252,7 +279,8 @@ class Operations:
     ) -> Manifest:
         total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         rep.stage("verifying", total)
-        files = hash_folder(staging, on_bytes=rep.advance)
+        with self.tracer.start_as_current_span("verify", attributes={**_key_attributes(key), "sdserve.bytes": total}):
+            files = hash_folder(staging, on_bytes=rep.advance)
         unet = _read_json(staging / "unet" / "config.json")
         return Manifest(
             name=key.name,
@@ -274,8 +302,11 @@ class Operations:
 
     def pull(self, req: PullRequest, rep: Reporter) -> OperationResult:
         """Resolves, downloads (resuming), verifies and publishes a Hub model; then makes the variant if needed."""
-        with self.metrics.operation("pull"):
-            return self._pull(req, rep)
+        hub = {"sdserve.hub.repo_id": req.repo_id, "sdserve.hub.revision": req.revision, "sdserve.variant": req.variant}
+        with self.metrics.operation("pull"), self.tracer.start_as_current_span("pull", attributes=hub) as span:
+            result = self._pull(req, rep)
+            span.set_attributes(_result_attributes(result))
+            return result
 
     def _pull(self, req: PullRequest, rep: Reporter) -> OperationResult:
         name = req.name or req.repo_id.split("/")[-1]
@@ -394,8 +425,12 @@ class Operations:
 
     def create_variant(self, req: VariantRequest, rep: Reporter) -> OperationResult:
         """Makes a variant of a stored revision from its best source variant and measures it."""
-        with self.metrics.operation("create_variant"):
-            return self._create_variant(req, rep)
+        asked = {"sdserve.model": req.name, "sdserve.variant": req.variant}
+        op = self.tracer.start_as_current_span("create_variant", attributes=asked)
+        with self.metrics.operation("create_variant"), op as span:
+            result = self._create_variant(req, rep)
+            span.set_attributes(_result_attributes(result))
+            return result
 
     def _create_variant(self, req: VariantRequest, rep: Reporter) -> OperationResult:
         with self._name_lock(req.name, rep):
@@ -500,8 +535,10 @@ class Operations:
 
     def import_model(self, req: ImportRequest, rep: Reporter) -> OperationResult:
         """Imports a diffusers folder or converts a single-file .safetensors checkpoint."""
-        with self.metrics.operation("import"):
-            return self._import_model(req, rep)
+        with self.metrics.operation("import"), self.tracer.start_as_current_span("import") as span:
+            result = self._import_model(req, rep)
+            span.set_attributes(_result_attributes(result))
+            return result
 
     def _import_model(self, req: ImportRequest, rep: Reporter) -> OperationResult:
         path = self._import_path(req.path, "path")
@@ -663,6 +700,13 @@ class Operations:
 
     # ---- small operations ----------------------------------------------------------------
 
+    def verify_stored(self, key: VariantKey) -> list[str]:
+        """Store.check_variant (a stored variant's files against its manifest) in a `verify` span."""
+        with self.tracer.start_as_current_span("verify", attributes=_key_attributes(key)) as span:
+            problems = self.store.check_variant(key)
+            span.set_attribute("sdserve.problems", len(problems))
+            return problems
+
     def set_alias(self, alias: str, model: str, revision: str, variant: str) -> Any:
         """Resolves the target, verifies its files against its manifest, and points the alias at it (see
         Store.set_alias). A target that fails is marked CORRUPT, the refusal is recorded on the alias, and the call
@@ -672,7 +716,7 @@ class Operations:
         except CorruptVariant as exc:
             self.store.record_refusal(alias, exc.key, exc.message)
             raise
-        problems = self.store.check_variant(target.key)
+        problems = self.verify_stored(target.key)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             message = (

@@ -169,8 +169,12 @@ class Reconciler:
             state = self._state
             assert state is not None
             log.info("retrying the declared entries that failed", extra={"path": str(self.path)})
+        counts = {"models": len(state.models), "aliases": len(state.aliases), "adapters": len(state.adapters)}
+        attributes = {f"sdserve.declared.{what}": n for what, n in counts.items()}
         try:
-            self._apply(state)
+            with self.ops.tracer.start_as_current_span("reconcile", attributes=attributes) as span:
+                self._apply(state)
+                span.set_attribute("sdserve.declared.sha256", self._applied)
         except errors.Cancelled:
             log.info("reconcile stopped", extra={"path": str(self.path)})
         return True
@@ -280,8 +284,11 @@ class Reconciler:
     def _entry(self, entry: str, name: str, kind: str, work: Callable[[], tuple[T, str, str]]) -> T | None:
         """Runs one entry and records it (one log line); a failure is reported, never raised (Cancelled is)."""
         self._set_entry(EntryStatus(entry, name, RUNNING))
+        attributes = {"sdserve.declared.entry": entry, "sdserve.declared.kind": kind, "sdserve.declared.name": name}
         try:
-            result, detail, problem = work()
+            with self.ops.tracer.start_as_current_span("reconcile.entry", attributes=attributes) as span:
+                result, detail, problem = work()
+                span.set_attribute("sdserve.outcome", "failed" if problem else "ok")
         except errors.Cancelled:
             raise
         except Exception as exc:
@@ -322,7 +329,7 @@ class Reconciler:
         else:
             keys, problems = self._store_model(model)
         for variant, key in list(keys.items()):
-            found = self.store.check_variant(key)
+            found = self.ops.verify_stored(key)
             if found:
                 del keys[variant]
                 problems.append(f"{key.label()} failed verification: {found[0]}")

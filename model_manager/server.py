@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from model_manager import metrics
 from model_manager.adapters import AdapterStore
@@ -25,6 +26,7 @@ from model_manager.settings import Settings
 from model_manager.store import Store
 from sdserve.v1 import model_manager_pb2 as pb
 from sdserve.v1 import model_manager_pb2_grpc as pb_grpc
+from sdserve_core import tracing
 from sdserve_core.auth import ApiKeyInterceptor, load_keys
 from sdserve_core.edge import EdgeInterceptor
 from sdserve_core.startup import bind, serve_metrics
@@ -41,8 +43,10 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 class ManagerServer:
     """One sidecar process: start(), port, stop()."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None):
         self.settings = settings
+        # OpenTelemetry's provider (sdserve_core.tracing.provider_from_environ; tests pass their own); None: off.
+        tracer = None if tracer_provider is None else tracer_provider.get_tracer("sdserve.model_manager")
         layout = StoreLayout(settings.store)
         self.store = Store(
             layout,
@@ -54,7 +58,7 @@ class ManagerServer:
         hub = Hub(settings.hf_endpoint, settings.hf_token, settings.hub_timeout, settings.offline, layout.downloads)
         self.metrics = metrics.ManagerMetrics()
         self.store.subscribe(self.metrics.on_store_change)
-        self.ops = Operations(settings, self.store, hub, self.metrics)
+        self.ops = Operations(settings, self.store, hub, self.metrics, tracer)
         self.adapters = AdapterStore(self.ops)
         self.ops.scrubber.also.append(self.adapters.scrub)
         self.metrics.add_collector(metrics.StoreCollector(self.store, self.metrics, self.adapters.usage))
@@ -64,7 +68,7 @@ class ManagerServer:
         self._ready: bool | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # The edge goes first so it also wraps what the API-key check answers.
-        interceptors: list[Any] = [EdgeInterceptor()]
+        interceptors: list[Any] = [*tracing.server_interceptors(tracer_provider), EdgeInterceptor()]
         try:
             keys = load_keys(settings.api_keys, settings.api_keys_file)
         except OSError as exc:
@@ -173,7 +177,8 @@ def _clear_socket(sock: Path) -> None:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT. Running operations are cancelled; their staging folders are removed."""
-    server = ManagerServer(settings)
+    provider = tracing.provider_from_environ("sdserve-manager")
+    server = ManagerServer(settings, provider)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,4 +187,5 @@ async def serve(settings: Settings) -> None:
     await stopping.wait()
     log.info("stopping")
     await server.stop(5.0)
+    await asyncio.to_thread(tracing.shutdown, provider)
     log.info("stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -96,7 +97,10 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
             with contextlib.suppress(RuntimeError):  # the server's loop has closed
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
-        thread = threading.Thread(target=work, name="model-manager-op", daemon=True)
+        # In a copy of this context, so the operation's spans are children of the RPC's (sdserve_core.tracing).
+        thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(work,), name="model-manager-op", daemon=True
+        )
         thread.start()
         try:
             while True:

@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import threading
 import time
+import uuid
 
 from service import adapters, prompt_chunks
 from service.adapters import AdapterCatalog
@@ -77,14 +78,19 @@ class Admission:
         max_queue = req.max_queue_seconds or self._settings.default_max_queue_seconds
         # Look up and register under one lock so a concurrent hot swap either sees this job on the old model
         # (and defers unloading it) or this job gets the new one.
+        if not req.request_id:
+            # Made here rather than in bind: a canary alias picks its target from the request id.
+            req = dataclasses.replace(req, request_id=uuid.uuid4().hex)
         with self._lock:
-            entry = self._registry.lookup(req.model, req.task)
+            entry = self._registry.lookup(req.model, req.task, key=req.request_id)
             refiner = None
             if req.refiner is not None and entry.family == "sdxl":
                 # (For other families bind refuses params.refiner itself, naming the model's family.)
                 refiner = self._registry.lookup_refiner(req.refiner.model)
             resolved = bind(req, entry, self._choice, refiner)
-            resolved = self._with_adapters(resolved, entry)
+            resolved = dataclasses.replace(
+                self._with_adapters(resolved, entry), requested_model=req.model or self._registry.default
+            )
             job = Job(resolved, entry, loop, deadline, max_queue, on_finish=self._finished, refiner=refiner)
             self._active.add(job)
         try:

@@ -18,7 +18,7 @@ from sdserve_core.pipeline.steps import StepCallback, StopDenoising
 from sdserve_core.profiles import Profile
 from sdserve_core.prompts import PromptEmbeds, PromptInputs
 from sdserve_core.weighted import TokenEmbedding
-from service import postprocess, previews, schedulers
+from service import postprocess, previews, schedulers, tracing
 from service.jobs import Job
 from service.models import LoadedModel
 from service.prompt_cache import PromptCache, cache_key
@@ -226,16 +226,21 @@ def _run_batch(
     call = dataclasses.replace(build_call(model, jobs, cache, adapters), memory=memory, profile=profile)
     prepared = prepare(model.components, call, scheduler)
     t_prepared = time.perf_counter()
+    trace = tracing.BatchTrace(jobs)
+    trace.mark("prepare", t_start, t_prepared)
     clock = StepCallback(BatchObserver(model, spans))
     last = clock
     try:
-        images: Any = prepared(clock)
+        with trace.denoise("base", clock):
+            images: Any = prepared(clock)
         if refiner is not None:
             last = StepCallback(BatchObserver(refiner, spans, "refiner", max(j.steps_done for j in jobs)))
-            images = _refine(refiner, jobs, images, cache, last, memory)
+            with trace.denoise("refiner", last):
+                images = _refine(refiner, jobs, images, cache, last, memory)
     except StopDenoising:
         return _stats(call.count, jobs, clock, t_prepared)
     t_decoded = time.perf_counter()
+    trace.mark("vae_decode", last.last or t_prepared, t_decoded)
     for job in jobs:
         job.decoded = True
     _post_results(spans, images, last, (t_start, t_prepared, t_decoded))
@@ -276,6 +281,7 @@ def _post_results(
         t_enc = time.perf_counter()
         results = postprocess.finish_images(job, images[start : start + count])
         t_done = time.perf_counter()
+        tracing.span(job, "encode", t_enc, t_done, len(spans))
         timings = Timings(
             queue=(job.started_at or job.enqueued_at) - job.enqueued_at,
             prepare=t_prepared - t_start,

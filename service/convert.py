@@ -92,6 +92,7 @@ def event_to_proto(event: Event, cls: type[R]) -> R:
                 memory_strategy=event.memory_strategy,
                 adapters=adapters_to_proto(event.adapters),
                 execution_profile=event.execution_profile,
+                requested_model=event.requested_model,
             )
         )
     if isinstance(event, Progress):
@@ -180,6 +181,7 @@ def _family_parameters(r: ResolvedRequest) -> dict[str, Any]:
         "memory_strategy": r.memory_strategy,
         "adapters": adapters_to_proto(r.adapters),
         "execution_profile": r.execution_profile,
+        "requested_model": r.requested_model,
         "precision": pb.PRECISION_EXACT if r.precision == "exact" else pb.PRECISION_FAST,
     }
     if r.conditioning is not None:
@@ -261,6 +263,7 @@ _STATE_ENUM = {
 def model_list(registry: ModelRegistry) -> pb.ListModelsResponse:
     """Every model slot the server knows, with its state, names, aliases and what it can do."""
     aliases = registry.aliases()
+    weighted = registry.weighted_aliases()
     models = []
     for entry in registry.entries():
         state, error = registry.state(entry.slot)
@@ -271,7 +274,13 @@ def model_list(registry: ModelRegistry) -> pb.ListModelsResponse:
                 revision=entry.revision,
                 state=_STATE_ENUM[state],
                 aliases=sorted(
-                    [a for a in aliases if registry.slot_of(a) == entry.slot] + [n for n in names if n != entry.name]
+                    [a for a in aliases if registry.slot_of(a) == entry.slot]
+                    + [
+                        a
+                        for a, targets in weighted.items()
+                        if any(registry.slot_of(t) == entry.slot for t, _ in targets)
+                    ]
+                    + [n for n in names if n != entry.name]
                 ),
                 tasks=[_TASK_ENUM[t] for t in entry.tasks],
                 variant=entry.variant,

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from service import tracing
 from service.models import ModelEntry
 from service.requests import Event, Failed, Outcome, Progress, ResolvedRequest, Result
 
@@ -47,6 +48,8 @@ class Job:
         self.first_progress_at: float | None = None
         # Called once, from the posting thread, when the job reaches its terminal event.
         self._on_finish = on_finish
+        # Where its spans go (the RPC span that admitted it), or None when it is not traced.
+        self.trace = tracing.capture(resolved)
 
     @property
     def finished(self) -> bool:

@@ -19,6 +19,7 @@ from sdserve_core.components import Components, component_classes, load_componen
 from sdserve_core.manifest import verify_folder
 from sdserve_core.memory import MemoryPolicy
 from sdserve_core.pipeline import run as pipeline
+from service.aliases import Weighted, parse_weighted, pick
 from service.device import DeviceChoice
 from service.errors import ModelNotFound, ModelUnusable
 from service.observers import Observer
@@ -215,7 +216,15 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._records: dict[str, _Record] = {}
         self._names: dict[str, str] = {}
-        self._aliases: dict[str, str] = dict(aliases)
+        self._aliases: dict[str, str] = {}
+        # Canary aliases: each request picks one target by its request id (pick).
+        self._weighted: dict[str, Weighted] = {}
+        for alias, target in aliases:
+            weighted = parse_weighted(target)
+            if weighted is None:
+                self._aliases[alias] = target
+            else:
+                self._weighted[alias] = weighted
         self._default = ""
         # Told of each successful load, on the loading thread.
         self._observer = observer or Observer()
@@ -274,10 +283,16 @@ class ModelRegistry:
         with self._lock:
             return dict(self._aliases)
 
+    def weighted_aliases(self) -> dict[str, Weighted]:
+        """The canary aliases and their weighted targets."""
+        with self._lock:
+            return dict(self._weighted)
+
     def set_alias(self, alias: str, target: str) -> str | None:
         """Points `alias` at a name or slot; returns the slot it pointed at before."""
         with self._lock:
             before = self._slot_of(alias)
+            self._weighted.pop(alias, None)
             self._aliases[alias] = target
             return before
 
@@ -285,9 +300,13 @@ class ModelRegistry:
         with self._lock:
             before = self._slot_of(alias)
             self._aliases.pop(alias, None)
+            self._weighted.pop(alias, None)
             return before
 
-    def _slot_of(self, name: str) -> str | None:
+    def _slot_of(self, name: str, key: str = "") -> str | None:
+        weighted = self._weighted.get(name)
+        if weighted is not None:
+            name = pick(weighted, key)
         name = self._aliases.get(name, name)
         return self._names.get(name)
 
@@ -300,17 +319,20 @@ class ModelRegistry:
         """Slots that an alias or the default points at."""
         with self._lock:
             refs = {self._slot_of(a) for a in self._aliases}
-            refs.add(self._slot_of(self._default))
+            refs |= {self._slot_of(t) for targets in self._weighted.values() for t, _ in targets}
+            if self._default not in self._weighted:
+                refs.add(self._slot_of(self._default))
             return {r for r in refs if r}
 
-    def lookup(self, requested: str, task: Task) -> ModelEntry:
+    def lookup(self, requested: str, task: Task, key: str = "") -> ModelEntry:
         """Name or alias (empty: the default) to the entry that serves `task` (an inpainting companion for
-        Inpaint when the model names one)."""
+        Inpaint when the model names one). A canary alias picks its target by `key` (the request id)."""
         name = requested or self._default
         with self._lock:
-            entry = self._entry_of(name)
+            entry = self._entry_of(name, key)
             if entry is None:
-                raise ModelNotFound(name)
+                weighted = self._weighted.get(name)
+                raise ModelNotFound(pick(weighted, key) if weighted else name)
             if task not in entry.tasks:
                 raise ModelUnusable(f"model {name!r} ({_kind(entry)}) cannot run {task.value}")
             if task is Task.INPAINT and entry.unet_in_channels == 4 and entry.inpaint_model:
@@ -333,8 +355,8 @@ class ModelRegistry:
             )
         return entry
 
-    def _entry_of(self, name: str) -> ModelEntry | None:
-        slot = self._slot_of(name)
+    def _entry_of(self, name: str, key: str = "") -> ModelEntry | None:
+        slot = self._slot_of(name, key)
         record = self._records.get(slot) if slot else None
         return record.entry if record is not None else None
 

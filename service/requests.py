@@ -256,6 +256,8 @@ class ResolvedRequest:
     # "fast" or "exact" (from the request); the execution profile it runs in is set when its batch starts.
     precision: str = "fast"
     execution_profile: str = "exact"
+    # The model name or alias the request named (the server's default when it named none).
+    requested_model: str = ""
 
     @property
     def prompt_inputs(self) -> PromptInputs:
@@ -330,6 +332,7 @@ class Started:
     memory_strategy: str = "none"
     adapters: tuple[AdapterUse, ...] = ()
     execution_profile: str = "exact"
+    requested_model: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,14 +13,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
+from sdserve_core import lazy_imports, tracing
 from sdserve_core.auth import ApiKeyInterceptor, load_keys
 from sdserve_core.edge import EdgeInterceptor
 from sdserve_core.startup import bind, serve_metrics
 from sdserve_core.tls import server_credentials
-from service import device, metrics
+from service import device, metrics, schedulers
 from service.accounting import Accounting
 from service.adapters import AdapterCatalog, AdapterPool
 from service.admission import Admission
@@ -37,6 +39,7 @@ from service.requests import Failed, Outcome
 from service.servicer import DiffusionServicer
 from service.settings import Settings, memory_policy
 from service.threads import run_in_fresh_thread
+from service.tracing import Tracing
 from service.worker import DeviceWorker
 
 log = logging.getLogger(__name__)
@@ -89,8 +92,12 @@ class Server:
     """One sdserve server process: start(), port, drain(), stop(). `observers` hear of the server's work as well
     as its own metrics (tests pass one to wait for outcomes and swaps)."""
 
-    def __init__(self, settings: Settings, observers: Sequence[Observer] = ()):
+    def __init__(
+        self, settings: Settings, observers: Sequence[Observer] = (), tracer_provider: TracerProvider | None = None
+    ):
         self.settings = settings
+        # OpenTelemetry's provider (sdserve_core.tracing.provider_from_environ; tests pass their own); None: off.
+        self.tracing = Tracing(tracer_provider)
         self.choice = device.choose(settings.device, settings.dtype)
         self.metrics = metrics.ServerMetrics()
         self._idle = _IdleSignal()
@@ -116,6 +123,7 @@ class Server:
             self.accounting,
             self.adapter_pool,
             self.profiles,
+            self.tracing,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.grpc = self._build_grpc()
@@ -177,7 +185,7 @@ class Server:
     def _build_grpc(self) -> grpc.aio.Server:
         """The gRPC server with its services, health, reflection and interceptors (the edge first, so it also
         wraps what the API-key check answers)."""
-        interceptors: list[Any] = [EdgeInterceptor()]
+        interceptors: list[Any] = [*self.tracing.interceptors(), EdgeInterceptor()]
         keys = load_keys(self.settings.api_keys, self.settings.api_keys_file)
         if keys:
             interceptors.append(ApiKeyInterceptor(keys, self.accounting.unauthenticated))
@@ -225,6 +233,8 @@ class Server:
             },
         )
         self._idle.bind(asyncio.get_running_loop())
+        # Before a second thread can touch diffusers or transformers (sdserve_core/lazy_imports.py).
+        lazy_imports.resolve(cls for cls, _ in schedulers.SCHEDULERS.values())
         self.worker.start()
         if s.manager_target:
             await self._follow_manager()
@@ -340,7 +350,8 @@ class _BatchLearner(Observer):
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains: a second signal cuts the drain short."""
-    server = Server(settings)
+    provider = tracing.provider_from_environ("sdserve")
+    server = Server(settings, tracer_provider=provider)
     loop = asyncio.get_running_loop()
     first = asyncio.Event()
     second = asyncio.Event()
@@ -354,4 +365,5 @@ async def serve(settings: Settings) -> None:
     await first.wait()
     log.info("draining", extra={"grace_seconds": settings.grace_seconds, "active": server.admission.active_count()})
     await server.stop(settings.grace_seconds, second)
+    await asyncio.to_thread(tracing.shutdown, provider)
     log.info("stopped")

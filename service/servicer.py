@@ -11,7 +11,7 @@ import grpc
 
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
-from service import convert, validation
+from service import convert, tracing, validation
 from service.accounting import Accounting
 from service.adapters import AdapterPool
 from service.admission import Admission
@@ -24,6 +24,7 @@ from service.jobs import Job
 from service.models import ModelRegistry
 from service.requests import Failed, GenerationRequest, Outcome, Result, Task
 from service.settings import Settings
+from service.tracing import Tracing
 
 R = TypeVar("R", pb.GenerateResponse, pb.EditResponse, pb.InpaintResponse)
 Reader = Callable[[Any, Settings], GenerationRequest]
@@ -74,8 +75,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         accounting: Accounting,
         adapter_pool: AdapterPool | None = None,
         profiles: ProfileBook | None = None,
+        tracing: Tracing | None = None,
     ):
         self._admission = admission
+        self._tracing = tracing or Tracing(None)
         self._profiles = profiles
         self._adapter_pool = adapter_pool
         self._registry = registry
@@ -107,7 +110,8 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         if self._admission.draining:
             raise Draining()
         call.req = read(call.request, self._settings)
-        return self._admission.submit(call.req, asyncio.get_running_loop(), call.deadline)
+        with self._tracing.admitting():
+            return self._admission.submit(call.req, asyncio.get_running_loop(), call.deadline)
 
     def stream(self, rpc: str, request: Any, context: CallContext) -> AsyncIterator[Any]:
         """The events of one Generate, Edit or Inpaint call (`rpc`) as response messages, whatever the transport;
@@ -147,6 +151,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         finally:
             if call.job is not None and not call.job.finished:
                 self._admission.cancel(call.job)
+            tracing.finished(call.job, call.outcome)
             labels = self._model_labels(request, call.job)
             self._accounting.rpc_finished(
                 rpc, call.task, labels, request, call.req, call.job, call.outcome, call.arrived, context.transport

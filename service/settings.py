@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 
 from sdserve_core import config_source
 from sdserve_core.config_source import parse_bool, parse_list, parse_paths, setting
+from service.aliases import parse_weighted
 
 if TYPE_CHECKING:
     from sdserve_core.memory import MemoryPolicy
@@ -41,6 +42,10 @@ def _aliases(value: str) -> tuple[tuple[str, str], ...]:
         name, sep, target = item.partition("=")
         if not sep or not name or not target:
             raise ValueError(f"alias {item!r} is not NAME=TARGET")
+        try:
+            parse_weighted(target.strip())
+        except ValueError as exc:
+            raise ValueError(f"alias {name.strip()!r}: {exc}") from exc
         pairs.append((name.strip(), target.strip()))
     return tuple(pairs)
 
@@ -70,7 +75,12 @@ class Settings:
     default_model: str = setting(
         "", "Model served when a request names none. Empty: 'shapes' if present, else the built-in tiny model."
     )
-    aliases: tuple[tuple[str, str], ...] = setting((), "Static aliases, NAME=TARGET,NAME=TARGET.", _aliases)
+    aliases: tuple[tuple[str, str], ...] = setting(
+        (),
+        "Static aliases, NAME=TARGET,NAME=TARGET. A canary alias splits requests between models by weight: "
+        "prod=a*90|b*10 (each request picks by its request id: one id always gets the same model).",
+        _aliases,
+    )
     manager_target: str = setting(
         "", "Model-manager sidecar to follow (host:port or unix:PATH); empty: serve --model-dirs only."
     )

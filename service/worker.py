@@ -14,7 +14,7 @@ import torch
 from sdserve_core import memory, profiles
 from sdserve_core.memory import MemoryPlan, MemoryPolicy
 from sdserve_core.profiles import Profile
-from service import adapters, batch_call
+from service import adapters, batch_call, tracing
 from service.adapters import AdapterPool
 from service.errors import INTERNAL, OUT_OF_MEMORY, ServiceError, to_failed
 from service.execution import ProfileBook
@@ -132,6 +132,7 @@ class DeviceWorker:
                     memory_strategy=r.memory_strategy,
                     adapters=r.adapters,
                     execution_profile=r.execution_profile,
+                    requested_model=r.requested_model,
                 )
             )
 
@@ -157,6 +158,7 @@ class DeviceWorker:
                     job.resolved, memory_strategy=plan.label(), execution_profile=profile.name
                 )
             self._post_started(live)
+            tracing.queued(live)
             stats = batch_call.run_batch(
                 model, live, self._cache, refined, plan, batch_call.Adapters(loras, vocab), profile
             )

@@ -271,6 +271,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             memory_strategy=s.memory_strategy,
             adapters=resolved_adapters(s.adapters),
             execution_profile=s.execution_profile,
+            requested_model=s.requested_model,
         )
     if kind == "progress":
         p = msg.progress

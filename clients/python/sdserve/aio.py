@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 from sdserve import _convert
-from sdserve.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options, metadata
+from sdserve.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options, metadata, traced
 from sdserve.errors import SdserveError, from_rpc_error
 from sdserve.types import (
     AdapterInfo,
@@ -94,19 +94,19 @@ class AsyncClient:
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]
     ) -> AsyncStream:
         req = pb.GenerateRequest(params=_convert.params(prompt, options))
-        return AsyncStream(self._stub.Generate(req, timeout=timeout, metadata=self._metadata))
+        return AsyncStream(self._stub.Generate(req, timeout=timeout, metadata=traced(self._metadata)))
 
     def stream_edit(
         self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> AsyncStream:
         req = _convert.edit_request(image, prompt, options)
-        return AsyncStream(self._stub.Edit(req, timeout=timeout, metadata=self._metadata))
+        return AsyncStream(self._stub.Edit(req, timeout=timeout, metadata=traced(self._metadata)))
 
     def stream_inpaint(
         self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> AsyncStream:
         req = _convert.inpaint_request(image, mask, prompt, options)
-        return AsyncStream(self._stub.Inpaint(req, timeout=timeout, metadata=self._metadata))
+        return AsyncStream(self._stub.Inpaint(req, timeout=timeout, metadata=traced(self._metadata)))
 
     async def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]
@@ -125,7 +125,7 @@ class AsyncClient:
 
     async def list_models(self, timeout: float | None = 30.0) -> tuple[list[ModelInfo], str]:
         try:
-            resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self._metadata)
+            resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=traced(self._metadata))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return [_convert.model_info(m) for m in resp.models], resp.default_model
@@ -134,7 +134,7 @@ class AsyncClient:
         """Device, versions, schedulers, limits and adapters, as `Client.server_info`."""
         try:
             response: pb.GetServerInfoResponse = await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata
+                pb.GetServerInfoRequest(), timeout=timeout, metadata=traced(self._metadata)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Unpack
 
@@ -57,6 +58,23 @@ def tls_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def traced(base: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """`base` plus the caller's trace context (W3C `traceparent`, through OpenTelemetry's configured propagators)
+    when the application traces with OpenTelemetry and a span is active. The client does not depend on
+    OpenTelemetry and never imports it first: without it, or before the application loads it, calls carry `base`."""
+    if "opentelemetry.context" not in sys.modules:
+        return base
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        return base
+    if not trace.get_current_span().get_span_context().is_valid:
+        return base
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return base + tuple(carrier.items())
 
 
 class Stream:
@@ -136,21 +154,21 @@ class Client:
         """Text-to-image as a stream of Queued, Started, Progress and Result events. `adapters` (LoRAs for this
         request: names, (name, scale) pairs or a mapping) are checked before the call; a bad one raises ValueError."""
         req = pb.GenerateRequest(params=_convert.params(prompt, options))
-        return Stream(self._stub.Generate(req, timeout=timeout, metadata=self._metadata))
+        return Stream(self._stub.Generate(req, timeout=timeout, metadata=traced(self._metadata)))
 
     def stream_edit(
         self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> Stream:
         """Image-to-image as a stream of events. `strength` in (0, 1]; default 0.8."""
         req = _convert.edit_request(image, prompt, options)
-        return Stream(self._stub.Edit(req, timeout=timeout, metadata=self._metadata))
+        return Stream(self._stub.Edit(req, timeout=timeout, metadata=traced(self._metadata)))
 
     def stream_inpaint(
         self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> Stream:
         """Inpainting as a stream of events. Mask white (255) = repaint."""
         req = _convert.inpaint_request(image, mask, prompt, options)
-        return Stream(self._stub.Inpaint(req, timeout=timeout, metadata=self._metadata))
+        return Stream(self._stub.Inpaint(req, timeout=timeout, metadata=traced(self._metadata)))
 
     # Blocking helpers --------------------------------------------------------------------------
 
@@ -195,7 +213,7 @@ class Client:
     def list_models(self, timeout: float | None = 30.0) -> tuple[list[ModelInfo], str]:
         """The served models and the default model's name."""
         try:
-            resp = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self._metadata)
+            resp = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=traced(self._metadata))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return [_convert.model_info(m) for m in resp.models], resp.default_model
@@ -204,7 +222,7 @@ class Client:
         """Device, versions, schedulers, limits (`limits.max_adapters` among them) and the adapters (the protobuf
         message, for all its fields)."""
         try:
-            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata)
+            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=traced(self._metadata))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -217,7 +235,7 @@ class Client:
         """grpc.health.v1 status of `service` ('' is readiness, 'liveness' the process): SERVING, NOT_SERVING, ..."""
         try:
             resp = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._metadata
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=traced(self._metadata)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

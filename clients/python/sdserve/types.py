@@ -221,6 +221,9 @@ class Started:
     adapters: tuple[ResolvedAdapter, ...] = ()
     # The execution profile it runs in: "exact", or levers joined by "+" (e.g. "bf16-autocast+channels-last").
     execution_profile: str = ""
+    # The model name or alias the request named (the server's default when it named none); with a canary alias,
+    # `model` is the target this request got.
+    requested_model: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

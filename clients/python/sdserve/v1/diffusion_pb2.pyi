@@ -1035,6 +1035,7 @@ class StartedEvent(_message.Message):
     MEMORY_STRATEGY_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
     EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
+    REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that runs the request (an alias resolved to its name)."""
     model_revision: _builtins.str
@@ -1065,6 +1066,10 @@ class StartedEvent(_message.Message):
     """The execution profile this request runs in: `exact`, or levers joined by `+` (`bf16-autocast`,
     `fp16-autocast`, `channels-last`, `compile`), for example `fp16-autocast+compile`.
     """
+    requested_model: _builtins.str
+    """The model name or alias the request named (the server's default when it named none). With a
+    canary alias (weighted targets, see docs/canary.md) `model` says which target this request got.
+    """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The seed of each image, in order."""
@@ -1092,10 +1097,11 @@ class StartedEvent(_message.Message):
         memory_strategy: _builtins.str = ...,
         adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
         execution_profile: _builtins.str = ...,
+        requested_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "execution_profile", b"execution_profile", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "execution_profile", b"execution_profile", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "requested_model", b"requested_model", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1260,6 +1266,7 @@ class ResolvedParameters(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
+    REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """Task run."""
     model: _builtins.str
@@ -1320,6 +1327,8 @@ class ResolvedParameters(_message.Message):
     """The execution profile the request ran in, as in StartedEvent.execution_profile."""
     precision: Global___Precision.ValueType
     """The precision asked for, resolved (never UNSPECIFIED)."""
+    requested_model: _builtins.str
+    """The model name or alias the request named, as in StartedEvent.requested_model."""
     @_builtins.property
     def conditioning(self) -> Global___MicroConditioning:
         """The micro-conditioning used, defaults filled in (SDXL; unset for other families)."""
@@ -1370,10 +1379,11 @@ class ResolvedParameters(_message.Message):
         adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
         execution_profile: _builtins.str = ...,
         precision: Global___Precision.ValueType = ...,
+        requested_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conditioning", b"conditioning", "refiner", b"refiner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "execution_profile", b"execution_profile", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "precision", b"precision", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "execution_profile", b"execution_profile", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "precision", b"precision", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "requested_model", b"requested_model", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
