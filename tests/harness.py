@@ -73,8 +73,10 @@ class Recorder(Observer):
 class ServerThread:
     """A real sdserve Server running on its own event loop in a daemon thread; `recorder` hears what it reports."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider: Any = None):
         self.settings = settings
+        # An OpenTelemetry TracerProvider for the server's spans (tests/test_tracing.py); None: tracing off.
+        self.tracer_provider = tracer_provider
         self.recorder = Recorder()
         self.loop = asyncio.new_event_loop()
         self.server: Server | None = None
@@ -86,7 +88,7 @@ class ServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.server = Server(self.settings, observers=[self.recorder])
+            self.server = Server(self.settings, observers=[self.recorder], tracer_provider=self.tracer_provider)
             self.port = self.loop.run_until_complete(self.server.start())
         except BaseException as exc:
             self._error = exc

@@ -8,7 +8,6 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -29,7 +28,6 @@ from sdserve.client import traced
 from sdserve.models_client import ModelManagerClient
 from sdserve_core import tracing as core_tracing
 from service.requests import Outcome
-from service.server import Server
 from tests.harness import TINY, ServerThread, make_settings, wait_ledger, wait_until
 from tests.test_batching import call, pair, run_batched
 
@@ -58,30 +56,10 @@ def recorded() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
 def traced_server(models_dir: Path) -> Iterator[tuple[ServerThread, TracerProvider, InMemorySpanExporter]]:
     """A live server tracing into an in-memory exporter (batches of up to 4 images, as test_batching's)."""
     provider, exporter = _recorder()
-    srv = TracedServer(models_dir, provider, max_batch_images=4, batch_policy="fixed").start()
+    srv = ServerThread(make_settings(models_dir, max_batch_images=4, batch_policy="fixed"), provider).start()
     yield srv, provider, exporter
     srv.stop()
     provider.shutdown()
-
-
-class TracedServer(ServerThread):
-    """tests.harness.ServerThread with a tracer provider."""
-
-    def __init__(self, models: Path, provider: TracerProvider, **overrides: Any):
-        super().__init__(make_settings(models, **overrides))
-        self.provider = provider
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.server = Server(self.settings, [self.recorder], tracer_provider=self.provider)
-            self.port = self.loop.run_until_complete(self.server.start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
 
 
 def _values(span: ReadableSpan) -> list[str]:
