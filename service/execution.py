@@ -14,7 +14,7 @@ from sdserve_core.pipeline import trial
 from sdserve_core.profiles import Profile, Trial
 from service import schedulers
 from service.models import LoadedModel
-from service.requests import ResolvedRequest, ServedIdentity
+from service.requests import ResolvedRequest, ServedIdentity, Task
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,12 @@ class ProfileBook:
             found = self._choices.get(identity)
         if found is not None:
             return found
-        choice = self._choose(model)
+        try:
+            choice = self._choose(model)
+        except Exception as exc:  # choosing must never fail a request: the model serves exact
+            log.exception("execution profile trials failed; serving exact", extra={"model": model.name})
+            size = (model.entry.default_width, model.entry.default_height)
+            choice = Choice(identity, *size, profiles.EXACT, f"failed: {type(exc).__name__}")
         with self._lock:
             self._choices[identity] = choice
         log.info(
@@ -112,6 +117,9 @@ class ProfileBook:
         if model.offloaded:
             # Offload's hooks move modules per call; the levers are measured only on models resident on the device.
             return Choice(identity, *size, profiles.EXACT, "configured")
+        if Task.GENERATE not in entry.tasks:
+            # The trials time and probe Generate; an inpainting-only model (9-channel UNet) serves exact under auto.
+            return Choice(identity, *size, profiles.EXACT, "no-candidates")
         candidates = self._configured or profiles.candidates(
             self._device_type, model.choice.dtype, with_compile=self._device_type == "cuda"
         )

@@ -283,3 +283,19 @@ def test_a_compiled_wrapper_does_not_keep_its_model_alive() -> None:
     del module, wrapper
     gc.collect()
     assert gone() is None
+
+
+def test_an_inpainting_model_serves_under_auto_and_under_onnxruntime(models_dir: Path) -> None:
+    """The trials render Generate: a 9-channel inpainting UNet cannot, so under auto it serves exact (and a failing
+    trial would never fail a request); configured to onnxruntime, its own export runs Inpaint."""
+    from tests.harness import TINY_INPAINT, png, sample_image, sample_mask
+
+    image, mask = png(sample_image(64, 64)), png(sample_mask(64, 64))
+    for profile, expected in (("auto", "exact"), ("onnxruntime", "onnxruntime")):
+        settings = {"execution_profile": profile, "profile_candidates": "onnxruntime", "calibrate_batching": False}
+        with serving(models_dir, **settings) as srv, Client(srv.target) as c:
+            result = c.inpaint(image, mask, "a green triangle", model=TINY_INPAINT, steps=3, seed=9)
+            info = c.server_info()
+        assert result.execution_profile == expected
+        (choice,) = [p for p in info.profiles if p.model == TINY_INPAINT]
+        assert choice.source == ("no-candidates" if profile == "auto" else "configured")

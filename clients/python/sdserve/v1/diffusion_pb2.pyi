@@ -1989,8 +1989,9 @@ class ExecutionProfileInfo(_message.Message):
     source: _builtins.str
     """`measured` (the fastest candidate that passed the quality guard, or `exact` when none beat it),
     `configured` (the `execution_profile` setting names it; also `exact` for models loaded with CPU
-    offload) or `no-candidates` (the device has none worth measuring, for example a CPU without
-    native bfloat16: `exact`).
+    offload) or `no-candidates` (nothing to measure: every candidate is `exact`, or the model cannot run
+    Generate, which the trials use, as an inpainting-only model: `exact`), or `failed: ERROR` (the
+    trials failed; the model serves `exact` and the log has the traceback).
     """
     seconds: _builtins.float
     """Seconds the choice took at load (compiling included)."""

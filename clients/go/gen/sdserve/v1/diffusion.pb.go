@@ -3960,8 +3960,9 @@ type ExecutionProfileInfo struct {
 	Profile string `protobuf:"bytes,6,opt,name=profile,proto3" json:"profile,omitempty"`
 	// `measured` (the fastest candidate that passed the quality guard, or `exact` when none beat it),
 	// `configured` (the `execution_profile` setting names it; also `exact` for models loaded with CPU
-	// offload) or `no-candidates` (the device has none worth measuring, for example a CPU without
-	// native bfloat16: `exact`).
+	// offload) or `no-candidates` (nothing to measure: every candidate is `exact`, or the model cannot run
+	// Generate, which the trials use, as an inpainting-only model: `exact`), or `failed: ERROR` (the
+	// trials failed; the model serves `exact` and the log has the traceback).
 	Source string `protobuf:"bytes,7,opt,name=source,proto3" json:"source,omitempty"`
 	// The candidates measured, `exact` first (empty when configured).
 	Trials []*ProfileTrial `protobuf:"bytes,8,rep,name=trials,proto3" json:"trials,omitempty"`
