@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import platform
+import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -201,6 +202,15 @@ def _family_parameters(r: ResolvedRequest) -> dict[str, Any]:
     return out
 
 
+def stamp_replica(message: R, replica: str) -> R:
+    """Names the replica that serves the request in a Started or Result message (others are left as they are)."""
+    if message.HasField("started"):
+        message.started.replica = replica
+    elif message.HasField("result"):
+        message.result.parameters.replica = replica
+    return message
+
+
 def result_to_proto(event: Result) -> pb.ResultEvent:
     r = event.resolved
     req = r.request
@@ -329,6 +339,11 @@ def memory_info(settings: Settings, choice: DeviceChoice, offloaded: Iterable[st
     )
 
 
+def replica_name(settings: Settings) -> str:
+    """The `replica` setting, or the host name (the pod name in Kubernetes) when it is empty."""
+    return settings.replica or socket.gethostname()
+
+
 def server_info(
     settings: Settings,
     choice: DeviceChoice,
@@ -378,6 +393,7 @@ def server_info(
         precision=settings.precision,
         execution_profile=settings.execution_profile,
         profiles=[profile_info(c) for c in profiles],
+        replica=replica_name(settings),
     )
 
 

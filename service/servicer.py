@@ -85,6 +85,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         self._batching = batching
         self._choice = choice
         self._settings = settings
+        self._replica = convert.replica_name(settings)
         self._accounting = accounting
 
     async def Generate(
@@ -137,7 +138,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                 if isinstance(event, Result):
                     # Set before the yield: a client that stops reading once it has the result is not a cancel.
                     call.outcome = Outcome.OK
-                yield convert.event_to_proto(event, cls)
+                yield convert.stamp_replica(convert.event_to_proto(event, cls), self._replica)
                 if isinstance(event, Result):
                     return
             if failed is not None:

@@ -153,6 +153,11 @@ class Settings:
         "Precision of requests that name none: fast (the model's execution profile) or exact (the pipeline as "
         "diffusers runs it, bit for bit).",
     )
+    replica: str = setting(
+        "",
+        "This server's name in a fleet, reported in StartedEvent.replica, the result's parameters and GetServerInfo. "
+        "Empty: the host name (the pod name in Kubernetes).",
+    )
     compile_cache_dir: str = setting(
         "",
         "Folder of torch.compile's kernel and graph cache, so restarts load compiled kernels (put it beside the "

@@ -1036,6 +1036,7 @@ class StartedEvent(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that runs the request (an alias resolved to its name)."""
     model_revision: _builtins.str
@@ -1070,6 +1071,10 @@ class StartedEvent(_message.Message):
     """The model name or alias the request named (the server's default when it named none). With a
     canary alias (weighted targets, see docs/canary.md) `model` says which target this request got.
     """
+    replica: _builtins.str
+    """The replica (server process) that runs the request: the `replica` setting, by default the host
+    name (the pod name in Kubernetes). Lets a client balancing over several replicas see which served it.
+    """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The seed of each image, in order."""
@@ -1098,10 +1103,11 @@ class StartedEvent(_message.Message):
         adapters: _abc.Iterable[Global___ResolvedAdapter] | None = ...,
         execution_profile: _builtins.str = ...,
         requested_model: _builtins.str = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "execution_profile", b"execution_profile", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "request_id", b"request_id", "requested_model", b"requested_model", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size", "dtype", b"dtype", "execution_profile", b"execution_profile", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "queue_seconds", b"queue_seconds", "refiner_model", b"refiner_model", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "replica", b"replica", "request_id", b"request_id", "requested_model", b"requested_model", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1267,6 +1273,7 @@ class ResolvedParameters(_message.Message):
     EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """Task run."""
     model: _builtins.str
@@ -1329,6 +1336,8 @@ class ResolvedParameters(_message.Message):
     """The precision asked for, resolved (never UNSPECIFIED)."""
     requested_model: _builtins.str
     """The model name or alias the request named, as in StartedEvent.requested_model."""
+    replica: _builtins.str
+    """The replica that served the request, as in StartedEvent.replica."""
     @_builtins.property
     def conditioning(self) -> Global___MicroConditioning:
         """The micro-conditioning used, defaults filled in (SDXL; unset for other families)."""
@@ -1380,10 +1389,11 @@ class ResolvedParameters(_message.Message):
         execution_profile: _builtins.str = ...,
         precision: Global___Precision.ValueType = ...,
         requested_model: _builtins.str = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conditioning", b"conditioning", "refiner", b"refiner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "execution_profile", b"execution_profile", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "precision", b"precision", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "requested_model", b"requested_model", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "area", b"area", "clip_skip", b"clip_skip", "conditioning", b"conditioning", "device", b"device", "dtype", b"dtype", "execution_profile", b"execution_profile", "guidance_scale", b"guidance_scale", "height", b"height", "invert_mask", b"invert_mask", "mask_blur", b"mask_blur", "mask_padding", b"mask_padding", "memory_strategy", b"memory_strategy", "model", b"model", "model_revision", b"model_revision", "model_variant", b"model_variant", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "num_images", b"num_images", "precision", b"precision", "preserve_unmasked", b"preserve_unmasked", "prompt", b"prompt", "prompt_2", b"prompt_2", "refiner", b"refiner", "refiner_model_revision", b"refiner_model_revision", "refiner_model_variant", b"refiner_model_variant", "replica", b"replica", "requested_model", b"requested_model", "scheduler", b"scheduler", "scheduler_class", b"scheduler_class", "seed", b"seed", "steps", b"steps", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1879,6 +1889,7 @@ class GetServerInfoResponse(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     EXECUTION_PROFILE_FIELD_NUMBER: _builtins.int
     PROFILES_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """sdserve version."""
     device: _builtins.str
@@ -1901,6 +1912,8 @@ class GetServerInfoResponse(_message.Message):
     """The precision requests get when they name none: `fast` or `exact` (the `precision` setting)."""
     execution_profile: _builtins.str
     """How the server chooses execution profiles: `auto` (measured per model at load), or a fixed profile."""
+    replica: _builtins.str
+    """This replica's name (the `replica` setting; by default the host name)."""
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[Global___Scheduler.ValueType]:
         """Schedulers this server offers."""
@@ -1950,10 +1963,11 @@ class GetServerInfoResponse(_message.Message):
         precision: _builtins.str = ...,
         execution_profile: _builtins.str = ...,
         profiles: _abc.Iterable[Global___ExecutionProfileInfo] | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "execution_profile", b"execution_profile", "families", b"families", "limits", b"limits", "memory", b"memory", "precision", b"precision", "profiles", b"profiles", "python_version", b"python_version", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_limits", b"batch_limits", "default_model", b"default_model", "device", b"device", "device_name", b"device_name", "diffusers_version", b"diffusers_version", "dtype", b"dtype", "execution_profile", b"execution_profile", "families", b"families", "limits", b"limits", "memory", b"memory", "precision", b"precision", "profiles", b"profiles", "python_version", b"python_version", "replica", b"replica", "schedulers", b"schedulers", "torch_version", b"torch_version", "transformers_version", b"transformers_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
