@@ -121,6 +121,44 @@ def target(name: str, revision: str, variant: int, prefix: str = "") -> tuple[st
     return name, revision, v
 
 
+MAX_ALIAS_TARGETS = 16
+MAX_ALIAS_WEIGHT = 1_000_000
+
+AliasTargets = list[tuple[str, str, str, int]]
+
+
+def set_alias_request(msg: pb.SetAliasRequest) -> tuple[str, str, str, str, AliasTargets]:
+    """(alias, model, revision, variant, canary targets) of a SetAlias request, validated: one target (model,
+    revision, variant) or a canary split (`targets`: 2 to MAX_ALIAS_TARGETS weighted targets, each model once)."""
+    violations: list[FieldViolation] = []
+    _name(msg.alias, "alias", violations)
+    split: AliasTargets = []
+    if msg.targets:
+        if msg.model or msg.revision or msg.variant:
+            violations.append(
+                FieldViolation("model", "must be empty with targets (a canary split names its models there)")
+            )
+        if not 2 <= len(msg.targets) <= MAX_ALIAS_TARGETS:
+            violations.append(FieldViolation("targets", f"2 to {MAX_ALIAS_TARGETS} targets, got {len(msg.targets)}"))
+        for i, t in enumerate(msg.targets):
+            field = f"targets[{i}]"
+            _name(t.model, f"{field}.model", violations)
+            _name(t.revision, f"{field}.revision", violations, required=False)
+            variant = _variant(t.variant, f"{field}.variant", violations)
+            if not 1 <= t.weight <= MAX_ALIAS_WEIGHT:
+                violations.append(FieldViolation(f"{field}.weight", f"must be 1 to {MAX_ALIAS_WEIGHT}, got {t.weight}"))
+            if any(m == t.model for m, _, _, _ in split):
+                violations.append(FieldViolation(f"{field}.model", f"{t.model!r} is named twice"))
+            split.append((t.model, t.revision, variant, t.weight))
+        _raise(violations)
+        return msg.alias, "", "", "", split
+    _name(msg.model, "model", violations)
+    _name(msg.revision, "revision", violations, required=False)
+    variant = _variant(msg.variant, "variant", violations)
+    _raise(violations)
+    return msg.alias, msg.model, msg.revision, variant, split
+
+
 MAX_REASON_CHARS = 2000
 MAX_LEASED_VARIANTS = 1000
 
@@ -258,6 +296,16 @@ def alias(record: AliasRecord, layout: StoreLayout, present: bool = True) -> pb.
         out.revert_to.CopyFrom(variant_ref(record.revert_to))
     if record.failure is not None:
         out.last_failure.CopyFrom(alias_failure(record.failure))
+    for key, weight in record.split:
+        out.targets.append(
+            pb.AliasTarget(
+                model=key.name,
+                revision=key.revision,
+                variant=VARIANT_TO_PB.get(key.variant, pb.WEIGHT_VARIANT_UNSPECIFIED),
+                weight=weight,
+                path=str(layout.variant_dir(key.name, key.revision, key.variant)) if present else "",
+            )
+        )
     return out
 
 

@@ -18,6 +18,8 @@ VERSION = 1
 PULL_VARIANTS = ("fp32", "fp16")
 # What the sidecar can make from a stored revision (fp32 comes from a pull or an import).
 MADE_VARIANTS = ("fp16", "bf16", "int8")
+# The largest weight of a canary alias target (as SetAlias allows).
+MAX_WEIGHT = 1_000_000
 
 
 class DeclaredStateError(ValueError):
@@ -86,6 +88,8 @@ class DeclaredAlias:
     name: str
     model: str
     variant: str = ""
+    # A canary alias: (model, variant, weight) per target, the first being model/variant; empty for a plain alias.
+    weighted: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def entry(self) -> str:
@@ -93,7 +97,14 @@ class DeclaredAlias:
 
     @property
     def target(self) -> str:
+        if self.weighted:
+            return " | ".join(f"{m}:{v}*{w}" if v else f"{m}*{w}" for m, v, w in self.weighted)
         return f"{self.model}:{self.variant}" if self.variant else self.model
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The declared models it points at (a canary alias: each target's)."""
+        return tuple(m for m, _, _ in self.weighted) or (self.model,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,9 +260,46 @@ def _alias(
     if name in models:
         r.fail(path, f"{name!r} is a declared model name; an alias must not hide a model")
         return None
+    if isinstance(value, dict):
+        return _weighted_alias(r, name, value, models, named)
     if not isinstance(value, str):
-        r.fail(path, "must be a string: a model name, or name:variant")
+        r.fail(path, "must be a model name, name:variant, or a mapping of those to weights (a canary alias)")
         return None
+    found = _alias_target(r, path, value, models, named)
+    return None if found is None else DeclaredAlias(name, *found)
+
+
+def _weighted_alias(
+    r: _Reader, name: str, value: dict[Any, Any], models: Mapping[str, DeclaredModel], named: Mapping[Any, None]
+) -> DeclaredAlias | None:
+    """A canary alias `{model[:variant]: weight, ...}`: two or more targets, each model once, whole weights >= 1."""
+    path = f"aliases.{name}"
+    if len(value) < 2:
+        r.fail(path, "a canary alias maps two or more targets to weights (one target: write it as a string)")
+        return None
+    targets: list[tuple[str, str, int]] = []
+    for raw, weight in value.items():
+        where = f"{path}.{raw}"
+        if not isinstance(raw, str):
+            r.fail(where, "a target must be a model name, or name:variant")
+            return None
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            r.fail(where, f"the weight must be a whole number from 1 to {MAX_WEIGHT}, got {weight!r}")
+            return None
+        found = _alias_target(r, where, raw, models, named)
+        if found is None:
+            return None
+        if any(m == found[0] for m, _, _ in targets):
+            r.fail(where, f"{found[0]!r} is named twice; a canary alias names each model once")
+            return None
+        targets.append((*found, weight))
+    return DeclaredAlias(name, targets[0][0], targets[0][1], tuple(targets))
+
+
+def _alias_target(
+    r: _Reader, path: str, value: str, models: Mapping[str, DeclaredModel], named: Mapping[Any, None]
+) -> tuple[str, str] | None:
+    """(model, variant) of an alias target `model` or `model:variant`, checked against the declared models."""
     model, _, variant = value.partition(":")
     if model not in models:
         if model in named:
@@ -270,7 +318,7 @@ def _alias(
         if isinstance(source, HubSource) and variant not in (*made, source.variant):
             r.fail(path, f"{model} has no {variant} variant here: add {variant} to its variants")
             return None
-    return DeclaredAlias(name, model, variant)
+    return model, variant
 
 
 def _unique(r: _Reader, entries: list[Any], kind: str) -> None:

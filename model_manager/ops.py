@@ -12,7 +12,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -707,10 +707,20 @@ class Operations:
             span.set_attribute("sdserve.problems", len(problems))
             return problems
 
-    def set_alias(self, alias: str, model: str, revision: str, variant: str) -> Any:
+    def set_alias(
+        self, alias: str, model: str, revision: str, variant: str, split: Sequence[tuple[str, str, str, int]] = ()
+    ) -> Any:
         """Resolves the target, verifies its files against its manifest, and points the alias at it (see
-        Store.set_alias). A target that fails is marked CORRUPT, the refusal is recorded on the alias, and the call
-        fails with FAILED_PRECONDITION naming the file and the rule; the alias does not move."""
+        Store.set_alias). With `split` ((model, revision, variant, weight) each), a canary alias: every target is
+        resolved and verified. A target that fails is marked CORRUPT, the refusal is recorded on the alias, and the
+        call fails with FAILED_PRECONDITION naming the file and the rule; the alias does not move."""
+        wanted = list(split) or [(model, revision, variant, 0)]
+        targets = [(self._verified_target(alias, m, r, v), w) for m, r, v, w in wanted]
+        return self.store.set_alias(alias, targets[0][0], targets if split else ())
+
+    def _verified_target(self, alias: str, model: str, revision: str, variant: str) -> Any:
+        """The stored variant an alias would point at, verified; FAILED_PRECONDITION (recorded on the alias) when
+        its files do not match its manifest."""
         try:
             target = self.store.resolve(model, revision, variant)
         except CorruptVariant as exc:
@@ -725,4 +735,4 @@ class Operations:
             )
             self.store.record_refusal(alias, target.key, message)
             raise errors.FailedPrecondition(message)
-        return self.store.set_alias(alias, target)
+        return target

@@ -239,7 +239,9 @@ class Reconciler:
                     model.entry, model.name, "model", functools.partial(self._model, model)
                 )
                 self._update_pending(state, outcomes)
-                for alias in (a for a in state.aliases if a.model == model.name):
+                # An alias moves once every model it points at has had its turn (a canary alias: its last one).
+                done = [a for a in state.aliases if model.name in a.models and all(m in outcomes for m in a.models)]
+                for alias in done:
                     self._entry(alias.entry, alias.name, "alias", functools.partial(self._alias, alias, outcomes))
             for adapter in state.adapters:
                 self._entry(adapter.entry, adapter.name, "adapter", functools.partial(self._adapter, adapter))
@@ -376,22 +378,17 @@ class Reconciler:
     # ---- aliases and adapters ----------------------------------------------------------------
 
     def _alias(self, alias: DeclaredAlias, outcomes: dict[str, _Outcome | None]) -> tuple[None, str, str]:
-        """Points the alias at its target if that is ready (stored and verified); otherwise it stays where it is."""
-        outcome = outcomes.get(alias.model)
-        if outcome is None:
-            raise errors.FailedPrecondition(f"{alias.target} is not ready (its model entry failed); the alias stays")
-        if alias.variant:
-            key = outcome.keys.get(alias.variant)
-            if key is None:
-                why = outcome.error or f"the model has {', '.join(outcome.keys) or 'no ready variant'}"
-                raise errors.FailedPrecondition(f"{alias.target} is not ready ({why}); the alias stays")
-        elif outcome.error or not outcome.keys:
-            why = outcome.error or "no ready variant"
-            raise errors.FailedPrecondition(f"{alias.model} is not ready ({why}); the alias stays")
-        else:
-            key = min(outcome.keys.values(), key=lambda k: Variant(k.variant).rank)
+        """Points the alias at its target (a canary alias: every target) if that is ready (stored and verified);
+        otherwise it stays where it is."""
         current = next((r for r, _ in self.store.aliases() if r.name == alias.name), None)
-        if current is None or current.key != key:
+        if alias.weighted:
+            split = [(_ready_key(outcomes, m, v), w) for m, v, w in alias.weighted]
+            if current is None or list(current.split) != split:
+                targets = [(k.name, k.revision, k.variant, w) for k, w in split]
+                self.ops.set_alias(alias.name, "", "", "", targets)
+            return None, " | ".join(f"{k.label()}*{w}" for k, w in split), ""
+        key = _ready_key(outcomes, alias.model, alias.variant)
+        if current is None or current.key != key or current.split:
             self.ops.set_alias(alias.name, key.name, key.revision, key.variant)
         return None, key.label(), ""
 
@@ -438,3 +435,22 @@ class Reconciler:
         self._cancel.set()
         if self._wake is not None:
             self._wake.set()
+
+
+def _ready_key(outcomes: dict[str, _Outcome | None], model: str, variant: str) -> VariantKey:
+    """The stored variant an alias target (`model`, optionally `variant`; empty: the best one) resolves to now;
+    FAILED_PRECONDITION when it is not ready (the alias stays where it is)."""
+    target = f"{model}:{variant}" if variant else model
+    outcome = outcomes.get(model)
+    if outcome is None:
+        raise errors.FailedPrecondition(f"{target} is not ready (its model entry failed); the alias stays")
+    if variant:
+        key = outcome.keys.get(variant)
+        if key is None:
+            why = outcome.error or f"the model has {', '.join(outcome.keys) or 'no ready variant'}"
+            raise errors.FailedPrecondition(f"{target} is not ready ({why}); the alias stays")
+        return key
+    if outcome.error or not outcome.keys:
+        why = outcome.error or "no ready variant"
+        raise errors.FailedPrecondition(f"{model} is not ready ({why}); the alias stays")
+    return min(outcome.keys.values(), key=lambda k: Variant(k.variant).rank)

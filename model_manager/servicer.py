@@ -224,9 +224,8 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SetAliasResponse:
         def run() -> pb.SetAliasResponse:
-            alias = convert.name_only(request.alias, "alias")
-            model, revision, variant = convert.target(request.model, request.revision, request.variant, prefix="m")
-            record, previous, _target = self.ops.set_alias(alias, model, revision, variant)
+            alias, model, revision, variant, split = convert.set_alias_request(request)
+            record, previous, _target = self.ops.set_alias(alias, model, revision, variant, split)
             previous_present = previous is not None and self.store.get(previous.key) is not None
             return convert.set_alias_reply(record, previous, previous_present, self.store.layout)
 

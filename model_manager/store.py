@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +97,16 @@ class AliasRecord:
     updated_at: float
     revert_to: VariantKey | None = None
     failure: AliasFailure | None = None
+    # A canary alias's weighted targets, the first being model/revision/variant; empty for a plain alias.
+    split: tuple[tuple[VariantKey, int], ...] = ()
 
     @property
     def key(self) -> VariantKey:
         return VariantKey(self.model, self.revision, self.variant)
+
+    def targets(self) -> tuple[VariantKey, ...]:
+        """Every variant the alias serves: its canary targets, or its one target."""
+        return tuple(k for k, _ in self.split) or (self.key,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,20 +299,28 @@ class Store:
             self._entries = self._scan()
             self._load_state()
             self._load_aliases()
-            dangling = tuple(a for a, rec in self._aliases.items() if rec.key not in self._entries)
+            missing = [a for a, rec in self._aliases.items() if any(k not in self._entries for k in rec.targets())]
+            dangling = tuple(missing)
             for alias in dangling:
                 log.warning("alias points at a missing variant", extra={"alias": alias})
-            for alias, rec in sorted(self._aliases.items()):
-                # An alias on a variant found corrupt at start goes back to its previous target, as it would have
-                # had the sidecar been running when the files changed.
-                target = self._entries.get(rec.key)
-                known = rec.failure is not None and rec.failure.target == rec.key and not rec.failure.reverted
-                if target is not None and target.state == CORRUPT and not known:
-                    self._fail_alias(alias, rec.key, f"{rec.key.label()} is corrupt: {target.error}", "sidecar")
+            for alias in sorted(self._aliases):
+                self._fail_corrupt_targets(alias)
             ready = sum(1 for e in self._entries.values() if e.state == READY)
             report = ReconcileReport(staging_removed, partials_removed, ready, len(self._entries) - ready, dangling)
             log.info("store reconciled", extra=dataclasses.asdict(report) | {"store": str(self.layout.root)})
             return report
+
+    def _fail_corrupt_targets(self, alias: str) -> None:
+        """At start: an alias on a variant found corrupt goes back to its previous target (a canary target leaves
+        the split), as it would have had the sidecar been running when the files changed. Under the lock."""
+        for key in self._aliases[alias].targets():
+            rec = self._aliases.get(alias)
+            target = self._entries.get(key)
+            if rec is None or key not in rec.targets() or target is None or target.state != CORRUPT:
+                continue
+            known = rec.failure is not None and rec.failure.target == key and not rec.failure.reverted
+            if not known:
+                self._fail_alias(alias, key, f"{key.label()} is corrupt: {target.error}", "sidecar")
 
     def _clean_downloads(self) -> int:
         removed = 0
@@ -411,11 +425,14 @@ class Store:
                     alias, str(target["model"]), str(target["revision"]), str(target["variant"]),
                     float(target.get("updated_at", 0.0)),
                     _key_from_json(target.get("revert_to")), _failure_from_json(target.get("last_failure")),
+                    _split_from_json(target.get("split")),
                 )  # fmt: skip
             except (KeyError, TypeError, ValueError):
                 log.warning("ignoring malformed alias", extra={"alias": alias})
                 continue
-            if all(is_safe_component(p) for p in (alias, record.model, record.revision, record.variant)):
+            if all(is_safe_component(p) for p in (alias, record.model, record.revision, record.variant)) and (
+                not record.split or record.split[0][0] == record.key
+            ):
                 self._aliases[alias] = record
 
     def _save_aliases(self) -> None:
@@ -437,7 +454,7 @@ class Store:
             created_at=entry.created_at,
             last_used=self._last_used.get(key, entry.created_at),
             pinned=key.name in self._pins,
-            aliases=tuple(sorted(a for a, r in self._aliases.items() if r.key == key)),
+            aliases=tuple(sorted(a for a, r in self._aliases.items() if key in r.targets())),
             lease_holders=len(leases),
             lease_expires_at=time.time() + max(leases) - now if leases else 0.0,
             family=entry.caps.family,
@@ -596,7 +613,7 @@ class Store:
                 what = " ".join(p for p in (name, revision and f"revision {revision}", variant) if p)
                 raise errors.NotFound(f"{what} is not in the store")
             for key in keys:
-                aliased = sorted(a for a, r in self._aliases.items() if r.key == key)
+                aliased = sorted(a for a, r in self._aliases.items() if key in r.targets())
                 if aliased:
                     raise errors.FailedPrecondition(
                         f"alias {aliased[0]!r} points at {key.label()}; move or delete the alias first"
@@ -622,32 +639,39 @@ class Store:
         _rmtree(trash)
         return view
 
-    def set_alias(self, alias: str, target: StoredVariant) -> tuple[AliasRecord, AliasRecord | None, StoredVariant]:
-        """Points `alias` at a READY variant; writes aliases.json atomically and emits AliasSet."""
+    def set_alias(
+        self, alias: str, target: StoredVariant, split: Sequence[tuple[StoredVariant, int]] = ()
+    ) -> tuple[AliasRecord, AliasRecord | None, StoredVariant]:
+        """Points `alias` at a READY variant, or with `split` at two or more weighted READY variants (a canary
+        alias; the first is `target`); writes aliases.json atomically and emits AliasSet."""
         with self._lock:
             if self.has_name(alias):
                 raise errors.FailedPrecondition(f"{alias!r} is a model name; an alias must not hide a model")
-            current = self.get(target.key)
-            if current is None:
-                raise errors.NotFound(f"{target.key.label()} is no longer in the store")
-            if current.state != READY:
-                raise errors.FailedPrecondition(f"{target.key.label()} is corrupt ({current.error})")
+            targets = [v for v, _ in split] or [target]
+            for t in targets:
+                current = self.get(t.key)
+                if current is None:
+                    raise errors.NotFound(f"{t.key.label()} is no longer in the store")
+                if current.state != READY:
+                    raise errors.FailedPrecondition(f"{t.key.label()} is corrupt ({current.error})")
             previous = self._aliases.get(alias)
             now = time.time()
-            k = target.key
+            k = targets[0].key
             # Where the alias goes back to if this target fails: the target it leaves (kept when re-set in place).
             revert_to = None
             if previous is not None:
                 revert_to = previous.key if previous.key != k else previous.revert_to
-            record = AliasRecord(alias, k.name, k.revision, k.variant, now, revert_to)
+            weights = tuple((v.key, w) for v, w in split)
+            record = AliasRecord(alias, k.name, k.revision, k.variant, now, revert_to, None, weights)
             self._aliases[alias] = record
             self._save_aliases()
-            if previous is not None and previous.key != record.key and previous.key in self._entries:
-                self._last_used[previous.key] = now
-            self._last_used[target.key] = now
+            left = [old for old in previous.targets() if old not in record.targets()] if previous is not None else []
+            for key in [*left, *record.targets()]:
+                if key in self._entries:
+                    self._last_used[key] = now
             self._save_state()
-            current = self._view(target.key)
-            log.info("alias set", extra={"alias": alias, "target": target.key.label()})
+            current = self._view(k)
+            log.info("alias set", extra={"alias": alias, "target": " | ".join(_weighted_labels(record))})
             self._emit(AliasSet(record, current, previous))
             return record, previous, current
 
@@ -702,7 +726,7 @@ class Store:
     def _protected(self, key: VariantKey) -> bool:
         return (
             key.name in self._pins
-            or any(r.key == key for r in self._aliases.values())
+            or any(key in r.targets() for r in self._aliases.values())
             or bool(self._busy.get(key))
             or self._leased(key)
         )
@@ -745,14 +769,17 @@ class Store:
         )
         self._emit(Corrupted(self._view(key), tuple(problems)))
         for alias, record in sorted(self._aliases.items()):
-            if record.key == key:
+            if key in record.targets():
                 self._fail_alias(alias, key, f"{key.label()} is corrupt: {entry.error}", reporter)
         return True
 
     def _fail_alias(self, alias: str, target: VariantKey, reason: str, reporter: str) -> bool:
         """Records that `alias`'s target failed; moves the alias back to its previous target when that is stored,
-        READY and verifies (emitting AliasSet with reverted=True). Returns whether it moved. Under the lock."""
+        READY and verifies (emitting AliasSet with reverted=True). Returns whether it moved. A canary alias drops the
+        failed target from its split instead, and its other targets keep serving. Under the lock."""
         record = self._aliases[alias]
+        if len(record.split) > 1 and target in record.targets():
+            return self._leave_split(alias, target, reason, reporter)
         back = record.revert_to
         usable = back is not None and back != target and back in self._entries and self._entries[back].state == READY
         if back is not None and usable:
@@ -784,6 +811,33 @@ class Store:
         )
         return False
 
+    def _leave_split(self, alias: str, target: VariantKey, reason: str, reporter: str) -> bool:
+        """A canary target failed: the alias keeps its other targets and their weights (one left: a plain alias on
+        it) and emits AliasSet with reverted=True. Under the lock."""
+        record = self._aliases[alias]
+        now = time.time()
+        rest = tuple((k, w) for k, w in record.split if k != target)
+        first = rest[0][0]
+        failure = AliasFailure(target, reason, reporter, now, True)
+        moved = AliasRecord(
+            alias,
+            first.name,
+            first.revision,
+            first.variant,
+            now,
+            record.revert_to,
+            failure,
+            rest if len(rest) > 1 else (),
+        )
+        self._aliases[alias] = moved
+        self._save_aliases()
+        log.warning(
+            "canary target failed; it left the alias's split and the other targets serve",
+            extra={"alias": alias, "failed": target.label(), "target": " | ".join(_weighted_labels(moved))},
+        )
+        self._emit(AliasSet(moved, self._view(first), record, reverted=True, reason=reason))
+        return True
+
     def report_failure(self, alias: str, target: VariantKey, reason: str) -> tuple[AliasRecord, bool]:
         """A server could not serve `target` under `alias`: re-verifies the target's files (a mismatch marks it
         CORRUPT), and if the alias still points at it, moves it back to its previous target (or records the
@@ -802,7 +856,7 @@ class Store:
                 raise errors.NotFound(f"alias {alias!r} does not exist")
             f = record.failure
             handled = f is not None and f.target == target and f.at >= started  # by the check just made
-            if record.key == target and not handled:
+            if target in record.targets() and not handled:
                 moved = self._fail_alias(alias, target, f"a server could not load it: {reason}", "server")
                 return self._aliases[alias], moved
             return record, handled and f is not None and f.reverted
@@ -959,8 +1013,29 @@ def _failure_from_json(data: Any) -> AliasFailure | None:
     )
 
 
+def _weighted_labels(r: AliasRecord) -> list[str]:
+    """The alias's targets as labels, each canary target with its weight (`NAME@REV:VARIANT*WEIGHT`)."""
+    return [f"{k.label()}*{w}" for k, w in r.split] or [r.key.label()]
+
+
+def _split_from_json(data: Any) -> tuple[tuple[VariantKey, int], ...]:
+    """A canary alias's weighted targets; () for a plain alias. Raises ValueError/KeyError/TypeError when malformed."""
+    if data is None:
+        return ()
+    out = []
+    for item in data:
+        key = _key_from_json(item)
+        weight = int(item["weight"])
+        if key is None or weight < 1:
+            raise ValueError("malformed canary target")
+        out.append((key, weight))
+    return tuple(out)
+
+
 def _alias_to_json(r: AliasRecord) -> dict[str, Any]:
     out: dict[str, Any] = {"model": r.model, "revision": r.revision, "variant": r.variant, "updated_at": r.updated_at}
+    if r.split:
+        out["split"] = [{**_key_to_json(k), "weight": w} for k, w in r.split]
     if r.revert_to is not None:
         out["revert_to"] = _key_to_json(r.revert_to)
     if r.failure is not None:

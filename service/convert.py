@@ -339,6 +339,18 @@ def memory_info(settings: Settings, choice: DeviceChoice, offloaded: Iterable[st
     )
 
 
+def batch_limit(b: BatchLimit) -> pb.BatchLimit:
+    return pb.BatchLimit(
+        model=b.model,
+        width=b.width,
+        height=b.height,
+        max_batch_images=b.max_images,
+        source=b.source,
+        variant=b.variant,
+        precision=b.precision,
+    )
+
+
 def replica_name(settings: Settings) -> str:
     """The `replica` setting, or the host name (the pod name in Kubernetes) when it is empty."""
     return settings.replica or socket.gethostname()
@@ -377,18 +389,7 @@ def server_info(
             )
             for f in families.FAMILIES.values()
         ],
-        batch_limits=[
-            pb.BatchLimit(
-                model=b.model,
-                width=b.width,
-                height=b.height,
-                max_batch_images=b.max_images,
-                source=b.source,
-                variant=b.variant,
-                precision=b.precision,
-            )
-            for b in batch_limits
-        ],
+        batch_limits=[batch_limit(b) for b in batch_limits],
         adapters=adapters,
         precision=settings.precision,
         execution_profile=settings.execution_profile,

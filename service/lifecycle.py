@@ -17,6 +17,7 @@ from sdserve_core.manifest import verify_folder
 from sdserve_core.pipeline import run as pipeline
 from sdserve_core.profiles import Profile
 from service import schedulers
+from service.aliases import Weighted
 from service.batching import MARGIN, BatchPolicy
 from service.device import DeviceChoice
 from service.execution import ProfileBook
@@ -40,6 +41,8 @@ class SwapResult:
 
     ok: bool
     error: str = ""
+    # A canary swap: the target that could not serve.
+    failed: str = ""
 
 
 def pick_default_model(settings: Settings, registry: ModelRegistry) -> str:
@@ -107,6 +110,10 @@ class ModelLifecycle(Observer):
     def slot_of(self, name: str) -> str | None:
         return self._registry.slot_of(name)
 
+    def is_canary(self, alias: str) -> bool:
+        """Whether `alias` is split between weighted targets (service.aliases)."""
+        return alias in self._registry.weighted_aliases()
+
     def referenced(self) -> set[str]:
         """Slots an alias or the default points at."""
         return self._registry.referenced()
@@ -165,8 +172,7 @@ class ModelLifecycle(Observer):
             self._registry.remove(slot)
 
     def remove_alias(self, alias: str) -> None:
-        before = self._registry.remove_alias(alias)
-        if before:
+        for before in self._registry.remove_alias(alias):
             self.release(before)
 
     def refuse_swap(self, alias: str, target: str, reason: str) -> None:
@@ -187,7 +193,7 @@ class ModelLifecycle(Observer):
 
         The folder's files are verified against its manifest.json first (digests cached by stat): a mismatch fails
         the swap before anything is loaded."""
-        if self._registry.slot_of(alias) == entry.slot:
+        if not self.is_canary(alias) and self._registry.slot_of(alias) == entry.slot:
             return SwapResult(True)
         start = time.perf_counter()
         error = self._prepare(alias, entry)
@@ -195,14 +201,40 @@ class ModelLifecycle(Observer):
             self._observer.swap_finished(alias, False)
             return SwapResult(False, error)
         before = self._registry.set_alias(alias, entry.slot)
+        self._swapped(alias, before, {entry.slot}, start)
+        return SwapResult(True)
+
+    def swap_weighted(self, alias: str, targets: list[tuple[ModelEntry, int]]) -> SwapResult:
+        """Hot swap to a canary alias: every target is verified, loaded and warmed as `swap` does for one, then the
+        alias is split between them by weight atomically. A target that cannot serve fails the swap (its slot in
+        `failed`) and the alias stays as it was. Call from a thread other than the worker's."""
+        wanted: Weighted = tuple((e.slot, w) for e, w in targets)
+        if self._registry.weighted_aliases().get(alias) == wanted:
+            return SwapResult(True)
+        start = time.perf_counter()
+        for entry, _ in targets:
+            error = self._prepare(alias, entry)
+            if error:
+                self._observer.swap_finished(alias, False)
+                return SwapResult(False, error, entry.slot)
+        before = self._registry.set_weighted(alias, wanted)
+        self._swapped(alias, before, {e.slot for e, _ in targets}, start)
+        return SwapResult(True)
+
+    def _swapped(self, alias: str, before: set[str], after: set[str], start: float) -> None:
+        """Logs a finished hot swap and releases the slots the alias no longer points at."""
         log.info(
             "hot swap done",
-            extra={"alias": alias, "from": before or "", "to": entry.slot, "seconds": time.perf_counter() - start},
+            extra={
+                "alias": alias,
+                "from": ",".join(sorted(before)),
+                "to": ",".join(sorted(after)),
+                "seconds": time.perf_counter() - start,
+            },
         )
-        if before and before != entry.slot:
-            self.release(before)
+        for slot in before - after:
+            self.release(slot)
         self._observer.swap_finished(alias, True)
-        return SwapResult(True)
 
     def _prepare(self, alias: str, entry: ModelEntry) -> str:
         """Verifies, loads and warms a swap's target; returns why it cannot serve ("" when it can)."""

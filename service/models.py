@@ -288,20 +288,40 @@ class ModelRegistry:
         with self._lock:
             return dict(self._weighted)
 
-    def set_alias(self, alias: str, target: str) -> str | None:
-        """Points `alias` at a name or slot; returns the slot it pointed at before."""
+    def set_alias(self, alias: str, target: str) -> set[str]:
+        """Points `alias` at a name or slot; returns the slots it pointed at before."""
         with self._lock:
-            before = self._slot_of(alias)
+            before = self._alias_slots(alias)
             self._weighted.pop(alias, None)
             self._aliases[alias] = target
             return before
 
-    def remove_alias(self, alias: str) -> str | None:
+    def set_weighted(self, alias: str, targets: Weighted) -> set[str]:
+        """Makes `alias` a canary alias split between `targets` (names or slots, with weights); returns the slots it
+        pointed at before."""
         with self._lock:
-            before = self._slot_of(alias)
+            before = self._alias_slots(alias)
+            self._aliases.pop(alias, None)
+            self._weighted[alias] = targets
+            return before
+
+    def remove_alias(self, alias: str) -> set[str]:
+        """Forgets `alias`; returns the slots it pointed at."""
+        with self._lock:
+            before = self._alias_slots(alias)
             self._aliases.pop(alias, None)
             self._weighted.pop(alias, None)
             return before
+
+    def alias_slots(self, alias: str) -> set[str]:
+        """The slots an alias points at now (a canary alias: every target's)."""
+        with self._lock:
+            return self._alias_slots(alias)
+
+    def _alias_slots(self, alias: str) -> set[str]:
+        weighted = self._weighted.get(alias)
+        names = [t for t, _ in weighted] if weighted is not None else [alias]
+        return {slot for n in names if (slot := self._slot_of(n))}
 
     def _slot_of(self, name: str, key: str = "") -> str | None:
         weighted = self._weighted.get(name)

@@ -90,6 +90,11 @@ class SwapOutcome(Protocol):
     @property
     def error(self) -> str: ...
 
+    @property
+    def failed(self) -> str:
+        """A canary swap: the slot of the target that could not serve."""
+        ...
+
 
 class Lifecycle(Protocol):
     """What the watcher asks of the model lifecycle (service.lifecycle.ModelLifecycle); slots are registry slots."""
@@ -102,6 +107,10 @@ class Lifecycle(Protocol):
     def entries(self) -> list[ModelEntry]: ...
 
     def slot_of(self, name: str) -> str | None: ...
+
+    def is_canary(self, alias: str) -> bool:
+        """Whether `alias` is split between weighted targets."""
+        ...
 
     def referenced(self) -> set[str]:
         """Slots that an alias or the default points at."""
@@ -123,6 +132,10 @@ class Lifecycle(Protocol):
 
     def swap(self, alias: str, entry: ModelEntry) -> SwapOutcome:
         """Blocking hot swap of `alias` to `entry`."""
+        ...
+
+    def swap_weighted(self, alias: str, targets: list[tuple[ModelEntry, int]]) -> SwapOutcome:
+        """Blocking hot swap of `alias` to a canary split between `targets` (entries and weights)."""
         ...
 
     def refuse_swap(self, alias: str, target: str, reason: str) -> None:
@@ -458,8 +471,11 @@ class StoreWatcher:
 
     async def _set_alias(self, alias: Alias) -> None:
         self._aliases.add(alias.name)
+        if alias.targets:
+            await self._set_canary(alias)
+            return
         slot = _format_slot(alias.model, alias.revision, alias.variant)
-        if self.lifecycle.slot_of(alias.name) == slot:
+        if self.lifecycle.slot_of(alias.name) == slot and not self.lifecycle.is_canary(alias.name):
             return
         try:
             entry = ModelEntry.read(Path(alias.path), name=alias.model, slot=slot)
@@ -472,6 +488,22 @@ class StoreWatcher:
         if not result.ok:
             # Every process must agree on what the alias serves: the sidecar moves it back, persistently.
             await self._report_failure(alias.name, slot, result.error)
+
+    async def _set_canary(self, alias: Alias) -> None:
+        """Splits a canary alias between its targets once every one of them is loaded and warm; a target that cannot
+        serve is reported, and the sidecar takes it out of the split (the next snapshot or event brings the rest)."""
+        targets: list[tuple[ModelEntry, int]] = []
+        for t in alias.targets:
+            slot = _format_slot(t.model, t.revision, t.variant)
+            try:
+                targets.append((ModelEntry.read(Path(t.path), name=t.model, slot=slot), t.weight))
+            except (ValueError, OSError) as exc:
+                self.lifecycle.refuse_swap(alias.name, slot, str(exc))
+                await self._report_failure(alias.name, slot, f"unreadable: {exc}")
+                return
+        result = await run_in_fresh_thread(lambda: self.lifecycle.swap_weighted(alias.name, targets), "sdserve-swap")
+        if not result.ok:
+            await self._report_failure(alias.name, result.failed, result.error)
 
     def _remove_alias(self, alias: str) -> None:
         self._aliases.discard(alias)

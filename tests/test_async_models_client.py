@@ -132,6 +132,7 @@ def test_channel_options_replace_the_client_defaults(car: Sidecar, sources: Path
 class Swapped:
     ok: bool
     error: str = ""
+    failed: str = ""
 
 
 class RegistryLifecycle:
@@ -151,6 +152,9 @@ class RegistryLifecycle:
 
     def slot_of(self, name: str) -> str | None:
         return self.registry.slot_of(name)
+
+    def is_canary(self, alias: str) -> bool:
+        return alias in self.registry.weighted_aliases()
 
     def referenced(self) -> set[str]:
         return self.registry.referenced()
@@ -179,6 +183,17 @@ class RegistryLifecycle:
             return Swapped(False, f"could not load {entry.name}")
         self.registry.upsert(entry)
         self.registry.set_alias(alias, entry.slot)
+        return Swapped(True)
+
+    def swap_weighted(self, alias: str, targets: list[tuple[ModelEntry, int]]) -> Swapped:
+        for entry, _ in targets:
+            if entry.name in self.broken:
+                self.swaps.append((alias, entry.slot, False))
+                return Swapped(False, f"could not load {entry.name}", entry.slot)
+        for entry, _ in targets:
+            self.registry.upsert(entry)
+        self.registry.set_weighted(alias, tuple((e.slot, w) for e, w in targets))
+        self.swaps.append((alias, ",".join(e.slot for e, _ in targets), True))
         return Swapped(True)
 
     def refuse_swap(self, alias: str, target: str, reason: str) -> None:

@@ -187,10 +187,29 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         return _run_operation(stream, ns, "made")
 
 
+def parse_weighted_targets(values: list[str]) -> list[tuple[str, str, str, int]]:
+    """'NAME[@REVISION][:VARIANT]*WEIGHT' each -> (name, revision, variant, weight): a canary alias's targets."""
+    out = []
+    for value in values:
+        target, star, weight = value.rpartition("*")
+        if not star or not weight.isdigit() or int(weight) < 1:
+            raise SdserveError(
+                "INVALID_ARGUMENT",
+                f"target: {value!r} is not NAME[@REVISION][:VARIANT]*WEIGHT with a weight of 1 or more",
+            )
+        out.append((*parse_target(target), int(weight)))
+    return out
+
+
 def cmd_alias_set(ns: argparse.Namespace) -> int:
-    name, revision, variant = parse_target(ns.target)
-    with _client(ns) as c:
-        alias, previous = c.set_alias(ns.alias, name, revision=revision, variant=variant)
+    if len(ns.target) > 1:
+        targets = parse_weighted_targets(ns.target)
+        with _client(ns) as c:
+            alias, previous = c.set_alias(ns.alias, targets=targets)
+    else:
+        name, revision, variant = parse_target(ns.target[0])
+        with _client(ns) as c:
+            alias, previous = c.set_alias(ns.alias, name, revision=revision, variant=variant)
     if ns.json:
         print(_as_json({"alias": dataclasses.asdict(alias), "previous": _plain(previous)}))
         return 0
@@ -210,6 +229,8 @@ def cmd_alias_rm(ns: argparse.Namespace) -> int:
 
 
 def _alias_target(a: Alias) -> str:
+    if a.targets:
+        return " | ".join(t.label() for t in a.targets)
     return f"{a.model}@{a.revision[:12]}:{a.variant}"
 
 
@@ -543,9 +564,16 @@ def add_models_commands(subparsers: Any) -> None:
 
     alias = subparsers.add_parser("alias", help="Aliases (setting one is a hot swap).")
     asub = alias.add_subparsers(dest="alias_command", required=True)
-    p = asub.add_parser("set", help="Point an alias at NAME[@REVISION][:VARIANT].")
+    p = asub.add_parser(
+        "set", help="Point an alias at NAME[@REVISION][:VARIANT], or split it between weighted targets (a canary)."
+    )
     p.add_argument("alias", help="Alias, for example default.")
-    p.add_argument("target", help="NAME[@REVISION][:VARIANT]; default: newest revision, preferred variant.")
+    p.add_argument(
+        "target",
+        nargs="+",
+        help="NAME[@REVISION][:VARIANT]; default: newest revision, preferred variant. Two or more targets make a "
+        "canary alias, each with its weight: sd15-v1*90 sd15-v2*10.",
+    )
     p.add_argument("--json", action="store_true", help="Print JSON.")
     _common(p, cmd_alias_set)
     p = asub.add_parser("rm", help="Remove an alias.")

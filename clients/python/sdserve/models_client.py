@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import grpc
@@ -128,10 +128,26 @@ class AliasFailure:
 
 
 @dataclasses.dataclass(frozen=True)
+class AliasTarget:
+    """One weighted target of a canary alias (`path` is empty when the target is missing)."""
+
+    model: str
+    revision: str
+    variant: str
+    weight: int
+    path: str = ""
+
+    def label(self) -> str:
+        return f"{self.model}@{self.revision[:12]}:{self.variant}*{self.weight}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Alias:
     """An alias and the variant it points at (`path` is empty when the target is missing).
 
-    `revert_to` is where it goes back if its target fails; `last_failure` the last target that failed under it."""
+    `revert_to` is where it goes back if its target fails; `last_failure` the last target that failed under it.
+    A canary alias has `targets` (two or more, weighted; the first is model/revision/variant): servers split the
+    requests naming it between them by weight (docs/canary.md)."""
 
     name: str
     model: str
@@ -141,6 +157,7 @@ class Alias:
     updated_at: float
     revert_to: VariantRef | None = None
     last_failure: AliasFailure | None = None
+    targets: tuple[AliasTarget, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +382,7 @@ def _alias(a: pb.Alias) -> Alias:
         _seconds(a.updated_time),
         _ref(a.revert_to) if a.HasField("revert_to") else None,
         None if f is None else AliasFailure(_ref(f.target), f.reason, f.reporter, _seconds(f.time), f.reverted),
+        tuple(AliasTarget(t.model, t.revision, _PB_TO_VARIANT.get(t.variant, ""), t.weight, t.path) for t in a.targets),
     )
 
 
@@ -721,9 +739,23 @@ class ModelManagerClient:
         resp = self._unary(self._stub.ReportAliasFailure, req)
         return _alias(resp.alias), resp.reverted
 
-    def set_alias(self, alias: str, model: str, *, revision: str = "", variant: str = "") -> tuple[Alias, Alias | None]:
-        """Points `alias` at a model (default: its newest revision and preferred variant); returns (new, previous)."""
+    def set_alias(
+        self,
+        alias: str,
+        model: str = "",
+        *,
+        revision: str = "",
+        variant: str = "",
+        targets: Sequence[tuple[str, str, str, int]] = (),
+    ) -> tuple[Alias, Alias | None]:
+        """Points `alias` at a model (default: its newest revision and preferred variant), or with `targets`
+        ((model, revision, variant, weight) each; revision and variant may be empty) makes it a canary alias split
+        between them by weight; returns (new, previous)."""
         req = pb.SetAliasRequest(alias=alias, model=model, revision=revision, variant=_variant(variant))
+        for i, (m, r, v, w) in enumerate(targets):
+            req.targets.append(
+                pb.AliasTarget(model=m, revision=r, variant=_variant(v, f"targets[{i}].variant"), weight=w)
+            )
         resp = self._unary(self._stub.SetAlias, req)
         return _alias(resp.alias), _alias(resp.previous) if resp.HasField("previous") else None
 

@@ -456,6 +456,7 @@ class Alias(_message.Message):
     UPDATED_TIME_FIELD_NUMBER: _builtins.int
     REVERT_TO_FIELD_NUMBER: _builtins.int
     LAST_FAILURE_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Alias name; the same rules as model names."""
     model: _builtins.str
@@ -480,6 +481,13 @@ class Alias(_message.Message):
     def last_failure(self) -> Global___AliasFailure:
         """The last failed attempt to serve a target under this alias; cleared by the next successful SetAlias."""
 
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AliasTarget]:
+        """A canary alias's weighted targets, the first being model/revision/variant; empty for a plain alias.
+        Servers split requests naming the alias between them by weight, picking each request's target from
+        its request id (docs/canary.md). A target that fails leaves the split and the others keep serving.
+        """
+
     def __init__(
         self,
         *,
@@ -491,14 +499,53 @@ class Alias(_message.Message):
         updated_time: _timestamp_pb2.Timestamp | None = ...,
         revert_to: Global___VariantRef | None = ...,
         last_failure: Global___AliasFailure | None = ...,
+        targets: _abc.Iterable[Global___AliasTarget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "revert_to", b"revert_to", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "model", b"model", "name", b"name", "path", b"path", "revert_to", b"revert_to", "revision", b"revision", "updated_time", b"updated_time", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "model", b"model", "name", b"name", "path", b"path", "revert_to", b"revert_to", "revision", b"revision", "targets", b"targets", "updated_time", b"updated_time", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Alias: _TypeAlias = Alias  # noqa: Y015
+
+@_typing.final
+class AliasTarget(_message.Message):
+    """AliasTarget is one weighted target of a canary alias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Target model name."""
+    revision: _builtins.str
+    """Target revision. In SetAliasRequest, default: the model's most recently published revision."""
+    variant: Global___WeightVariant.ValueType
+    """Target variant. In SetAliasRequest, default: the first of fp32, fp16, bf16, int8 the revision has."""
+    weight: _builtins.int
+    """The target's share of requests, relative to the other targets' weights; at least 1, at most 1000000."""
+    path: _builtins.str
+    """Absolute path of the target variant's folder (set by the sidecar; ignored in SetAliasRequest)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        variant: Global___WeightVariant.ValueType = ...,
+        weight: _builtins.int = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "path", b"path", "revision", b"revision", "variant", b"variant", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasTarget: _TypeAlias = AliasTarget  # noqa: Y015
 
 @_typing.final
 class StoreUsage(_message.Message):
@@ -1255,6 +1302,7 @@ class SetAliasRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     """Alias name; the same rules as model names."""
     model: _builtins.str
@@ -1263,6 +1311,12 @@ class SetAliasRequest(_message.Message):
     """Target revision. Default: the model's most recently published revision."""
     variant: Global___WeightVariant.ValueType
     """Target variant. Default: the first of fp32, fp16, bf16, int8 that the revision has."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AliasTarget]:
+        """A canary split instead of one target: two or more weighted targets, each model named once; then
+        model, revision and variant must be empty. Every target is verified before the alias moves.
+        """
+
     def __init__(
         self,
         *,
@@ -1270,10 +1324,11 @@ class SetAliasRequest(_message.Message):
         model: _builtins.str = ...,
         revision: _builtins.str = ...,
         variant: Global___WeightVariant.ValueType = ...,
+        targets: _abc.Iterable[Global___AliasTarget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model", b"model", "revision", b"revision", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model", b"model", "revision", b"revision", "targets", b"targets", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

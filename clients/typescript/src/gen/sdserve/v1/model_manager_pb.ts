@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sdserve/v1/model_manager.proto.
  */
 export const file_sdserve_v1_model_manager: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLXBAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZmFtaWx5GBMgASgJEg0KBXRhc2tzGBQgAygJIlgKClZhcmlhbnRSZWYSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IpQBCgxBbGlhc0ZhaWx1cmUSJgoGdGFyZ2V0GAEgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgCIAEoCRIQCghyZXBvcnRlchgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZlcnRlZBgFIAEoCCL9AQoFQWxpYXMSDAoEbmFtZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBSABKAkSMAoMdXBkYXRlZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCglyZXZlcnRfdG8YByABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLgoMbGFzdF9mYWlsdXJlGAggASgLMhguc2RzZXJ2ZS52MS5BbGlhc0ZhaWx1cmUimQEKClN0b3JlVXNhZ2USEgoKc3RvcmVfcGF0aBgBIAEoCRISCgp1c2VkX2J5dGVzGAIgASgEEhQKDGJ1ZGdldF9ieXRlcxgDIAEoBBIXCg9wcm90ZWN0ZWRfYnl0ZXMYBCABKAQSFQoNcGFydGlhbF9ieXRlcxgFIAEoBBIdChVmaWxlc3lzdGVtX2ZyZWVfYnl0ZXMYBiABKAQigQEKEU9wZXJhdGlvblByb2dyZXNzEg0KBXN0YWdlGAEgASgJEgwKBGZpbGUYAiABKAkSEgoKZG9uZV9ieXRlcxgDIAEoBBITCgt0b3RhbF9ieXRlcxgEIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAUgASgEEg8KB21lc3NhZ2UYBiABKAki7wEKD09wZXJhdGlvblJlc3VsdBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSLwoOYWxzb19wdWJsaXNoZWQYAiADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhcKD2FscmVhZHlfcHJlc2VudBgDIAEoCBIPCgdvZmZsaW5lGAQgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBSABKAQSFQoNcmVzdW1lZF9ieXRlcxgGIAEoBBIoCgdldmljdGVkGAcgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJvChBQdWxsTW9kZWxSZXF1ZXN0Eg8KB3JlcG9faWQYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIMCgRuYW1lGAQgASgJIn4KEVB1bGxNb2RlbFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiWwoSSW1wb3J0TW9kZWxSZXF1ZXN0EgwKBHBhdGgYASABKAkSDAoEbmFtZRgCIAEoCRIUCgxhcmNoaXRlY3R1cmUYAyABKAkSEwoLY29uZmlnX2Zyb20YBCABKAkigAEKE0ltcG9ydE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCKUAQoUQ3JlYXRlVmFyaWFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EhwKD21lYXN1cmVfcXVhbGl0eRgEIAEoCEgAiAEBQhIKEF9tZWFzdXJlX3F1YWxpdHkiggEKFUNyZWF0ZVZhcmlhbnRSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IicKF0xpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0EgwKBG5hbWUYASABKAkijgEKGExpc3RTdG9yZWRNb2RlbHNSZXNwb25zZRInCgZtb2RlbHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzEiUKBXVzYWdlGAMgASgLMhYuc2RzZXJ2ZS52MS5TdG9yZVVzYWdlIiUKFUdldFN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJImcKFkdldFN0b3JlZE1vZGVsUmVzcG9uc2USKQoIdmFyaWFudHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzImYKGERlbGV0ZVN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQiWgoZRGVsZXRlU3RvcmVkTW9kZWxSZXNwb25zZRIoCgdyZW1vdmVkGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBITCgtmcmVlZF9ieXRlcxgCIAEoBCI1ChVQaW5TdG9yZWRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZwaW5uZWQYAiABKAgiQwoWUGluU3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiYwoVUmVjb3JkTW9kZWxVc2VSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCIYChZSZWNvcmRNb2RlbFVzZVJlc3BvbnNlImoKF1JlbmV3TW9kZWxMZWFzZXNSZXF1ZXN0Eg4KBmhvbGRlchgBIAEoCRIoCgh2YXJpYW50cxgCIAMoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIVCg1sZWFzZV9zZWNvbmRzGAMgASgNInQKGFJlbmV3TW9kZWxMZWFzZXNSZXNwb25zZRInCgd1bmtub3duGAEgAygLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJiChlSZXBvcnRBbGlhc0ZhaWx1cmVSZXF1ZXN0Eg0KBWFsaWFzGAEgASgJEiYKBnRhcmdldBgCIAEoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIOCgZyZWFzb24YAyABKAkiUAoaUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEhAKCHJldmVydGVkGAIgASgIIm0KD1NldEFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IlkKEFNldEFsaWFzUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEiMKCHByZXZpb3VzGAIgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIjChJEZWxldGVBbGlhc1JlcXVlc3QSDQoFYWxpYXMYASABKAkiNwoTRGVsZXRlQWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiFAoSV2F0Y2hNb2RlbHNSZXF1ZXN0IpsBCg1TdG9yZVNuYXBzaG90EicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSEgoKc3RvcmVfcGF0aBgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRIUCgxhZGFwdGVyc19kaXIYBSABKAkiOAoOTW9kZWxQdWJsaXNoZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIkYKDE1vZGVsUmVtb3ZlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSDgoGcmVhc29uGAIgASgJIpwBCghBbGlhc1NldBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSJwoGdGFyZ2V0GAIgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIjCghwcmV2aW91cxgDIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYBCABKAgSDgoGcmVhc29uGAUgASgJIkoKDk1vZGVsQ29ycnVwdGVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIQCghwcm9ibGVtcxgCIAMoCSIwCgxBbGlhc1JlbW92ZWQSIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzIogDChNXYXRjaE1vZGVsc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCHNuYXBzaG90GAMgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZVNuYXBzaG90SAASNQoPbW9kZWxfcHVibGlzaGVkGAQgASgLMhouc2RzZXJ2ZS52MS5Nb2RlbFB1Ymxpc2hlZEgAEjEKDW1vZGVsX3JlbW92ZWQYBSABKAsyGC5zZHNlcnZlLnYxLk1vZGVsUmVtb3ZlZEgAEikKCWFsaWFzX3NldBgGIAEoCzIULnNkc2VydmUudjEuQWxpYXNTZXRIABIxCg1hbGlhc19yZW1vdmVkGAcgASgLMhguc2RzZXJ2ZS52MS5BbGlhc1JlbW92ZWRIABI1Cg9tb2RlbF9jb3JydXB0ZWQYCCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsQ29ycnVwdGVkSABCBwoFZXZlbnQilQIKDVN0b3JlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBIOCgZsYXlvdXQYAyABKAkSDgoGZmFtaWx5GAQgASgJEgwKBGJhc2UYBSABKAkSDwoHdGFyZ2V0cxgGIAMoCRINCgV0b2tlbhgHIAEoCRIOCgZzaGEyNTYYCCABKAkSEgoKc2l6ZV9ieXRlcxgJIAEoBBIOCgZzb3VyY2UYCiABKAkSDAoEcGF0aBgLIAEoCRINCgVlcnJvchgMIAEoCRIwCgxjcmVhdGVkX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqABChZBZGFwdGVyT3BlcmF0aW9uUmVzdWx0EioKB2FkYXB0ZXIYASABKAsyGS5zZHNlcnZlLnYxLlN0b3JlZEFkYXB0ZXISFwoPYWxyZWFkeV9wcmVzZW50GAIgASgIEhAKCHJlcGxhY2VkGAMgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBCABKAQSFQoNcmVzdW1lZF9ieXRlcxgFIAEoBCJ3ChJQdWxsQWRhcHRlclJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIQCghmaWxlbmFtZRgDIAEoCRIMCgRuYW1lGAQgASgJEg0KBXRva2VuGAUgASgJEg8KB3JlcGxhY2UYBiABKAgihwEKE1B1bGxBZGFwdGVyUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASNAoGcmVzdWx0GAIgASgLMiIuc2RzZXJ2ZS52MS5BZGFwdGVyT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiUgoUSW1wb3J0QWRhcHRlclJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBXRva2VuGAMgASgJEg8KB3JlcGxhY2UYBCABKAgiiQEKFUltcG9ydEFkYXB0ZXJSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABI0CgZyZXN1bHQYAiABKAsyIi5zZHNlcnZlLnYxLkFkYXB0ZXJPcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCIVChNMaXN0QWRhcHRlcnNSZXF1ZXN0IlkKFExpc3RBZGFwdGVyc1Jlc3BvbnNlEisKCGFkYXB0ZXJzGAEgAygLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyEhQKDGFkYXB0ZXJzX2RpchgCIAEoCSIxChFHZXRBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnZlcmlmeRgCIAEoCCJSChJHZXRBZGFwdGVyUmVzcG9uc2USKgoHYWRhcHRlchgBIAEoCzIZLnNkc2VydmUudjEuU3RvcmVkQWRhcHRlchIQCgh2ZXJpZmllZBgCIAEoCCIkChREZWxldGVBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJIkMKFURlbGV0ZUFkYXB0ZXJSZXNwb25zZRIqCgdyZW1vdmVkGAEgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyKpMBCg1XZWlnaHRWYXJpYW50Eh4KGldFSUdIVF9WQVJJQU5UX1VOU1BFQ0lGSUVEEAASFwoTV0VJR0hUX1ZBUklBTlRfRlAzMhABEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMTYQAhIXChNXRUlHSFRfVkFSSUFOVF9CRjE2EAMSFwoTV0VJR0hUX1ZBUklBTlRfSU5UOBAEKnQKEFN0b3JlZE1vZGVsU3RhdGUSIgoeU1RPUkVEX01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1RPUkVEX01PREVMX1NUQVRFX1JFQURZEAESHgoaU1RPUkVEX01PREVMX1NUQVRFX0NPUlJVUFQQAiqSAQoKU291cmNlS2luZBIbChdTT1VSQ0VfS0lORF9VTlNQRUNJRklFRBAAEhMKD1NPVVJDRV9LSU5EX0hVQhABEhwKGFNPVVJDRV9LSU5EX0xPQ0FMX0ZPTERFUhACEhsKF1NPVVJDRV9LSU5EX1NJTkdMRV9GSUxFEAMSFwoTU09VUkNFX0tJTkRfREVSSVZFRBAEMqQMChNNb2RlbE1hbmFnZXJTZXJ2aWNlEkoKCVB1bGxNb2RlbBIcLnNkc2VydmUudjEuUHVsbE1vZGVsUmVxdWVzdBodLnNkc2VydmUudjEuUHVsbE1vZGVsUmVzcG9uc2UwARJQCgtJbXBvcnRNb2RlbBIeLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlc3BvbnNlMAESVgoNQ3JlYXRlVmFyaWFudBIgLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlcXVlc3QaIS5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXNwb25zZTABEl0KEExpc3RTdG9yZWRNb2RlbHMSIy5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVzcG9uc2USVwoOR2V0U3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXNwb25zZRJgChFEZWxldGVTdG9yZWRNb2RlbBIkLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0GiUuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlElcKDlBpblN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUmVjb3JkTW9kZWxVc2USIS5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVxdWVzdBoiLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXNwb25zZRJdChBSZW5ld01vZGVsTGVhc2VzEiMuc2RzZXJ2ZS52MS5SZW5ld01vZGVsTGVhc2VzUmVxdWVzdBokLnNkc2VydmUudjEuUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEmMKElJlcG9ydEFsaWFzRmFpbHVyZRIlLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVxdWVzdBomLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USRQoIU2V0QWxpYXMSGy5zZHNlcnZlLnYxLlNldEFsaWFzUmVxdWVzdBocLnNkc2VydmUudjEuU2V0QWxpYXNSZXNwb25zZRJOCgtEZWxldGVBbGlhcxIeLnNkc2VydmUudjEuRGVsZXRlQWxpYXNSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1Jlc3BvbnNlElAKC1dhdGNoTW9kZWxzEh4uc2RzZXJ2ZS52MS5XYXRjaE1vZGVsc1JlcXVlc3QaHy5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVzcG9uc2UwARJQCgtQdWxsQWRhcHRlchIeLnNkc2VydmUudjEuUHVsbEFkYXB0ZXJSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5QdWxsQWRhcHRlclJlc3BvbnNlMAESVgoNSW1wb3J0QWRhcHRlchIgLnNkc2VydmUudjEuSW1wb3J0QWRhcHRlclJlcXVlc3QaIS5zZHNlcnZlLnYxLkltcG9ydEFkYXB0ZXJSZXNwb25zZTABElEKDExpc3RBZGFwdGVycxIfLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVxdWVzdBogLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVzcG9uc2USSwoKR2V0QWRhcHRlchIdLnNkc2VydmUudjEuR2V0QWRhcHRlclJlcXVlc3QaHi5zZHNlcnZlLnYxLkdldEFkYXB0ZXJSZXNwb25zZRJUCg1EZWxldGVBZGFwdGVyEiAuc2RzZXJ2ZS52MS5EZWxldGVBZGFwdGVyUmVxdWVzdBohLnNkc2VydmUudjEuRGVsZXRlQWRhcHRlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_sdserve_v1_diffusion]);
+  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLXBAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZmFtaWx5GBMgASgJEg0KBXRhc2tzGBQgAygJIlgKClZhcmlhbnRSZWYSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IpQBCgxBbGlhc0ZhaWx1cmUSJgoGdGFyZ2V0GAEgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgCIAEoCRIQCghyZXBvcnRlchgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZlcnRlZBgFIAEoCCKnAgoFQWxpYXMSDAoEbmFtZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBSABKAkSMAoMdXBkYXRlZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCglyZXZlcnRfdG8YByABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLgoMbGFzdF9mYWlsdXJlGAggASgLMhguc2RzZXJ2ZS52MS5BbGlhc0ZhaWx1cmUSKAoHdGFyZ2V0cxgJIAMoCzIXLnNkc2VydmUudjEuQWxpYXNUYXJnZXQieAoLQWxpYXNUYXJnZXQSDQoFbW9kZWwYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIOCgZ3ZWlnaHQYBCABKA0SDAoEcGF0aBgFIAEoCSKZAQoKU3RvcmVVc2FnZRISCgpzdG9yZV9wYXRoGAEgASgJEhIKCnVzZWRfYnl0ZXMYAiABKAQSFAoMYnVkZ2V0X2J5dGVzGAMgASgEEhcKD3Byb3RlY3RlZF9ieXRlcxgEIAEoBBIVCg1wYXJ0aWFsX2J5dGVzGAUgASgEEh0KFWZpbGVzeXN0ZW1fZnJlZV9ieXRlcxgGIAEoBCKBAQoRT3BlcmF0aW9uUHJvZ3Jlc3MSDQoFc3RhZ2UYASABKAkSDAoEZmlsZRgCIAEoCRISCgpkb25lX2J5dGVzGAMgASgEEhMKC3RvdGFsX2J5dGVzGAQgASgEEhUKDXJlc3VtZWRfYnl0ZXMYBSABKAQSDwoHbWVzc2FnZRgGIAEoCSLvAQoPT3BlcmF0aW9uUmVzdWx0EiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIvCg5hbHNvX3B1Ymxpc2hlZBgCIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSFwoPYWxyZWFkeV9wcmVzZW50GAMgASgIEg8KB29mZmxpbmUYBCABKAgSGAoQZG93bmxvYWRlZF9ieXRlcxgFIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAYgASgEEigKB2V2aWN0ZWQYByADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIm8KEFB1bGxNb2RlbFJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBG5hbWUYBCABKAkifgoRUHVsbE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCJbChJJbXBvcnRNb2RlbFJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEhQKDGFyY2hpdGVjdHVyZRgDIAEoCRITCgtjb25maWdfZnJvbRgEIAEoCSKAAQoTSW1wb3J0TW9kZWxSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IpQBChRDcmVhdGVWYXJpYW50UmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQSHAoPbWVhc3VyZV9xdWFsaXR5GAQgASgISACIAQFCEgoQX21lYXN1cmVfcXVhbGl0eSKCAQoVQ3JlYXRlVmFyaWFudFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiJwoXTGlzdFN0b3JlZE1vZGVsc1JlcXVlc3QSDAoEbmFtZRgBIAEoCSKOAQoYTGlzdFN0b3JlZE1vZGVsc1Jlc3BvbnNlEicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSJQoFdXNhZ2UYAyABKAsyFi5zZHNlcnZlLnYxLlN0b3JlVXNhZ2UiJQoVR2V0U3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkiZwoWR2V0U3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMiZgoYRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCJaChlEZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlEigKB3JlbW92ZWQYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhMKC2ZyZWVkX2J5dGVzGAIgASgEIjUKFVBpblN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnBpbm5lZBgCIAEoCCJDChZQaW5TdG9yZWRNb2RlbFJlc3BvbnNlEikKCHZhcmlhbnRzGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJjChVSZWNvcmRNb2RlbFVzZVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IhgKFlJlY29yZE1vZGVsVXNlUmVzcG9uc2UiagoXUmVuZXdNb2RlbExlYXNlc1JlcXVlc3QSDgoGaG9sZGVyGAEgASgJEigKCHZhcmlhbnRzGAIgAygLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEhUKDWxlYXNlX3NlY29uZHMYAyABKA0idAoYUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEicKB3Vua25vd24YASADKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLwoLZXhwaXJlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImIKGVJlcG9ydEFsaWFzRmFpbHVyZVJlcXVlc3QSDQoFYWxpYXMYASABKAkSJgoGdGFyZ2V0GAIgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgDIAEoCSJQChpSZXBvcnRBbGlhc0ZhaWx1cmVSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYAiABKAgilwEKD1NldEFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EigKB3RhcmdldHMYBSADKAsyFy5zZHNlcnZlLnYxLkFsaWFzVGFyZ2V0IlkKEFNldEFsaWFzUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEiMKCHByZXZpb3VzGAIgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIjChJEZWxldGVBbGlhc1JlcXVlc3QSDQoFYWxpYXMYASABKAkiNwoTRGVsZXRlQWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiFAoSV2F0Y2hNb2RlbHNSZXF1ZXN0IpsBCg1TdG9yZVNuYXBzaG90EicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSEgoKc3RvcmVfcGF0aBgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRIUCgxhZGFwdGVyc19kaXIYBSABKAkiOAoOTW9kZWxQdWJsaXNoZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIkYKDE1vZGVsUmVtb3ZlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSDgoGcmVhc29uGAIgASgJIpwBCghBbGlhc1NldBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSJwoGdGFyZ2V0GAIgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIjCghwcmV2aW91cxgDIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYBCABKAgSDgoGcmVhc29uGAUgASgJIkoKDk1vZGVsQ29ycnVwdGVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIQCghwcm9ibGVtcxgCIAMoCSIwCgxBbGlhc1JlbW92ZWQSIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzIogDChNXYXRjaE1vZGVsc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCHNuYXBzaG90GAMgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZVNuYXBzaG90SAASNQoPbW9kZWxfcHVibGlzaGVkGAQgASgLMhouc2RzZXJ2ZS52MS5Nb2RlbFB1Ymxpc2hlZEgAEjEKDW1vZGVsX3JlbW92ZWQYBSABKAsyGC5zZHNlcnZlLnYxLk1vZGVsUmVtb3ZlZEgAEikKCWFsaWFzX3NldBgGIAEoCzIULnNkc2VydmUudjEuQWxpYXNTZXRIABIxCg1hbGlhc19yZW1vdmVkGAcgASgLMhguc2RzZXJ2ZS52MS5BbGlhc1JlbW92ZWRIABI1Cg9tb2RlbF9jb3JydXB0ZWQYCCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsQ29ycnVwdGVkSABCBwoFZXZlbnQilQIKDVN0b3JlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBIOCgZsYXlvdXQYAyABKAkSDgoGZmFtaWx5GAQgASgJEgwKBGJhc2UYBSABKAkSDwoHdGFyZ2V0cxgGIAMoCRINCgV0b2tlbhgHIAEoCRIOCgZzaGEyNTYYCCABKAkSEgoKc2l6ZV9ieXRlcxgJIAEoBBIOCgZzb3VyY2UYCiABKAkSDAoEcGF0aBgLIAEoCRINCgVlcnJvchgMIAEoCRIwCgxjcmVhdGVkX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqABChZBZGFwdGVyT3BlcmF0aW9uUmVzdWx0EioKB2FkYXB0ZXIYASABKAsyGS5zZHNlcnZlLnYxLlN0b3JlZEFkYXB0ZXISFwoPYWxyZWFkeV9wcmVzZW50GAIgASgIEhAKCHJlcGxhY2VkGAMgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBCABKAQSFQoNcmVzdW1lZF9ieXRlcxgFIAEoBCJ3ChJQdWxsQWRhcHRlclJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIQCghmaWxlbmFtZRgDIAEoCRIMCgRuYW1lGAQgASgJEg0KBXRva2VuGAUgASgJEg8KB3JlcGxhY2UYBiABKAgihwEKE1B1bGxBZGFwdGVyUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASNAoGcmVzdWx0GAIgASgLMiIuc2RzZXJ2ZS52MS5BZGFwdGVyT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiUgoUSW1wb3J0QWRhcHRlclJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBXRva2VuGAMgASgJEg8KB3JlcGxhY2UYBCABKAgiiQEKFUltcG9ydEFkYXB0ZXJSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABI0CgZyZXN1bHQYAiABKAsyIi5zZHNlcnZlLnYxLkFkYXB0ZXJPcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCIVChNMaXN0QWRhcHRlcnNSZXF1ZXN0IlkKFExpc3RBZGFwdGVyc1Jlc3BvbnNlEisKCGFkYXB0ZXJzGAEgAygLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyEhQKDGFkYXB0ZXJzX2RpchgCIAEoCSIxChFHZXRBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnZlcmlmeRgCIAEoCCJSChJHZXRBZGFwdGVyUmVzcG9uc2USKgoHYWRhcHRlchgBIAEoCzIZLnNkc2VydmUudjEuU3RvcmVkQWRhcHRlchIQCgh2ZXJpZmllZBgCIAEoCCIkChREZWxldGVBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJIkMKFURlbGV0ZUFkYXB0ZXJSZXNwb25zZRIqCgdyZW1vdmVkGAEgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyKpMBCg1XZWlnaHRWYXJpYW50Eh4KGldFSUdIVF9WQVJJQU5UX1VOU1BFQ0lGSUVEEAASFwoTV0VJR0hUX1ZBUklBTlRfRlAzMhABEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMTYQAhIXChNXRUlHSFRfVkFSSUFOVF9CRjE2EAMSFwoTV0VJR0hUX1ZBUklBTlRfSU5UOBAEKnQKEFN0b3JlZE1vZGVsU3RhdGUSIgoeU1RPUkVEX01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1RPUkVEX01PREVMX1NUQVRFX1JFQURZEAESHgoaU1RPUkVEX01PREVMX1NUQVRFX0NPUlJVUFQQAiqSAQoKU291cmNlS2luZBIbChdTT1VSQ0VfS0lORF9VTlNQRUNJRklFRBAAEhMKD1NPVVJDRV9LSU5EX0hVQhABEhwKGFNPVVJDRV9LSU5EX0xPQ0FMX0ZPTERFUhACEhsKF1NPVVJDRV9LSU5EX1NJTkdMRV9GSUxFEAMSFwoTU09VUkNFX0tJTkRfREVSSVZFRBAEMqQMChNNb2RlbE1hbmFnZXJTZXJ2aWNlEkoKCVB1bGxNb2RlbBIcLnNkc2VydmUudjEuUHVsbE1vZGVsUmVxdWVzdBodLnNkc2VydmUudjEuUHVsbE1vZGVsUmVzcG9uc2UwARJQCgtJbXBvcnRNb2RlbBIeLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlc3BvbnNlMAESVgoNQ3JlYXRlVmFyaWFudBIgLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlcXVlc3QaIS5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXNwb25zZTABEl0KEExpc3RTdG9yZWRNb2RlbHMSIy5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVzcG9uc2USVwoOR2V0U3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXNwb25zZRJgChFEZWxldGVTdG9yZWRNb2RlbBIkLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0GiUuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlElcKDlBpblN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUmVjb3JkTW9kZWxVc2USIS5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVxdWVzdBoiLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXNwb25zZRJdChBSZW5ld01vZGVsTGVhc2VzEiMuc2RzZXJ2ZS52MS5SZW5ld01vZGVsTGVhc2VzUmVxdWVzdBokLnNkc2VydmUudjEuUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEmMKElJlcG9ydEFsaWFzRmFpbHVyZRIlLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVxdWVzdBomLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USRQoIU2V0QWxpYXMSGy5zZHNlcnZlLnYxLlNldEFsaWFzUmVxdWVzdBocLnNkc2VydmUudjEuU2V0QWxpYXNSZXNwb25zZRJOCgtEZWxldGVBbGlhcxIeLnNkc2VydmUudjEuRGVsZXRlQWxpYXNSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1Jlc3BvbnNlElAKC1dhdGNoTW9kZWxzEh4uc2RzZXJ2ZS52MS5XYXRjaE1vZGVsc1JlcXVlc3QaHy5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVzcG9uc2UwARJQCgtQdWxsQWRhcHRlchIeLnNkc2VydmUudjEuUHVsbEFkYXB0ZXJSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5QdWxsQWRhcHRlclJlc3BvbnNlMAESVgoNSW1wb3J0QWRhcHRlchIgLnNkc2VydmUudjEuSW1wb3J0QWRhcHRlclJlcXVlc3QaIS5zZHNlcnZlLnYxLkltcG9ydEFkYXB0ZXJSZXNwb25zZTABElEKDExpc3RBZGFwdGVycxIfLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVxdWVzdBogLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVzcG9uc2USSwoKR2V0QWRhcHRlchIdLnNkc2VydmUudjEuR2V0QWRhcHRlclJlcXVlc3QaHi5zZHNlcnZlLnYxLkdldEFkYXB0ZXJSZXNwb25zZRJUCg1EZWxldGVBZGFwdGVyEiAuc2RzZXJ2ZS52MS5EZWxldGVBZGFwdGVyUmVxdWVzdBohLnNkc2VydmUudjEuRGVsZXRlQWRhcHRlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_sdserve_v1_diffusion]);
 
 /**
  * ModelSource records where a stored variant came from.
@@ -485,6 +485,15 @@ export type Alias = Message<"sdserve.v1.Alias"> & {
    * @generated from field: sdserve.v1.AliasFailure last_failure = 8;
    */
   lastFailure?: AliasFailure | undefined;
+
+  /**
+   * A canary alias's weighted targets, the first being model/revision/variant; empty for a plain alias.
+   * Servers split requests naming the alias between them by weight, picking each request's target from
+   * its request id (docs/canary.md). A target that fails leaves the split and the others keep serving.
+   *
+   * @generated from field: repeated sdserve.v1.AliasTarget targets = 9;
+   */
+  targets: AliasTarget[];
 };
 
 /**
@@ -493,6 +502,55 @@ export type Alias = Message<"sdserve.v1.Alias"> & {
  */
 export const AliasSchema: GenMessage<Alias> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_model_manager, 6);
+
+/**
+ * AliasTarget is one weighted target of a canary alias.
+ *
+ * @generated from message sdserve.v1.AliasTarget
+ */
+export type AliasTarget = Message<"sdserve.v1.AliasTarget"> & {
+  /**
+   * Target model name.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * Target revision. In SetAliasRequest, default: the model's most recently published revision.
+   *
+   * @generated from field: string revision = 2;
+   */
+  revision: string;
+
+  /**
+   * Target variant. In SetAliasRequest, default: the first of fp32, fp16, bf16, int8 the revision has.
+   *
+   * @generated from field: sdserve.v1.WeightVariant variant = 3;
+   */
+  variant: WeightVariant;
+
+  /**
+   * The target's share of requests, relative to the other targets' weights; at least 1, at most 1000000.
+   *
+   * @generated from field: uint32 weight = 4;
+   */
+  weight: number;
+
+  /**
+   * Absolute path of the target variant's folder (set by the sidecar; ignored in SetAliasRequest).
+   *
+   * @generated from field: string path = 5;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message sdserve.v1.AliasTarget.
+ * Use `create(AliasTargetSchema)` to create a new message.
+ */
+export const AliasTargetSchema: GenMessage<AliasTarget> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 7);
 
 /**
  * StoreUsage is the store's disk usage.
@@ -548,7 +606,7 @@ export type StoreUsage = Message<"sdserve.v1.StoreUsage"> & {
  * Use `create(StoreUsageSchema)` to create a new message.
  */
 export const StoreUsageSchema: GenMessage<StoreUsage> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 7);
+  messageDesc(file_sdserve_v1_model_manager, 8);
 
 /**
  * OperationProgress reports a long operation's progress.
@@ -605,7 +663,7 @@ export type OperationProgress = Message<"sdserve.v1.OperationProgress"> & {
  * Use `create(OperationProgressSchema)` to create a new message.
  */
 export const OperationProgressSchema: GenMessage<OperationProgress> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 8);
+  messageDesc(file_sdserve_v1_model_manager, 9);
 
 /**
  * OperationResult is the outcome of a PullModel, ImportModel or CreateVariant call.
@@ -669,7 +727,7 @@ export type OperationResult = Message<"sdserve.v1.OperationResult"> & {
  * Use `create(OperationResultSchema)` to create a new message.
  */
 export const OperationResultSchema: GenMessage<OperationResult> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 9);
+  messageDesc(file_sdserve_v1_model_manager, 10);
 
 /**
  * PullModelRequest names a Hub repository, revision and variant.
@@ -713,7 +771,7 @@ export type PullModelRequest = Message<"sdserve.v1.PullModelRequest"> & {
  * Use `create(PullModelRequestSchema)` to create a new message.
  */
 export const PullModelRequestSchema: GenMessage<PullModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 10);
+  messageDesc(file_sdserve_v1_model_manager, 11);
 
 /**
  * PullModelResponse is one message of a PullModel stream.
@@ -750,7 +808,7 @@ export type PullModelResponse = Message<"sdserve.v1.PullModelResponse"> & {
  * Use `create(PullModelResponseSchema)` to create a new message.
  */
 export const PullModelResponseSchema: GenMessage<PullModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 11);
+  messageDesc(file_sdserve_v1_model_manager, 12);
 
 /**
  * ImportModelRequest names a local folder or file to import.
@@ -798,7 +856,7 @@ export type ImportModelRequest = Message<"sdserve.v1.ImportModelRequest"> & {
  * Use `create(ImportModelRequestSchema)` to create a new message.
  */
 export const ImportModelRequestSchema: GenMessage<ImportModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 12);
+  messageDesc(file_sdserve_v1_model_manager, 13);
 
 /**
  * ImportModelResponse is one message of an ImportModel stream.
@@ -835,7 +893,7 @@ export type ImportModelResponse = Message<"sdserve.v1.ImportModelResponse"> & {
  * Use `create(ImportModelResponseSchema)` to create a new message.
  */
 export const ImportModelResponseSchema: GenMessage<ImportModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 13);
+  messageDesc(file_sdserve_v1_model_manager, 14);
 
 /**
  * CreateVariantRequest names a stored revision and the variant to make of it.
@@ -878,7 +936,7 @@ export type CreateVariantRequest = Message<"sdserve.v1.CreateVariantRequest"> & 
  * Use `create(CreateVariantRequestSchema)` to create a new message.
  */
 export const CreateVariantRequestSchema: GenMessage<CreateVariantRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 14);
+  messageDesc(file_sdserve_v1_model_manager, 15);
 
 /**
  * CreateVariantResponse is one message of a CreateVariant stream.
@@ -915,7 +973,7 @@ export type CreateVariantResponse = Message<"sdserve.v1.CreateVariantResponse"> 
  * Use `create(CreateVariantResponseSchema)` to create a new message.
  */
 export const CreateVariantResponseSchema: GenMessage<CreateVariantResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 15);
+  messageDesc(file_sdserve_v1_model_manager, 16);
 
 /**
  * ListStoredModelsRequest filters the listing.
@@ -936,7 +994,7 @@ export type ListStoredModelsRequest = Message<"sdserve.v1.ListStoredModelsReques
  * Use `create(ListStoredModelsRequestSchema)` to create a new message.
  */
 export const ListStoredModelsRequestSchema: GenMessage<ListStoredModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 16);
+  messageDesc(file_sdserve_v1_model_manager, 17);
 
 /**
  * ListStoredModelsResponse lists the store.
@@ -971,7 +1029,7 @@ export type ListStoredModelsResponse = Message<"sdserve.v1.ListStoredModelsRespo
  * Use `create(ListStoredModelsResponseSchema)` to create a new message.
  */
 export const ListStoredModelsResponseSchema: GenMessage<ListStoredModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 17);
+  messageDesc(file_sdserve_v1_model_manager, 18);
 
 /**
  * GetStoredModelRequest names a model.
@@ -992,7 +1050,7 @@ export type GetStoredModelRequest = Message<"sdserve.v1.GetStoredModelRequest"> 
  * Use `create(GetStoredModelRequestSchema)` to create a new message.
  */
 export const GetStoredModelRequestSchema: GenMessage<GetStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 18);
+  messageDesc(file_sdserve_v1_model_manager, 19);
 
 /**
  * GetStoredModelResponse describes one model.
@@ -1020,7 +1078,7 @@ export type GetStoredModelResponse = Message<"sdserve.v1.GetStoredModelResponse"
  * Use `create(GetStoredModelResponseSchema)` to create a new message.
  */
 export const GetStoredModelResponseSchema: GenMessage<GetStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 19);
+  messageDesc(file_sdserve_v1_model_manager, 20);
 
 /**
  * DeleteStoredModelRequest names what to remove.
@@ -1055,7 +1113,7 @@ export type DeleteStoredModelRequest = Message<"sdserve.v1.DeleteStoredModelRequ
  * Use `create(DeleteStoredModelRequestSchema)` to create a new message.
  */
 export const DeleteStoredModelRequestSchema: GenMessage<DeleteStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 20);
+  messageDesc(file_sdserve_v1_model_manager, 21);
 
 /**
  * DeleteStoredModelResponse lists what was removed.
@@ -1083,7 +1141,7 @@ export type DeleteStoredModelResponse = Message<"sdserve.v1.DeleteStoredModelRes
  * Use `create(DeleteStoredModelResponseSchema)` to create a new message.
  */
 export const DeleteStoredModelResponseSchema: GenMessage<DeleteStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 21);
+  messageDesc(file_sdserve_v1_model_manager, 22);
 
 /**
  * PinStoredModelRequest pins or unpins a model.
@@ -1111,7 +1169,7 @@ export type PinStoredModelRequest = Message<"sdserve.v1.PinStoredModelRequest"> 
  * Use `create(PinStoredModelRequestSchema)` to create a new message.
  */
 export const PinStoredModelRequestSchema: GenMessage<PinStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 22);
+  messageDesc(file_sdserve_v1_model_manager, 23);
 
 /**
  * PinStoredModelResponse confirms the pin.
@@ -1132,7 +1190,7 @@ export type PinStoredModelResponse = Message<"sdserve.v1.PinStoredModelResponse"
  * Use `create(PinStoredModelResponseSchema)` to create a new message.
  */
 export const PinStoredModelResponseSchema: GenMessage<PinStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 23);
+  messageDesc(file_sdserve_v1_model_manager, 24);
 
 /**
  * RecordModelUseRequest names a variant that was just used (for example loaded by the server).
@@ -1167,7 +1225,7 @@ export type RecordModelUseRequest = Message<"sdserve.v1.RecordModelUseRequest"> 
  * Use `create(RecordModelUseRequestSchema)` to create a new message.
  */
 export const RecordModelUseRequestSchema: GenMessage<RecordModelUseRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 24);
+  messageDesc(file_sdserve_v1_model_manager, 25);
 
 /**
  * RecordModelUseResponse is empty.
@@ -1182,7 +1240,7 @@ export type RecordModelUseResponse = Message<"sdserve.v1.RecordModelUseResponse"
  * Use `create(RecordModelUseResponseSchema)` to create a new message.
  */
 export const RecordModelUseResponseSchema: GenMessage<RecordModelUseResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 25);
+  messageDesc(file_sdserve_v1_model_manager, 26);
 
 /**
  * RenewModelLeasesRequest replaces one server's leases.
@@ -1219,7 +1277,7 @@ export type RenewModelLeasesRequest = Message<"sdserve.v1.RenewModelLeasesReques
  * Use `create(RenewModelLeasesRequestSchema)` to create a new message.
  */
 export const RenewModelLeasesRequestSchema: GenMessage<RenewModelLeasesRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 26);
+  messageDesc(file_sdserve_v1_model_manager, 27);
 
 /**
  * RenewModelLeasesResponse confirms the leases.
@@ -1247,7 +1305,7 @@ export type RenewModelLeasesResponse = Message<"sdserve.v1.RenewModelLeasesRespo
  * Use `create(RenewModelLeasesResponseSchema)` to create a new message.
  */
 export const RenewModelLeasesResponseSchema: GenMessage<RenewModelLeasesResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 27);
+  messageDesc(file_sdserve_v1_model_manager, 28);
 
 /**
  * ReportAliasFailureRequest says which alias target a server could not serve, and why.
@@ -1282,7 +1340,7 @@ export type ReportAliasFailureRequest = Message<"sdserve.v1.ReportAliasFailureRe
  * Use `create(ReportAliasFailureRequestSchema)` to create a new message.
  */
 export const ReportAliasFailureRequestSchema: GenMessage<ReportAliasFailureRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 28);
+  messageDesc(file_sdserve_v1_model_manager, 29);
 
 /**
  * ReportAliasFailureResponse returns the alias after the report.
@@ -1310,7 +1368,7 @@ export type ReportAliasFailureResponse = Message<"sdserve.v1.ReportAliasFailureR
  * Use `create(ReportAliasFailureResponseSchema)` to create a new message.
  */
 export const ReportAliasFailureResponseSchema: GenMessage<ReportAliasFailureResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 29);
+  messageDesc(file_sdserve_v1_model_manager, 30);
 
 /**
  * SetAliasRequest points an alias at a variant.
@@ -1345,6 +1403,14 @@ export type SetAliasRequest = Message<"sdserve.v1.SetAliasRequest"> & {
    * @generated from field: sdserve.v1.WeightVariant variant = 4;
    */
   variant: WeightVariant;
+
+  /**
+   * A canary split instead of one target: two or more weighted targets, each model named once; then
+   * model, revision and variant must be empty. Every target is verified before the alias moves.
+   *
+   * @generated from field: repeated sdserve.v1.AliasTarget targets = 5;
+   */
+  targets: AliasTarget[];
 };
 
 /**
@@ -1352,7 +1418,7 @@ export type SetAliasRequest = Message<"sdserve.v1.SetAliasRequest"> & {
  * Use `create(SetAliasRequestSchema)` to create a new message.
  */
 export const SetAliasRequestSchema: GenMessage<SetAliasRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 30);
+  messageDesc(file_sdserve_v1_model_manager, 31);
 
 /**
  * SetAliasResponse returns the alias as set.
@@ -1380,7 +1446,7 @@ export type SetAliasResponse = Message<"sdserve.v1.SetAliasResponse"> & {
  * Use `create(SetAliasResponseSchema)` to create a new message.
  */
 export const SetAliasResponseSchema: GenMessage<SetAliasResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 31);
+  messageDesc(file_sdserve_v1_model_manager, 32);
 
 /**
  * DeleteAliasRequest names an alias.
@@ -1401,7 +1467,7 @@ export type DeleteAliasRequest = Message<"sdserve.v1.DeleteAliasRequest"> & {
  * Use `create(DeleteAliasRequestSchema)` to create a new message.
  */
 export const DeleteAliasRequestSchema: GenMessage<DeleteAliasRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 32);
+  messageDesc(file_sdserve_v1_model_manager, 33);
 
 /**
  * DeleteAliasResponse returns the removed alias.
@@ -1422,7 +1488,7 @@ export type DeleteAliasResponse = Message<"sdserve.v1.DeleteAliasResponse"> & {
  * Use `create(DeleteAliasResponseSchema)` to create a new message.
  */
 export const DeleteAliasResponseSchema: GenMessage<DeleteAliasResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 33);
+  messageDesc(file_sdserve_v1_model_manager, 34);
 
 /**
  * WatchModelsRequest subscribes to store changes.
@@ -1437,7 +1503,7 @@ export type WatchModelsRequest = Message<"sdserve.v1.WatchModelsRequest"> & {
  * Use `create(WatchModelsRequestSchema)` to create a new message.
  */
 export const WatchModelsRequestSchema: GenMessage<WatchModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 34);
+  messageDesc(file_sdserve_v1_model_manager, 35);
 
 /**
  * StoreSnapshot is the whole store at the moment a subscription starts.
@@ -1487,7 +1553,7 @@ export type StoreSnapshot = Message<"sdserve.v1.StoreSnapshot"> & {
  * Use `create(StoreSnapshotSchema)` to create a new message.
  */
 export const StoreSnapshotSchema: GenMessage<StoreSnapshot> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 35);
+  messageDesc(file_sdserve_v1_model_manager, 36);
 
 /**
  * ModelPublished says a variant was published (it is READY).
@@ -1508,7 +1574,7 @@ export type ModelPublished = Message<"sdserve.v1.ModelPublished"> & {
  * Use `create(ModelPublishedSchema)` to create a new message.
  */
 export const ModelPublishedSchema: GenMessage<ModelPublished> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 36);
+  messageDesc(file_sdserve_v1_model_manager, 37);
 
 /**
  * ModelRemoved says a variant was removed (deleted or evicted); its folder is gone.
@@ -1536,7 +1602,7 @@ export type ModelRemoved = Message<"sdserve.v1.ModelRemoved"> & {
  * Use `create(ModelRemovedSchema)` to create a new message.
  */
 export const ModelRemovedSchema: GenMessage<ModelRemoved> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 37);
+  messageDesc(file_sdserve_v1_model_manager, 38);
 
 /**
  * AliasSet says an alias now points at a variant: load `target.path` and swap.
@@ -1585,7 +1651,7 @@ export type AliasSet = Message<"sdserve.v1.AliasSet"> & {
  * Use `create(AliasSetSchema)` to create a new message.
  */
 export const AliasSetSchema: GenMessage<AliasSet> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 38);
+  messageDesc(file_sdserve_v1_model_manager, 39);
 
 /**
  * ModelCorrupted says a READY variant failed verification after it was published (a scrub, a SetAlias
@@ -1614,7 +1680,7 @@ export type ModelCorrupted = Message<"sdserve.v1.ModelCorrupted"> & {
  * Use `create(ModelCorruptedSchema)` to create a new message.
  */
 export const ModelCorruptedSchema: GenMessage<ModelCorrupted> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 39);
+  messageDesc(file_sdserve_v1_model_manager, 40);
 
 /**
  * AliasRemoved says an alias no longer exists.
@@ -1635,7 +1701,7 @@ export type AliasRemoved = Message<"sdserve.v1.AliasRemoved"> & {
  * Use `create(AliasRemovedSchema)` to create a new message.
  */
 export const AliasRemovedSchema: GenMessage<AliasRemoved> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 40);
+  messageDesc(file_sdserve_v1_model_manager, 41);
 
 /**
  * WatchModelsResponse is one message of a WatchModels stream. The first is always a snapshot.
@@ -1719,7 +1785,7 @@ export type WatchModelsResponse = Message<"sdserve.v1.WatchModelsResponse"> & {
  * Use `create(WatchModelsResponseSchema)` to create a new message.
  */
 export const WatchModelsResponseSchema: GenMessage<WatchModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 41);
+  messageDesc(file_sdserve_v1_model_manager, 42);
 
 /**
  * StoredAdapter is one stored adapter: a LoRA or a textual-inversion embedding, published atomically at
@@ -1836,7 +1902,7 @@ export type StoredAdapter = Message<"sdserve.v1.StoredAdapter"> & {
  * Use `create(StoredAdapterSchema)` to create a new message.
  */
 export const StoredAdapterSchema: GenMessage<StoredAdapter> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 42);
+  messageDesc(file_sdserve_v1_model_manager, 43);
 
 /**
  * AdapterOperationResult is the outcome of a PullAdapter or ImportAdapter call.
@@ -1886,7 +1952,7 @@ export type AdapterOperationResult = Message<"sdserve.v1.AdapterOperationResult"
  * Use `create(AdapterOperationResultSchema)` to create a new message.
  */
 export const AdapterOperationResultSchema: GenMessage<AdapterOperationResult> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 43);
+  messageDesc(file_sdserve_v1_model_manager, 44);
 
 /**
  * PullAdapterRequest names a Hub repository and the adapter file in it.
@@ -1945,7 +2011,7 @@ export type PullAdapterRequest = Message<"sdserve.v1.PullAdapterRequest"> & {
  * Use `create(PullAdapterRequestSchema)` to create a new message.
  */
 export const PullAdapterRequestSchema: GenMessage<PullAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 44);
+  messageDesc(file_sdserve_v1_model_manager, 45);
 
 /**
  * PullAdapterResponse is one message of a PullAdapter stream.
@@ -1982,7 +2048,7 @@ export type PullAdapterResponse = Message<"sdserve.v1.PullAdapterResponse"> & {
  * Use `create(PullAdapterResponseSchema)` to create a new message.
  */
 export const PullAdapterResponseSchema: GenMessage<PullAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 45);
+  messageDesc(file_sdserve_v1_model_manager, 46);
 
 /**
  * ImportAdapterRequest names a local adapter file to store.
@@ -2026,7 +2092,7 @@ export type ImportAdapterRequest = Message<"sdserve.v1.ImportAdapterRequest"> & 
  * Use `create(ImportAdapterRequestSchema)` to create a new message.
  */
 export const ImportAdapterRequestSchema: GenMessage<ImportAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 46);
+  messageDesc(file_sdserve_v1_model_manager, 47);
 
 /**
  * ImportAdapterResponse is one message of an ImportAdapter stream.
@@ -2063,7 +2129,7 @@ export type ImportAdapterResponse = Message<"sdserve.v1.ImportAdapterResponse"> 
  * Use `create(ImportAdapterResponseSchema)` to create a new message.
  */
 export const ImportAdapterResponseSchema: GenMessage<ImportAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 47);
+  messageDesc(file_sdserve_v1_model_manager, 48);
 
 /**
  * ListAdaptersRequest lists the stored adapters.
@@ -2078,7 +2144,7 @@ export type ListAdaptersRequest = Message<"sdserve.v1.ListAdaptersRequest"> & {
  * Use `create(ListAdaptersRequestSchema)` to create a new message.
  */
 export const ListAdaptersRequestSchema: GenMessage<ListAdaptersRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 48);
+  messageDesc(file_sdserve_v1_model_manager, 49);
 
 /**
  * ListAdaptersResponse lists the stored adapters.
@@ -2106,7 +2172,7 @@ export type ListAdaptersResponse = Message<"sdserve.v1.ListAdaptersResponse"> & 
  * Use `create(ListAdaptersResponseSchema)` to create a new message.
  */
 export const ListAdaptersResponseSchema: GenMessage<ListAdaptersResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 49);
+  messageDesc(file_sdserve_v1_model_manager, 50);
 
 /**
  * GetAdapterRequest names an adapter.
@@ -2136,7 +2202,7 @@ export type GetAdapterRequest = Message<"sdserve.v1.GetAdapterRequest"> & {
  * Use `create(GetAdapterRequestSchema)` to create a new message.
  */
 export const GetAdapterRequestSchema: GenMessage<GetAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 50);
+  messageDesc(file_sdserve_v1_model_manager, 51);
 
 /**
  * GetAdapterResponse describes one adapter.
@@ -2164,7 +2230,7 @@ export type GetAdapterResponse = Message<"sdserve.v1.GetAdapterResponse"> & {
  * Use `create(GetAdapterResponseSchema)` to create a new message.
  */
 export const GetAdapterResponseSchema: GenMessage<GetAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 51);
+  messageDesc(file_sdserve_v1_model_manager, 52);
 
 /**
  * DeleteAdapterRequest names an adapter to remove.
@@ -2185,7 +2251,7 @@ export type DeleteAdapterRequest = Message<"sdserve.v1.DeleteAdapterRequest"> & 
  * Use `create(DeleteAdapterRequestSchema)` to create a new message.
  */
 export const DeleteAdapterRequestSchema: GenMessage<DeleteAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 52);
+  messageDesc(file_sdserve_v1_model_manager, 53);
 
 /**
  * DeleteAdapterResponse returns the removed adapter.
@@ -2206,7 +2272,7 @@ export type DeleteAdapterResponse = Message<"sdserve.v1.DeleteAdapterResponse"> 
  * Use `create(DeleteAdapterResponseSchema)` to create a new message.
  */
 export const DeleteAdapterResponseSchema: GenMessage<DeleteAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 53);
+  messageDesc(file_sdserve_v1_model_manager, 54);
 
 /**
  * WeightVariant is the numeric format of a stored variant's weights.
