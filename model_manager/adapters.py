@@ -240,6 +240,7 @@ class AdapterStore:
 
     def delete(self, name: str) -> StoredAdapter:
         """Removes the adapter (renamed into staging/, then deleted there); NOT_FOUND when it is not stored."""
+        self.ops.store.check_writable(f"removing the adapter {name}")
         with self.ops._name_lock(f"adapter/{name}", Reporter(lambda _p: None)):
             adapter = self.get(name)
             trash = self.layout.trash_path()
@@ -289,6 +290,7 @@ class AdapterStore:
     @contextlib.contextmanager
     def _writing(self, name: str, nbytes: int, label: str, rep: Reporter) -> Iterator[Path]:
         """Holds the name, room for `nbytes` on the disk, and a staging folder (removed unless published)."""
+        self.ops.store.check_writable(f"storing the adapter {name}")
         with (
             self.ops._name_lock(f"adapter/{name}", rep),
             self.ops.store.reserve(nbytes, label),

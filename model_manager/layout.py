@@ -11,20 +11,28 @@ from model_manager.names import is_safe_component
 
 class StoreLayout:
     """Paths of one store: models/<name>/<revision>/<variant>/, adapters/<name>/, staging/, downloads/,
-    aliases.json, state.json."""
+    aliases.json, state.json. The sidecar's own state (aliases.json, state.json and the lock) lives in `state_dir`
+    when one is given: a read-only store (a shared volume) keeps it in a writable folder of its own."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, state_dir: Path | None = None):
         self.root = root.expanduser().resolve()
+        self.state_dir = state_dir.expanduser().resolve() if state_dir is not None else self.root
         self.models = self.root / "models"
         self.adapters = self.root / "adapters"
         self.staging = self.root / "staging"
         self.downloads = self.root / "downloads"
-        self.aliases = self.root / "aliases.json"
-        self.state = self.root / "state.json"
-        self.lock = self.root / ".lock"
+        self.aliases = self.state_dir / "aliases.json"
+        self.state = self.state_dir / "state.json"
+        self.lock = self.state_dir / ".lock"
 
-    def create(self) -> None:
-        for folder in (self.root, self.models, self.adapters, self.staging, self.downloads):
+    def create(self, read_only: bool = False) -> None:
+        """Makes the store's folders; a read-only store only its state folder (the store must exist)."""
+        if read_only:
+            if not self.models.is_dir():
+                raise SystemExit(f"the read-only store {self.root} has no models/ folder: populate it first")
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            return
+        for folder in (self.root, self.models, self.adapters, self.staging, self.downloads, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def variant_dir(self, name: str, revision: str, variant: str) -> Path:

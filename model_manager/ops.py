@@ -303,6 +303,7 @@ class Operations:
     def pull(self, req: PullRequest, rep: Reporter) -> OperationResult:
         """Resolves, downloads (resuming), verifies and publishes a Hub model; then makes the variant if needed."""
         hub = {"sdserve.hub.repo_id": req.repo_id, "sdserve.hub.revision": req.revision, "sdserve.variant": req.variant}
+        self.store.check_writable(f"pulling {req.repo_id}")
         with self.metrics.operation("pull"), self.tracer.start_as_current_span("pull", attributes=hub) as span:
             result = self._pull(req, rep)
             span.set_attributes(_result_attributes(result))
@@ -426,6 +427,7 @@ class Operations:
     def create_variant(self, req: VariantRequest, rep: Reporter) -> OperationResult:
         """Makes a variant of a stored revision from its best source variant and measures it."""
         asked = {"sdserve.model": req.name, "sdserve.variant": req.variant}
+        self.store.check_writable(f"making the {req.variant} variant of {req.name}")
         op = self.tracer.start_as_current_span("create_variant", attributes=asked)
         with self.metrics.operation("create_variant"), op as span:
             result = self._create_variant(req, rep)
@@ -535,6 +537,7 @@ class Operations:
 
     def import_model(self, req: ImportRequest, rep: Reporter) -> OperationResult:
         """Imports a diffusers folder or converts a single-file .safetensors checkpoint."""
+        self.store.check_writable(f"importing {req.path}")
         with self.metrics.operation("import"), self.tracer.start_as_current_span("import") as span:
             result = self._import_model(req, rep)
             span.set_attributes(_result_attributes(result))

@@ -346,7 +346,10 @@ class Reconciler:
         return all((v := self.store.get(k)) is not None and v.state == READY for k in outcome.keys.values())
 
     def _store_model(self, model: DeclaredModel) -> tuple[dict[str, VariantKey], list[str]]:
-        """Pulls or imports the model, then makes each declared variant the revision lacks."""
+        """Pulls or imports the model, then makes each declared variant the revision lacks (a read-only store:
+        finds what it holds)."""
+        if self.store.read_only:
+            return self._find_stored(model)
         base = self._fetch(model)
         keys = {
             v.key.variant: v.key
@@ -365,6 +368,22 @@ class Reconciler:
             except errors.ManagerError as exc:
                 self.metrics.on_reconcile_error("variant", exc)
                 problems.append(f"variant {variant}: {exc.message}")
+        return keys, problems
+
+    def _find_stored(self, model: DeclaredModel) -> tuple[dict[str, VariantKey], list[str]]:
+        """A read-only store's READY variants of the declared model (its newest revision; a Hub source pinned to a
+        commit: that commit). FAILED_PRECONDITION when the store does not hold it."""
+        src = model.source
+        pinned = src.revision if isinstance(src, HubSource) and _is_commit(src.revision) else ""
+        found = [v for v in self.store.variants(model.name) if v.state == READY and v.key.revision.startswith(pinned)]
+        if not found:
+            what = f"{model.name}@{pinned}" if pinned else model.name
+            raise errors.FailedPrecondition(
+                f"{what} is not in the read-only store {self.store.layout.root}; populate the shared store with it"
+            )
+        revision = found[0].key.revision  # variants() lists the newest revision first
+        keys = {v.key.variant: v.key for v in found if v.key.revision == revision}
+        problems = [f"variant {v}: not in the read-only store" for v in model.variants if v not in keys]
         return keys, problems
 
     def _fetch(self, model: DeclaredModel) -> OperationResult:
@@ -393,7 +412,10 @@ class Reconciler:
         return None, key.label(), ""
 
     def _adapter(self, adapter: DeclaredAdapter) -> tuple[None, str, str]:
-        """Pulls or imports the adapter (replacing a different one of the same name) unless it is stored already."""
+        """Pulls or imports the adapter (replacing a different one of the same name) unless it is stored already;
+        a read-only store's adapter is verified where it is."""
+        if self.store.read_only:
+            return None, self.adapters.verify(adapter.name).manifest.source, ""
         memo = (adapter.name, adapter.source, adapter.token)
         if memo in self._adapters:
             with contextlib.suppress(errors.NotFound, errors.DataLoss):
@@ -454,3 +476,8 @@ def _ready_key(outcomes: dict[str, _Outcome | None], model: str, variant: str) -
         why = outcome.error or "no ready variant"
         raise errors.FailedPrecondition(f"{model} is not ready ({why}); the alias stays")
     return min(outcome.keys.values(), key=lambda k: Variant(k.variant).rank)
+
+
+def _is_commit(revision: str) -> bool:
+    """Whether a Hub revision is a full commit sha (not a branch or a tag)."""
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)

@@ -47,9 +47,10 @@ class ManagerServer:
         self.settings = settings
         # OpenTelemetry's provider (sdserve_core.tracing.provider_from_environ; tests pass their own); None: off.
         tracer = None if tracer_provider is None else tracer_provider.get_tracer("sdserve.model_manager")
-        layout = StoreLayout(settings.store)
+        layout = StoreLayout(settings.store, Path(settings.state_dir) if settings.state_dir else None)
         self.store = Store(
             layout,
+            read_only=settings.read_only_store,
             budget_bytes=settings.max_store_bytes,
             min_free_bytes=settings.min_free_bytes,
             verify_mode=settings.verify_on_start,

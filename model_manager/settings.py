@@ -34,6 +34,18 @@ class Settings:
         "The model store folder, shared with the server (read-only there).",
         lambda v: Path(v).expanduser(),
     )
+    read_only_store: bool = setting(
+        False,
+        "The store is a shared read-only volume populated once (docs/shared-store.md): nothing under it is written; "
+        "pulls, imports, variants, removals and eviction are refused, declared models must already be in it, and the "
+        "sidecar's own state goes to --state-dir.",
+        parse_bool,
+    )
+    state_dir: str = setting(
+        "",
+        "Writable folder for the sidecar's own state (aliases.json, state.json, its lock). Empty: the store folder. "
+        "Required with --read-only-store.",
+    )
     host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = setting(50052, "TCP port to listen on; 0 picks a free one; -1 turns TCP off.", int)
     unix_socket: str = setting("", "Also listen on this Unix socket path (empty: none).")
@@ -125,6 +137,10 @@ class Settings:
             problems.append("port must be -1 to 65535")
         if self.port == -1 and not self.unix_socket:
             problems.append("with port -1 a unix_socket is required")
+        if self.read_only_store and not self.state_dir:
+            problems.append(
+                "read_only_store needs state_dir: a writable folder for the aliases and the sidecar's state"
+            )
         if self.verify_on_start not in ("full", "size", "off"):
             problems.append("verify_on_start must be full, size or off")
         if self.max_store_bytes < 0 or self.min_free_bytes < 0:

@@ -242,8 +242,11 @@ class Store:
         verify_mode: str = "full",
         partial_max_age_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        read_only: bool = False,
     ):
         self.layout = layout
+        # A shared store populated once (--read-only-store): nothing under it is written, created or removed.
+        self.read_only = read_only
         self.budget_bytes = budget_bytes
         self.min_free_bytes = min_free_bytes
         self.verify_mode = verify_mode
@@ -268,7 +271,7 @@ class Store:
 
     def open(self) -> ReconcileReport:
         """Locks the store against a second sidecar and reconciles it with what is on disk."""
-        self.layout.create()
+        self.layout.create(self.read_only)
         fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -286,16 +289,17 @@ class Store:
     def reconcile(self) -> ReconcileReport:
         """Removes staging leftovers and stale partial downloads, re-reads and re-verifies every variant."""
         with self._lock:
-            staging_removed = 0
-            for entry in self.layout.staging.iterdir():
+            staging_removed = partials_removed = 0
+            for entry in self._leftovers():
                 if entry.is_dir() and not entry.is_symlink():
                     _rmtree(entry)
                 else:
                     entry.unlink(missing_ok=True)
                 staging_removed += 1
-            partials_removed = self._clean_downloads()
-            for leftover in self.layout.root.glob(".*.tmp-*"):
-                leftover.unlink(missing_ok=True)
+            if not self.read_only:
+                partials_removed = self._clean_downloads()
+                for leftover in self.layout.root.glob(".*.tmp-*"):
+                    leftover.unlink(missing_ok=True)
             self._entries = self._scan()
             self._load_state()
             self._load_aliases()
@@ -309,6 +313,20 @@ class Store:
             report = ReconcileReport(staging_removed, partials_removed, ready, len(self._entries) - ready, dangling)
             log.info("store reconciled", extra=dataclasses.asdict(report) | {"store": str(self.layout.root)})
             return report
+
+    def _leftovers(self) -> list[Path]:
+        """What an interrupted operation left in staging/ (nothing to clean up in a read-only store)."""
+        if self.read_only or not self.layout.staging.is_dir():
+            return []
+        return list(self.layout.staging.iterdir())
+
+    def check_writable(self, what: str) -> None:
+        """FAILED_PRECONDITION when the store is read-only: `what` (a pull, an import...) would write to it."""
+        if self.read_only:
+            raise errors.FailedPrecondition(
+                f"the store {self.layout.root} is read-only (--read-only-store): {what} is refused; populate the "
+                "shared store with a sidecar that can write to it"
+            )
 
     def _fail_corrupt_targets(self, alias: str) -> None:
         """At start: an alias on a variant found corrupt goes back to its previous target (a canary target leaves
@@ -570,6 +588,7 @@ class Store:
 
     def publish(self, staging: Path, manifest: Manifest) -> StoredVariant:
         """Writes the manifest, verifies every file, and renames the staging folder into place atomically."""
+        self.check_writable("publishing")
         (staging / MANIFEST).write_text(manifest.to_json())
         problems = verify(staging, manifest, full=True)
         if problems:
@@ -602,6 +621,7 @@ class Store:
 
     def remove(self, name: str, revision: str = "", variant: str = "") -> list[StoredVariant]:
         """Removes matching variants; refuses variants an alias points at or a running operation uses."""
+        self.check_writable("removing a model")
         with self._lock:
             keys = [
                 k
@@ -946,6 +966,7 @@ class Store:
 
         Raises ResourceExhausted, having evicted nothing, when even evicting every evictable variant would not do.
         """
+        self.check_writable(label)
         with self._lock:
             evicted = self._make_room(nbytes, label)
             self._reserved += nbytes
