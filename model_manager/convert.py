@@ -12,6 +12,7 @@ from model_manager.layout import StoreLayout
 from model_manager.names import hub_revision_problem, name_problem, repo_id_problem
 from model_manager.ops import ImportRequest, OperationResult, PullRequest, VariantRequest
 from model_manager.progress import Progress
+from model_manager.reconcile import EntryStatus, ReconcileStatus
 from model_manager.store import (
     DEFAULT_LEASE_SECONDS,
     MAX_LEASE_SECONDS,
@@ -309,7 +310,7 @@ def alias(record: AliasRecord, layout: StoreLayout, present: bool = True) -> pb.
     return out
 
 
-def usage(u: Usage) -> pb.StoreUsage:
+def usage(u: Usage, read_only: bool = False) -> pb.StoreUsage:
     return pb.StoreUsage(
         store_path=str(u.store_path),
         used_bytes=u.used_bytes,
@@ -317,7 +318,30 @@ def usage(u: Usage) -> pb.StoreUsage:
         protected_bytes=u.protected_bytes,
         partial_bytes=u.partial_bytes,
         filesystem_free_bytes=u.free_bytes,
+        read_only=read_only,
     )
+
+
+def declared_entry(e: EntryStatus) -> pb.DeclaredEntryStatus:
+    return pb.DeclaredEntryStatus(entry=e.entry, name=e.name, state=e.state, reason=e.reason, detail=e.detail)
+
+
+def declared_status(s: ReconcileStatus) -> pb.DeclaredStateStatus:
+    """The declared state's progress and drift (ListStoredModelsResponse.declared)."""
+    out = pb.DeclaredStateStatus(
+        path=s.path,
+        sha256=s.sha256,
+        running=s.running,
+        file_error=s.file_error,
+        converged=s.converged,
+        activity=s.activity,
+        entries=[declared_entry(e) for e in s.entries],
+    )
+    if s.last_pass_at:
+        out.last_pass_time.CopyFrom(timestamp(s.last_pass_at))
+    if s.last_success_at:
+        out.last_success_time.CopyFrom(timestamp(s.last_success_at))
+    return out
 
 
 def progress(p: Progress) -> pb.OperationProgress:

@@ -65,6 +65,7 @@ class ManagerServer:
         self.metrics.add_collector(metrics.StoreCollector(self.store, self.metrics, self.adapters.usage))
         self.servicer = ModelManagerServicer(self.store, self.ops, settings, self.adapters)
         self.declared = reconciler_for(settings, self.ops, self.adapters)
+        self.servicer.declared = self.declared
         self._declared_task: asyncio.Task[None] | None = None
         self._ready: bool | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]

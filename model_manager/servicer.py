@@ -17,6 +17,7 @@ from model_manager.adapter_rpc import AdapterRpcs
 from model_manager.adapters import AdapterStore
 from model_manager.ops import Operations
 from model_manager.progress import Progress, Reporter
+from model_manager.reconcile import Reconciler
 from model_manager.settings import Settings
 from model_manager.store import Change, Store
 from sdserve.v1 import model_manager_pb2 as pb
@@ -50,6 +51,8 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
         self.ops = ops
         self.settings = settings
         self.adapters = adapters if adapters is not None else AdapterStore(ops)
+        # The declared state's reconciler (--declared-state), for its status in ListStoredModels and GetStoredModel.
+        self.declared: Reconciler | None = None
 
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, errors.ManagerError):
@@ -146,9 +149,13 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
     ) -> pb.ListStoredModelsResponse:
         def run() -> pb.ListStoredModelsResponse:
             name = convert.name_only(request.name, "name", required=False)
-            return convert.list_reply(
+            out = convert.list_reply(
                 self.store.variants(name), self.store.aliases(), self.store.usage(), self.store.layout
             )
+            out.usage.read_only = self.store.read_only
+            if self.declared is not None:
+                out.declared.CopyFrom(convert.declared_status(self.declared.status()))
+            return out
 
         return await self._call(context, run)
 
@@ -160,8 +167,17 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
             views = self.store.variants(name)
             if not views:
                 raise errors.NotFound(f"model {name!r} is not in the store")
-            rows = [(r, t) for r, t in self.store.aliases() if r.model == name]
-            return convert.get_reply(views, rows, self.store.layout)
+            rows = [(r, t) for r, t in self.store.aliases() if name in (k.name for k in r.targets())]
+            out = convert.get_reply(views, rows, self.store.layout)
+            if self.declared is not None:
+                # Its model entry, and the declared aliases that point at it now.
+                aliases = {f"aliases.{r.name}" for r, _ in rows}
+                out.declared.extend(
+                    convert.declared_entry(e)
+                    for e in self.declared.status().entries
+                    if (e.entry.startswith("models[") and e.name == name) or e.entry in aliases
+                )
+            return out
 
         return await self._call(context, run)
 

@@ -78,6 +78,7 @@ def test_a_read_only_store_serves_what_it_holds_and_writes_nothing(
             assert err.value.code == "FAILED_PRECONDITION", what
             assert "read-only (--read-only-store)" in str(err.value), what
         c.set_alias("prod", "a")  # aliases still move: they are the sidecar's own state
+        assert c.list().usage.read_only
 
     with (
         serving(tmp_path / "local", manager_target=car.target, default_model="", wait_for_default_seconds=120) as srv,

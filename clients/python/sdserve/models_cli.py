@@ -22,6 +22,8 @@ from sdserve.models_client import (
     Alias,
     AliasRemoved,
     AliasSet,
+    DeclaredEntry,
+    DeclaredStatus,
     ModelCorrupted,
     ModelManagerClient,
     ModelPublished,
@@ -269,10 +271,39 @@ def cmd_list(ns: argparse.Namespace) -> int:
     u = listing.usage
     budget = f" of {human_bytes(u.budget_bytes)} budget" if u.budget_bytes else ""
     print(
-        f"store {u.store_path}: {human_bytes(u.used_bytes)} used{budget}, "
+        f"store {u.store_path}{' (read-only)' if u.read_only else ''}: {human_bytes(u.used_bytes)} used{budget}, "
         f"{human_bytes(u.protected_bytes)} protected, {human_bytes(u.filesystem_free_bytes)} free on disk"
     )
+    if listing.declared is not None:
+        for line in declared_lines(listing.declared):
+            print(line)
     return 0
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "never"
+
+
+def declared_lines(d: DeclaredStatus) -> list[str]:
+    """The declared state in a few lines: where it stands, then every entry that is not ready, and why."""
+    ready = sum(1 for e in d.entries if e.state == "ready")
+    state = "converged" if d.converged else "running" if d.running else "not converged"
+    lines = [
+        f"declared state {d.path}: {state}, {ready} of {len(d.entries)} entries ready (content "
+        f"{d.sha256[:12] or 'none'}, last pass {_when(d.last_pass_at)}, last success {_when(d.last_success_at)})"
+    ]
+    if d.file_error:
+        lines.append(f"  file not applied: {d.file_error}")
+    if d.activity:
+        lines.append(f"  now: {d.activity}")
+    lines += [_entry_line(e) for e in d.entries if e.state != "ready"]
+    return lines
+
+
+def _entry_line(e: DeclaredEntry) -> str:
+    why = f": {e.reason}" if e.reason else ""
+    held = f" ({e.detail})" if e.detail else ""
+    return f"  {e.state:<7} {e.entry} {e.name}{held}{why}"
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
@@ -319,6 +350,10 @@ def cmd_show(ns: argparse.Namespace) -> int:
         print(f"alias {a.name} -> {_alias_target(a)}")
         if a.last_failure is not None:
             print(_alias_failure(a))
+    if details.declared:
+        print("declared")
+        for e in details.declared:
+            print(_entry_line(e))
     return 0
 
 

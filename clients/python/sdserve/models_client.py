@@ -170,15 +170,46 @@ class StoreUsage:
     protected_bytes: int
     partial_bytes: int
     filesystem_free_bytes: int
+    # A shared read-only store (--read-only-store): pulls, imports, variants and removals are refused.
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeclaredEntry:
+    """One declared-state entry: its place in the file (models[0], aliases.default), its name, its state (pending,
+    running, ready or failed), why it failed, and what it holds (ready variants, the alias's target)."""
+
+    entry: str
+    name: str
+    state: str
+    reason: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeclaredStatus:
+    """Where the sidecar's declared state stands (docs/declared-state.md); times are seconds since the epoch, 0 when
+    there was none yet. `converged`: the store holds everything the applied file declares."""
+
+    path: str
+    sha256: str
+    running: bool
+    file_error: str
+    last_pass_at: float
+    last_success_at: float
+    converged: bool
+    activity: str
+    entries: tuple[DeclaredEntry, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Listing:
-    """ListStoredModels: every variant, every alias and the disk usage."""
+    """ListStoredModels: every variant, every alias and the disk usage; `declared` with --declared-state."""
 
     models: tuple[StoredModel, ...]
     aliases: tuple[Alias, ...]
     usage: StoreUsage
+    declared: DeclaredStatus | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +218,8 @@ class ModelDetails:
 
     variants: tuple[StoredModel, ...]
     aliases: tuple[Alias, ...]
+    # Its declared-state entries (its model entry, the declared aliases on it); empty without --declared-state.
+    declared: tuple[DeclaredEntry, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,7 +421,47 @@ def _alias(a: pb.Alias) -> Alias:
 
 def _usage(u: pb.StoreUsage) -> StoreUsage:
     return StoreUsage(
-        u.store_path, u.used_bytes, u.budget_bytes, u.protected_bytes, u.partial_bytes, u.filesystem_free_bytes
+        u.store_path,
+        u.used_bytes,
+        u.budget_bytes,
+        u.protected_bytes,
+        u.partial_bytes,
+        u.filesystem_free_bytes,
+        u.read_only,
+    )
+
+
+def _declared_entry(e: pb.DeclaredEntryStatus) -> DeclaredEntry:
+    return DeclaredEntry(e.entry, e.name, e.state, e.reason, e.detail)
+
+
+def _listing(resp: pb.ListStoredModelsResponse) -> Listing:
+    d = resp.declared if resp.HasField("declared") else None
+    declared = (
+        None
+        if d is None
+        else DeclaredStatus(
+            d.path,
+            d.sha256,
+            d.running,
+            d.file_error,
+            _seconds(d.last_pass_time) if d.HasField("last_pass_time") else 0.0,
+            _seconds(d.last_success_time) if d.HasField("last_success_time") else 0.0,
+            d.converged,
+            d.activity,
+            tuple(_declared_entry(e) for e in d.entries),
+        )
+    )
+    return Listing(
+        tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage), declared
+    )
+
+
+def _details(resp: pb.GetStoredModelResponse) -> ModelDetails:
+    return ModelDetails(
+        tuple(_model(m) for m in resp.variants),
+        tuple(_alias(a) for a in resp.aliases),
+        tuple(_declared_entry(e) for e in resp.declared),
     )
 
 
@@ -699,13 +772,11 @@ class ModelManagerClient:
 
     def list(self, name: str = "") -> Listing:
         resp = self._unary(self._stub.ListStoredModels, pb.ListStoredModelsRequest(name=name))
-        return Listing(
-            tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage)
-        )
+        return _listing(resp)
 
     def get(self, name: str) -> ModelDetails:
         resp = self._unary(self._stub.GetStoredModel, pb.GetStoredModelRequest(name=name))
-        return ModelDetails(tuple(_model(m) for m in resp.variants), tuple(_alias(a) for a in resp.aliases))
+        return _details(resp)
 
     def delete(self, name: str, *, revision: str = "", variant: str = "") -> tuple[tuple[StoredModel, ...], int]:
         """Removes variants; returns (removed, bytes freed)."""
@@ -875,9 +946,7 @@ class AsyncModelManagerClient:
 
     async def list(self, name: str = "", *, timeout: float | None = None) -> Listing:
         resp = await self._unary(self._stub.ListStoredModels, pb.ListStoredModelsRequest(name=name), timeout)
-        return Listing(
-            tuple(_model(m) for m in resp.models), tuple(_alias(a) for a in resp.aliases), _usage(resp.usage)
-        )
+        return _listing(resp)
 
     async def list_adapters(self, *, timeout: float | None = None) -> AdapterListing:
         resp = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)

@@ -559,6 +559,7 @@ class StoreUsage(_message.Message):
     PROTECTED_BYTES_FIELD_NUMBER: _builtins.int
     PARTIAL_BYTES_FIELD_NUMBER: _builtins.int
     FILESYSTEM_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
     store_path: _builtins.str
     """Absolute path of the store."""
     used_bytes: _builtins.int
@@ -571,6 +572,8 @@ class StoreUsage(_message.Message):
     """Bytes of partial downloads kept for resuming."""
     filesystem_free_bytes: _builtins.int
     """Free bytes on the store's file system."""
+    read_only: _builtins.bool
+    """True for a shared read-only store (--read-only-store): pulls, imports, variants and removals are refused."""
     def __init__(
         self,
         *,
@@ -580,14 +583,113 @@ class StoreUsage(_message.Message):
         protected_bytes: _builtins.int = ...,
         partial_bytes: _builtins.int = ...,
         filesystem_free_bytes: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "filesystem_free_bytes", b"filesystem_free_bytes", "partial_bytes", b"partial_bytes", "protected_bytes", b"protected_bytes", "store_path", b"store_path", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "filesystem_free_bytes", b"filesystem_free_bytes", "partial_bytes", b"partial_bytes", "protected_bytes", b"protected_bytes", "read_only", b"read_only", "store_path", b"store_path", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreUsage: _TypeAlias = StoreUsage  # noqa: Y015
+
+@_typing.final
+class DeclaredStateStatus(_message.Message):
+    """DeclaredStateStatus is where the sidecar's declared state (--declared-state, docs/declared-state.md) stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    FILE_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_PASS_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SUCCESS_TIME_FIELD_NUMBER: _builtins.int
+    CONVERGED_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The declared-state file."""
+    sha256: _builtins.str
+    """SHA-256 of the content last applied; empty until a valid file was read."""
+    running: _builtins.bool
+    """True while a pass runs."""
+    file_error: _builtins.str
+    """Why the file's current content was not applied (unreadable or invalid; the last applied state stays)."""
+    converged: _builtins.bool
+    """True when the applied file is valid and every entry is ready: the store holds what the file declares."""
+    activity: _builtins.str
+    """What the running entry's operation is doing (for example `downloading 1048576/5136110 bytes`)."""
+    @_builtins.property
+    def last_pass_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last pass ended; unset before the first."""
+
+    @_builtins.property
+    def last_success_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last pass that left every entry ready ended; unset before the first."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeclaredEntryStatus]:
+        """Every declared entry of the applied file, in file order (models, then adapters, then aliases)."""
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        running: _builtins.bool = ...,
+        file_error: _builtins.str = ...,
+        last_pass_time: _timestamp_pb2.Timestamp | None = ...,
+        last_success_time: _timestamp_pb2.Timestamp | None = ...,
+        converged: _builtins.bool = ...,
+        activity: _builtins.str = ...,
+        entries: _abc.Iterable[Global___DeclaredEntryStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_pass_time", b"last_pass_time", "last_success_time", b"last_success_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "converged", b"converged", "entries", b"entries", "file_error", b"file_error", "last_pass_time", b"last_pass_time", "last_success_time", b"last_success_time", "path", b"path", "running", b"running", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclaredStateStatus: _TypeAlias = DeclaredStateStatus  # noqa: Y015
+
+@_typing.final
+class DeclaredEntryStatus(_message.Message):
+    """DeclaredEntryStatus is one entry of the declared state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    entry: _builtins.str
+    """Its place in the file: `models[0]`, `adapters[1]`, `aliases.default`."""
+    name: _builtins.str
+    """The model, adapter or alias name."""
+    state: _builtins.str
+    """`pending`, `running`, `ready` or `failed`."""
+    reason: _builtins.str
+    """Why it failed (or what is missing); empty when ready."""
+    detail: _builtins.str
+    """Models: the ready variants; adapters: the stored adapter's source; aliases: the target it points at."""
+    def __init__(
+        self,
+        *,
+        entry: _builtins.str = ...,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "entry", b"entry", "name", b"name", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclaredEntryStatus: _TypeAlias = DeclaredEntryStatus  # noqa: Y015
 
 @_typing.final
 class OperationProgress(_message.Message):
@@ -932,6 +1034,7 @@ class ListStoredModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredModel]:
         """Every stored variant, sorted by name, then newest revision first, then variant."""
@@ -944,16 +1047,21 @@ class ListStoredModelsResponse(_message.Message):
     def usage(self) -> Global___StoreUsage:
         """Disk usage."""
 
+    @_builtins.property
+    def declared(self) -> Global___DeclaredStateStatus:
+        """The declared state's progress and drift; unset without --declared-state."""
+
     def __init__(
         self,
         *,
         models: _abc.Iterable[Global___StoredModel] | None = ...,
         aliases: _abc.Iterable[Global___Alias] | None = ...,
         usage: Global___StoreUsage | None = ...,
+        declared: Global___DeclaredStateStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["declared", b"declared", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "models", b"models", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "declared", b"declared", "models", b"models", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -989,6 +1097,7 @@ class GetStoredModelResponse(_message.Message):
 
     VARIANTS_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredModel]:
         """The model's variants, newest revision first, with their files."""
@@ -997,15 +1106,22 @@ class GetStoredModelResponse(_message.Message):
     def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alias]:
         """Aliases that point at any of them."""
 
+    @_builtins.property
+    def declared(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeclaredEntryStatus]:
+        """The declared-state entries about this model (its model entry and the aliases declared on it); empty
+        without --declared-state or when the file does not name it.
+        """
+
     def __init__(
         self,
         *,
         variants: _abc.Iterable[Global___StoredModel] | None = ...,
         aliases: _abc.Iterable[Global___Alias] | None = ...,
+        declared: _abc.Iterable[Global___DeclaredEntryStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "declared", b"declared", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sdserve/v1/model_manager.proto.
  */
 export const file_sdserve_v1_model_manager: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLXBAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZmFtaWx5GBMgASgJEg0KBXRhc2tzGBQgAygJIlgKClZhcmlhbnRSZWYSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IpQBCgxBbGlhc0ZhaWx1cmUSJgoGdGFyZ2V0GAEgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgCIAEoCRIQCghyZXBvcnRlchgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZlcnRlZBgFIAEoCCKnAgoFQWxpYXMSDAoEbmFtZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBSABKAkSMAoMdXBkYXRlZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCglyZXZlcnRfdG8YByABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLgoMbGFzdF9mYWlsdXJlGAggASgLMhguc2RzZXJ2ZS52MS5BbGlhc0ZhaWx1cmUSKAoHdGFyZ2V0cxgJIAMoCzIXLnNkc2VydmUudjEuQWxpYXNUYXJnZXQieAoLQWxpYXNUYXJnZXQSDQoFbW9kZWwYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIOCgZ3ZWlnaHQYBCABKA0SDAoEcGF0aBgFIAEoCSKZAQoKU3RvcmVVc2FnZRISCgpzdG9yZV9wYXRoGAEgASgJEhIKCnVzZWRfYnl0ZXMYAiABKAQSFAoMYnVkZ2V0X2J5dGVzGAMgASgEEhcKD3Byb3RlY3RlZF9ieXRlcxgEIAEoBBIVCg1wYXJ0aWFsX2J5dGVzGAUgASgEEh0KFWZpbGVzeXN0ZW1fZnJlZV9ieXRlcxgGIAEoBCKBAQoRT3BlcmF0aW9uUHJvZ3Jlc3MSDQoFc3RhZ2UYASABKAkSDAoEZmlsZRgCIAEoCRISCgpkb25lX2J5dGVzGAMgASgEEhMKC3RvdGFsX2J5dGVzGAQgASgEEhUKDXJlc3VtZWRfYnl0ZXMYBSABKAQSDwoHbWVzc2FnZRgGIAEoCSLvAQoPT3BlcmF0aW9uUmVzdWx0EiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIvCg5hbHNvX3B1Ymxpc2hlZBgCIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSFwoPYWxyZWFkeV9wcmVzZW50GAMgASgIEg8KB29mZmxpbmUYBCABKAgSGAoQZG93bmxvYWRlZF9ieXRlcxgFIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAYgASgEEigKB2V2aWN0ZWQYByADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIm8KEFB1bGxNb2RlbFJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBG5hbWUYBCABKAkifgoRUHVsbE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCJbChJJbXBvcnRNb2RlbFJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEhQKDGFyY2hpdGVjdHVyZRgDIAEoCRITCgtjb25maWdfZnJvbRgEIAEoCSKAAQoTSW1wb3J0TW9kZWxSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IpQBChRDcmVhdGVWYXJpYW50UmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQSHAoPbWVhc3VyZV9xdWFsaXR5GAQgASgISACIAQFCEgoQX21lYXN1cmVfcXVhbGl0eSKCAQoVQ3JlYXRlVmFyaWFudFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiJwoXTGlzdFN0b3JlZE1vZGVsc1JlcXVlc3QSDAoEbmFtZRgBIAEoCSKOAQoYTGlzdFN0b3JlZE1vZGVsc1Jlc3BvbnNlEicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSJQoFdXNhZ2UYAyABKAsyFi5zZHNlcnZlLnYxLlN0b3JlVXNhZ2UiJQoVR2V0U3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkiZwoWR2V0U3RvcmVkTW9kZWxSZXNwb25zZRIpCgh2YXJpYW50cxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMiZgoYRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCJaChlEZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlEigKB3JlbW92ZWQYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhMKC2ZyZWVkX2J5dGVzGAIgASgEIjUKFVBpblN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnBpbm5lZBgCIAEoCCJDChZQaW5TdG9yZWRNb2RlbFJlc3BvbnNlEikKCHZhcmlhbnRzGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJjChVSZWNvcmRNb2RlbFVzZVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IhgKFlJlY29yZE1vZGVsVXNlUmVzcG9uc2UiagoXUmVuZXdNb2RlbExlYXNlc1JlcXVlc3QSDgoGaG9sZGVyGAEgASgJEigKCHZhcmlhbnRzGAIgAygLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEhUKDWxlYXNlX3NlY29uZHMYAyABKA0idAoYUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEicKB3Vua25vd24YASADKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLwoLZXhwaXJlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImIKGVJlcG9ydEFsaWFzRmFpbHVyZVJlcXVlc3QSDQoFYWxpYXMYASABKAkSJgoGdGFyZ2V0GAIgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgDIAEoCSJQChpSZXBvcnRBbGlhc0ZhaWx1cmVSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYAiABKAgilwEKD1NldEFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EigKB3RhcmdldHMYBSADKAsyFy5zZHNlcnZlLnYxLkFsaWFzVGFyZ2V0IlkKEFNldEFsaWFzUmVzcG9uc2USIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzEiMKCHByZXZpb3VzGAIgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIjChJEZWxldGVBbGlhc1JlcXVlc3QSDQoFYWxpYXMYASABKAkiNwoTRGVsZXRlQWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiFAoSV2F0Y2hNb2RlbHNSZXF1ZXN0IpsBCg1TdG9yZVNuYXBzaG90EicKBm1vZGVscxgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSIgoHYWxpYXNlcxgCIAMoCzIRLnNkc2VydmUudjEuQWxpYXMSEgoKc3RvcmVfcGF0aBgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRIUCgxhZGFwdGVyc19kaXIYBSABKAkiOAoOTW9kZWxQdWJsaXNoZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsIkYKDE1vZGVsUmVtb3ZlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSDgoGcmVhc29uGAIgASgJIpwBCghBbGlhc1NldBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSJwoGdGFyZ2V0GAIgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIjCghwcmV2aW91cxgDIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSEAoIcmV2ZXJ0ZWQYBCABKAgSDgoGcmVhc29uGAUgASgJIkoKDk1vZGVsQ29ycnVwdGVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIQCghwcm9ibGVtcxgCIAMoCSIwCgxBbGlhc1JlbW92ZWQSIAoFYWxpYXMYASABKAsyES5zZHNlcnZlLnYxLkFsaWFzIogDChNXYXRjaE1vZGVsc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCHNuYXBzaG90GAMgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZVNuYXBzaG90SAASNQoPbW9kZWxfcHVibGlzaGVkGAQgASgLMhouc2RzZXJ2ZS52MS5Nb2RlbFB1Ymxpc2hlZEgAEjEKDW1vZGVsX3JlbW92ZWQYBSABKAsyGC5zZHNlcnZlLnYxLk1vZGVsUmVtb3ZlZEgAEikKCWFsaWFzX3NldBgGIAEoCzIULnNkc2VydmUudjEuQWxpYXNTZXRIABIxCg1hbGlhc19yZW1vdmVkGAcgASgLMhguc2RzZXJ2ZS52MS5BbGlhc1JlbW92ZWRIABI1Cg9tb2RlbF9jb3JydXB0ZWQYCCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsQ29ycnVwdGVkSABCBwoFZXZlbnQilQIKDVN0b3JlZEFkYXB0ZXISDAoEbmFtZRgBIAEoCRIlCgRraW5kGAIgASgOMhcuc2RzZXJ2ZS52MS5BZGFwdGVyS2luZBIOCgZsYXlvdXQYAyABKAkSDgoGZmFtaWx5GAQgASgJEgwKBGJhc2UYBSABKAkSDwoHdGFyZ2V0cxgGIAMoCRINCgV0b2tlbhgHIAEoCRIOCgZzaGEyNTYYCCABKAkSEgoKc2l6ZV9ieXRlcxgJIAEoBBIOCgZzb3VyY2UYCiABKAkSDAoEcGF0aBgLIAEoCRINCgVlcnJvchgMIAEoCRIwCgxjcmVhdGVkX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqABChZBZGFwdGVyT3BlcmF0aW9uUmVzdWx0EioKB2FkYXB0ZXIYASABKAsyGS5zZHNlcnZlLnYxLlN0b3JlZEFkYXB0ZXISFwoPYWxyZWFkeV9wcmVzZW50GAIgASgIEhAKCHJlcGxhY2VkGAMgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBCABKAQSFQoNcmVzdW1lZF9ieXRlcxgFIAEoBCJ3ChJQdWxsQWRhcHRlclJlcXVlc3QSDwoHcmVwb19pZBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIQCghmaWxlbmFtZRgDIAEoCRIMCgRuYW1lGAQgASgJEg0KBXRva2VuGAUgASgJEg8KB3JlcGxhY2UYBiABKAgihwEKE1B1bGxBZGFwdGVyUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASNAoGcmVzdWx0GAIgASgLMiIuc2RzZXJ2ZS52MS5BZGFwdGVyT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiUgoUSW1wb3J0QWRhcHRlclJlcXVlc3QSDAoEcGF0aBgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBXRva2VuGAMgASgJEg8KB3JlcGxhY2UYBCABKAgiiQEKFUltcG9ydEFkYXB0ZXJSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABI0CgZyZXN1bHQYAiABKAsyIi5zZHNlcnZlLnYxLkFkYXB0ZXJPcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCIVChNMaXN0QWRhcHRlcnNSZXF1ZXN0IlkKFExpc3RBZGFwdGVyc1Jlc3BvbnNlEisKCGFkYXB0ZXJzGAEgAygLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyEhQKDGFkYXB0ZXJzX2RpchgCIAEoCSIxChFHZXRBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnZlcmlmeRgCIAEoCCJSChJHZXRBZGFwdGVyUmVzcG9uc2USKgoHYWRhcHRlchgBIAEoCzIZLnNkc2VydmUudjEuU3RvcmVkQWRhcHRlchIQCgh2ZXJpZmllZBgCIAEoCCIkChREZWxldGVBZGFwdGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJIkMKFURlbGV0ZUFkYXB0ZXJSZXNwb25zZRIqCgdyZW1vdmVkGAEgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyKpMBCg1XZWlnaHRWYXJpYW50Eh4KGldFSUdIVF9WQVJJQU5UX1VOU1BFQ0lGSUVEEAASFwoTV0VJR0hUX1ZBUklBTlRfRlAzMhABEhcKE1dFSUdIVF9WQVJJQU5UX0ZQMTYQAhIXChNXRUlHSFRfVkFSSUFOVF9CRjE2EAMSFwoTV0VJR0hUX1ZBUklBTlRfSU5UOBAEKnQKEFN0b3JlZE1vZGVsU3RhdGUSIgoeU1RPUkVEX01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1RPUkVEX01PREVMX1NUQVRFX1JFQURZEAESHgoaU1RPUkVEX01PREVMX1NUQVRFX0NPUlJVUFQQAiqSAQoKU291cmNlS2luZBIbChdTT1VSQ0VfS0lORF9VTlNQRUNJRklFRBAAEhMKD1NPVVJDRV9LSU5EX0hVQhABEhwKGFNPVVJDRV9LSU5EX0xPQ0FMX0ZPTERFUhACEhsKF1NPVVJDRV9LSU5EX1NJTkdMRV9GSUxFEAMSFwoTU09VUkNFX0tJTkRfREVSSVZFRBAEMqQMChNNb2RlbE1hbmFnZXJTZXJ2aWNlEkoKCVB1bGxNb2RlbBIcLnNkc2VydmUudjEuUHVsbE1vZGVsUmVxdWVzdBodLnNkc2VydmUudjEuUHVsbE1vZGVsUmVzcG9uc2UwARJQCgtJbXBvcnRNb2RlbBIeLnNkc2VydmUudjEuSW1wb3J0TW9kZWxSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlc3BvbnNlMAESVgoNQ3JlYXRlVmFyaWFudBIgLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlcXVlc3QaIS5zZHNlcnZlLnYxLkNyZWF0ZVZhcmlhbnRSZXNwb25zZTABEl0KEExpc3RTdG9yZWRNb2RlbHMSIy5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5MaXN0U3RvcmVkTW9kZWxzUmVzcG9uc2USVwoOR2V0U3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLkdldFN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXNwb25zZRJgChFEZWxldGVTdG9yZWRNb2RlbBIkLnNkc2VydmUudjEuRGVsZXRlU3RvcmVkTW9kZWxSZXF1ZXN0GiUuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlc3BvbnNlElcKDlBpblN0b3JlZE1vZGVsEiEuc2RzZXJ2ZS52MS5QaW5TdG9yZWRNb2RlbFJlcXVlc3QaIi5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUmVjb3JkTW9kZWxVc2USIS5zZHNlcnZlLnYxLlJlY29yZE1vZGVsVXNlUmVxdWVzdBoiLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXNwb25zZRJdChBSZW5ld01vZGVsTGVhc2VzEiMuc2RzZXJ2ZS52MS5SZW5ld01vZGVsTGVhc2VzUmVxdWVzdBokLnNkc2VydmUudjEuUmVuZXdNb2RlbExlYXNlc1Jlc3BvbnNlEmMKElJlcG9ydEFsaWFzRmFpbHVyZRIlLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVxdWVzdBomLnNkc2VydmUudjEuUmVwb3J0QWxpYXNGYWlsdXJlUmVzcG9uc2USRQoIU2V0QWxpYXMSGy5zZHNlcnZlLnYxLlNldEFsaWFzUmVxdWVzdBocLnNkc2VydmUudjEuU2V0QWxpYXNSZXNwb25zZRJOCgtEZWxldGVBbGlhcxIeLnNkc2VydmUudjEuRGVsZXRlQWxpYXNSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1Jlc3BvbnNlElAKC1dhdGNoTW9kZWxzEh4uc2RzZXJ2ZS52MS5XYXRjaE1vZGVsc1JlcXVlc3QaHy5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVzcG9uc2UwARJQCgtQdWxsQWRhcHRlchIeLnNkc2VydmUudjEuUHVsbEFkYXB0ZXJSZXF1ZXN0Gh8uc2RzZXJ2ZS52MS5QdWxsQWRhcHRlclJlc3BvbnNlMAESVgoNSW1wb3J0QWRhcHRlchIgLnNkc2VydmUudjEuSW1wb3J0QWRhcHRlclJlcXVlc3QaIS5zZHNlcnZlLnYxLkltcG9ydEFkYXB0ZXJSZXNwb25zZTABElEKDExpc3RBZGFwdGVycxIfLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVxdWVzdBogLnNkc2VydmUudjEuTGlzdEFkYXB0ZXJzUmVzcG9uc2USSwoKR2V0QWRhcHRlchIdLnNkc2VydmUudjEuR2V0QWRhcHRlclJlcXVlc3QaHi5zZHNlcnZlLnYxLkdldEFkYXB0ZXJSZXNwb25zZRJUCg1EZWxldGVBZGFwdGVyEiAuc2RzZXJ2ZS52MS5EZWxldGVBZGFwdGVyUmVxdWVzdBohLnNkc2VydmUudjEuRGVsZXRlQWRhcHRlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_sdserve_v1_diffusion]);
+  fileDesc("Ch5zZHNlcnZlL3YxL21vZGVsX21hbmFnZXIucHJvdG8SCnNkc2VydmUudjEixQEKC01vZGVsU291cmNlEiQKBGtpbmQYASABKA4yFi5zZHNlcnZlLnYxLlNvdXJjZUtpbmQSDwoHcmVwb19pZBgCIAEoCRIaChJyZXF1ZXN0ZWRfcmV2aXNpb24YAyABKAkSDgoGY29tbWl0GAQgASgJEgwKBHBhdGgYBSABKAkSFAoMYXJjaGl0ZWN0dXJlGAYgASgJEi8KDGRlcml2ZWRfZnJvbRgHIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudCKMAQoOVmFyaWFudFF1YWxpdHkSFAoHcHNucl9kYhgBIAEoAUgAiAEBEgwKBHNlZWQYAiABKAQSDQoFc3RlcHMYAyABKA0SDQoFd2lkdGgYBCABKA0SDgoGaGVpZ2h0GAUgASgNEg4KBmRldmljZRgGIAEoCRIMCgRub3RlGAcgASgJQgoKCF9wc25yX2RiIj4KClN0b3JlZEZpbGUSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnNoYTI1NhgDIAEoCSLXBAoLU3RvcmVkTW9kZWwSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBCABKAkSEgoKc2l6ZV9ieXRlcxgFIAEoBBIrCgVzdGF0ZRgGIAEoDjIcLnNkc2VydmUudjEuU3RvcmVkTW9kZWxTdGF0ZRINCgVlcnJvchgHIAEoCRITCgtkZXNjcmlwdGlvbhgIIAEoCRInCgZzb3VyY2UYCSABKAsyFy5zZHNlcnZlLnYxLk1vZGVsU291cmNlEjAKDGNyZWF0ZWRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnBpbm5lZBgMIAEoCBIPCgdhbGlhc2VzGA0gAygJEisKB3F1YWxpdHkYDiABKAsyGi5zZHNlcnZlLnYxLlZhcmlhbnRRdWFsaXR5EhgKEHVuZXRfaW5fY2hhbm5lbHMYDyABKA0SJQoFZmlsZXMYECADKAsyFi5zZHNlcnZlLnYxLlN0b3JlZEZpbGUSFQoNbGVhc2VfaG9sZGVycxgRIAEoDRI1ChFsZWFzZV9leHBpcmVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZmFtaWx5GBMgASgJEg0KBXRhc2tzGBQgAygJIlgKClZhcmlhbnRSZWYSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IpQBCgxBbGlhc0ZhaWx1cmUSJgoGdGFyZ2V0GAEgASgLMhYuc2RzZXJ2ZS52MS5WYXJpYW50UmVmEg4KBnJlYXNvbhgCIAEoCRIQCghyZXBvcnRlchgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZlcnRlZBgFIAEoCCKnAgoFQWxpYXMSDAoEbmFtZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghyZXZpc2lvbhgDIAEoCRIqCgd2YXJpYW50GAQgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EgwKBHBhdGgYBSABKAkSMAoMdXBkYXRlZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCglyZXZlcnRfdG8YByABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSLgoMbGFzdF9mYWlsdXJlGAggASgLMhguc2RzZXJ2ZS52MS5BbGlhc0ZhaWx1cmUSKAoHdGFyZ2V0cxgJIAMoCzIXLnNkc2VydmUudjEuQWxpYXNUYXJnZXQieAoLQWxpYXNUYXJnZXQSDQoFbW9kZWwYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIOCgZ3ZWlnaHQYBCABKA0SDAoEcGF0aBgFIAEoCSKsAQoKU3RvcmVVc2FnZRISCgpzdG9yZV9wYXRoGAEgASgJEhIKCnVzZWRfYnl0ZXMYAiABKAQSFAoMYnVkZ2V0X2J5dGVzGAMgASgEEhcKD3Byb3RlY3RlZF9ieXRlcxgEIAEoBBIVCg1wYXJ0aWFsX2J5dGVzGAUgASgEEh0KFWZpbGVzeXN0ZW1fZnJlZV9ieXRlcxgGIAEoBBIRCglyZWFkX29ubHkYByABKAgimgIKE0RlY2xhcmVkU3RhdGVTdGF0dXMSDAoEcGF0aBgBIAEoCRIOCgZzaGEyNTYYAiABKAkSDwoHcnVubmluZxgDIAEoCBISCgpmaWxlX2Vycm9yGAQgASgJEjIKDmxhc3RfcGFzc190aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI1ChFsYXN0X3N1Y2Nlc3NfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY29udmVyZ2VkGAcgASgIEhAKCGFjdGl2aXR5GAggASgJEjAKB2VudHJpZXMYCSADKAsyHy5zZHNlcnZlLnYxLkRlY2xhcmVkRW50cnlTdGF0dXMiYQoTRGVjbGFyZWRFbnRyeVN0YXR1cxINCgVlbnRyeRgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBXN0YXRlGAMgASgJEg4KBnJlYXNvbhgEIAEoCRIOCgZkZXRhaWwYBSABKAkigQEKEU9wZXJhdGlvblByb2dyZXNzEg0KBXN0YWdlGAEgASgJEgwKBGZpbGUYAiABKAkSEgoKZG9uZV9ieXRlcxgDIAEoBBITCgt0b3RhbF9ieXRlcxgEIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAUgASgEEg8KB21lc3NhZ2UYBiABKAki7wEKD09wZXJhdGlvblJlc3VsdBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSLwoOYWxzb19wdWJsaXNoZWQYAiADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhcKD2FscmVhZHlfcHJlc2VudBgDIAEoCBIPCgdvZmZsaW5lGAQgASgIEhgKEGRvd25sb2FkZWRfYnl0ZXMYBSABKAQSFQoNcmVzdW1lZF9ieXRlcxgGIAEoBBIoCgdldmljdGVkGAcgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbCJvChBQdWxsTW9kZWxSZXF1ZXN0Eg8KB3JlcG9faWQYASABKAkSEAoIcmV2aXNpb24YAiABKAkSKgoHdmFyaWFudBgDIAEoDjIZLnNkc2VydmUudjEuV2VpZ2h0VmFyaWFudBIMCgRuYW1lGAQgASgJIn4KEVB1bGxNb2RlbFJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEi0KBnJlc3VsdBgCIAEoCzIbLnNkc2VydmUudjEuT3BlcmF0aW9uUmVzdWx0SABCBwoFZXZlbnQiWwoSSW1wb3J0TW9kZWxSZXF1ZXN0EgwKBHBhdGgYASABKAkSDAoEbmFtZRgCIAEoCRIUCgxhcmNoaXRlY3R1cmUYAyABKAkSEwoLY29uZmlnX2Zyb20YBCABKAkigAEKE0ltcG9ydE1vZGVsUmVzcG9uc2USMQoIcHJvZ3Jlc3MYASABKAsyHS5zZHNlcnZlLnYxLk9wZXJhdGlvblByb2dyZXNzSAASLQoGcmVzdWx0GAIgASgLMhsuc2RzZXJ2ZS52MS5PcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCKUAQoUQ3JlYXRlVmFyaWFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50EhwKD21lYXN1cmVfcXVhbGl0eRgEIAEoCEgAiAEBQhIKEF9tZWFzdXJlX3F1YWxpdHkiggEKFUNyZWF0ZVZhcmlhbnRSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABItCgZyZXN1bHQYAiABKAsyGy5zZHNlcnZlLnYxLk9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IicKF0xpc3RTdG9yZWRNb2RlbHNSZXF1ZXN0EgwKBG5hbWUYASABKAkiwQEKGExpc3RTdG9yZWRNb2RlbHNSZXNwb25zZRInCgZtb2RlbHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiIKB2FsaWFzZXMYAiADKAsyES5zZHNlcnZlLnYxLkFsaWFzEiUKBXVzYWdlGAMgASgLMhYuc2RzZXJ2ZS52MS5TdG9yZVVzYWdlEjEKCGRlY2xhcmVkGAQgASgLMh8uc2RzZXJ2ZS52MS5EZWNsYXJlZFN0YXRlU3RhdHVzIiUKFUdldFN0b3JlZE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJIpoBChZHZXRTdG9yZWRNb2RlbFJlc3BvbnNlEikKCHZhcmlhbnRzGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIiCgdhbGlhc2VzGAIgAygLMhEuc2RzZXJ2ZS52MS5BbGlhcxIxCghkZWNsYXJlZBgDIAMoCzIfLnNkc2VydmUudjEuRGVjbGFyZWRFbnRyeVN0YXR1cyJmChhEZWxldGVTdG9yZWRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghyZXZpc2lvbhgCIAEoCRIqCgd2YXJpYW50GAMgASgOMhkuc2RzZXJ2ZS52MS5XZWlnaHRWYXJpYW50IloKGURlbGV0ZVN0b3JlZE1vZGVsUmVzcG9uc2USKAoHcmVtb3ZlZBgBIAMoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwSEwoLZnJlZWRfYnl0ZXMYAiABKAQiNQoVUGluU3RvcmVkTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGcGlubmVkGAIgASgIIkMKFlBpblN0b3JlZE1vZGVsUmVzcG9uc2USKQoIdmFyaWFudHMYASADKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsImMKFVJlY29yZE1vZGVsVXNlUmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEioKB3ZhcmlhbnQYAyABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQiGAoWUmVjb3JkTW9kZWxVc2VSZXNwb25zZSJqChdSZW5ld01vZGVsTGVhc2VzUmVxdWVzdBIOCgZob2xkZXIYASABKAkSKAoIdmFyaWFudHMYAiADKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSFQoNbGVhc2Vfc2Vjb25kcxgDIAEoDSJ0ChhSZW5ld01vZGVsTGVhc2VzUmVzcG9uc2USJwoHdW5rbm93bhgBIAMoCzIWLnNkc2VydmUudjEuVmFyaWFudFJlZhIvCgtleHBpcmVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYgoZUmVwb3J0QWxpYXNGYWlsdXJlUmVxdWVzdBINCgVhbGlhcxgBIAEoCRImCgZ0YXJnZXQYAiABKAsyFi5zZHNlcnZlLnYxLlZhcmlhbnRSZWYSDgoGcmVhc29uGAMgASgJIlAKGlJlcG9ydEFsaWFzRmFpbHVyZVJlc3BvbnNlEiAKBWFsaWFzGAEgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcxIQCghyZXZlcnRlZBgCIAEoCCKXAQoPU2V0QWxpYXNSZXF1ZXN0Eg0KBWFsaWFzGAEgASgJEg0KBW1vZGVsGAIgASgJEhAKCHJldmlzaW9uGAMgASgJEioKB3ZhcmlhbnQYBCABKA4yGS5zZHNlcnZlLnYxLldlaWdodFZhcmlhbnQSKAoHdGFyZ2V0cxgFIAMoCzIXLnNkc2VydmUudjEuQWxpYXNUYXJnZXQiWQoQU2V0QWxpYXNSZXNwb25zZRIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMSIwoIcHJldmlvdXMYAiABKAsyES5zZHNlcnZlLnYxLkFsaWFzIiMKEkRlbGV0ZUFsaWFzUmVxdWVzdBINCgVhbGlhcxgBIAEoCSI3ChNEZWxldGVBbGlhc1Jlc3BvbnNlEiAKBWFsaWFzGAEgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcyIUChJXYXRjaE1vZGVsc1JlcXVlc3QimwEKDVN0b3JlU25hcHNob3QSJwoGbW9kZWxzGAEgAygLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIiCgdhbGlhc2VzGAIgAygLMhEuc2RzZXJ2ZS52MS5BbGlhcxISCgpzdG9yZV9wYXRoGAMgASgJEhMKC2luc3RhbmNlX2lkGAQgASgJEhQKDGFkYXB0ZXJzX2RpchgFIAEoCSI4Cg5Nb2RlbFB1Ymxpc2hlZBImCgVtb2RlbBgBIAEoCzIXLnNkc2VydmUudjEuU3RvcmVkTW9kZWwiRgoMTW9kZWxSZW1vdmVkEiYKBW1vZGVsGAEgASgLMhcuc2RzZXJ2ZS52MS5TdG9yZWRNb2RlbBIOCgZyZWFzb24YAiABKAkinAEKCEFsaWFzU2V0EiAKBWFsaWFzGAEgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcxInCgZ0YXJnZXQYAiABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEiMKCHByZXZpb3VzGAMgASgLMhEuc2RzZXJ2ZS52MS5BbGlhcxIQCghyZXZlcnRlZBgEIAEoCBIOCgZyZWFzb24YBSABKAkiSgoOTW9kZWxDb3JydXB0ZWQSJgoFbW9kZWwYASABKAsyFy5zZHNlcnZlLnYxLlN0b3JlZE1vZGVsEhAKCHByb2JsZW1zGAIgAygJIjAKDEFsaWFzUmVtb3ZlZBIgCgVhbGlhcxgBIAEoCzIRLnNkc2VydmUudjEuQWxpYXMiiAMKE1dhdGNoTW9kZWxzUmVzcG9uc2USEAoIc2VxdWVuY2UYASABKAQSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoIc25hcHNob3QYAyABKAsyGS5zZHNlcnZlLnYxLlN0b3JlU25hcHNob3RIABI1Cg9tb2RlbF9wdWJsaXNoZWQYBCABKAsyGi5zZHNlcnZlLnYxLk1vZGVsUHVibGlzaGVkSAASMQoNbW9kZWxfcmVtb3ZlZBgFIAEoCzIYLnNkc2VydmUudjEuTW9kZWxSZW1vdmVkSAASKQoJYWxpYXNfc2V0GAYgASgLMhQuc2RzZXJ2ZS52MS5BbGlhc1NldEgAEjEKDWFsaWFzX3JlbW92ZWQYByABKAsyGC5zZHNlcnZlLnYxLkFsaWFzUmVtb3ZlZEgAEjUKD21vZGVsX2NvcnJ1cHRlZBgIIAEoCzIaLnNkc2VydmUudjEuTW9kZWxDb3JydXB0ZWRIAEIHCgVldmVudCKVAgoNU3RvcmVkQWRhcHRlchIMCgRuYW1lGAEgASgJEiUKBGtpbmQYAiABKA4yFy5zZHNlcnZlLnYxLkFkYXB0ZXJLaW5kEg4KBmxheW91dBgDIAEoCRIOCgZmYW1pbHkYBCABKAkSDAoEYmFzZRgFIAEoCRIPCgd0YXJnZXRzGAYgAygJEg0KBXRva2VuGAcgASgJEg4KBnNoYTI1NhgIIAEoCRISCgpzaXplX2J5dGVzGAkgASgEEg4KBnNvdXJjZRgKIAEoCRIMCgRwYXRoGAsgASgJEg0KBWVycm9yGAwgASgJEjAKDGNyZWF0ZWRfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAioAEKFkFkYXB0ZXJPcGVyYXRpb25SZXN1bHQSKgoHYWRhcHRlchgBIAEoCzIZLnNkc2VydmUudjEuU3RvcmVkQWRhcHRlchIXCg9hbHJlYWR5X3ByZXNlbnQYAiABKAgSEAoIcmVwbGFjZWQYAyABKAgSGAoQZG93bmxvYWRlZF9ieXRlcxgEIAEoBBIVCg1yZXN1bWVkX2J5dGVzGAUgASgEIncKElB1bGxBZGFwdGVyUmVxdWVzdBIPCgdyZXBvX2lkGAEgASgJEhAKCHJldmlzaW9uGAIgASgJEhAKCGZpbGVuYW1lGAMgASgJEgwKBG5hbWUYBCABKAkSDQoFdG9rZW4YBSABKAkSDwoHcmVwbGFjZRgGIAEoCCKHAQoTUHVsbEFkYXB0ZXJSZXNwb25zZRIxCghwcm9ncmVzcxgBIAEoCzIdLnNkc2VydmUudjEuT3BlcmF0aW9uUHJvZ3Jlc3NIABI0CgZyZXN1bHQYAiABKAsyIi5zZHNlcnZlLnYxLkFkYXB0ZXJPcGVyYXRpb25SZXN1bHRIAEIHCgVldmVudCJSChRJbXBvcnRBZGFwdGVyUmVxdWVzdBIMCgRwYXRoGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFdG9rZW4YAyABKAkSDwoHcmVwbGFjZRgEIAEoCCKJAQoVSW1wb3J0QWRhcHRlclJlc3BvbnNlEjEKCHByb2dyZXNzGAEgASgLMh0uc2RzZXJ2ZS52MS5PcGVyYXRpb25Qcm9ncmVzc0gAEjQKBnJlc3VsdBgCIAEoCzIiLnNkc2VydmUudjEuQWRhcHRlck9wZXJhdGlvblJlc3VsdEgAQgcKBWV2ZW50IhUKE0xpc3RBZGFwdGVyc1JlcXVlc3QiWQoUTGlzdEFkYXB0ZXJzUmVzcG9uc2USKwoIYWRhcHRlcnMYASADKAsyGS5zZHNlcnZlLnYxLlN0b3JlZEFkYXB0ZXISFAoMYWRhcHRlcnNfZGlyGAIgASgJIjEKEUdldEFkYXB0ZXJSZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGdmVyaWZ5GAIgASgIIlIKEkdldEFkYXB0ZXJSZXNwb25zZRIqCgdhZGFwdGVyGAEgASgLMhkuc2RzZXJ2ZS52MS5TdG9yZWRBZGFwdGVyEhAKCHZlcmlmaWVkGAIgASgIIiQKFERlbGV0ZUFkYXB0ZXJSZXF1ZXN0EgwKBG5hbWUYASABKAkiQwoVRGVsZXRlQWRhcHRlclJlc3BvbnNlEioKB3JlbW92ZWQYASABKAsyGS5zZHNlcnZlLnYxLlN0b3JlZEFkYXB0ZXIqkwEKDVdlaWdodFZhcmlhbnQSHgoaV0VJR0hUX1ZBUklBTlRfVU5TUEVDSUZJRUQQABIXChNXRUlHSFRfVkFSSUFOVF9GUDMyEAESFwoTV0VJR0hUX1ZBUklBTlRfRlAxNhACEhcKE1dFSUdIVF9WQVJJQU5UX0JGMTYQAxIXChNXRUlHSFRfVkFSSUFOVF9JTlQ4EAQqdAoQU3RvcmVkTW9kZWxTdGF0ZRIiCh5TVE9SRURfTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIcChhTVE9SRURfTU9ERUxfU1RBVEVfUkVBRFkQARIeChpTVE9SRURfTU9ERUxfU1RBVEVfQ09SUlVQVBACKpIBCgpTb3VyY2VLaW5kEhsKF1NPVVJDRV9LSU5EX1VOU1BFQ0lGSUVEEAASEwoPU09VUkNFX0tJTkRfSFVCEAESHAoYU09VUkNFX0tJTkRfTE9DQUxfRk9MREVSEAISGwoXU09VUkNFX0tJTkRfU0lOR0xFX0ZJTEUQAxIXChNTT1VSQ0VfS0lORF9ERVJJVkVEEAQypAwKE01vZGVsTWFuYWdlclNlcnZpY2USSgoJUHVsbE1vZGVsEhwuc2RzZXJ2ZS52MS5QdWxsTW9kZWxSZXF1ZXN0Gh0uc2RzZXJ2ZS52MS5QdWxsTW9kZWxSZXNwb25zZTABElAKC0ltcG9ydE1vZGVsEh4uc2RzZXJ2ZS52MS5JbXBvcnRNb2RlbFJlcXVlc3QaHy5zZHNlcnZlLnYxLkltcG9ydE1vZGVsUmVzcG9uc2UwARJWCg1DcmVhdGVWYXJpYW50EiAuc2RzZXJ2ZS52MS5DcmVhdGVWYXJpYW50UmVxdWVzdBohLnNkc2VydmUudjEuQ3JlYXRlVmFyaWFudFJlc3BvbnNlMAESXQoQTGlzdFN0b3JlZE1vZGVscxIjLnNkc2VydmUudjEuTGlzdFN0b3JlZE1vZGVsc1JlcXVlc3QaJC5zZHNlcnZlLnYxLkxpc3RTdG9yZWRNb2RlbHNSZXNwb25zZRJXCg5HZXRTdG9yZWRNb2RlbBIhLnNkc2VydmUudjEuR2V0U3RvcmVkTW9kZWxSZXF1ZXN0GiIuc2RzZXJ2ZS52MS5HZXRTdG9yZWRNb2RlbFJlc3BvbnNlEmAKEURlbGV0ZVN0b3JlZE1vZGVsEiQuc2RzZXJ2ZS52MS5EZWxldGVTdG9yZWRNb2RlbFJlcXVlc3QaJS5zZHNlcnZlLnYxLkRlbGV0ZVN0b3JlZE1vZGVsUmVzcG9uc2USVwoOUGluU3RvcmVkTW9kZWwSIS5zZHNlcnZlLnYxLlBpblN0b3JlZE1vZGVsUmVxdWVzdBoiLnNkc2VydmUudjEuUGluU3RvcmVkTW9kZWxSZXNwb25zZRJXCg5SZWNvcmRNb2RlbFVzZRIhLnNkc2VydmUudjEuUmVjb3JkTW9kZWxVc2VSZXF1ZXN0GiIuc2RzZXJ2ZS52MS5SZWNvcmRNb2RlbFVzZVJlc3BvbnNlEl0KEFJlbmV3TW9kZWxMZWFzZXMSIy5zZHNlcnZlLnYxLlJlbmV3TW9kZWxMZWFzZXNSZXF1ZXN0GiQuc2RzZXJ2ZS52MS5SZW5ld01vZGVsTGVhc2VzUmVzcG9uc2USYwoSUmVwb3J0QWxpYXNGYWlsdXJlEiUuc2RzZXJ2ZS52MS5SZXBvcnRBbGlhc0ZhaWx1cmVSZXF1ZXN0GiYuc2RzZXJ2ZS52MS5SZXBvcnRBbGlhc0ZhaWx1cmVSZXNwb25zZRJFCghTZXRBbGlhcxIbLnNkc2VydmUudjEuU2V0QWxpYXNSZXF1ZXN0Ghwuc2RzZXJ2ZS52MS5TZXRBbGlhc1Jlc3BvbnNlEk4KC0RlbGV0ZUFsaWFzEh4uc2RzZXJ2ZS52MS5EZWxldGVBbGlhc1JlcXVlc3QaHy5zZHNlcnZlLnYxLkRlbGV0ZUFsaWFzUmVzcG9uc2USUAoLV2F0Y2hNb2RlbHMSHi5zZHNlcnZlLnYxLldhdGNoTW9kZWxzUmVxdWVzdBofLnNkc2VydmUudjEuV2F0Y2hNb2RlbHNSZXNwb25zZTABElAKC1B1bGxBZGFwdGVyEh4uc2RzZXJ2ZS52MS5QdWxsQWRhcHRlclJlcXVlc3QaHy5zZHNlcnZlLnYxLlB1bGxBZGFwdGVyUmVzcG9uc2UwARJWCg1JbXBvcnRBZGFwdGVyEiAuc2RzZXJ2ZS52MS5JbXBvcnRBZGFwdGVyUmVxdWVzdBohLnNkc2VydmUudjEuSW1wb3J0QWRhcHRlclJlc3BvbnNlMAESUQoMTGlzdEFkYXB0ZXJzEh8uc2RzZXJ2ZS52MS5MaXN0QWRhcHRlcnNSZXF1ZXN0GiAuc2RzZXJ2ZS52MS5MaXN0QWRhcHRlcnNSZXNwb25zZRJLCgpHZXRBZGFwdGVyEh0uc2RzZXJ2ZS52MS5HZXRBZGFwdGVyUmVxdWVzdBoeLnNkc2VydmUudjEuR2V0QWRhcHRlclJlc3BvbnNlElQKDURlbGV0ZUFkYXB0ZXISIC5zZHNlcnZlLnYxLkRlbGV0ZUFkYXB0ZXJSZXF1ZXN0GiEuc2RzZXJ2ZS52MS5EZWxldGVBZGFwdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_sdserve_v1_diffusion]);
 
 /**
  * ModelSource records where a stored variant came from.
@@ -599,6 +599,13 @@ export type StoreUsage = Message<"sdserve.v1.StoreUsage"> & {
    * @generated from field: uint64 filesystem_free_bytes = 6;
    */
   filesystemFreeBytes: bigint;
+
+  /**
+   * True for a shared read-only store (--read-only-store): pulls, imports, variants and removals are refused.
+   *
+   * @generated from field: bool read_only = 7;
+   */
+  readOnly: boolean;
 };
 
 /**
@@ -607,6 +614,132 @@ export type StoreUsage = Message<"sdserve.v1.StoreUsage"> & {
  */
 export const StoreUsageSchema: GenMessage<StoreUsage> = /*@__PURE__*/
   messageDesc(file_sdserve_v1_model_manager, 8);
+
+/**
+ * DeclaredStateStatus is where the sidecar's declared state (--declared-state, docs/declared-state.md) stands.
+ *
+ * @generated from message sdserve.v1.DeclaredStateStatus
+ */
+export type DeclaredStateStatus = Message<"sdserve.v1.DeclaredStateStatus"> & {
+  /**
+   * The declared-state file.
+   *
+   * @generated from field: string path = 1;
+   */
+  path: string;
+
+  /**
+   * SHA-256 of the content last applied; empty until a valid file was read.
+   *
+   * @generated from field: string sha256 = 2;
+   */
+  sha256: string;
+
+  /**
+   * True while a pass runs.
+   *
+   * @generated from field: bool running = 3;
+   */
+  running: boolean;
+
+  /**
+   * Why the file's current content was not applied (unreadable or invalid; the last applied state stays).
+   *
+   * @generated from field: string file_error = 4;
+   */
+  fileError: string;
+
+  /**
+   * When the last pass ended; unset before the first.
+   *
+   * @generated from field: google.protobuf.Timestamp last_pass_time = 5;
+   */
+  lastPassTime?: Timestamp | undefined;
+
+  /**
+   * When the last pass that left every entry ready ended; unset before the first.
+   *
+   * @generated from field: google.protobuf.Timestamp last_success_time = 6;
+   */
+  lastSuccessTime?: Timestamp | undefined;
+
+  /**
+   * True when the applied file is valid and every entry is ready: the store holds what the file declares.
+   *
+   * @generated from field: bool converged = 7;
+   */
+  converged: boolean;
+
+  /**
+   * What the running entry's operation is doing (for example `downloading 1048576/5136110 bytes`).
+   *
+   * @generated from field: string activity = 8;
+   */
+  activity: string;
+
+  /**
+   * Every declared entry of the applied file, in file order (models, then adapters, then aliases).
+   *
+   * @generated from field: repeated sdserve.v1.DeclaredEntryStatus entries = 9;
+   */
+  entries: DeclaredEntryStatus[];
+};
+
+/**
+ * Describes the message sdserve.v1.DeclaredStateStatus.
+ * Use `create(DeclaredStateStatusSchema)` to create a new message.
+ */
+export const DeclaredStateStatusSchema: GenMessage<DeclaredStateStatus> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 9);
+
+/**
+ * DeclaredEntryStatus is one entry of the declared state.
+ *
+ * @generated from message sdserve.v1.DeclaredEntryStatus
+ */
+export type DeclaredEntryStatus = Message<"sdserve.v1.DeclaredEntryStatus"> & {
+  /**
+   * Its place in the file: `models[0]`, `adapters[1]`, `aliases.default`.
+   *
+   * @generated from field: string entry = 1;
+   */
+  entry: string;
+
+  /**
+   * The model, adapter or alias name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * `pending`, `running`, `ready` or `failed`.
+   *
+   * @generated from field: string state = 3;
+   */
+  state: string;
+
+  /**
+   * Why it failed (or what is missing); empty when ready.
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+
+  /**
+   * Models: the ready variants; adapters: the stored adapter's source; aliases: the target it points at.
+   *
+   * @generated from field: string detail = 5;
+   */
+  detail: string;
+};
+
+/**
+ * Describes the message sdserve.v1.DeclaredEntryStatus.
+ * Use `create(DeclaredEntryStatusSchema)` to create a new message.
+ */
+export const DeclaredEntryStatusSchema: GenMessage<DeclaredEntryStatus> = /*@__PURE__*/
+  messageDesc(file_sdserve_v1_model_manager, 10);
 
 /**
  * OperationProgress reports a long operation's progress.
@@ -663,7 +796,7 @@ export type OperationProgress = Message<"sdserve.v1.OperationProgress"> & {
  * Use `create(OperationProgressSchema)` to create a new message.
  */
 export const OperationProgressSchema: GenMessage<OperationProgress> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 9);
+  messageDesc(file_sdserve_v1_model_manager, 11);
 
 /**
  * OperationResult is the outcome of a PullModel, ImportModel or CreateVariant call.
@@ -727,7 +860,7 @@ export type OperationResult = Message<"sdserve.v1.OperationResult"> & {
  * Use `create(OperationResultSchema)` to create a new message.
  */
 export const OperationResultSchema: GenMessage<OperationResult> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 10);
+  messageDesc(file_sdserve_v1_model_manager, 12);
 
 /**
  * PullModelRequest names a Hub repository, revision and variant.
@@ -771,7 +904,7 @@ export type PullModelRequest = Message<"sdserve.v1.PullModelRequest"> & {
  * Use `create(PullModelRequestSchema)` to create a new message.
  */
 export const PullModelRequestSchema: GenMessage<PullModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 11);
+  messageDesc(file_sdserve_v1_model_manager, 13);
 
 /**
  * PullModelResponse is one message of a PullModel stream.
@@ -808,7 +941,7 @@ export type PullModelResponse = Message<"sdserve.v1.PullModelResponse"> & {
  * Use `create(PullModelResponseSchema)` to create a new message.
  */
 export const PullModelResponseSchema: GenMessage<PullModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 12);
+  messageDesc(file_sdserve_v1_model_manager, 14);
 
 /**
  * ImportModelRequest names a local folder or file to import.
@@ -856,7 +989,7 @@ export type ImportModelRequest = Message<"sdserve.v1.ImportModelRequest"> & {
  * Use `create(ImportModelRequestSchema)` to create a new message.
  */
 export const ImportModelRequestSchema: GenMessage<ImportModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 13);
+  messageDesc(file_sdserve_v1_model_manager, 15);
 
 /**
  * ImportModelResponse is one message of an ImportModel stream.
@@ -893,7 +1026,7 @@ export type ImportModelResponse = Message<"sdserve.v1.ImportModelResponse"> & {
  * Use `create(ImportModelResponseSchema)` to create a new message.
  */
 export const ImportModelResponseSchema: GenMessage<ImportModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 14);
+  messageDesc(file_sdserve_v1_model_manager, 16);
 
 /**
  * CreateVariantRequest names a stored revision and the variant to make of it.
@@ -936,7 +1069,7 @@ export type CreateVariantRequest = Message<"sdserve.v1.CreateVariantRequest"> & 
  * Use `create(CreateVariantRequestSchema)` to create a new message.
  */
 export const CreateVariantRequestSchema: GenMessage<CreateVariantRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 15);
+  messageDesc(file_sdserve_v1_model_manager, 17);
 
 /**
  * CreateVariantResponse is one message of a CreateVariant stream.
@@ -973,7 +1106,7 @@ export type CreateVariantResponse = Message<"sdserve.v1.CreateVariantResponse"> 
  * Use `create(CreateVariantResponseSchema)` to create a new message.
  */
 export const CreateVariantResponseSchema: GenMessage<CreateVariantResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 16);
+  messageDesc(file_sdserve_v1_model_manager, 18);
 
 /**
  * ListStoredModelsRequest filters the listing.
@@ -994,7 +1127,7 @@ export type ListStoredModelsRequest = Message<"sdserve.v1.ListStoredModelsReques
  * Use `create(ListStoredModelsRequestSchema)` to create a new message.
  */
 export const ListStoredModelsRequestSchema: GenMessage<ListStoredModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 17);
+  messageDesc(file_sdserve_v1_model_manager, 19);
 
 /**
  * ListStoredModelsResponse lists the store.
@@ -1022,6 +1155,13 @@ export type ListStoredModelsResponse = Message<"sdserve.v1.ListStoredModelsRespo
    * @generated from field: sdserve.v1.StoreUsage usage = 3;
    */
   usage?: StoreUsage | undefined;
+
+  /**
+   * The declared state's progress and drift; unset without --declared-state.
+   *
+   * @generated from field: sdserve.v1.DeclaredStateStatus declared = 4;
+   */
+  declared?: DeclaredStateStatus | undefined;
 };
 
 /**
@@ -1029,7 +1169,7 @@ export type ListStoredModelsResponse = Message<"sdserve.v1.ListStoredModelsRespo
  * Use `create(ListStoredModelsResponseSchema)` to create a new message.
  */
 export const ListStoredModelsResponseSchema: GenMessage<ListStoredModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 18);
+  messageDesc(file_sdserve_v1_model_manager, 20);
 
 /**
  * GetStoredModelRequest names a model.
@@ -1050,7 +1190,7 @@ export type GetStoredModelRequest = Message<"sdserve.v1.GetStoredModelRequest"> 
  * Use `create(GetStoredModelRequestSchema)` to create a new message.
  */
 export const GetStoredModelRequestSchema: GenMessage<GetStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 19);
+  messageDesc(file_sdserve_v1_model_manager, 21);
 
 /**
  * GetStoredModelResponse describes one model.
@@ -1071,6 +1211,14 @@ export type GetStoredModelResponse = Message<"sdserve.v1.GetStoredModelResponse"
    * @generated from field: repeated sdserve.v1.Alias aliases = 2;
    */
   aliases: Alias[];
+
+  /**
+   * The declared-state entries about this model (its model entry and the aliases declared on it); empty
+   * without --declared-state or when the file does not name it.
+   *
+   * @generated from field: repeated sdserve.v1.DeclaredEntryStatus declared = 3;
+   */
+  declared: DeclaredEntryStatus[];
 };
 
 /**
@@ -1078,7 +1226,7 @@ export type GetStoredModelResponse = Message<"sdserve.v1.GetStoredModelResponse"
  * Use `create(GetStoredModelResponseSchema)` to create a new message.
  */
 export const GetStoredModelResponseSchema: GenMessage<GetStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 20);
+  messageDesc(file_sdserve_v1_model_manager, 22);
 
 /**
  * DeleteStoredModelRequest names what to remove.
@@ -1113,7 +1261,7 @@ export type DeleteStoredModelRequest = Message<"sdserve.v1.DeleteStoredModelRequ
  * Use `create(DeleteStoredModelRequestSchema)` to create a new message.
  */
 export const DeleteStoredModelRequestSchema: GenMessage<DeleteStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 21);
+  messageDesc(file_sdserve_v1_model_manager, 23);
 
 /**
  * DeleteStoredModelResponse lists what was removed.
@@ -1141,7 +1289,7 @@ export type DeleteStoredModelResponse = Message<"sdserve.v1.DeleteStoredModelRes
  * Use `create(DeleteStoredModelResponseSchema)` to create a new message.
  */
 export const DeleteStoredModelResponseSchema: GenMessage<DeleteStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 22);
+  messageDesc(file_sdserve_v1_model_manager, 24);
 
 /**
  * PinStoredModelRequest pins or unpins a model.
@@ -1169,7 +1317,7 @@ export type PinStoredModelRequest = Message<"sdserve.v1.PinStoredModelRequest"> 
  * Use `create(PinStoredModelRequestSchema)` to create a new message.
  */
 export const PinStoredModelRequestSchema: GenMessage<PinStoredModelRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 23);
+  messageDesc(file_sdserve_v1_model_manager, 25);
 
 /**
  * PinStoredModelResponse confirms the pin.
@@ -1190,7 +1338,7 @@ export type PinStoredModelResponse = Message<"sdserve.v1.PinStoredModelResponse"
  * Use `create(PinStoredModelResponseSchema)` to create a new message.
  */
 export const PinStoredModelResponseSchema: GenMessage<PinStoredModelResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 24);
+  messageDesc(file_sdserve_v1_model_manager, 26);
 
 /**
  * RecordModelUseRequest names a variant that was just used (for example loaded by the server).
@@ -1225,7 +1373,7 @@ export type RecordModelUseRequest = Message<"sdserve.v1.RecordModelUseRequest"> 
  * Use `create(RecordModelUseRequestSchema)` to create a new message.
  */
 export const RecordModelUseRequestSchema: GenMessage<RecordModelUseRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 25);
+  messageDesc(file_sdserve_v1_model_manager, 27);
 
 /**
  * RecordModelUseResponse is empty.
@@ -1240,7 +1388,7 @@ export type RecordModelUseResponse = Message<"sdserve.v1.RecordModelUseResponse"
  * Use `create(RecordModelUseResponseSchema)` to create a new message.
  */
 export const RecordModelUseResponseSchema: GenMessage<RecordModelUseResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 26);
+  messageDesc(file_sdserve_v1_model_manager, 28);
 
 /**
  * RenewModelLeasesRequest replaces one server's leases.
@@ -1277,7 +1425,7 @@ export type RenewModelLeasesRequest = Message<"sdserve.v1.RenewModelLeasesReques
  * Use `create(RenewModelLeasesRequestSchema)` to create a new message.
  */
 export const RenewModelLeasesRequestSchema: GenMessage<RenewModelLeasesRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 27);
+  messageDesc(file_sdserve_v1_model_manager, 29);
 
 /**
  * RenewModelLeasesResponse confirms the leases.
@@ -1305,7 +1453,7 @@ export type RenewModelLeasesResponse = Message<"sdserve.v1.RenewModelLeasesRespo
  * Use `create(RenewModelLeasesResponseSchema)` to create a new message.
  */
 export const RenewModelLeasesResponseSchema: GenMessage<RenewModelLeasesResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 28);
+  messageDesc(file_sdserve_v1_model_manager, 30);
 
 /**
  * ReportAliasFailureRequest says which alias target a server could not serve, and why.
@@ -1340,7 +1488,7 @@ export type ReportAliasFailureRequest = Message<"sdserve.v1.ReportAliasFailureRe
  * Use `create(ReportAliasFailureRequestSchema)` to create a new message.
  */
 export const ReportAliasFailureRequestSchema: GenMessage<ReportAliasFailureRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 29);
+  messageDesc(file_sdserve_v1_model_manager, 31);
 
 /**
  * ReportAliasFailureResponse returns the alias after the report.
@@ -1368,7 +1516,7 @@ export type ReportAliasFailureResponse = Message<"sdserve.v1.ReportAliasFailureR
  * Use `create(ReportAliasFailureResponseSchema)` to create a new message.
  */
 export const ReportAliasFailureResponseSchema: GenMessage<ReportAliasFailureResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 30);
+  messageDesc(file_sdserve_v1_model_manager, 32);
 
 /**
  * SetAliasRequest points an alias at a variant.
@@ -1418,7 +1566,7 @@ export type SetAliasRequest = Message<"sdserve.v1.SetAliasRequest"> & {
  * Use `create(SetAliasRequestSchema)` to create a new message.
  */
 export const SetAliasRequestSchema: GenMessage<SetAliasRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 31);
+  messageDesc(file_sdserve_v1_model_manager, 33);
 
 /**
  * SetAliasResponse returns the alias as set.
@@ -1446,7 +1594,7 @@ export type SetAliasResponse = Message<"sdserve.v1.SetAliasResponse"> & {
  * Use `create(SetAliasResponseSchema)` to create a new message.
  */
 export const SetAliasResponseSchema: GenMessage<SetAliasResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 32);
+  messageDesc(file_sdserve_v1_model_manager, 34);
 
 /**
  * DeleteAliasRequest names an alias.
@@ -1467,7 +1615,7 @@ export type DeleteAliasRequest = Message<"sdserve.v1.DeleteAliasRequest"> & {
  * Use `create(DeleteAliasRequestSchema)` to create a new message.
  */
 export const DeleteAliasRequestSchema: GenMessage<DeleteAliasRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 33);
+  messageDesc(file_sdserve_v1_model_manager, 35);
 
 /**
  * DeleteAliasResponse returns the removed alias.
@@ -1488,7 +1636,7 @@ export type DeleteAliasResponse = Message<"sdserve.v1.DeleteAliasResponse"> & {
  * Use `create(DeleteAliasResponseSchema)` to create a new message.
  */
 export const DeleteAliasResponseSchema: GenMessage<DeleteAliasResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 34);
+  messageDesc(file_sdserve_v1_model_manager, 36);
 
 /**
  * WatchModelsRequest subscribes to store changes.
@@ -1503,7 +1651,7 @@ export type WatchModelsRequest = Message<"sdserve.v1.WatchModelsRequest"> & {
  * Use `create(WatchModelsRequestSchema)` to create a new message.
  */
 export const WatchModelsRequestSchema: GenMessage<WatchModelsRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 35);
+  messageDesc(file_sdserve_v1_model_manager, 37);
 
 /**
  * StoreSnapshot is the whole store at the moment a subscription starts.
@@ -1553,7 +1701,7 @@ export type StoreSnapshot = Message<"sdserve.v1.StoreSnapshot"> & {
  * Use `create(StoreSnapshotSchema)` to create a new message.
  */
 export const StoreSnapshotSchema: GenMessage<StoreSnapshot> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 36);
+  messageDesc(file_sdserve_v1_model_manager, 38);
 
 /**
  * ModelPublished says a variant was published (it is READY).
@@ -1574,7 +1722,7 @@ export type ModelPublished = Message<"sdserve.v1.ModelPublished"> & {
  * Use `create(ModelPublishedSchema)` to create a new message.
  */
 export const ModelPublishedSchema: GenMessage<ModelPublished> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 37);
+  messageDesc(file_sdserve_v1_model_manager, 39);
 
 /**
  * ModelRemoved says a variant was removed (deleted or evicted); its folder is gone.
@@ -1602,7 +1750,7 @@ export type ModelRemoved = Message<"sdserve.v1.ModelRemoved"> & {
  * Use `create(ModelRemovedSchema)` to create a new message.
  */
 export const ModelRemovedSchema: GenMessage<ModelRemoved> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 38);
+  messageDesc(file_sdserve_v1_model_manager, 40);
 
 /**
  * AliasSet says an alias now points at a variant: load `target.path` and swap.
@@ -1651,7 +1799,7 @@ export type AliasSet = Message<"sdserve.v1.AliasSet"> & {
  * Use `create(AliasSetSchema)` to create a new message.
  */
 export const AliasSetSchema: GenMessage<AliasSet> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 39);
+  messageDesc(file_sdserve_v1_model_manager, 41);
 
 /**
  * ModelCorrupted says a READY variant failed verification after it was published (a scrub, a SetAlias
@@ -1680,7 +1828,7 @@ export type ModelCorrupted = Message<"sdserve.v1.ModelCorrupted"> & {
  * Use `create(ModelCorruptedSchema)` to create a new message.
  */
 export const ModelCorruptedSchema: GenMessage<ModelCorrupted> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 40);
+  messageDesc(file_sdserve_v1_model_manager, 42);
 
 /**
  * AliasRemoved says an alias no longer exists.
@@ -1701,7 +1849,7 @@ export type AliasRemoved = Message<"sdserve.v1.AliasRemoved"> & {
  * Use `create(AliasRemovedSchema)` to create a new message.
  */
 export const AliasRemovedSchema: GenMessage<AliasRemoved> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 41);
+  messageDesc(file_sdserve_v1_model_manager, 43);
 
 /**
  * WatchModelsResponse is one message of a WatchModels stream. The first is always a snapshot.
@@ -1785,7 +1933,7 @@ export type WatchModelsResponse = Message<"sdserve.v1.WatchModelsResponse"> & {
  * Use `create(WatchModelsResponseSchema)` to create a new message.
  */
 export const WatchModelsResponseSchema: GenMessage<WatchModelsResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 42);
+  messageDesc(file_sdserve_v1_model_manager, 44);
 
 /**
  * StoredAdapter is one stored adapter: a LoRA or a textual-inversion embedding, published atomically at
@@ -1902,7 +2050,7 @@ export type StoredAdapter = Message<"sdserve.v1.StoredAdapter"> & {
  * Use `create(StoredAdapterSchema)` to create a new message.
  */
 export const StoredAdapterSchema: GenMessage<StoredAdapter> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 43);
+  messageDesc(file_sdserve_v1_model_manager, 45);
 
 /**
  * AdapterOperationResult is the outcome of a PullAdapter or ImportAdapter call.
@@ -1952,7 +2100,7 @@ export type AdapterOperationResult = Message<"sdserve.v1.AdapterOperationResult"
  * Use `create(AdapterOperationResultSchema)` to create a new message.
  */
 export const AdapterOperationResultSchema: GenMessage<AdapterOperationResult> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 44);
+  messageDesc(file_sdserve_v1_model_manager, 46);
 
 /**
  * PullAdapterRequest names a Hub repository and the adapter file in it.
@@ -2011,7 +2159,7 @@ export type PullAdapterRequest = Message<"sdserve.v1.PullAdapterRequest"> & {
  * Use `create(PullAdapterRequestSchema)` to create a new message.
  */
 export const PullAdapterRequestSchema: GenMessage<PullAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 45);
+  messageDesc(file_sdserve_v1_model_manager, 47);
 
 /**
  * PullAdapterResponse is one message of a PullAdapter stream.
@@ -2048,7 +2196,7 @@ export type PullAdapterResponse = Message<"sdserve.v1.PullAdapterResponse"> & {
  * Use `create(PullAdapterResponseSchema)` to create a new message.
  */
 export const PullAdapterResponseSchema: GenMessage<PullAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 46);
+  messageDesc(file_sdserve_v1_model_manager, 48);
 
 /**
  * ImportAdapterRequest names a local adapter file to store.
@@ -2092,7 +2240,7 @@ export type ImportAdapterRequest = Message<"sdserve.v1.ImportAdapterRequest"> & 
  * Use `create(ImportAdapterRequestSchema)` to create a new message.
  */
 export const ImportAdapterRequestSchema: GenMessage<ImportAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 47);
+  messageDesc(file_sdserve_v1_model_manager, 49);
 
 /**
  * ImportAdapterResponse is one message of an ImportAdapter stream.
@@ -2129,7 +2277,7 @@ export type ImportAdapterResponse = Message<"sdserve.v1.ImportAdapterResponse"> 
  * Use `create(ImportAdapterResponseSchema)` to create a new message.
  */
 export const ImportAdapterResponseSchema: GenMessage<ImportAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 48);
+  messageDesc(file_sdserve_v1_model_manager, 50);
 
 /**
  * ListAdaptersRequest lists the stored adapters.
@@ -2144,7 +2292,7 @@ export type ListAdaptersRequest = Message<"sdserve.v1.ListAdaptersRequest"> & {
  * Use `create(ListAdaptersRequestSchema)` to create a new message.
  */
 export const ListAdaptersRequestSchema: GenMessage<ListAdaptersRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 49);
+  messageDesc(file_sdserve_v1_model_manager, 51);
 
 /**
  * ListAdaptersResponse lists the stored adapters.
@@ -2172,7 +2320,7 @@ export type ListAdaptersResponse = Message<"sdserve.v1.ListAdaptersResponse"> & 
  * Use `create(ListAdaptersResponseSchema)` to create a new message.
  */
 export const ListAdaptersResponseSchema: GenMessage<ListAdaptersResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 50);
+  messageDesc(file_sdserve_v1_model_manager, 52);
 
 /**
  * GetAdapterRequest names an adapter.
@@ -2202,7 +2350,7 @@ export type GetAdapterRequest = Message<"sdserve.v1.GetAdapterRequest"> & {
  * Use `create(GetAdapterRequestSchema)` to create a new message.
  */
 export const GetAdapterRequestSchema: GenMessage<GetAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 51);
+  messageDesc(file_sdserve_v1_model_manager, 53);
 
 /**
  * GetAdapterResponse describes one adapter.
@@ -2230,7 +2378,7 @@ export type GetAdapterResponse = Message<"sdserve.v1.GetAdapterResponse"> & {
  * Use `create(GetAdapterResponseSchema)` to create a new message.
  */
 export const GetAdapterResponseSchema: GenMessage<GetAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 52);
+  messageDesc(file_sdserve_v1_model_manager, 54);
 
 /**
  * DeleteAdapterRequest names an adapter to remove.
@@ -2251,7 +2399,7 @@ export type DeleteAdapterRequest = Message<"sdserve.v1.DeleteAdapterRequest"> & 
  * Use `create(DeleteAdapterRequestSchema)` to create a new message.
  */
 export const DeleteAdapterRequestSchema: GenMessage<DeleteAdapterRequest> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 53);
+  messageDesc(file_sdserve_v1_model_manager, 55);
 
 /**
  * DeleteAdapterResponse returns the removed adapter.
@@ -2272,7 +2420,7 @@ export type DeleteAdapterResponse = Message<"sdserve.v1.DeleteAdapterResponse"> 
  * Use `create(DeleteAdapterResponseSchema)` to create a new message.
  */
 export const DeleteAdapterResponseSchema: GenMessage<DeleteAdapterResponse> = /*@__PURE__*/
-  messageDesc(file_sdserve_v1_model_manager, 54);
+  messageDesc(file_sdserve_v1_model_manager, 56);
 
 /**
  * WeightVariant is the numeric format of a stored variant's weights.
