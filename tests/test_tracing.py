@@ -227,10 +227,12 @@ def test_a_sidecar_import_traces_its_operation_and_verify(
 ) -> None:
     provider, exporter = recorded
     with ManagerThread(_manager_settings(tmp_path, models_dir), provider) as sidecar:
-        with ModelManagerClient(f"127.0.0.1:{sidecar.port}") as mc:
+        caller = provider.get_tracer("test").start_as_current_span("caller")
+        with ModelManagerClient(f"127.0.0.1:{sidecar.port}") as mc, caller as span:
             stored = mc.import_model(str(models_dir / TINY), name="traced").model
         wait_until(lambda: _finished(exporter, IMPORT), "the sidecar's RPC span")
     [rpc] = _finished(exporter, IMPORT)
+    assert rpc.parent is not None and rpc.parent.span_id == span.get_span_context().span_id, "the client passes it"
     [op] = _finished(exporter, "import")
     [verify] = _finished(exporter, "verify")
     assert rpc.context is not None and op.context is not None and verify.context is not None

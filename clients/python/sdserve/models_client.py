@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import grpc
 
-from sdserve.client import metadata
+from sdserve.client import metadata, traced
 
 # Re-exported (the store commands read the same PEM files); `as` marks it public for type checkers.
 from sdserve.client import tls_credentials as tls_credentials  # noqa: PLC0414
@@ -702,7 +702,7 @@ class ModelManagerClient:
 
     def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            return method(request, timeout=self.timeout, metadata=traced(self._metadata))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -711,7 +711,7 @@ class ModelManagerClient:
     def stream_pull(self, repo_id: str, *, revision: str = "", variant: str = "", name: str = "") -> OperationStream:
         """Pulls a Hub repository as a stream of progress events and a result (no deadline)."""
         req = pb.PullModelRequest(repo_id=repo_id, revision=revision, variant=_variant(variant), name=name)
-        return OperationStream(self._stub.PullModel(req, metadata=self._metadata))
+        return OperationStream(self._stub.PullModel(req, metadata=traced(self._metadata)))
 
     def pull(
         self,
@@ -731,7 +731,7 @@ class ModelManagerClient:
     ) -> OperationStream:
         """Imports a folder or single-file checkpoint on the sidecar's machine."""
         req = pb.ImportModelRequest(path=path, name=name, architecture=architecture, config_from=config_from)
-        return OperationStream(self._stub.ImportModel(req, metadata=self._metadata))
+        return OperationStream(self._stub.ImportModel(req, metadata=traced(self._metadata)))
 
     def import_model(
         self,
@@ -753,7 +753,7 @@ class ModelManagerClient:
         req = pb.CreateVariantRequest(name=name, revision=revision, variant=_variant(variant))
         if measure_quality is not None:
             req.measure_quality = measure_quality
-        return OperationStream(self._stub.CreateVariant(req, metadata=self._metadata))
+        return OperationStream(self._stub.CreateVariant(req, metadata=traced(self._metadata)))
 
     def create_variant(
         self,
@@ -835,7 +835,7 @@ class ModelManagerClient:
 
     def watch(self) -> WatchStream:
         """Subscribes to store changes: a Snapshot, then one event per change, until cancel()."""
-        return WatchStream(self._stub.WatchModels(pb.WatchModelsRequest(), metadata=self._metadata))
+        return WatchStream(self._stub.WatchModels(pb.WatchModelsRequest(), metadata=traced(self._metadata)))
 
     # Adapters ---------------------------------------------------------------------------------
 
@@ -848,7 +848,7 @@ class ModelManagerClient:
         req = pb.PullAdapterRequest(
             repo_id=repo_id, revision=revision, filename=filename, name=name, token=token, replace=replace
         )
-        return AdapterStream(self._stub.PullAdapter(req, metadata=self._metadata))
+        return AdapterStream(self._stub.PullAdapter(req, metadata=traced(self._metadata)))
 
     def pull_adapter(
         self, repo_id: str, *, revision: str = "", filename: str = "", name: str = "", token: str = "",
@@ -866,7 +866,7 @@ class ModelManagerClient:
     ) -> AdapterStream:
         """Stores a .safetensors adapter file on the sidecar's machine (inside its import folders)."""
         req = pb.ImportAdapterRequest(path=path, name=name, token=token, replace=replace)
-        return AdapterStream(self._stub.ImportAdapter(req, metadata=self._metadata))
+        return AdapterStream(self._stub.ImportAdapter(req, metadata=traced(self._metadata)))
 
     def import_adapter(
         self, path: str, *, name: str = "", token: str = "", replace: bool = False,
@@ -927,14 +927,16 @@ class AsyncModelManagerClient:
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+            return await method(
+                request, timeout=self.timeout if timeout is None else timeout, metadata=traced(self._metadata)
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     async def watch(self) -> AsyncGenerator[WatchEvent, None]:
         """A Snapshot, then one event per change; raises SdserveError when the stream fails (re-subscribe then).
         Events of a kind this client does not know (sent by a newer sidecar) are skipped."""
-        call = self._stub.WatchModels(pb.WatchModelsRequest(), metadata=self._metadata)
+        call = self._stub.WatchModels(pb.WatchModelsRequest(), metadata=traced(self._metadata))
         try:
             async for msg in call:
                 if msg.WhichOneof("event") is not None:
