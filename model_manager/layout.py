@@ -28,8 +28,7 @@ class StoreLayout:
     def create(self, read_only: bool = False) -> None:
         """Makes the store's folders; a read-only store only its state folder (the store must exist)."""
         if read_only:
-            if not self.models.is_dir():
-                raise SystemExit(f"the read-only store {self.root} has no models/ folder: populate it first")
+            # A shared store may be empty or not populated yet: rescans take in what appears later.
             self.state_dir.mkdir(parents=True, exist_ok=True)
             return
         for folder in (self.root, self.models, self.adapters, self.staging, self.downloads, self.state_dir):

@@ -231,6 +231,8 @@ class Reconciler:
         assert self._seen is not None
         self._state, self._applied = state, self._seen.sha256
         self.metrics.on_declared_applied(self._applied)
+        # A shared read-only store: take in what was published into it since the last pass.
+        self.store.rescan()
         self._begin(state)
         try:
             outcomes: dict[str, _Outcome | None] = {}

@@ -354,8 +354,14 @@ class Store:
         return removed
 
     def _scan(self) -> dict[VariantKey, _Entry]:
-        found: dict[VariantKey, _Entry] = {}
+        return {key: self._check(key, folder) for key, folder in self._listing()}
+
+    def _listing(self) -> list[tuple[VariantKey, Path]]:
+        """Every variant folder under models/ (empty folders are removed, except in a read-only store)."""
+        found: list[tuple[VariantKey, Path]] = []
         variants = {v.value for v in Variant}
+        if not self.layout.models.is_dir():
+            return found
         for name_dir in sorted(self.layout.models.iterdir()):
             if not name_dir.is_dir() or not is_safe_component(name_dir.name):
                 log.warning("ignoring foreign entry in the store", extra={"path": str(name_dir)})
@@ -368,13 +374,35 @@ class Store:
                     if var_dir.name not in variants or not var_dir.is_dir():
                         log.warning("ignoring foreign entry in the store", extra={"path": str(var_dir)})
                         continue
-                    key = VariantKey(name_dir.name, rev_dir.name, var_dir.name)
-                    found[key] = self._check(key, var_dir)
-                if not any(rev_dir.iterdir()):
+                    found.append((VariantKey(name_dir.name, rev_dir.name, var_dir.name), var_dir))
+                if not self.read_only and not any(rev_dir.iterdir()):
                     rev_dir.rmdir()
-            if not any(name_dir.iterdir()):
+            if not self.read_only and not any(name_dir.iterdir()):
                 name_dir.rmdir()
         return found
+
+    def rescan(self) -> tuple[int, int]:
+        """A read-only store: takes in the variants published into it since the last scan (by whatever populates the
+        shared volume) and forgets those gone from it, emitting Published and Removed; returns (added, removed). A
+        writable store changes only through this sidecar: (0, 0)."""
+        if not self.read_only:
+            return 0, 0
+        listing = dict(self._listing())
+        with self._lock:
+            new = {k: f for k, f in listing.items() if k not in self._entries}
+            gone = [k for k in self._entries if k not in listing]
+        checked = {k: self._check(k, f) for k, f in new.items()}  # hashing outside the lock
+        with self._lock:
+            for key, entry in checked.items():
+                self._entries[key] = entry
+                log.info("found in the read-only store", extra={"variant": key.label(), "state": entry.state})
+                self._emit(Published(self._view(key)))
+            for key in gone:
+                view = self._view(key)
+                del self._entries[key]
+                log.warning("gone from the read-only store", extra={"variant": key.label()})
+                self._emit(Removed(view, "deleted"))
+        return len(checked), len(gone)
 
     def _check(self, key: VariantKey, folder: Path) -> _Entry:
         caps = describe(folder)

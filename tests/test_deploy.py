@@ -1,4 +1,4 @@
-"""deploy/ validates offline: Kustomize overlays, Kubernetes and CRD schemas, alert rules, dashboard, Dockerfiles.
+"""deploy/ validates offline: Kustomize overlays, Kubernetes and CRD schemas, alert rules, dashboard, Dockerfiles, docs.
 
 Every external tool is required: a missing one fails with the command that installs it (CI installs them).
 `python -m tests.test_deploy --write-prometheusrule` regenerates deploy/k8s/base/prometheusrule.yaml from
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import time
 import tomllib
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -26,7 +31,10 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from model_manager import declared
+from model_manager import errors as manager_errors
 from model_manager import settings as manager_settings
+from model_manager.metrics import ManagerMetrics, stop_http
+from sdserve_core.startup import serve_metrics
 from service import settings as server_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +48,32 @@ DASHBOARD = DEPLOY / "grafana" / "sdserve-dashboard.json"
 SECRETS_EXAMPLE = K8S / "secrets.example.yaml"
 PROBE_SCRIPT = DOCKER / "grpc_health_probe.py"
 PROBE_IN_IMAGE = "/app/deploy/docker/grpc_health_probe.py"
+WAIT_SCRIPT = DOCKER / "wait_for_reconcile.py"
+README = DEPLOY / "README.md"
 
-BUILDS = {"base": "base", "cpu": "overlays/cpu", "gpu": "overlays/gpu", "tls": "overlays/tls"}
-GPU_BUILDS = {"gpu", "tls"}
+BUILDS = {
+    "base": "base",
+    "cpu": "overlays/cpu",
+    "gpu": "overlays/gpu",
+    "tls": "overlays/tls",
+    "shared-store": "overlays/shared-store",
+}
+# Compositions no overlay ships, built from a kustomization in a temporary folder: the components must compose
+# with every overlay, not only the one that ships with them.
+COMPOSED = {
+    "cpu+shared-store": ("overlays/cpu", "components/shared-store"),
+    "tls+shared-store": ("overlays/tls", "components/shared-store"),
+}
+GPU_BUILDS = {"gpu", "tls", "shared-store", "tls+shared-store"}
+SHARED_STORE_BUILDS = {"shared-store", "cpu+shared-store", "tls+shared-store"}
+# Names of the resources the docs and other components refer to.
+SERVICE, HEADLESS_SERVICE = "sdserve", "sdserve-headless"
+POPULATE_CRONJOB = "sdserve-populate-store"
+# Documents linked from deploy/README.md that another change is still writing. Once a file exists, the link test
+# says to drop it from here.
+PENDING_DOCS: set[str] = set()
+# Documents that tell clients which in-cluster name and port to dial for client-side balancing.
+BALANCING_DOCS = (README, ROOT / "docs" / "fleet.md")
 # Oldest version the manifests support (native sidecars are GA in 1.33) and the newest the validator bundles.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
 DOCKERFILES = ("Dockerfile.server", "Dockerfile.cpu", "Dockerfile.manager")
@@ -60,6 +91,7 @@ CUSTOM_SCHEMAS = {
 PENDING_SERVER_KEYS: dict[str, str] = {}
 PENDING_MANAGER_KEYS: dict[str, str] = {}
 
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 # On SIGTERM the server drains for SDSERVE_GRACE_SECONDS, then stops gRPC (1 s) and the worker (up to 10 s).
 DRAIN_MARGIN_S = 20
 
@@ -140,6 +172,58 @@ def container(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
     raise AssertionError(f"no container {name!r}")
 
 
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod template ('Deployment/NAME', 'CronJob/NAME') -> the template (metadata and spec)."""
+    out: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Deployment":
+            out[where] = doc["spec"]["template"]
+        elif doc["kind"] == "CronJob":
+            out[where] = doc["spec"]["jobTemplate"]["spec"]["template"]
+        elif doc["kind"] in ("Job", "StatefulSet", "DaemonSet", "Pod"):
+            raise AssertionError(f"{where}: pod templates of this kind are not checked yet")
+    return out
+
+
+def containers_of(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def pod_container(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    found = [c for c in containers_of(spec) if c["name"] == name]
+    assert len(found) == 1, f"no container {name!r}"
+    return found[0]
+
+
+def populate_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = named(docs, "CronJob", POPULATE_CRONJOB)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return spec
+
+
+def effective_env(docs: list[dict[str, Any]], c: Mapping[str, Any]) -> dict[str, str]:
+    """A container's plain environment: its ConfigMaps (envFrom), then its literal `env` values, which win."""
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        env.update(named(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    return env
+
+
+def mount_for(c: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The volume mount that holds `path` in container `c` (the deepest one)."""
+    holding = [m for m in c["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
+    assert holding, f"{c['name']}: nothing is mounted at {path}"
+    found: dict[str, Any] = max(holding, key=lambda m: len(m["mountPath"]))
+    return found
+
+
 def settings_field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -164,9 +248,24 @@ def python_constant(path: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def builds() -> dict[str, list[dict[str, Any]]]:
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     kubectl = tool("kubectl")
-    return {name: load_yaml_docs(run([kubectl, "kustomize", str(K8S / path)]).stdout) for name, path in BUILDS.items()}
+    out = {name: load_yaml_docs(run([kubectl, "kustomize", str(K8S / path)]).stdout) for name, path in BUILDS.items()}
+    namespace = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["namespace"]
+    for name, (overlay, component) in COMPOSED.items():
+        root = tmp_path_factory.mktemp(name.replace("+", "-"))
+        # kustomize refuses absolute paths to other kustomizations.
+        rel = Path(os.path.relpath(K8S, root))
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "namespace": namespace,
+            "resources": [str(rel / overlay)],
+            "components": [str(rel / component)],
+        }
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        out[name] = load_yaml_docs(run([kubectl, "kustomize", str(root)]).stdout)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +296,12 @@ def test_overlays_build_with_every_part(builds: dict[str, list[dict[str, Any]]])
         assert "replicas" not in one(docs, "Deployment")["spec"], "the ScaledObject owns the replica count"
         namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
         assert namespaces == {one(docs, "Namespace")["metadata"]["name"]}, f"{name}: mixed namespaces {namespaces}"
+        # The shared store adds its claim and populate Job; per-pod stores have neither.
+        shared = {"PersistentVolumeClaim", "CronJob"}
+        assert (shared <= kinds) if name in SHARED_STORE_BUILDS else not (shared & kinds), f"{name}: {kinds}"
+        for doc in docs:
+            labels = doc["metadata"].get("labels", {})
+            assert labels.get("app.kubernetes.io/part-of") == "sdserve", f"{name}: {doc['kind']} lacks the app labels"
     assert {d["kind"] for d in builds["tls"]} >= {"Certificate"}
 
 
@@ -334,6 +439,10 @@ def test_alerts_cover_the_required_conditions() -> None:
         "SdserveModelSwapFailed",
         "SdserveNoModelLoaded",
         "SdservePodNotReady",
+        # The declared state: failed entries, a change that does not converge, models pending too long.
+        "SdserveDeclaredStateFailing",
+        "SdserveDeclaredStateNotConverged",
+        "SdserveDeclaredModelsPending",
     }
     assert needed <= rules.keys()
     readme = (DEPLOY / "README.md").read_text().lower()
@@ -387,6 +496,16 @@ def test_dashboard_is_well_formed() -> None:
     titles = " ".join(p["title"].lower() for p in dashboard_panels())
     for topic in ("outcome", "latency", "queue", "in-flight", "step", "per pipeline call", "memory", "loaded", "swap"):
         assert topic in titles, f"the dashboard has no panel about {topic}"
+    # Every reconcile metric of the sidecar is on the dashboard (progress and drift of the declared state).
+    exprs = " ".join(dashboard_exprs())
+    reconcile = {
+        sample.removesuffix("_total")
+        for d in metric_defs(ROOT / "model_manager" / "metrics.py").values()
+        for sample in d.samples
+        if re.match(r"sdserve_manager_(reconcile_|declared_)", sample) and not sample.endswith("_created")
+    }
+    assert len(reconcile) >= 5, "model_manager/metrics.py's reconcile metrics not understood"
+    assert not {m for m in reconcile if m not in exprs}, "reconcile metrics missing from the dashboard"
     for panel in dashboard_panels():
         assert {"h", "w", "x", "y"} <= panel["gridPos"].keys()
         if panel["type"] == "row":
@@ -631,9 +750,19 @@ def test_settings_are_known_and_valid(builds: dict[str, list[dict[str, Any]]]) -
         problems += _check_keys(
             manager_cfg, manager_settings.PREFIX, manager_fields, PENDING_MANAGER_KEYS, f"{name} manager"
         )
+        # Settings set on a container (`env`) rather than in the ConfigMaps are real settings too.
+        for where, template in pod_templates(docs).items():
+            for c in containers_of(template["spec"]):
+                literal = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+                at = f"{name} {where}/{c['name']}"
+                if c["name"] == "model-manager":
+                    prefix, fields, pending = manager_settings.PREFIX, manager_fields, PENDING_MANAGER_KEYS
+                else:
+                    prefix, fields, pending = "SDSERVE_", server_fields, PENDING_SERVER_KEYS
+                problems += _check_keys(literal, prefix, fields, pending, at)
         # The processes' own parsers accept the values (SystemExit otherwise).
-        server = server_settings.Settings.from_sources([], server_cfg)
-        manager = manager_settings.Settings.from_sources([], manager_cfg)
+        server = server_settings.Settings.from_sources([], effective_env(docs, container(docs, "server")))
+        manager = manager_settings.Settings.from_sources([], effective_env(docs, container(docs, "model-manager")))
         assert server.host == "0.0.0.0" and server.metrics_host == "0.0.0.0", "kubelet and Prometheus use the pod IP"
         assert server.api_keys_file, f"{name}: API keys must be required"
         store_mount = {m["name"]: m["mountPath"] for m in container(docs, "model-manager")["volumeMounts"]}
@@ -643,13 +772,24 @@ def test_settings_are_known_and_valid(builds: dict[str, list[dict[str, Any]]]) -
         assert server_mounts["model-store"] == store_mount["model-store"], f"{name}: store mounted at two paths"
         assert server.manager_target == f"127.0.0.1:{manager.port}", f"{name}: the server follows its own sidecar"
         volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "model-store")
-        size = quantity_bytes(volume["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"]["storage"])
-        assert manager.max_store_bytes + manager.min_free_bytes <= size, f"{name}: store budget exceeds its volume"
-        # Each pod needs its own store: the sidecar locks the store for a single writer.
-        assert "persistentVolumeClaim" not in volume
+        if name in SHARED_STORE_BUILDS:
+            # Only the populate Job writes the shared store; it evicts nothing for a byte budget (a replica may
+            # still serve a model, and rolling back needs it), so only its free-space reserve has to fit.
+            claim = named(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+            size = quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+            writer_env = effective_env(docs, pod_container(populate_pod(docs), "model-manager"))
+            writer = manager_settings.Settings.from_sources([], writer_env)
+            assert writer.max_store_bytes == 0, f"{name}: the populate Job must not evict for a budget"
+            assert writer.min_free_bytes < size, f"{name}: free-space reserve exceeds the shared volume"
+        else:
+            spec = volume["ephemeral"]["volumeClaimTemplate"]["spec"]
+            size = quantity_bytes(spec["resources"]["requests"]["storage"])
+            assert manager.max_store_bytes + manager.min_free_bytes <= size, f"{name}: store budget exceeds its volume"
+            # Each pod needs its own store: the sidecar locks the store for a single writer.
+            assert "persistentVolumeClaim" not in volume
         if name in GPU_BUILDS:
             assert (server.device, server.dtype) == ("cuda", "float16")
-        elif name == "cpu":
+        elif name.partition("+")[0] == "cpu":
             assert (server.device, server.dtype) == ("cpu", "float32") and server.torch_threads > 0
     assert not problems, "\n".join(problems)
 
@@ -676,21 +816,25 @@ def test_the_sidecar_reconciles_the_declared_state_configmap(builds: dict[str, l
 
 def test_pods_are_locked_down(builds: dict[str, list[dict[str, Any]]]) -> None:
     for name, docs in builds.items():
+        for where, template in pod_templates(docs).items():
+            spec = template["spec"]
+            pod_sc = spec["securityContext"]
+            assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault", where
+            assert spec["automountServiceAccountToken"] is False, f"{name}/{where}"
+            for c in containers_of(spec):
+                sc = c["securityContext"]
+                at = f"{name}/{where}/{c['name']}"
+                assert sc["allowPrivilegeEscalation"] is False, at
+                assert sc["readOnlyRootFilesystem"] is True, at
+                assert sc["capabilities"]["drop"] == ["ALL"], at
+                assert "memory" in c["resources"]["limits"] and "cpu" in c["resources"]["requests"], at
+                gpu = c["resources"]["limits"].get("nvidia.com/gpu")
+                expect_gpu = name in GPU_BUILDS and where == "Deployment/sdserve" and c["name"] == "server"
+                assert (gpu == 1) if expect_gpu else gpu is None, f"{at}: GPU limit {gpu}"
         spec = pod_spec(docs)
-        pod_sc = spec["securityContext"]
-        assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
-        assert spec["automountServiceAccountToken"] is False
-        for c in [*spec["initContainers"], *spec["containers"]]:
-            sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False, f"{name}/{c['name']}"
-            assert sc["readOnlyRootFilesystem"] is True, f"{name}/{c['name']}"
-            assert sc["capabilities"]["drop"] == ["ALL"], f"{name}/{c['name']}"
+        for c in containers_of(spec):
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert {"/tmp", "/home/sdserve/.cache", "/models"} <= mounts, f"{name}/{c['name']} writable paths"
-            assert "memory" in c["resources"]["limits"] and "cpu" in c["resources"]["requests"]
-            gpu = c["resources"]["limits"].get("nvidia.com/gpu")
-            expect_gpu = name in GPU_BUILDS and c["name"] == "server"
-            assert (gpu == 1) if expect_gpu else gpu is None, f"{name}/{c['name']}: GPU limit {gpu}"
         store = next(m for m in container(docs, "server")["volumeMounts"] if m["name"] == "model-store")
         assert store.get("readOnly") is True, "the server reads the store; only the sidecar writes it"
         if name in GPU_BUILDS:
@@ -707,24 +851,30 @@ def test_overlays_pick_the_matching_images(overlays: dict[str, list[dict[str, An
         # The CUDA image for GPU pods, the CPU image elsewhere (Dockerfile.server / Dockerfile.cpu).
         assert server.endswith("-cuda" if name in GPU_BUILDS else "-cpu"), f"{name}: server image {server}"
         assert "sdserve-manager" in sidecar
+        # Other pods (the populate Job) run the sidecar's image, at the same tag.
+        for where, template in pod_templates(docs).items():
+            if where != "Deployment/sdserve":
+                images = {c["image"] for c in containers_of(template["spec"])}
+                assert images == {sidecar}, f"{name}/{where}: {images}"
 
 
 def test_service_monitor_network_policy_and_autoscaler_agree(builds: dict[str, list[dict[str, Any]]]) -> None:
     for name, docs in builds.items():
-        service = one(docs, "Service")
+        service = named(docs, "Service", SERVICE)
         ports = {p["name"]: p for p in service["spec"]["ports"]}
         assert ports["grpc"]["appProtocol"] in ("kubernetes.io/h2c", "tls")
         monitor = one(docs, "ServiceMonitor")
         scraped = {e["port"] for e in monitor["spec"]["endpoints"]}
         assert scraped == {"metrics", "mgr-metrics"} <= ports.keys(), f"{name}: scrape both processes"
-        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-        pod_ports = {
-            p["name"]
-            for c in [*pod_spec(docs)["initContainers"], *pod_spec(docs)["containers"]]
-            for p in c.get("ports", [])
-        }
+        # Exactly one Service: a second one matching the selector would scrape every pod twice.
+        selector = monitor["spec"]["selector"]["matchLabels"].items()
+        selected = [
+            s["metadata"]["name"] for s in of_kind(docs, "Service") if selector <= s["metadata"]["labels"].items()
+        ]
+        assert selected == [SERVICE], f"{name}: the ServiceMonitor selects {selected}"
+        pod_ports = {p["name"] for c in containers_of(pod_spec(docs)) for p in c.get("ports", [])}
         assert {p["targetPort"] for p in ports.values()} <= pod_ports
-        policy = one(docs, "NetworkPolicy")
+        policy = named(docs, "NetworkPolicy", "sdserve")
         allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
         assert allowed == {"grpc", "http", "metrics", "mgr-metrics"}, f"{name}: the sidecar's gRPC API stays closed"
         namespace = one(docs, "Namespace")["metadata"]["name"]
@@ -737,24 +887,268 @@ def test_service_monitor_network_policy_and_autoscaler_agree(builds: dict[str, l
         assert one(docs, "PodDisruptionBudget")["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]
 
 
+def test_headless_service_balances_over_ready_pods(builds: dict[str, list[dict[str, Any]]]) -> None:
+    readme = README.read_text()
+    for name, docs in builds.items():
+        namespace = one(docs, "Namespace")["metadata"]["name"]
+        service, headless = named(docs, "Service", SERVICE), named(docs, "Service", HEADLESS_SERVICE)
+        spec = headless["spec"]
+        assert spec["clusterIP"] == "None", f"{name}: DNS must answer with the pods' addresses"
+        assert spec["publishNotReadyAddresses"] is False, f"{name}: a loading or draining pod must drop out"
+        template = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert spec["selector"] == service["spec"]["selector"] and spec["selector"].items() <= template.items()
+        grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+        assert spec["ports"] == [grpc_port], f"{name}: the headless Service carries the gRPC port only"
+        # Clients dial the pods' addresses directly (no Service port mapping): the port is the container's.
+        server_port = int(config_map(docs, "sdserve-server-config")["SDSERVE_PORT"])
+        assert grpc_port["port"] == server_port, f"{name}: headless clients dial the container port"
+        for cert in of_kind(docs, "Certificate"):
+            for svc in (SERVICE, HEADLESS_SERVICE):
+                wanted = {svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc", f"{svc}.{namespace}.svc.cluster.local"}
+                assert wanted <= set(cert["spec"]["dnsNames"]), f"{name}: the certificate lacks {svc}'s names"
+        if name == "base":
+            # The README and docs/fleet.md tell clients to dial this name and port.
+            target = f"dns:///{HEADLESS_SERVICE}.{namespace}.svc.cluster.local:{server_port}"
+            assert target in readme, f"deploy/README.md does not show the client-side balancing target {target}"
+            for doc in BALANCING_DOCS:
+                dialed = re.findall(r"dns:///([a-z0-9-]+)\.[A-Za-z0-9_-]+\.svc\.cluster\.local:(\d+)", doc.read_text())
+                assert dialed, f"{doc.relative_to(ROOT)} shows no dns:/// target"
+                assert set(dialed) == {(HEADLESS_SERVICE, str(server_port))}, f"{doc.relative_to(ROOT)}: {set(dialed)}"
+
+
+def test_network_policies_select_what_they_mean(builds: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in builds.items():
+        policies = of_kind(docs, "NetworkPolicy")
+        for policy in policies:
+            at = f"{name}: NetworkPolicy {policy['metadata']['name']}"
+            rules = policy["spec"].get("ingress", []) + policy["spec"].get("egress", [])
+            for peer in [p for rule in rules for p in rule.get("from", []) + rule.get("to", [])]:
+                # Kustomize's `labels` (includeSelectors) add the app labels to a peer's podSelector too, after
+                # which it matches no pod (a DNS rule that lets nothing through).
+                labels = peer.get("podSelector", {}).get("matchLabels", {})
+                assert "app.kubernetes.io/name" not in labels, f"{at}: the app labels leaked into a peer selector"
+            egress = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+            assert 53 in egress, f"{at}: no DNS"
+        for where, template in pod_templates(docs).items():
+            labels = template["metadata"]["labels"].items()
+            selecting = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels]
+            assert len(selecting) == 1, f"{name}/{where}: selected by {len(selecting)} NetworkPolicies"
+            egress = {p["port"] for rule in selecting[0]["spec"]["egress"] for p in rule.get("ports", [])}
+            # HTTPS (the Hub) only where something downloads: every pod with its own store, the populate Job.
+            downloads = name not in SHARED_STORE_BUILDS or where != "Deployment/sdserve"
+            assert (443 in egress) == downloads, f"{name}/{where}: HTTPS egress {443 in egress}"
+
+
+def test_shared_store_is_read_only_for_the_replicas(builds: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in builds.items():
+        sidecar, server = container(docs, "model-manager"), container(docs, "server")
+        env = effective_env(docs, sidecar)
+        manager = manager_settings.Settings.from_sources([], env)
+        if name not in SHARED_STORE_BUILDS:
+            assert not manager.read_only_store and not manager.state_dir, f"{name}: a per-pod store is the sidecar's"
+            continue
+        spec = pod_spec(docs)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        store = volumes["model-store"]
+        assert "ephemeral" not in store and store["persistentVolumeClaim"]["readOnly"] is True, name
+        claim = named(docs, "PersistentVolumeClaim", store["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], f"{name}: every replica mounts the claim"
+        assert "storageClassName" not in claim["spec"], f"{name}: the RWX class is the platform's to set"
+        for c in (sidecar, server):
+            mount = next(m for m in c["volumeMounts"] if m["name"] == "model-store")
+            assert mount.get("readOnly") is True and mount["mountPath"] == str(manager.store), f"{name}/{c['name']}"
+        # The read-only store mode, and a writable, per-pod folder for the sidecar's own state.
+        assert manager.read_only_store, f"{name}: the sidecar must not write the shared store"
+        state_dir = Path(manager.state_dir)
+        assert state_dir.is_absolute() and not state_dir.is_relative_to(manager.store)
+        state_mount = mount_for(sidecar, state_dir)
+        assert not state_mount.get("readOnly") and "emptyDir" in volumes[state_mount["name"]], f"{name}: state dir"
+        # Nothing is downloaded at runtime: offline, no Hub token, no HTTPS egress (the policy test).
+        assert manager.offline and not manager.hf_token, f"{name}: the replicas must not reach the Hub"
+        for c in containers_of(spec):
+            refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e]
+            assert "sdserve-hf-token" not in refs and "HF_TOKEN" not in {e["name"] for e in c.get("env", [])}
+        # The populate Job sees no server using a model, so it may evict unpinned ones when the volume fills up.
+        cm = named(docs, "ConfigMap", volumes["declared-state"]["configMap"]["name"])
+        state = declared.parse(cm["data"][Path(manager.declared_state).name])
+        assert all(m.pin for m in state.models), f"{name}: pin every model of a shared store"
+
+
+def test_the_populate_job_fills_the_shared_store(builds: dict[str, list[dict[str, Any]]]) -> None:
+    wait = load_wait_script()
+    for name in SHARED_STORE_BUILDS:
+        docs = builds[name]
+        cron = named(docs, "CronJob", POPULATE_CRONJOB)
+        assert cron["spec"]["suspend"] is True, f"{name}: a template run on demand, never on a schedule"
+        job = cron["spec"]["jobTemplate"]["spec"]
+        assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 0
+        spec = job["template"]["spec"]
+        assert spec["restartPolicy"] == "Never"
+        # The writer: the sidecar as a native sidecar, stopped once the main container exits.
+        writer = pod_container(spec, "model-manager")
+        assert writer in spec["initContainers"] and writer["restartPolicy"] == "Always"
+        settings = manager_settings.Settings.from_sources([], effective_env(docs, writer))
+        assert not settings.read_only_store, f"{name}: the Job writes the store"
+        assert not settings.state_dir, f"{name}: the writer keeps its state in the store"
+        serving_sidecar = container(docs, "model-manager")
+        serving = manager_settings.Settings.from_sources([], effective_env(docs, serving_sidecar))
+        assert (settings.store, settings.declared_state) == (serving.store, serving.declared_state)
+        assert not settings.offline, f"{name}: the populate Job downloads"
+        assert settings.verify_on_start == "full", f"{name}: the writer re-verifies the whole store at start"
+        # The same claim, writable, at the same path; the same declared-state ConfigMap, as a whole volume.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        store_mount = mount_for(writer, settings.store)
+        claim = volumes[store_mount["name"]]["persistentVolumeClaim"]
+        assert not store_mount.get("readOnly") and not claim.get("readOnly"), f"{name}: the Job writes the store"
+        deployment_volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+        assert claim["claimName"] == deployment_volumes["model-store"]["persistentVolumeClaim"]["claimName"]
+        state_mount = mount_for(writer, settings.declared_state)
+        assert "subPath" not in state_mount and state_mount["mountPath"] == str(Path(settings.declared_state).parent)
+        configmap = volumes[state_mount["name"]]["configMap"]["name"]
+        assert configmap == deployment_volumes["declared-state"]["configMap"]["name"]
+        assert writer["startupProbe"] == serving_sidecar["startupProbe"], f"{name}: probe the liveness service"
+        # The main container waits for the writer to converge, reading its metrics on loopback.
+        [waiter] = spec["containers"]
+        command = waiter["command"]
+        assert command[:2] == ["python", f"/app/deploy/docker/{WAIT_SCRIPT.name}"]
+        args = wait._parser().parse_args(command[2:])
+        url = urllib.parse.urlsplit(args.metrics_url)
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", settings.metrics_port, "/metrics"), name
+        assert settings.metrics_host in ("0.0.0.0", "127.0.0.1"), f"{name}: metrics not on loopback"
+        assert args.max_failed_passes > 0, f"{name}: a broken declared state must fail the Job, not hang it"
+
+
+def load_wait_script() -> Any:
+    """deploy/docker/wait_for_reconcile.py as a module (it is a script in the image, not a package)."""
+    spec = importlib.util.spec_from_file_location("wait_for_reconcile", WAIT_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wait_for_reconcile_reads_the_sidecars_metrics() -> None:
+    metrics = ManagerMetrics()
+    server, port = serve_metrics(metrics.registry, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def wait(*args: str) -> int:
+        command = [sys.executable, str(WAIT_SCRIPT), "--metrics-url", url, "--interval-seconds", "0.05", *args]
+        return run(command, check=False).returncode
+
+    try:
+        # No pass has ended yet: keep waiting (here until the timeout).
+        assert wait("--timeout-seconds", "0.5") == 1
+        # The file does not parse and nothing was ever applied: give up at once.
+        metrics.on_reconcile_error("file", manager_errors.InvalidArgument("declared.yaml: models[0]: bad"))
+        assert wait("--timeout-seconds", "10") == 2
+        # A content was applied; its passes keep failing entries.
+        metrics.on_declared_applied("ab" * 32)
+        metrics.reconcile_failed_entries.set(1)
+        metrics.reconcile_passes.labels("failed").inc(3)
+        assert wait("--timeout-seconds", "0.5", "--max-failed-passes", "4") == 1
+        assert wait("--timeout-seconds", "10", "--max-failed-passes", "3") == 3
+        # A pass converged.
+        metrics.reconcile_failed_entries.set(0)
+        metrics.reconcile_last_success.set(time.time())
+        assert wait("--timeout-seconds", "10") == 0
+    finally:
+        stop_http(server)
+    # The sidecar's endpoint is not up (yet): keep waiting.
+    assert wait("--timeout-seconds", "0.3") == 1
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (code blocks' `#` comments are not headings)."""
+    prose = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#{1,6} (.+)$", prose, re.M)
+    }
+
+
+def test_deploy_docs_link_and_name_what_exists(builds: dict[str, list[dict[str, Any]]]) -> None:
+    pages = [README, ROOT / "docs" / "shared-store.md"]
+    resources = {(d["kind"], d["metadata"]["name"]) for docs in builds.values() for d in docs}
+    resources |= {(k, re.sub(r"-[a-z0-9]{10}$", "", n)) for k, n in resources if k == "ConfigMap"}
+    containers = {
+        c["name"] for docs in builds.values() for t in pod_templates(docs).values() for c in containers_of(t["spec"])
+    }
+    kinds = {
+        "deploy": "Deployment",
+        "deployment": "Deployment",
+        "cronjob": "CronJob",
+        "configmap": "ConfigMap",
+        "cm": "ConfigMap",
+        "svc": "Service",
+        "service": "Service",
+        "pvc": "PersistentVolumeClaim",
+        "networkpolicy": "NetworkPolicy",
+        "scaledobject": "ScaledObject",
+    }
+    namespace = one(builds["base"], "Namespace")["metadata"]["name"]
+    problems = []
+    examples = 0
+    for page in pages:
+        text = page.read_text()
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            if "://" in target:
+                continue
+            path = (page.parent / target).resolve() if target else page
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in PENDING_DOCS:
+                if path.exists():
+                    problems.append(f"{rel} exists now: remove it from PENDING_DOCS")
+            elif not path.exists():
+                problems.append(f"{page.name} links to {target}, which does not exist")
+            elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path.read_text()):
+                problems.append(f"{page.name} links to {target}#{anchor}, which has no such heading")
+        code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S))
+        for short, ref in re.findall(r"\b(" + "|".join(kinds) + r")[/ ](sdserve[a-z0-9-]*)", code):
+            if (kinds[short], ref) not in resources:
+                problems.append(f"{page.name}: {short}/{ref} is not in any build")
+        for folder in re.findall(r"deploy/k8s/((?:overlays|components)/[a-z-]+)", text):
+            if not (K8S / folder / "kustomization.yaml").exists():
+                problems.append(f"{page.name}: deploy/k8s/{folder} has no kustomization")
+        for used in re.findall(r"kubectl .*?(?:-c|--container) ([a-z-]+)", code):
+            if used not in containers:
+                problems.append(f"{page.name}: no container {used}")
+        for used in re.findall(r"kubectl -n (\S+)", code):
+            if used not in (namespace, "$NS", "keda", "monitoring"):
+                problems.append(f"{page.name}: namespace {used}")
+        # Declared-state examples in the docs are valid declared-state files.
+        blocks = [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```yaml\n(.*?)^\1```", text, re.S | re.M)]
+        for block in [b for b in blocks if b.startswith("version: 1\n")]:
+            try:
+                declared.parse(block)
+            except declared.DeclaredStateError as exc:
+                problems.append(f"{page.name}: a declared-state example does not parse: {exc}")
+            examples += 1
+    assert examples >= 3, "the README's declared-state examples (steps 3, 5, 6) were not found"
+    assert not problems, "\n".join(problems)
+
+
 def test_secret_references_match_the_example(builds: dict[str, list[dict[str, Any]]]) -> None:
     example = {d["metadata"]["name"]: set(d["stringData"]) for d in load_yaml_docs(SECRETS_EXAMPLE.read_text())}
     for name, docs in builds.items():
         issued = {c["spec"]["secretName"] for c in of_kind(docs, "Certificate")}
-        spec = pod_spec(docs)
-        for c in [*spec["initContainers"], *spec["containers"]]:
-            for env in c.get("env", []):
-                ref = env.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    assert ref["key"] in example.get(ref["name"], set()), f"{name}: {ref} not in the example"
-        for volume in spec["volumes"]:
-            if "secret" in volume:
-                secret = volume["secret"]["secretName"]
-                assert secret in example or secret in issued, f"{name}: Secret {secret} is neither example nor issued"
+        for where, template in pod_templates(docs).items():
+            spec = template["spec"]
+            for c in containers_of(spec):
+                for env in c.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in example.get(ref["name"], set()), (
+                            f"{name}/{where}: {ref} not in the example"
+                        )
+            for volume in spec["volumes"]:
+                if "secret" in volume:
+                    secret = volume["secret"]["secretName"]
+                    assert secret in example or secret in issued, f"{name}/{where}: Secret {secret} is unknown"
         keys_file = config_map(docs, "sdserve-server-config")["SDSERVE_API_KEYS_FILE"]
         mounts = {m["mountPath"]: m["name"] for m in container(docs, "server")["volumeMounts"]}
         folder, _, key = keys_file.rpartition("/")
-        volume = next(v for v in spec["volumes"] if v["name"] == mounts[folder])
+        volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mounts[folder])
         assert volume["secret"].get("optional") is False, "without keys the server would accept anyone"
         assert key in example[volume["secret"]["secretName"]]
 
@@ -799,6 +1193,26 @@ def test_dockerfiles_build_what_the_pods_expect(builds: dict[str, list[dict[str,
         probe = PROBE_IN_IMAGE.removeprefix("/app/")
         assert (probe, PROBE_IN_IMAGE.removesuffix(Path(probe).name)) in copies, f"{name}: probe script path"
     assert "nvidia/cuda:" in (DOCKER / "Dockerfile.server").read_text()
+    # Every script a pod runs from /app/deploy/docker/ (probes, the populate Job's wait) is copied into its image.
+    for name, docs in builds.items():
+        for where, template in pod_templates(docs).items():
+            for c in containers_of(template["spec"]):
+                commands = [c.get("command", [])]
+                commands += [c[p]["exec"]["command"] for p in PROBES if "exec" in c.get(p, {})]
+                scripts = {
+                    a for cmd in commands for a in cmd if a.startswith(PROBE_IN_IMAGE.removesuffix(PROBE_SCRIPT.name))
+                }
+                images = (
+                    ["Dockerfile.manager"]
+                    if "sdserve-manager" in c["image"]
+                    else ["Dockerfile.server", "Dockerfile.cpu"]
+                )
+                for script in scripts:
+                    assert (DOCKER / Path(script).name).exists(), f"{name}/{where}/{c['name']}: no {script} here"
+                    for dockerfile in images:
+                        copies = re.findall(r"^COPY (.+) (\S+)$", (DOCKER / dockerfile).read_text(), re.M)
+                        source = script.removeprefix("/app/")
+                        assert (source, script.removesuffix(Path(script).name)) in copies, f"{dockerfile}: {script}"
     assert "FROM python:3.11-slim" in (DOCKER / "Dockerfile.cpu").read_text()
 
 

@@ -13,9 +13,12 @@ import pytest
 from model_manager.settings import Settings
 from sdserve import Client
 from sdserve.errors import SdserveError
+from sdserve.models_client import Alias
 from tests.harness import serving, wait_until
 from tests.model_manager.harness import Sidecar
 from tests.model_manager.test_declared import SERVING, ConfigMapVolume, _local, _yaml, aliases, entries, health, passes
+
+_NONE = Alias("", "", "", "", "", 0.0)
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -39,30 +42,38 @@ def test_a_read_only_store_serves_what_it_holds_and_writes_nothing(
     tmp_path: Path, tiny_root: Path, sidecars: Callable[..., Sidecar]
 ) -> None:
     store = tmp_path / "shared"
-    writer = sidecars(store, import_roots=[tiny_root], args=["--quality-check", "false"])
-    with writer.client() as c:
-        c.import_model(str(tiny_root / "tiny-sd"), name="a")
-        c.import_model(str(tiny_root / "tiny-sd-old"), name="b")
-    writer.stop()
-    before = _tree(store)
-
     volume = ConfigMapVolume(tmp_path / "declared")
     models = [_local("a", tiny_root / "tiny-sd"), _local("b", tiny_root / "tiny-sd-old", variants=["fp16"])]
     models.append(_local("missing", tiny_root / "tiny-inpaint"))
     volume.write(_yaml(models, {"default": "a", "prod": "b"}))
     state = tmp_path / "state"
     flags = ["--read-only-store", "true", "--state-dir", str(state), "--quality-check", "false"]
-    flags += ["--declared-state", str(volume.path), "--declared-poll-seconds", "0.1"]
+    flags += ["--declared-state", str(volume.path), "--declared-poll-seconds", "0.1", "--declared-retry-seconds", "0.2"]
+    # The replica starts before the shared store is populated (a first deploy): nothing is there yet.
     car = sidecars(store, import_roots=[tiny_root], args=flags)
-    wait_until(lambda: len(passes(car)) == 1, "the first pass to end", timeout=120)
+    wait_until(lambda: len(passes(car)) >= 1, "the first pass to end", timeout=120)
+    assert "a is not in the read-only store" in str(entries(car)["models[0]"]["reason"])
+    assert health(car) != SERVING, "the declared default is not there yet"
+    assert not store.exists(), "a read-only sidecar creates nothing, not even the store's folders"
 
-    found = entries(car)
+    # The store is populated (a populate job: a writing sidecar on the same volume); a retry pass takes it in.
+    writer = sidecars(store, import_roots=[tiny_root], args=["--quality-check", "false"])
+    with writer.client() as c:
+        c.import_model(str(tiny_root / "tiny-sd"), name="a")
+        c.import_model(str(tiny_root / "tiny-sd-old"), name="b")
+    writer.stop()
+    before = _tree(store)
+    wait_until(lambda: aliases(car).get("default", _NONE).model == "a", "a retry pass to find the model")
+    wait_until(lambda: health(car) == SERVING, "the sidecar to be ready")
+    after = len(passes(car))
+    wait_until(lambda: len(passes(car)) > after, "one more whole pass")
+
+    found = entries(car, after)
     assert found["models[0]"]["state"] == "ready"
     assert "variant fp16: not in the read-only store" in str(found["models[1]"]["reason"])
     assert "missing is not in the read-only store" in str(found["models[2]"]["reason"])
     # b's entry is broken (its declared fp16 variant is missing), so its alias does not move.
     assert {n: a.model for n, a in aliases(car).items()} == {"default": "a"}
-    assert health(car) == SERVING
     assert (state / "aliases.json").is_file(), "the aliases live in the state folder"
 
     with car.client() as c:
