@@ -90,6 +90,10 @@ type Result struct {
 	// or levers joined by "+" such as "bf16-autocast+channels-last". Set Params.Precision to
 	// PRECISION_EXACT for the exact pipeline.
 	ExecutionProfile string
+	// Replica is the replica (server process) that served the request (Parameters.Replica): the
+	// server's replica setting, by default its host name (the pod name in Kubernetes); "" from
+	// servers before fleets. See docs/fleet.md.
+	Replica string
 }
 
 // CallOption configures one call.
@@ -258,6 +262,7 @@ func collect(s *Stream, onEvent func(Event)) (*Result, error) {
 				Adapters:   r.GetParameters().GetAdapters(),
 				// The profile the request ran in, as the result's parameters report it.
 				ExecutionProfile: r.GetParameters().GetExecutionProfile(),
+				Replica:          r.GetParameters().GetReplica(),
 			}
 		}
 	}

@@ -108,6 +108,10 @@ func TestLiveExactBytes(t *testing.T) {
 		t.Fatalf("cases: %v", names)
 	}
 	ctx := context.Background()
+	info, err := c.GetServerInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, name := range names {
 		lc := cases[name]
 		var (
@@ -135,6 +139,10 @@ func TestLiveExactBytes(t *testing.T) {
 		}
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
+		}
+		// The replica that served it, in the result and the started event alike: this server's.
+		if res.Replica == "" || res.Replica != info.GetReplica() || res.Started.GetReplica() != res.Replica {
+			t.Errorf("%s: replica %q, started on %q, server %q", name, res.Replica, res.Started.GetReplica(), info.GetReplica())
 		}
 		if len(res.Images) != len(lc.Images) {
 			t.Fatalf("%s: %d images, want %d", name, len(res.Images), len(lc.Images))

@@ -3,6 +3,7 @@
 from sdserve.aio import AsyncClient, AsyncStream
 from sdserve.client import Client, Stream
 from sdserve.errors import FieldViolation, SdserveError
+from sdserve.fleet import SERVICE_CONFIG, RetryPolicy, fleet_target
 from sdserve.types import (
     AdapterInfo,
     AdapterSpec,
@@ -21,11 +22,13 @@ from sdserve.types import (
     RefinerPass,
     ResolvedAdapter,
     Result,
+    Retrying,
     Started,
     Timings,
 )
 
 __all__ = [
+    "SERVICE_CONFIG",
     "AdapterInfo",
     "AdapterSpec",
     "AsyncClient",
@@ -47,9 +50,12 @@ __all__ = [
     "RefinerPass",
     "ResolvedAdapter",
     "Result",
+    "RetryPolicy",
+    "Retrying",
     "SdserveError",
     "Started",
     "Stream",
     "Timings",
+    "fleet_target",
 ]
 __version__ = "0.1.0"

@@ -272,6 +272,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             adapters=resolved_adapters(s.adapters),
             execution_profile=s.execution_profile,
             requested_model=s.requested_model,
+            replica=s.replica,
         )
     if kind == "progress":
         p = msg.progress
@@ -309,6 +310,7 @@ def event(msg: pb.GenerateResponse | pb.EditResponse | pb.InpaintResponse) -> Ev
             memory_strategy=r.parameters.memory_strategy,
             adapters=resolved_adapters(r.parameters.adapters),
             execution_profile=r.parameters.execution_profile,
+            replica=r.parameters.replica,
         )
     raise ValueError(f"unexpected stream message without an event: {msg!r}")
 

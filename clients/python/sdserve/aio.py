@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Unpack
 
 import grpc
@@ -12,6 +14,7 @@ import grpc.aio
 from sdserve import _convert
 from sdserve.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options, metadata, traced
 from sdserve.errors import SdserveError, from_rpc_error
+from sdserve.fleet import RetryPolicy, fix_identity, retrying
 from sdserve.types import (
     AdapterInfo,
     EditOptions,
@@ -21,6 +24,7 @@ from sdserve.types import (
     ModelInfo,
     Progress,
     Result,
+    Started,
 )
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
@@ -60,8 +64,69 @@ class AsyncStream:
         raise SdserveError("UNKNOWN", "the stream ended without a result")
 
 
+class AsyncRetryingStream(AsyncStream):
+    """An AsyncStream that sends its request again when an attempt fails with a status `policy` retries, as
+    sdserve.client.RetryingStream does: every attempt's events, a Retrying event between two attempts."""
+
+    def __init__(
+        self,
+        open: Callable[[float | None], Any],
+        policy: RetryPolicy,
+        deadline: float | None,
+        identity: tuple[str, int],
+    ):
+        self._open = open
+        self._policy = policy
+        self._deadline = deadline
+        self._identity = identity
+        self._wake = asyncio.Event()
+        super().__init__(open(self._remaining()))
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        attempt = 1
+        while True:
+            replica: str | None = None
+            try:
+                async for msg in self._call:
+                    ev = _convert.event(msg)
+                    if isinstance(ev, Started):
+                        replica = ev.replica
+                    yield ev
+                    if isinstance(ev, Result):
+                        # Delivered: what follows (the stream's end) is never a reason to make it again.
+                        async for rest in super().__aiter__():
+                            yield rest
+                        return
+                return
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+            except asyncio.CancelledError:
+                if not self._cancelled:
+                    raise
+                raise SdserveError("CANCELLED", "cancelled by the client") from None
+            delay = self._policy.delay(error, attempt)
+            remaining = self._remaining()
+            if self._cancelled or delay is None or (remaining is not None and remaining <= delay):
+                raise error from None
+            yield retrying(self._policy, error, attempt, replica, delay, self._identity)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if self._cancelled:
+                raise SdserveError("CANCELLED", "cancelled by the client")
+            attempt += 1
+            self._call = self._open(self._remaining())
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._wake.set()
+
+
 class AsyncClient:
-    """An asyncio sdserve client. Use `async with` or await close(). TLS as for `sdserve.Client`."""
+    """An asyncio sdserve client. Use `async with` or await close(). TLS, `service_config` and `retry` (a fleet of
+    replicas, docs/fleet.md) as for `sdserve.Client`."""
 
     def __init__(
         self,
@@ -71,8 +136,10 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls_server_name: str | None = None,
+        service_config: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
     ):
-        opts = channel_options(max_message_bytes, tls_server_name)
+        opts = channel_options(max_message_bytes, tls_server_name, service_config)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None
@@ -80,6 +147,7 @@ class AsyncClient:
         )
         self._stub = pb_grpc.DiffusionServiceStub(self._channel)
         self._metadata = metadata(api_key)
+        self._retry = retry
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -94,19 +162,28 @@ class AsyncClient:
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]
     ) -> AsyncStream:
         req = pb.GenerateRequest(params=_convert.params(prompt, options))
-        return AsyncStream(self._stub.Generate(req, timeout=timeout, metadata=traced(self._metadata)))
+        return self._stream(self._stub.Generate, req, req.params, timeout)
 
     def stream_edit(
         self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> AsyncStream:
         req = _convert.edit_request(image, prompt, options)
-        return AsyncStream(self._stub.Edit(req, timeout=timeout, metadata=traced(self._metadata)))
+        return self._stream(self._stub.Edit, req, req.params, timeout)
 
     def stream_inpaint(
         self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> AsyncStream:
         req = _convert.inpaint_request(image, mask, prompt, options)
-        return AsyncStream(self._stub.Inpaint(req, timeout=timeout, metadata=traced(self._metadata)))
+        return self._stream(self._stub.Inpaint, req, req.params, timeout)
+
+    def _stream(self, rpc: Any, req: Any, params: pb.GenerationParams, timeout: float | None) -> AsyncStream:
+        """One call of `rpc`; with a retry policy, a stream that makes it again (same request id and seed)."""
+        if self._retry is None:
+            return AsyncStream(rpc(req, timeout=timeout, metadata=traced(self._metadata)))
+        identity = fix_identity(params)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        trace = traced(self._metadata)
+        return AsyncRetryingStream(lambda left: rpc(req, timeout=left, metadata=trace), self._retry, deadline, identity)
 
     async def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]

@@ -32,7 +32,7 @@ from sdserve.errors import SdserveError
 from sdserve.models_cli import add_models_commands, human_bytes
 from sdserve.supervisor import Child, Supervisor
 from sdserve.types import SCHEDULER_NAMES as SCHEDULERS
-from sdserve.types import GenerationOptions, Progress, Queued, ResolvedAdapter, Result, Started
+from sdserve.types import GenerationOptions, Progress, Queued, ResolvedAdapter, Result, Retrying, Started
 from sdserve.v1 import diffusion_pb2 as pb
 
 # What `sdserve serve` needs beyond the client: the server distribution (pip install 'sdserve[server]').
@@ -177,6 +177,12 @@ def _run_stream(stream: Stream, ns: argparse.Namespace) -> int:
                             name = f"{ev.denoise_pass}-{name}"
                         (preview_dir / name).write_bytes(p.data)
                 bar.show(ev.step, ev.total_steps, ev.denoise_pass if two_passes else "")
+            elif isinstance(ev, Retrying):
+                where = f" on {ev.replica}" if ev.replica else ""
+                bar.status(
+                    f"{ev.code}{where}: trying again in {ev.delay_seconds:.1f}s ({ev.attempt + 1}/{ev.max_attempts})"
+                )
+                bar.done()
             elif isinstance(ev, Result):
                 bar.done()
                 written = []

@@ -13,9 +13,12 @@ import grpc
 
 from sdserve.client import Client
 from sdserve.errors import FieldViolation, SdserveError
+from sdserve.fleet import SERVICE_CONFIG, RetryPolicy, fleet_target
 from sdserve.types import MAX_ADAPTER_SCALE, CropOffset, ImageSize
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# gRPC's resolver schemes: a target starting with one is passed on as it is.
+_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
 # The contract's bounds for micro-conditioning sizes (1 to 16384 per side) and crop offsets (0 to 16384).
 MAX_SIDE = 16384
 _SIZE = re.compile(r"([0-9]+)x([0-9]+)")
@@ -110,7 +113,15 @@ def add_connection_flags(p: argparse.ArgumentParser, environ: Mapping[str, str],
         "--target",
         default=default(environ.get("SDSERVE_TARGET", DEFAULT_TARGET)),
         metavar="HOST:PORT",
-        help=f"Server address (env SDSERVE_TARGET; default {DEFAULT_TARGET}).",
+        help=f"Server address (env SDSERVE_TARGET; default {DEFAULT_TARGET}); several replicas as IP:PORT,IP:PORT,... "
+        "or dns:///NAME:PORT (with --balance).",
+    )
+    g.add_argument(
+        "--balance",
+        action="store_true",
+        default=default(False),
+        help="Balance over every replica the target names (round robin) and retry a call that fails UNAVAILABLE, "
+        "with the same request id and seed (docs/fleet.md).",
     )
     g.add_argument(
         "--api-key",
@@ -167,9 +178,21 @@ def connect(ns: argparse.Namespace) -> Client:
     target = ns.target.strip()
     if not target:
         raise flag_error("--target", "must be HOST:PORT (or SDSERVE_TARGET), got an empty value")
+    if "," in target and not _has_scheme(target):
+        try:
+            target = fleet_target(target.split(","))
+        except ValueError as exc:
+            raise flag_error("--target", str(exc).removeprefix("fleet_target: ")) from None
     return Client(
         target,
         api_key=ns.api_key or None,
         credentials=credentials(ns),
         tls_server_name=ns.tls_server_name or None,
+        service_config=SERVICE_CONFIG if ns.balance else None,
+        retry=RetryPolicy() if ns.balance else None,
     )
+
+
+def _has_scheme(target: str) -> bool:
+    """Whether a gRPC target names its resolver (dns:, ipv4:, ...) rather than being a list of HOST:PORT."""
+    return target.partition(":")[0].lower() in _SCHEMES

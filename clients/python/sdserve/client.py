@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Unpack
 
 import grpc
@@ -11,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdserve import _convert
 from sdserve.errors import SdserveError, from_rpc_error
+from sdserve.fleet import RetryPolicy, fix_identity, retrying, service_config_options
 from sdserve.types import (
     AdapterInfo,
     EditOptions,
@@ -20,6 +23,7 @@ from sdserve.types import (
     ModelInfo,
     Progress,
     Result,
+    Started,
 )
 from sdserve.v1 import diffusion_pb2 as pb
 from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
@@ -27,11 +31,14 @@ from sdserve.v1 import diffusion_pb2_grpc as pb_grpc
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def channel_options(max_message_bytes: int, tls_server_name: str | None = None) -> list[tuple[str, int | str]]:
+def channel_options(
+    max_message_bytes: int, tls_server_name: str | None = None, service_config: Mapping[str, Any] | None = None
+) -> list[tuple[str, int | str]]:
     """Message limits raised past gRPC's 4 MiB default (result images are larger), the TLS name override, and a
     connection of the channel's own: with gRPC's process-wide subchannel pool, a channel to an address whose
     previous server went away (a restart on the same port) inherits the old connection's backoff and fails at once
-    with "connection refused", and closing one channel can reset another's stream."""
+    with "connection refused", and closing one channel can reset another's stream. A `service_config` (for example
+    sdserve.fleet.SERVICE_CONFIG: round robin and channel retries) is applied with retries enabled."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -40,6 +47,8 @@ def channel_options(max_message_bytes: int, tls_server_name: str | None = None) 
     if tls_server_name:
         # Checked against the server's certificate instead of the target's host (an address, or a name behind a proxy).
         options.append(("grpc.ssl_target_name_override", tls_server_name))
+    if service_config is not None:
+        options += service_config_options(service_config)
     return options
 
 
@@ -109,11 +118,77 @@ class Stream:
         raise SdserveError("UNKNOWN", "the stream ended without a result")
 
 
+class RetryingStream(Stream):
+    """A Stream that sends its request again when an attempt fails with a status `policy` retries (RetryPolicy):
+    the events of every attempt in order, with a Retrying event between two attempts. `open(timeout)` starts an
+    attempt; `deadline` (time.monotonic()) bounds them all."""
+
+    def __init__(
+        self,
+        open: Callable[[float | None], Any],
+        policy: RetryPolicy,
+        deadline: float | None,
+        identity: tuple[str, int],
+    ):
+        self._open = open
+        self._policy = policy
+        self._deadline = deadline
+        self._identity = identity
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        super().__init__(open(self._remaining()))
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def __iter__(self) -> Iterator[Event]:
+        attempt = 1
+        while True:
+            replica: str | None = None
+            try:
+                for msg in self._call:
+                    ev = _convert.event(msg)
+                    if isinstance(ev, Started):
+                        replica = ev.replica
+                    yield ev
+                    if isinstance(ev, Result):
+                        # Delivered: what follows (the stream's end) is never a reason to make it again.
+                        yield from super().__iter__()
+                        return
+                return
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+            delay = self._policy.delay(error, attempt)
+            remaining = self._remaining()
+            if self._cancelled.is_set() or delay is None or (remaining is not None and remaining <= delay):
+                raise error from None
+            yield retrying(self._policy, error, attempt, replica, delay, self._identity)
+            if self._cancelled.wait(delay):
+                raise SdserveError("CANCELLED", "cancelled by the client")
+            attempt += 1
+            with self._lock:
+                self._call = self._open(self._remaining())
+            if self._cancelled.is_set():
+                self._call.cancel()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        with self._lock:
+            self._call.cancel()
+
+
 class Client:
     """A blocking sdserve client. Use as a context manager or call close().
 
     `credentials` (for example `tls_credentials(ca_file)`) make the channel TLS; `tls_server_name` is the name
-    checked in the server's certificate when it differs from the target's host."""
+    checked in the server's certificate when it differs from the target's host.
+
+    For a fleet of replicas (docs/fleet.md): a target that resolves to all of them (`dns:///NAME:PORT` of a headless
+    Service, or `sdserve.fleet.fleet_target([...])`), `service_config=sdserve.fleet.SERVICE_CONFIG` (round robin over
+    them; the channel retries UNAVAILABLE before a stream starts) and `retry=RetryPolicy()` (Generate, Edit and
+    Inpaint streams that fail UNAVAILABLE, started or not, go again with the same request id and seed). Without
+    them the client behaves as it always has. `service_config` applies to a channel the client makes, not to a
+    `channel` given to it."""
 
     def __init__(
         self,
@@ -124,8 +199,12 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
         tls_server_name: str | None = None,
+        service_config: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
     ):
-        opts = channel_options(max_message_bytes, tls_server_name)
+        if channel is not None and service_config is not None:
+            raise ValueError("service_config applies to a channel the client makes: set it on the given channel")
+        opts = channel_options(max_message_bytes, tls_server_name, service_config)
         if channel is None:
             channel = (
                 grpc.secure_channel(target, credentials, options=opts)
@@ -136,6 +215,7 @@ class Client:
         self._stub = pb_grpc.DiffusionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._metadata = metadata(api_key)
+        self._retry = retry
 
     def close(self) -> None:
         self._channel.close()
@@ -152,23 +232,34 @@ class Client:
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]
     ) -> Stream:
         """Text-to-image as a stream of Queued, Started, Progress and Result events. `adapters` (LoRAs for this
-        request: names, (name, scale) pairs or a mapping) are checked before the call; a bad one raises ValueError."""
+        request: names, (name, scale) pairs or a mapping) are checked before the call; a bad one raises ValueError.
+        With the client's `retry` policy, an attempt that fails with a retried status is followed by a Retrying
+        event and the next attempt's events (Queued, Started, Progress from step 1 again, ...)."""
         req = pb.GenerateRequest(params=_convert.params(prompt, options))
-        return Stream(self._stub.Generate(req, timeout=timeout, metadata=traced(self._metadata)))
+        return self._stream(self._stub.Generate, req, req.params, timeout)
 
     def stream_edit(
         self, image: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[EditOptions]
     ) -> Stream:
         """Image-to-image as a stream of events. `strength` in (0, 1]; default 0.8."""
         req = _convert.edit_request(image, prompt, options)
-        return Stream(self._stub.Edit(req, timeout=timeout, metadata=traced(self._metadata)))
+        return self._stream(self._stub.Edit, req, req.params, timeout)
 
     def stream_inpaint(
         self, image: bytes, mask: bytes, prompt: str, *, timeout: float | None = None, **options: Unpack[InpaintOptions]
     ) -> Stream:
         """Inpainting as a stream of events. Mask white (255) = repaint."""
         req = _convert.inpaint_request(image, mask, prompt, options)
-        return Stream(self._stub.Inpaint(req, timeout=timeout, metadata=traced(self._metadata)))
+        return self._stream(self._stub.Inpaint, req, req.params, timeout)
+
+    def _stream(self, rpc: Any, req: Any, params: pb.GenerationParams, timeout: float | None) -> Stream:
+        """One call of `rpc`; with a retry policy, a stream that makes it again (same request id and seed)."""
+        if self._retry is None:
+            return Stream(rpc(req, timeout=timeout, metadata=traced(self._metadata)))
+        identity = fix_identity(params)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        trace = traced(self._metadata)
+        return RetryingStream(lambda left: rpc(req, timeout=left, metadata=trace), self._retry, deadline, identity)
 
     # Blocking helpers --------------------------------------------------------------------------
 
@@ -180,7 +271,8 @@ class Client:
         on_progress: Callable[[Progress], None] | None = None,
         **options: Unpack[GenerationOptions],
     ) -> Result:
-        """Text-to-image; returns the finished images."""
+        """Text-to-image; returns the finished images. With the client's `retry` policy, after any retries
+        (`on_progress` then sees each attempt's steps)."""
         return self.stream_generate(prompt, timeout=timeout, **options).result(on_progress)
 
     def edit(

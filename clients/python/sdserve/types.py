@@ -224,6 +224,9 @@ class Started:
     # The model name or alias the request named (the server's default when it named none); with a canary alias,
     # `model` is the target this request got.
     requested_model: str = ""
+    # The replica (server process) running it: the server's `replica` setting, by default its host name (the pod
+    # name in Kubernetes); "" from servers before fleets. See docs/fleet.md.
+    replica: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,13 +298,35 @@ class Result:
     adapters: tuple[ResolvedAdapter, ...] = ()
     # The execution profile it ran in, as in Started.execution_profile.
     execution_profile: str = ""
+    # The replica that served it, as in Started.replica (also under parameters["replica"]).
+    replica: str = ""
 
     @property
     def image(self) -> GeneratedImage:
         return self.images[0]
 
 
-Event = Queued | Started | Progress | Result
+@dataclasses.dataclass(frozen=True)
+class Retrying:
+    """An attempt failed with a status the client's RetryPolicy retries; the same request (same request id, same
+    seed, so the same image) goes again after `delay_seconds`. Only streams of a client with `retry=` send it."""
+
+    # The attempt that failed, from 1, and the most the policy makes.
+    attempt: int
+    max_attempts: int
+    # The status it failed with, e.g. "UNAVAILABLE".
+    code: str
+    message: str
+    # Whether the failed attempt had started on a replica (a Started event came), and which replica that was.
+    started: bool
+    replica: str
+    delay_seconds: float
+    # What every attempt sends, fixed before the first one.
+    request_id: str
+    seed: int
+
+
+Event = Queued | Started | Progress | Result | Retrying
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,6 +133,11 @@ export interface GenerationResult {
    * `bf16-autocast+channels-last`. Ask for `params.precision: Precision.EXACT` to get the exact pipeline.
    */
   readonly executionProfile: string;
+  /**
+   * The replica (server process) that served it (`parameters.replica`): the server's `replica` setting, by default
+   * its host name (the pod name in Kubernetes); "" from servers before fleets. See docs/fleet.md.
+   */
+  readonly replica: string;
 }
 
 /** Per-call options. */
@@ -296,6 +301,7 @@ async function collect(
         started,
         adapters: r.parameters?.adapters ?? [],
         executionProfile: r.parameters?.executionProfile ?? "",
+        replica: r.parameters?.replica ?? "",
       };
     }
   }
