@@ -149,8 +149,10 @@ def plan(models: list[Model], setup: Setup) -> list[Job]:
     model by model and runner by runner (so consecutive jobs share what is loaded)."""
     device_type = "cuda" if setup.device == "cuda" else "cpu"
     candidates = profiles.candidates(device_type, setup.dtype, with_compile=setup.with_compile)
-    # onnxruntime is a CPU lever for SD 1.x only: the dry run keeps to what the GPU run measures.
-    candidates = [p for p in candidates if not p.onnxruntime]
+    if device_type == "cpu":
+        # The CPU dry run checks the plumbing and exact's parity with direct diffusers, the same on every CPU: the
+        # CPU's own levers (onnxruntime, bf16 autocast where the CPU has it) are not what the GPU run measures.
+        candidates = [p for p in candidates if p.exact]
     runners: list[Profile | None] = [None, *candidates]
     jobs = [Job(model, batch, profile) for model in models for profile in runners for batch in setup.batches]
     return sorted(jobs, key=lambda job: tier(job, setup.batches[0]))

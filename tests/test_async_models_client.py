@@ -107,7 +107,8 @@ async def errors(c: AsyncModelManagerClient, rev_a: str, rev_b: str) -> None:
         await c.record_use("a", rev_a, "fp8")
     assert err.value.code == "INVALID_ARGUMENT" and "fp8" in err.value.message
     with pytest.raises(SdserveError) as err:
-        await c.record_use("a", rev_a, "fp32", timeout=1e-6)
+        # A deadline already past: 1e-6 raced a fast loopback call (gRPC rounds deadlines; the call won on a fast CPU).
+        await c.record_use("a", rev_a, "fp32", timeout=0.0)
     assert err.value.code == "DEADLINE_EXCEEDED"
 
 
