@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -106,9 +107,12 @@ async def errors(c: AsyncModelManagerClient, rev_a: str, rev_b: str) -> None:
     with pytest.raises(SdserveError) as err:
         await c.record_use("a", rev_a, "fp8")
     assert err.value.code == "INVALID_ARGUMENT" and "fp8" in err.value.message
-    with pytest.raises(SdserveError) as err:
-        # A deadline already past: 1e-6 raced a fast loopback call (gRPC rounds deadlines; the call won on a fast CPU).
-        await c.record_use("a", rev_a, "fp32", timeout=0.0)
+    # The deadline against a peer that accepts connections and never answers: a tiny deadline on the live sidecar
+    # raced its answer (an already connected channel sends the call before the deadline's timer fires).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        async with AsyncModelManagerClient(f"127.0.0.1:{silent.getsockname()[1]}") as mute:
+            with pytest.raises(SdserveError) as err:
+                await mute.record_use("a", rev_a, "fp32", timeout=0.2)
     assert err.value.code == "DEADLINE_EXCEEDED"
 
 
