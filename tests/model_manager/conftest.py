@@ -65,7 +65,13 @@ def sidecars() -> Iterator[Callable[..., Sidecar]]:
 
     yield start
     for sidecar in started:
-        sidecar.stop()
+        # Printed for a failing test only (pytest shows a failed test's captured output): whether the sidecar had
+        # exited on its own before the end of the test, and its last log lines.
+        died = sidecar.proc is not None and sidecar.proc.poll() is not None
+        code = sidecar.stop()
+        state = f"exited with {code} before the test ended" if died else f"stopped at the end of the test ({code})"
+        print(f"--- sidecar {sidecar.target} ({sidecar.store}): {state}; its last log lines:")
+        print("".join(sidecar.lines[-40:]))
 
 
 @pytest.fixture()
