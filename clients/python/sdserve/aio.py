@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Unpack
 
@@ -14,7 +13,7 @@ import grpc.aio
 from sdserve import _convert
 from sdserve.client import DEFAULT_MAX_MESSAGE_BYTES, channel_options, metadata, traced
 from sdserve.errors import SdserveError, from_rpc_error
-from sdserve.fleet import RetryPolicy, fix_identity, retrying
+from sdserve.fleet import Attempts, RetryPolicy
 from sdserve.types import (
     AdapterInfo,
     EditOptions,
@@ -65,25 +64,13 @@ class AsyncStream:
 
 
 class AsyncRetryingStream(AsyncStream):
-    """An AsyncStream that sends its request again when an attempt fails with a status `policy` retries, as
+    """An AsyncStream that sends its request again when an attempt fails with a status its policy retries, as
     sdserve.client.RetryingStream does: every attempt's events, a Retrying event between two attempts."""
 
-    def __init__(
-        self,
-        open: Callable[[float | None], Any],
-        policy: RetryPolicy,
-        deadline: float | None,
-        identity: tuple[str, int],
-    ):
-        self._open = open
-        self._policy = policy
-        self._deadline = deadline
-        self._identity = identity
+    def __init__(self, attempts: Attempts):
+        self._attempts = attempts
         self._wake = asyncio.Event()
-        super().__init__(open(self._remaining()))
-
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        super().__init__(attempts.start())
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         attempt = 1
@@ -107,17 +94,14 @@ class AsyncRetryingStream(AsyncStream):
                 if not self._cancelled:
                     raise
                 raise SdserveError("CANCELLED", "cancelled by the client") from None
-            delay = self._policy.delay(error, attempt)
-            remaining = self._remaining()
-            if self._cancelled or delay is None or (remaining is not None and remaining <= delay):
-                raise error from None
-            yield retrying(self._policy, error, attempt, replica, delay, self._identity)
+            retry = self._attempts.next_retry(error, attempt, replica, self._cancelled)
+            yield retry
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), retry.delay_seconds)
             if self._cancelled:
                 raise SdserveError("CANCELLED", "cancelled by the client")
             attempt += 1
-            self._call = self._open(self._remaining())
+            self._call = self._attempts.start()
 
     def cancel(self) -> None:
         super().cancel()
@@ -180,10 +164,7 @@ class AsyncClient:
         """One call of `rpc`; with a retry policy, a stream that makes it again (same request id and seed)."""
         if self._retry is None:
             return AsyncStream(rpc(req, timeout=timeout, metadata=traced(self._metadata)))
-        identity = fix_identity(params)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        trace = traced(self._metadata)
-        return AsyncRetryingStream(lambda left: rpc(req, timeout=left, metadata=trace), self._retry, deadline, identity)
+        return AsyncRetryingStream(Attempts.of_call(rpc, req, params, timeout, traced(self._metadata), self._retry))
 
     async def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerationOptions]

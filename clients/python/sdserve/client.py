@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Unpack
 
@@ -13,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdserve import _convert
 from sdserve.errors import SdserveError, from_rpc_error
-from sdserve.fleet import RetryPolicy, fix_identity, retrying, service_config_options
+from sdserve.fleet import Attempts, RetryPolicy, service_config_options
 from sdserve.types import (
     AdapterInfo,
     EditOptions,
@@ -119,27 +118,15 @@ class Stream:
 
 
 class RetryingStream(Stream):
-    """A Stream that sends its request again when an attempt fails with a status `policy` retries (RetryPolicy):
-    the events of every attempt in order, with a Retrying event between two attempts. `open(timeout)` starts an
-    attempt; `deadline` (time.monotonic()) bounds them all."""
+    """A Stream that sends its request again when an attempt fails with a status its policy retries
+    (sdserve.fleet.Attempts: how to start an attempt, the RetryPolicy, the deadline of them all, the request id and
+    seed): the events of every attempt in order, with a Retrying event between two attempts."""
 
-    def __init__(
-        self,
-        open: Callable[[float | None], Any],
-        policy: RetryPolicy,
-        deadline: float | None,
-        identity: tuple[str, int],
-    ):
-        self._open = open
-        self._policy = policy
-        self._deadline = deadline
-        self._identity = identity
+    def __init__(self, attempts: Attempts):
+        self._attempts = attempts
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
-        super().__init__(open(self._remaining()))
-
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        super().__init__(attempts.start())
 
     def __iter__(self) -> Iterator[Event]:
         attempt = 1
@@ -158,16 +145,13 @@ class RetryingStream(Stream):
                 return
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-            delay = self._policy.delay(error, attempt)
-            remaining = self._remaining()
-            if self._cancelled.is_set() or delay is None or (remaining is not None and remaining <= delay):
-                raise error from None
-            yield retrying(self._policy, error, attempt, replica, delay, self._identity)
-            if self._cancelled.wait(delay):
+            retry = self._attempts.next_retry(error, attempt, replica, self._cancelled.is_set())
+            yield retry
+            if self._cancelled.wait(retry.delay_seconds):
                 raise SdserveError("CANCELLED", "cancelled by the client")
             attempt += 1
             with self._lock:
-                self._call = self._open(self._remaining())
+                self._call = self._attempts.start()
             if self._cancelled.is_set():
                 self._call.cancel()
 
@@ -256,10 +240,7 @@ class Client:
         """One call of `rpc`; with a retry policy, a stream that makes it again (same request id and seed)."""
         if self._retry is None:
             return Stream(rpc(req, timeout=timeout, metadata=traced(self._metadata)))
-        identity = fix_identity(params)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        trace = traced(self._metadata)
-        return RetryingStream(lambda left: rpc(req, timeout=left, metadata=trace), self._retry, deadline, identity)
+        return RetryingStream(Attempts.of_call(rpc, req, params, timeout, traced(self._metadata), self._retry))
 
     # Blocking helpers --------------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ import ipaddress
 import json
 import random
 import secrets
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from sdserve.errors import SdserveError
@@ -134,20 +135,58 @@ def fix_identity(params: pb.GenerationParams) -> tuple[str, int]:
     return params.request_id, params.seed
 
 
-def retrying(
-    policy: RetryPolicy, error: SdserveError, attempt: int, replica: str | None, delay: float, identity: tuple[str, int]
-) -> Retrying:
-    """The Retrying event between attempt `attempt` (which failed with `error`, on `replica` if it had started:
-    None if not) and the next one."""
-    request_id, seed = identity
-    return Retrying(
-        attempt=attempt,
-        max_attempts=policy.max_attempts,
-        code=error.code,
-        message=error.message,
-        started=replica is not None,
-        replica=replica or "",
-        delay_seconds=delay,
-        request_id=request_id,
-        seed=seed,
-    )
+@dataclasses.dataclass
+class Attempts:
+    """What a retrying stream (sdserve.client.RetryingStream, sdserve.aio.AsyncRetryingStream) keeps across its
+    attempts: how to start one (`open(timeout)`), the policy, the deadline of them all (time.monotonic(); None:
+    none) and the request id and seed every attempt sends."""
+
+    open: Callable[[float | None], Any]
+    policy: RetryPolicy
+    deadline: float | None
+    identity: tuple[str, int]
+
+    @classmethod
+    def of_call(
+        cls,
+        rpc: Callable[..., Any],
+        req: Any,
+        params: pb.GenerationParams,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...],
+        policy: RetryPolicy,
+    ) -> Attempts:
+        """The attempts of `rpc(req)`: `params` gets its request id and seed first (fix_identity), and `timeout`
+        bounds every attempt together."""
+        identity = fix_identity(params)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return cls(lambda left: rpc(req, timeout=left, metadata=metadata), policy, deadline, identity)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def start(self) -> Any:
+        """The call of the next attempt, with what is left of the deadline."""
+        return self.open(self.remaining())
+
+    def next_retry(self, error: SdserveError, attempt: int, replica: str | None, cancelled: bool) -> Retrying:
+        """The Retrying event between attempt `attempt` (which failed with `error`, on `replica` if it had started:
+        None if not) and the next one, whose `delay_seconds` the stream waits; raises `error` when there is no next
+        one: cancelled, not retryable, attempts used up, or the wait would outlast the deadline."""
+        delay = self.policy.delay(error, attempt)
+        remaining = self.remaining()
+        if cancelled or delay is None or (remaining is not None and remaining <= delay):
+            raise error from None
+        request_id, seed = self.identity
+        return Retrying(
+            attempt=attempt,
+            max_attempts=self.policy.max_attempts,
+            code=error.code,
+            message=error.message,
+            started=replica is not None,
+            replica=replica or "",
+            delay_seconds=delay,
+            request_id=request_id,
+            seed=seed,
+        )
