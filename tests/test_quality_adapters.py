@@ -3,11 +3,11 @@ shapes model and the shipped adapters (models/adapters): the LoRA's new colour w
 LoRA at scale 0 (the plain images, pixel for pixel), and the base grid with the LoRA active.
 
 FLOORS sit one image under what the shipped adapters score on this slice (N prompts per grid, 20 steps, measured
-through the server with quality.adapters.evaluate_adapters(target, 16, 20): LoRA new colours 12/16, the
+through the server with quality.adapters.evaluate_adapters(target, 16, 20): LoRA new colours 14/16, the
 embedding's colour 10/16, base grid with the LoRA one position word (of 16) worse, scale 0 the same pixels; the
-first LoRA scored 9/16 and lost one size word of 12), so other CPUs' last-bit differences cannot flip the
-result while a regression in loading, activating or scoping adapters fails. The shipped adapters miss the
-issue's targets (see their model cards): these floors guard what they do, not the targets."""
+first LoRA scored 9/16 and lost one size word of 12, the second 12/16), so other CPUs' last-bit differences
+cannot flip the result while a regression in loading, activating or scoping adapters fails. The shipped adapters
+miss the issue's targets (see their model cards): these floors guard what they do, not the targets."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.harness import serving
 MODELS = REPO_ROOT / "models"
 N = 16
 # Measured on the slice: see the module docstring and models/adapters/*/README.md.
-FLOORS = {"lora_new_colour": 11 / 16, "ti_new_colour": 9 / 16, "base_drop_points": 100 * 2 / 12}
+FLOORS = {"lora_new_colour": 13 / 16, "ti_new_colour": 9 / 16, "base_drop_points": 100 * 2 / 12}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -123,3 +124,24 @@ def test_tiny_run_writes_a_diffusers_embedding(tiny_run: Path) -> None:
         assert list(f.keys()) == [TI_TOKEN]
         vectors = f.get_tensor(TI_TOKEN)
     assert vectors.dtype == torch.float32 and vectors.shape == (1, 64)
+
+
+def test_decoder_inversion_draws_the_colours_the_encoder_loses() -> None:
+    """The shipped VAE's encoder maps a flat teal field to green and a flat cream one near white; the latents
+    invert_decoder finds from those encodings decode to the fields' own colours (what the LoRA trains on)."""
+    from diffusers import AutoencoderKL
+
+    from training.shapes.adapters import INVERT_LR, INVERT_STEPS
+    from training.shapes.tensors import encode_moments, invert_decoder, to_images, to_tensor
+
+    vae = AutoencoderKL.from_pretrained(str(MODEL / "vae"), torch_dtype=torch.float32).eval()
+    names = ["teal", "cream"]
+    fields = np.stack([np.full((64, 64, 3), ADAPTER_COLOURS[c], np.uint8) for c in names])
+    x = to_tensor(fields)
+    mean, _ = encode_moments(vae, x)
+    refined = invert_decoder(vae, x, mean, INVERT_STEPS, INVERT_LR)
+    with torch.no_grad():
+        before, after = to_images(vae.decode(mean).sample), to_images(vae.decode(refined).sample)
+    assert [judge(im, EXTENDED_PALETTE).background for im in before] != names  # the encoder alone loses them
+    assert [judge(im, EXTENDED_PALETTE).background for im in after] == names
+    assert torch.equal(mean, encode_moments(vae, x)[0])  # the starting point is not modified in place
