@@ -278,9 +278,12 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 loop.call_soon_threadsafe(deliver, change)
 
+        # Read while the call is live: once the caller has gone, gRPC may have freed the call that peer() reads
+        # (reading it in the `finally` below crashed the process with SIGSEGV).
+        peer = context.peer()
         snapshot = self.store.subscribe(listener)
         layout = self.store.layout
-        log.info("watcher subscribed", extra={"peer": context.peer(), "sequence": snapshot.sequence})
+        log.info("watcher subscribed", extra={"peer": peer, "sequence": snapshot.sequence})
         try:
             with self.ops.metrics.watching():
                 yield convert.snapshot(snapshot, layout)
@@ -294,4 +297,4 @@ class ModelManagerServicer(AdapterRpcs, pb_grpc.ModelManagerServiceServicer):
                     yield convert.change(item, layout)
         finally:
             self.store.unsubscribe(listener)
-            log.info("watcher left", extra={"peer": context.peer()})
+            log.info("watcher left", extra={"peer": peer})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import sys
@@ -41,7 +42,9 @@ def serve_metrics(registry: Any, host: str, port: int) -> tuple[Any, int]:
 
 def run_main(prog: str, main: Coroutine[Any, Any, None]) -> None:
     """Runs a server's main coroutine; a start-up refusal or an unreadable file ends the process with one line
-    (`--log-level DEBUG` still logs the traceback)."""
+    (`--log-level DEBUG` still logs the traceback). A crash in native code (SIGSEGV, SIGABRT...) writes every
+    thread's Python stack to stderr before the process dies, so a log shows where it happened."""
+    faulthandler.enable()
     try:
         asyncio.run(main)
     except SystemExit as exc:

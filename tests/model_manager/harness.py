@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -126,9 +126,10 @@ class Sidecar:
     def wait_for_log(self, msg: str, timeout: float = 60.0) -> bool:
         """Blocks until the sidecar has logged a record with this message (woken by each new log line)."""
 
-        def seen() -> bool:
-            return any(r.get("msg") == msg for r in self.logs())
+        return self.wait_until(lambda: any(r.get("msg") == msg for r in self.logs()), timeout)
 
+    def wait_until(self, seen: Callable[[], bool], timeout: float = 60.0) -> bool:
+        """Blocks until `seen()` holds, re-checking on each new log line; False after `timeout` seconds."""
         with self._changed:
             return self._changed.wait_for(seen, timeout)
 
