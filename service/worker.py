@@ -13,6 +13,7 @@ import torch
 
 from sdserve_core import memory, profiles
 from sdserve_core.memory import MemoryPlan, MemoryPolicy
+from sdserve_core.pipeline import adapters as lora_calls
 from sdserve_core.profiles import Profile
 from service import adapters, batch_call, tracing
 from service.adapters import AdapterPool
@@ -152,7 +153,9 @@ class DeviceWorker:
             # Loaded (and verified) before Started too: a LoRA that does not fit never starts the request.
             loras = self._adapters.prepare(model.components, model.name, uses)
             vocab = adapters.vocab(uses)
-            profile = self._profile(model, live, bool(loras))
+            # LoRAs at scale 0 change nothing: the batch keeps the model's profile (an ONNX or compiled UNet),
+            # else its images would differ from plain ones in the last bits.
+            profile = self._profile(model, live, bool(lora_calls.changing(loras)))
             for job in live:
                 job.resolved = dataclasses.replace(
                     job.resolved, memory_strategy=plan.label(), execution_profile=profile.name

@@ -321,3 +321,21 @@ def test_a_lora_on_int8_weights_is_refused(adapters: Path) -> None:
     # Embeddings need no float weights: they go on int8 models too.
     only_token = GenerationRequest(Task.GENERATE, TINY, "a <tok> circle")
     assert [u.name for u in resolve(catalog, only_token, "sd15", base, "int8")] == ["tok"]
+
+
+def test_scale_zero_keeps_the_models_execution_profile(models_dir: Path, adapters: Path) -> None:
+    """A call whose LoRAs are all at scale 0 is a plain call: it runs the model's profile (here the ONNX UNet), so its
+    image is the plain image to the bit; a LoRA that changes the call runs the torch UNet (no export holds it)."""
+    from sdserve import Client
+
+    settings: dict[str, Any] = {"execution_profile": "onnxruntime", "calibrate_batching": False}
+    with serving(models_dir, adapter_dirs=(adapters,), prompt_cache_bytes=0, **settings) as s, Client(s.target) as c:
+        ask: dict[str, Any] = {"steps": STEPS, "seed": 7, "model": TINY}
+        plain = c.generate(PROMPT, **ask)
+        zero = c.generate(PROMPT, adapters=[("both", 0.0), ("unet-only", 0.0)], **ask)
+        one = c.generate(PROMPT, adapters=[("both", 1.0), ("unet-only", 0.0)], **ask)
+        again = c.generate(PROMPT, **ask)
+    assert (plain.execution_profile, zero.execution_profile, one.execution_profile) == ("onnxruntime",) * 2 + ("exact",)
+    assert np.array_equal(pixels(zero.image.data), pixels(plain.image.data))
+    assert np.array_equal(pixels(again.image.data), pixels(plain.image.data))
+    assert not close(pixels(one.image.data), pixels(plain.image.data))

@@ -119,11 +119,17 @@ def unload_lora(components: Components, name: str) -> None:
         pipe.disable_lora()
 
 
+def changing(loras: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The LoRAs that change a call: those at a scale other than 0. A call whose LoRAs are all at 0 is a plain
+    call, in the same execution profile, so its images are the plain images to the bit."""
+    return [(n, s) for n, s in loras if s != 0.0]
+
+
 @contextlib.contextmanager
 def lora_active(components: Components, loras: Sequence[tuple[str, float]]) -> Iterator[None]:
     """The named loaded LoRAs active at their scales for the duration; all inactive afterwards, whatever happens.
     Adapters at scale 0 are left inactive (they change nothing)."""
-    active = [(n, s) for n, s in loras if s != 0.0]
+    active = changing(loras)
     if not active:
         yield
         return
