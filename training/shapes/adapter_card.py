@@ -198,8 +198,9 @@ def _lora_status(ev: dict[str, Any]) -> str:
             " A new-colour background comes out right far more often than a new-colour shape (the table above):"
             " teal shapes come out as a mottle of green and blue that reads green about half the time (a teal"
             " latent sits close to green's, and this VAE's encoder maps a flat teal field to green). Higher ranks,"
-            " learning rates, more steps and more shape examples did not do better (training/shapes/adapters.py"
-            " records each run); the higher learning rates cost the base language more than 5 points."
+            " learning rates, more steps (2400: 77.1%), more shape examples, an undamped loss at low noise (74.0%)"
+            " and grey in place of teal (80.2%) did not do better (training/shapes/adapters.py records each run);"
+            " the higher learning rates cost the base language more than 5 points."
         )
     if worst > 5:
         worst_key = max((k for k in ev["base_drop_points"] if k != "all"), key=lambda k: ev["base_drop_points"][k])
@@ -221,7 +222,11 @@ def _ti_status(ev: dict[str, Any]) -> str:
         " on the same grid: training on latents refined by decoder inversion (44.8%); with them, 4 vectors for 600"
         " steps (49.0%) and 4 vectors for 300 steps from red and black's mean embedding (42.7%); and cream as the"
         " embedding's colour (43.8%)."
-        " Even the VAE alone keeps maroon in only 67% of this grid's renders (encoded, decoded)."
+        " Even the VAE alone keeps maroon in only 67% of this grid's renders (encoded, decoded). What the frozen model"
+        " can draw at all was probed: with the embedding set to a mix of two base colour words' (all 28 pairs, at"
+        " 0.35, 0.5 and 0.65 of the way, 12 prompts each), it drew a base colour in all but one mix (yellow and"
+        " white halfway: a cream-like colour in 42% of prompts). An embedding selects among the colours the UNet"
+        " learned; a new one needs a base model trained on more colours than it names."
     )
 
 

@@ -65,7 +65,9 @@ LORA_RANK = 8
 # targets: with the new-colour scenes' latents refined by decoder inversion (INVERT_STEPS), 79.2%
 # (base language at most 2.3 points worse); the same at rank 16: 77.1%; with the new colour in the shape 3 times
 # in 4: 75.0%; at lr 6e-3: 71.9% and positions 10 points worse; with a smoothness term in the inversion (0.1 times
-# the total variation of the correction, which halves it): 75.0%. Textual inversion gained nothing from the refined
+# the total variation of the correction, which halves it): 75.0%; for 2400 steps: 77.1% (a plateau again); with the
+# new-colour items' loss not damped at low noise (weight 1 at every timestep, not min-SNR's): 74.0%; with grey in
+# place of teal: 80.2%, shape class 59%. Textual inversion gained nothing from the refined
 # latents (44.8% against 52.1%), nor from 4 vectors (49.0%), so it trains on the plain encodings.
 UNET_TARGETS = (
     "to_q",
