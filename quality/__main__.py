@@ -124,7 +124,22 @@ def markdown(results: dict[str, Any]) -> str:
         f"strength 1.0 (all attributes right): {100 * ed.get('strength_1.0_all', 0):.1f}%, colour "
         f"{100 * ed.get('strength_1.0_colour', 0):.1f}%, shape {100 * ed.get('strength_1.0_shape', 0):.1f}%.",
     ]
+    profiles = results.get("execution_profiles")
+    if profiles:
+        chosen = "".join(f"; {m}: {p}" for m, p in sorted(profiles["models"].items()))
+        lines += ["", f"Execution profile: `{profiles['setting']}`{chosen}."]
     return "\n".join(lines) + "\n"
+
+
+def execution_profiles(target: str) -> dict[str, Any]:
+    """The server's execution-profile setting and each loaded model's profile as it chose it (`sdserve info`):
+    under `auto` it is measured on the machine when the model is first used, and an image's last bits depend on it."""
+    with Client(target) as client:
+        info = client.server_info()
+    models = {
+        p.model + (f" {p.model_variant}" if p.model_variant else ""): f"{p.profile} ({p.source})" for p in info.profiles
+    }
+    return {"setting": info.execution_profile, "models": models}
 
 
 def check_targets(results: dict[str, Any]) -> list[str]:
@@ -169,6 +184,7 @@ def main() -> int:
         results = evaluate(target, ns.n, ns.steps, schedulers, ns.model)
         if ns.adapters and not ns.model:
             results["adapters"] = evaluate_adapters(target, ns.n, ns.steps)
+        results["execution_profiles"] = execution_profiles(target)
     variants = [v for v in ns.variants.split(",") if v]
     if variants and not ns.target and not ns.model:
         results["variants"] = evaluate_variants(variants, ns.n, ns.steps)

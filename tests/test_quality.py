@@ -49,6 +49,18 @@ def test_prompt_accuracy_default_scheduler(shapes: ServerThread) -> None:
         check(served.text_to_image(c, prompt_grid(N, seed=0), steps=20))
 
 
+def test_the_eval_records_the_profiles_the_server_ran(shapes: ServerThread) -> None:
+    from quality.__main__ import execution_profiles
+
+    with Client(shapes.target) as c:
+        c.generate("a red circle on a white background", steps=2, seed=1)
+    assert execution_profiles(shapes.target) == {"setting": "exact", "models": {"shapes fp32": "exact (configured)"}}
+    settings = {"execution_profile": "auto", "profile_candidates": "exact", "calibrate_batching": False}
+    with serving(MODELS, default_model="shapes", **settings) as srv, Client(srv.target) as c:
+        c.generate("a red circle on a white background", steps=2, seed=1)
+        assert execution_profiles(srv.target) == {"setting": "auto", "models": {"shapes fp32": "exact (no-candidates)"}}
+
+
 def test_prompt_accuracy_euler(shapes: ServerThread) -> None:
     with Client(shapes.target) as c:
         check(served.text_to_image(c, prompt_grid(N, seed=0), steps=20, scheduler="EULER"))
