@@ -224,9 +224,10 @@ def _ti_status(ev: dict[str, Any]) -> str:
         " embedding's colour (43.8%)."
         " Even the VAE alone keeps maroon in only 67% of this grid's renders (encoded, decoded). What the frozen model"
         " can draw at all was probed: with the embedding set to a mix of two base colour words' (all 28 pairs, at"
-        " 0.35, 0.5 and 0.65 of the way, 12 prompts each), it drew a base colour in all but one mix (yellow and"
-        " white halfway: a cream-like colour in 42% of prompts). An embedding selects among the colours the UNet"
-        " learned; a new one needs a base model trained on more colours than it names."
+        " 0.35, 0.5 and 0.65 of the way, 12 prompts each), at most 42% of a mix's prompts drew one colour off the"
+        " base palette (yellow and white halfway: cream-like), and at most a quarter in 82 of the 84 mixes. An"
+        " embedding selects among the colours the UNet learned; a new one needs a base model trained on more"
+        " colours than it names."
     )
 
 
