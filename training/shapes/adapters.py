@@ -67,7 +67,8 @@ LORA_RANK = 8
 # in 4: 75.0%; at lr 6e-3: 71.9% and positions 10 points worse; with a smoothness term in the inversion (0.1 times
 # the total variation of the correction, which halves it): 75.0%; for 2400 steps: 77.1% (a plateau again); with the
 # new-colour items' loss not damped at low noise (weight 1 at every timestep, not min-SNR's): 74.0%; with grey in
-# place of teal: 80.2%, shape class 59%. Textual inversion gained nothing from the refined
+# place of teal: 80.2%, shape class 59%; with teal in two thirds of the new-colour scenes: 79.2% again. Textual
+# inversion gained nothing from the refined
 # latents (44.8% against 52.1%), nor from 4 vectors (49.0%), so it trains on the plain encodings.
 UNET_TARGETS = (
     "to_q",
