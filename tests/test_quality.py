@@ -97,3 +97,25 @@ def test_int8_variant_through_the_model_manager(tmp_path: Path) -> None:
         check(acc, slack=0.10)
     finally:
         car.stop()
+
+
+def test_the_adapters_table_judges_the_base_loss_as_misses_does() -> None:
+    """The markdown's worst base-language loss is over the attributes, as quality.adapters.misses judges the target
+    ("at most 5 points on any attribute"); the composite "all attributes right" is shown but is not one of them."""
+    from quality.__main__ import adapters_markdown
+    from quality.adapters import misses
+
+    drop = {"background": 0.0, "colour": 0.0, "shape": 0.0, "size": 0.0, "position": 3.45, "all": 5.21}
+    figures = {
+        "n": 96,
+        "steps": 20,
+        "lora_scale_1": {"new_colour": 0.92},
+        "ti": {"new_colour": 0.81},
+        "lora_scale_0_identical": True,
+        "base_drop_points": drop,
+    }
+    row = adapters_markdown(figures).splitlines()[-1]
+    assert "worst 3.5 |" in row and "all attributes right: +5.2" in row
+    assert misses(figures) == []
+    assert "worst 6.0 |" in adapters_markdown({**figures, "base_drop_points": {**drop, "size": 6.0}})
+    assert misses({**figures, "base_drop_points": {**drop, "size": 6.0}}) != []

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_card import write_cards, write_manifests
-from .adapter_eval import measure_lora, measure_ti
-from .adapters import LORA_NAME, TI_NAME, AdapterRun, save_lora, save_ti, train_lora, train_ti
+from .adapter_eval import default_guidance, measure_lora, measure_ti
+from .adapters import LORA_NAME, TI_NAME, AdapterRun, lora_scenes, save_lora, save_ti, train_lora, train_ti
 from .grammar import TI_CANDIDATES, TI_COLOUR
+from .refine import refine_lora
 
 log = logging.getLogger(__name__)
 ADAPTERS_DIR = "adapters"
@@ -28,6 +29,10 @@ def train_adapters(run: AdapterRun, out: Path, n: int, steps: int, report_path: 
     save_ti(vectors, out / TI_NAME)
     report["ti"] = {**ti, "batch": run.batch}
     base, lora = train_lora(run)
+    if run.refine_steps:
+        new, old = lora_scenes(base, run)
+        batch = max(1, run.batch // 4)
+        lora |= refine_lora(run.model, base, new, old, run.refine_steps, batch, default_guidance(run.model), run.seed)
     save_lora(base, out / LORA_NAME)
     del base
     gc.collect()
