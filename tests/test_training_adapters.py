@@ -79,7 +79,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("adapters")
     args = ["adapters", "--out", str(tmp), "--work", str(tmp / "work"), "--log-dir", str(tmp / "logs")]
     args += ["--model", str(MODEL), "--lora-steps", "2", "--ti-steps", "2", "--adapter-batch", "2"]
-    args += ["--ti-compare-steps", "2", "--refine-steps", "1"]
+    args += ["--ti-compare-steps", "2", "--refine-steps", "1", "--ti-refine-steps", "1"]
     args += ["--adapter-scenes", "4", "--n", "2", "--steps", "2"]
     assert cli.main(args) == 0
     return tmp / "adapters"

@@ -10,11 +10,11 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from service.settings import REPO_ROOT
-from training.shapes.adapters import load_base
+from training.shapes.adapters import colour_embedding_mean, load_base, with_embedding
 from training.shapes.data import place, render
 from training.shapes.evaluate import EXTENDED_PALETTE, judge
-from training.shapes.grammar import COLOURS, NEW_COLOURS, Attributes
-from training.shapes.refine import PROXIES, SAMPLE_STEPS, colour_loss, proxied, recolour, rgb, sample
+from training.shapes.grammar import COLOURS, NEW_COLOURS, TI_COLOUR, TI_TOKEN, Attributes
+from training.shapes.refine import PROXIES, SAMPLE_STEPS, colour_loss, proxied, recolour, refine_ti, rgb, sample
 from training.shapes.sample_eval import load_pipeline
 from training.shapes.tensors import to_tensor
 from training.shapes.text import token_ids
@@ -100,3 +100,32 @@ def test_the_colour_term_does_not_reward_a_bigger_shape() -> None:
     assert float(colour_loss(_image(wrong)[None], [right[1]])) > 0.2
     border = torch.zeros(3, 64, 64) + rgb("teal")
     assert float(colour_loss(border[None], [Attributes("circle", "red", "white", None, None)])) > 1.0
+
+
+def test_refining_the_embedding_trains_the_vector_and_nothing_else() -> None:
+    """refine_ti's gradients reach the embedding through the sampler: it moves, the same seed gives the same
+    vector, and the model it loads keeps no trace (a fresh load has no placeholder token)."""
+    base = load_base(MODEL)
+    start = colour_embedding_mean(base)[None]
+    first, figures = refine_ti(MODEL, start, TI_COLOUR, 2, 1, 2.0, seed=0)
+    again, _ = refine_ti(MODEL, start, TI_COLOUR, 2, 1, 2.0, seed=0)
+    assert first.shape == start.shape and figures["refine_steps"] == 2
+    assert float((first - start).abs().max()) > 1e-4 and torch.equal(first, again)
+    assert TI_TOKEN not in load_base(MODEL).tokenizer.get_vocab()
+
+
+def test_the_embedding_hook_reads_the_live_vector_and_goes_away() -> None:
+    """with_embedding: inside, the token's position reads the given vector (and its gradient flows back);
+    outside, the text encoder is its plain self for every prompt."""
+    base = load_base(MODEL)
+    plain = token_ids(base.tokenizer, ["a red circle on a blue background"])
+    before = base.text_encoder(plain)[0].detach()
+    vector = torch.nn.Parameter(torch.randn(1, 64))
+    with with_embedding(base, [TI_TOKEN], vector) as (placeholder,):
+        ids = token_ids(base.tokenizer, [f"a {TI_TOKEN} circle on a blue background"])
+        assert placeholder in ids[0].tolist()
+        base.text_encoder(ids)[0].sum().backward()
+        assert vector.grad is not None and float(vector.grad.abs().sum()) > 0
+        assert torch.equal(base.text_encoder(plain)[0], before)
+    row = base.text_encoder.get_input_embeddings()(torch.tensor([placeholder]))
+    assert not torch.allclose(row, vector.detach())

@@ -14,18 +14,22 @@ from .adapter_card import write_cards, write_manifests
 from .adapter_eval import default_guidance, measure_lora, measure_ti
 from .adapters import LORA_NAME, TI_NAME, AdapterRun, lora_scenes, save_lora, save_ti, train_lora, train_ti
 from .grammar import TI_CANDIDATES, TI_COLOUR
-from .refine import refine_lora
+from .refine import refine_lora, refine_ti
 
 log = logging.getLogger(__name__)
 ADAPTERS_DIR = "adapters"
 
 
 def train_adapters(run: AdapterRun, out: Path, n: int, steps: int, report_path: Path | None = None) -> dict[str, Any]:
-    """Compare textual-inversion candidates (TI_CANDIDATES), train the shipped embedding (TI_COLOUR) and the LoRA
-    into out/<name>/, measure them on n-prompt grids (steps sampling steps; n = 0 skips the measurements) and
-    write the manifests and cards; return the figures."""
+    """Compare textual-inversion candidates (TI_CANDIDATES), train and refine the shipped embedding (TI_COLOUR)
+    and the LoRA into out/<name>/, measure them on n-prompt grids (steps sampling steps; n = 0 skips the
+    measurements) and write the manifests and cards; return the figures."""
     report: dict[str, Any] = {"ti_candidates": compare_ti(run, n, steps)}
     vectors, ti = train_ti(run, TI_COLOUR)
+    if run.ti_refine_steps:
+        guidance, batch = default_guidance(run.model), max(1, run.batch // 4)
+        vectors, refined = refine_ti(run.model, vectors, TI_COLOUR, run.ti_refine_steps, batch, guidance, run.seed)
+        ti |= refined
     save_ti(vectors, out / TI_NAME)
     report["ti"] = {**ti, "batch": run.batch}
     base, lora = train_lora(run)

@@ -19,7 +19,7 @@ import torch
 from . import card
 from .adapter_stage import ADAPTERS_DIR, train_adapters
 from .adapters import BATCH as ADAPTER_BATCH
-from .adapters import LORA_STEPS, N_SCENES, REFINE_STEPS, TI_COMPARE_STEPS, TI_STEPS, AdapterRun
+from .adapters import LORA_STEPS, N_SCENES, REFINE_STEPS, TI_COMPARE_STEPS, TI_REFINE_STEPS, TI_STEPS, AdapterRun
 from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir, terminal_dir, vae_dir
 from .inpaint import train_inpaint
@@ -99,6 +99,9 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-steps", type=int, default=LORA_STEPS, help="adapters: LoRA training steps")
     p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="adapters: LoRA refining steps (0: none)")
     p.add_argument("--ti-steps", type=int, default=TI_STEPS, help="adapters: textual-inversion training steps")
+    p.add_argument(
+        "--ti-refine-steps", type=int, default=TI_REFINE_STEPS, help="adapters: embedding refining steps (0: none)"
+    )
     p.add_argument("--ti-compare-steps", type=int, default=TI_COMPARE_STEPS, help="adapters: TI candidates' steps")
     p.add_argument("--adapter-batch", type=int, default=ADAPTER_BATCH, help="adapters: batch size")
     p.add_argument("--adapter-scenes", type=int, default=N_SCENES, help="adapters: rendered scenes per data set")
@@ -229,7 +232,15 @@ def _adapters(run: Run, model: Path) -> int:
     text-to-image model, into OUT/adapters/ (see training/shapes/adapters.py)."""
     a = run.args
     spec = AdapterRun(
-        model, a.seed, a.lora_steps, a.ti_steps, a.adapter_batch, a.adapter_scenes, a.ti_compare_steps, a.refine_steps
+        model,
+        a.seed,
+        a.lora_steps,
+        a.ti_steps,
+        a.adapter_batch,
+        a.adapter_scenes,
+        a.ti_compare_steps,
+        a.refine_steps,
+        a.ti_refine_steps,
     )
     out = a.out / ADAPTERS_DIR
     run.stage("adapters", False, lambda: train_adapters(spec, out, a.n, a.steps, run.work / "adapters-report.json"))

@@ -30,7 +30,17 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from .adapters import PRESERVE_WEIGHT, Base, Scenes, _draw_batch, _step, weighted_loss
+from .adapters import (
+    PRESERVE_WEIGHT,
+    Base,
+    Scenes,
+    _draw_batch,
+    _step,
+    load_base,
+    placeholder_tokens,
+    weighted_loss,
+    with_embedding,
+)
 from .configs import train_scheduler
 from .data import attributes_with, random_attributes
 from .grammar import ALL_COLOURS, COLOURS, LORA_COLOURS, NEW_COLOURS, Attributes, prompt_text
@@ -40,6 +50,7 @@ from .text import token_ids
 
 REFINE_STEPS = 120
 REFINE_LR = 3e-4
+TI_REFINE_LR = 1e-2
 BASE_WEIGHT = 4.0  # the base-language images' weight against the new-colour ones
 COLOUR_WEIGHT = 1.0  # colour_loss's weight against the distance to the recoloured target
 SAMPLE_STEPS = 20
@@ -114,22 +125,23 @@ def sample(
 
 
 class Refiner:
-    """One refining run: the LoRA-carrying base parts being trained, the frozen base model (teacher), the sampler
-    and the regulariser's scenes."""
+    """One refining run: the base parts being trained (carrying the LoRA, or the embedding's hook), the frozen base
+    model (teacher), the sampler, and the new colours' prompt words (words: the embedding's token; None: the
+    LoRA's colour names)."""
 
-    def __init__(self, model: Path, base: Base, new: Scenes, old: Scenes, guidance: float, seed: int):
-        from .adapters import load_base
-
-        self.base, self.new, self.old, self.guidance = base, new, old, guidance
-        self.teacher = load_base(model)
+    def __init__(
+        self, model: Path, base: Base, teacher: Base, guidance: float, seed: int, words: dict[str, str] | None = None
+    ):
+        self.base, self.teacher, self.guidance, self.words = base, teacher, guidance, words
         self.sampler = DDIMScheduler.from_pretrained(str(model / "scheduler"))
         self.sampler.set_timesteps(SAMPLE_STEPS)
         self.train_scheduler = train_scheduler()
         self.scale = float(base.vae.config.scaling_factor)
         self.empty = token_ids(base.tokenizer, [""])[0]
         self.rng, self.gen = random.Random(f"refine:{seed}"), torch.Generator().manual_seed(seed + 2)
-        colours = [*COLOURS, *LORA_COLOURS]
-        self.draw: Callable[[random.Random], Attributes] = lambda r: attributes_with(r, list(LORA_COLOURS), colours)
+        new = sorted(words) if words else list(LORA_COLOURS)
+        others = list(COLOURS) if words else [*COLOURS, *LORA_COLOURS]
+        self.draw: Callable[[random.Random], Attributes] = lambda r: attributes_with(r, new, others)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.base.vae.decode(latents / self.scale).sample  # type: ignore[no-any-return]
@@ -139,24 +151,26 @@ class Refiner:
         gen = torch.Generator().manual_seed(seed)
         return sample(parts.unet, parts.text_encoder, self.decode, self.sampler, ids, self.empty, gen, self.guidance)
 
-    def sampled_loss(self, batch: int, seed: int) -> torch.Tensor:
-        """The loss on images sampled from the same noise by the LoRA and by the base model (see the module)."""
+    def sampled_loss(self, batch: int, plain: int, seed: int) -> torch.Tensor:
+        """The loss on images sampled from the same noise by the adapter and by the base model (see the module):
+        batch new-colour prompts and `plain` base-language ones."""
         wanted = [self.draw(self.rng) for _ in range(batch)]
-        plain = [random_attributes(self.rng) for _ in range(batch)]
+        base_language = [random_attributes(self.rng) for _ in range(plain)]
         stand_in = [proxied(a) for a in wanted]
         with torch.no_grad():
-            taught = self._images(self.teacher, [prompt_text(a) for a in [*stand_in, *plain]], seed)
+            taught = self._images(self.teacher, [prompt_text(a) for a in [*stand_in, *base_language]], seed)
             target = torch.cat([recolour(taught[:batch], stand_in, wanted), taught[batch:]])
-        drawn = self._images(self.base, [prompt_text(a) for a in [*wanted, *plain]], seed)
-        weights = torch.tensor([1.0] * batch + [BASE_WEIGHT] * batch)
+        prompts = [prompt_text(a, self.words) for a in wanted] + [prompt_text(a) for a in base_language]
+        drawn = self._images(self.base, prompts, seed)
+        weights = torch.tensor([1.0] * batch + [BASE_WEIGHT] * plain)
         distance = ((drawn - target).pow(2).mean(dim=(1, 2, 3)) * weights).mean()
         return distance + COLOUR_WEIGHT * colour_loss(drawn[:batch], wanted)
 
-    def scene_loss(self) -> torch.Tensor:
+    def scene_loss(self, new: Scenes, old: Scenes) -> torch.Tensor:
         """adapters.train_lora's loss on a batch of rendered scenes (new colours; base language against the
         teacher)."""
         sched = self.train_scheduler
-        x0, ids, use_teacher = _draw_batch(self.gen, self.new, self.old, SCENE_BATCH, self.empty)
+        x0, ids, use_teacher = _draw_batch(self.gen, new, old, SCENE_BATCH, self.empty)
         noise = torch.randn(x0.shape, generator=self.gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (SCENE_BATCH,), generator=self.gen)
         noisy = sched.add_noise(x0, noise, t)
@@ -168,24 +182,58 @@ class Refiner:
         return weighted_loss(sched, pred, target, t, keep)
 
 
+def _train(
+    name: str, params: list[torch.nn.Parameter], lr: float, steps: int, loss: Callable[[int], torch.Tensor]
+) -> dict[str, float]:
+    """steps AdamW steps on params of loss(step) (a 10-step warm-up, then cosine decay from lr); return figures."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    budget, progress, smooth = Budget(0.0, 10, steps), Progress(name), 0.0
+    for step in range(steps):
+        value = loss(step)
+        _step(opt, value, params, lr * budget.factor(step))
+        smooth = smoothed(smooth, value.item(), step)
+        progress.step(step, loss=smooth)
+    return {"refine_steps": steps, "refine_seconds": budget.elapsed(), "refine_final_loss": smooth}
+
+
 def refine_lora(
     model: Path, base: Base, new: Scenes, old: Scenes, steps: int, batch: int, guidance: float, seed: int = 0
 ) -> dict[str, float]:
     """Refine the LoRA attached to base (its lora_ parameters; see the module) for steps steps of batch new-colour
-    and batch base-language sampled images; return figures."""
-    refiner = Refiner(model, base, new, old, guidance, seed)
+    and batch base-language sampled images, with adapters.train_lora's loss on the scenes new and old beside them;
+    return figures."""
+    refiner = Refiner(model, base, load_base(model), guidance, seed)
     params = [p for m in (base.unet, base.text_encoder) for n, p in m.named_parameters() if "lora_" in n]
     for m in (base.unet, base.text_encoder):
         m.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=REFINE_LR, weight_decay=0.0)
-    budget, progress, smooth = Budget(0.0, 10, steps), Progress("lora-refine"), 0.0
-    for step in range(steps):
-        loss = refiner.sampled_loss(batch, 10_000_000 + 1000 * seed + step) + refiner.scene_loss()
-        _step(opt, loss, params, REFINE_LR * budget.factor(step))
-        smooth = smoothed(smooth, loss.item(), step)
-        progress.step(step, loss=smooth)
+
+    def loss(step: int) -> torch.Tensor:
+        return refiner.sampled_loss(batch, batch, 10_000_000 + 1000 * seed + step) + refiner.scene_loss(new, old)
+
+    figures = _train("lora-refine", params, REFINE_LR, steps, loss)
     base.unet.eval()
     base.text_encoder.eval()
-    return {"refine_steps": steps, "refine_seconds": budget.elapsed(), "refine_final_loss": smooth}
+    return figures
+
+
+def refine_ti(
+    model: Path, vectors: torch.Tensor, colour: str, steps: int, batch: int, guidance: float, seed: int = 0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Refine the embedding `vectors` of the token `<colour>` (adapters.train_ti's) for steps steps of batch
+    sampled images, everything else frozen; the target is the recoloured stand-in image alone (the token is in no
+    base-language prompt, so the base language cannot change). Return the refined vectors and figures."""
+    base = load_base(model)
+    for m in (base.unet, base.text_encoder, base.vae):
+        m.requires_grad_(False)
+    tokens = placeholder_tokens(f"<{colour}>", len(vectors))
+    trained = torch.nn.Parameter(vectors.detach().clone())
+    with with_embedding(base, tokens, trained):
+        refiner = Refiner(model, base, base, guidance, seed, {colour: " ".join(tokens)})
+
+        def loss(step: int) -> torch.Tensor:
+            return refiner.sampled_loss(batch, 0, 20_000_000 + 1000 * seed + step)
+
+        figures = _train("ti-refine", [trained], TI_REFINE_LR, steps, loss)
+    return trained.detach().float().clone(), figures
