@@ -271,9 +271,10 @@ def _ti_status(ev: dict[str, Any]) -> str:
     return (
         f"target NOT met: {TI_COLOUR} right in {100 * new:.1f}% (< 80%, {80 - 100 * new:.1f} points short). The first"
         " phase alone (the diffusion loss, one denoising step at a time) drew it in 52.1%; the refinement through the"
-        " sampler (above) is what lifted it, and it levels off near 70%: 200 more steps from a 72.9% run gave"
-        " 67.7%, 150 more at batch 8 gave 66.7%, the colour term weighed 4 gave 68.8%, cream in maroon's place"
-        " 44.8%, and 200 more as 4 vectors 49.0% (a 4-token word displaces the layout: positions 31% right)."
+        " sampler (above) is what lifted it, and it levels off near 70%. From a 72.9% run, 200 more steps gave 67.7%,"
+        " 150 more at batch 8 66.7%, and 200 more as 4 vectors 49.0% (a 4-token word displaces the layout: positions "
+        "31% right). The shipped recipe with the colour term weighed 4 gave 68.8%, and with the gradient through the "
+        "last 5 sampling steps only, 67.7%; cream in maroon's place, refined, 44.8%."
         " Of the 96 prompts, 48 put maroon in the background and 48 in the shape; the"
         " misses are backgrounds drawn red (11) or black (8) and shapes drawn black (6) or red (4): the vector"
         " sits between red and black, and the UNet falls to either side. One input vector is all this adapter"

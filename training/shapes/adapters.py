@@ -83,7 +83,8 @@ LORA_RANK = 8
 # against 52.1%; 200 steps, 72.9%; 200 more from there, 67.7%; 150 more at batch 8, 66.7%; 200 more as 4 vectors
 # (the vector repeated), 49.0%, positions 31% right. Those ran in an experiment script with its own seeds; the
 # stage's own 200 steps (TI_REFINE_STEPS) give the shipped 69.8% (the embedding's card); the same with the colour
-# term weighed 4, 68.8%; cream as the embedding's colour, 2.1% after the first phase and 44.8% refined.
+# term weighed 4, 68.8%; the gradient through the last 5 sampling steps only (DRaFT-K), 67.7%; cream as the
+# embedding's colour, 2.1% after the first phase and 44.8% refined.
 UNET_TARGETS = (
     "to_q",
     "to_k",
