@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from service.settings import REPO_ROOT
 from training.shapes import cli
-from training.shapes.adapter_eval import lora_grid, ti_grid
+from training.shapes.adapter_eval import FRESH_SEED, lora_grid, ti_grid
 from training.shapes.adapters import LORA_NAME, TI_NAME, WEIGHTS
 from training.shapes.data import attributes_with, place, render
 from training.shapes.evaluate import EXTENDED_PALETTE, accuracy, judge, prompt_grid, score
@@ -108,6 +108,8 @@ def test_tiny_run_writes_a_diffusers_lora(tiny_run: Path) -> None:
     ev = report["lora_eval"]
     assert ev["scale_0_identical"] and ev["disabled_identical"] and ev["lora_changes_images"]
     assert set(report["ti_candidates"]) == set(TI_CANDIDATES) and report["ti_eval"]["token"] == TI_TOKEN
+    # the fresh grids (2n prompts) beside the tuning ones
+    assert ev["fresh"]["n"] == 4 and report["ti_eval"]["fresh"]["seed"] == FRESH_SEED
 
 
 def test_tiny_run_writes_a_diffusers_embedding(tiny_run: Path) -> None:

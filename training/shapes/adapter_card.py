@@ -129,7 +129,7 @@ version taught pink and cyan, which this VAE cannot draw (they come back white a
 Measured with plain diffusers (StableDiffusionPipeline from `models/shapes` + `load_lora_weights`), DDIM
 {steps} steps, guidance {guidance:g} (the model's default), {n} prompts per grid, held-out sampling seeds
 (grids: `training/shapes/adapter_eval.py`). {c1}/{c2} prompts are judged against the base colours plus
-{palette}; base prompts against the base colours.
+{palette}; base prompts against the base colours.{fresh_note}
 
 {table}
 
@@ -173,11 +173,14 @@ step count; the other colours go to the LoRA. The comparison:
 ## Figures
 
 Measured with plain diffusers (`load_textual_inversion`), DDIM {steps} steps, guidance {guidance:g}, {n}
-held-out prompts (grid: `training/shapes/adapter_eval.py`), judged against the base colours plus {palette}:
+held-out prompts (grid: `training/shapes/adapter_eval.py`), judged against the base colours plus
+{palette}.{fresh_note}
 
 {table}
 
 Target: the {colour} slot right in at least 80%. **Status: {status}**
+
+{misses}
 
 ## License
 
@@ -234,6 +237,29 @@ def _ti_refine(stage: dict[str, Any]) -> str:
     )
 
 
+def _judged(ev: dict[str, Any]) -> dict[str, Any]:
+    """The figures the targets are judged on: the fresh grid's where measured (no run was chosen on it; every run
+    was chosen on the tuning grid, whose figures therefore read high), else the tuning grid's."""
+    judged: dict[str, Any] = ev.get("fresh", ev)
+    return judged
+
+
+def _fresh_column(ev: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {f"{TI_TOKEN} prompts, fresh grid": ev["fresh"]["new"]} if "fresh" in ev else {}
+
+
+def _fresh_note(ev: dict[str, Any]) -> str:
+    """What the figures section says of the fresh grid, if measured."""
+    if "fresh" not in ev:
+        return ""
+    f = ev["fresh"]
+    return (
+        f" The last column is a fresh grid ({f['n']} prompts, grid seed {f['seed']}) that no training run was chosen"
+        " on: every variant recorded below was judged on the first grid, and a choice among runs favours what a"
+        " 96-prompt grid happens to like, so the targets are judged on the fresh grid."
+    )
+
+
 def _worst(ev: dict[str, Any]) -> float:
     """The largest per-attribute loss in points of base prompts with the LoRA ("all" is not an attribute)."""
     drops = [v for k, v in ev.get("base_drop_points", {}).items() if k != "all"]
@@ -243,10 +269,17 @@ def _worst(ev: dict[str, Any]) -> float:
 def _lora_status(ev: dict[str, Any]) -> str:
     if "new_colours_scale_1" not in ev:
         return "not measured."
-    new, worst = ev["new_colours_scale_1"]["new_colour"], _worst(ev)
+    judged = _judged(ev)
+    new, worst = judged["new_colours_scale_1"]["new_colour"], _worst(judged)
     misses, why = [], ""
     if new < 0.9:
         misses.append(f"new colours right in {100 * new:.1f}% (< 90%, {90 - 100 * new:.1f} points short)")
+        if "fresh" in ev:
+            tuned = ev["new_colours_scale_1"]["new_colour"]
+            why += (
+                f" That is on the fresh grid; the grid every run was chosen on reads {100 * tuned:.1f}%, and the"
+                " difference is that choice, not the grids' design (both are the same design)."
+            )
         why += (
             " A new-colour background comes out right far more often than a new-colour shape (the table above):"
             " teal shapes come out as a mottle of green and blue that reads green about half the time (a teal"
@@ -256,7 +289,8 @@ def _lora_status(ev: dict[str, Any]) -> str:
             " the higher learning rates cost the base language more than 5 points."
         )
     if worst > 5:
-        worst_key = max((k for k in ev["base_drop_points"] if k != "all"), key=lambda k: ev["base_drop_points"][k])
+        drop = judged["base_drop_points"]
+        worst_key = max((k for k in drop if k != "all"), key=lambda k: drop[k])
         misses.append(f"base prompts lose up to {worst:.1f} points (> 5; {LABELS[worst_key]})")
         why += " The base-language replay (half of each batch) does not fully hold that attribute."
     return "targets met." if not misses else "targets NOT met: " + "; ".join(misses) + "." + why
@@ -265,26 +299,45 @@ def _lora_status(ev: dict[str, Any]) -> str:
 def _ti_status(ev: dict[str, Any]) -> str:
     if "new" not in ev:
         return "not measured."
-    new = ev["new"]["new_colour"]
+    new = _judged(ev)["new"]["new_colour"]
     if new >= 0.8:
         return "target met."
+    tuned = f"; the grid every run was chosen on reads {100 * ev['new']['new_colour']:.1f}%" if "fresh" in ev else ""
     return (
-        f"target NOT met: {TI_COLOUR} right in {100 * new:.1f}% (< 80%, {80 - 100 * new:.1f} points short). The first"
-        " phase alone (the diffusion loss, one denoising step at a time) drew it in 52.1%; the refinement through the"
-        " sampler (above) is what lifted it, and it levels off near 70%. From a 72.9% run, 200 more steps gave 67.7%,"
-        " 150 more at batch 8 66.7%, and 200 more as 4 vectors 49.0% (a 4-token word displaces the layout: positions "
-        "31% right). The shipped recipe with the colour term weighed 4 gave 68.8%, and with the gradient through the "
-        "last 5 sampling steps only, 67.7%; cream in maroon's place, refined, 44.8%."
-        " Of the 96 prompts, 48 put maroon in the background and 48 in the shape; the"
-        " misses are backgrounds drawn red (11) or black (8) and shapes drawn black (6) or red (4): the vector"
-        " sits between red and black, and the UNet falls to either side. One input vector is all this adapter"
-        " changes, and the frozen UNet only ever learned to draw the 8 base colours. Tried with the first phase"
-        " alone, on the same grid: latents refined by decoder inversion (44.8%); with them, 4 vectors for 600 steps"
-        " (49.0%) and for 300 steps from red and black's mean embedding (42.7%); cream as the embedding's colour"
-        " (43.8%). The VAE alone keeps maroon in 67% of this grid's renders (encoded, decoded), and an embedding"
-        " set to a mix of two base colour words' (all 28 pairs, at 0.35, 0.5 and 0.65 of the way, 12 prompts each)"
-        " drew an off-palette colour in at most 42% of a mix's prompts. Reaching 80% looks like it needs a base"
-        " model trained on more colours than it names, which would change every image the base model makes."
+        f"target NOT met: {TI_COLOUR} right in {100 * new:.1f}% (< 80%, {80 - 100 * new:.1f} points short{tuned})."
+        " On the 96-prompt grid of the first column, the first phase alone (the diffusion loss, one denoising step"
+        " at a time) drew it in 52.1%; the refinement through the sampler (above) lifted it to 69.8%, and further"
+        " runs level off there: from a 72.9% run, 200 more steps gave 67.7%, 150 more at batch 8 66.7%, 200 more as"
+        " 4 vectors 49.0% (a 4-token word displaces the layout: positions 31% right) and as 2 vectors 74.0%"
+        " (positions 51%); the shipped recipe with the colour term weighed 4 gave 68.8%, with the gradient through"
+        " the last 5 sampling steps only 67.7%, and 200 more steps on prompts whose other slot is red, black or"
+        " green half the time 74.0% (on two fresh 192-prompt grids 66.1% and 60.4%, against the shipped 60.4% and"
+        " 58.3%); an evolution strategy on the hit rate itself (10 generations of 12 candidates, 32 fresh prompts"
+        " each) 70.8%; cream in maroon's place, refined, 44.8%. Tried with the first phase alone: latents refined by"
+        " decoder inversion (44.8%); with them, 4 vectors for 600 steps (49.0%) and for 300 steps from red and"
+        " black's mean embedding (42.7%); cream as the embedding's colour (43.8%). The VAE alone keeps maroon in 67%"
+        " of this grid's renders (encoded, decoded)."
+    )
+
+
+def _ti_misses(ev: dict[str, Any]) -> str:
+    """Where the embedding misses (a paragraph after the status, while the target is missed)."""
+    if "new" not in ev or _judged(ev)["new"]["new_colour"] >= 0.8:
+        return ""
+    return (
+        "Where it misses: the vector draws maroon as a mix of red's and black's features, and the colour in the"
+        " other slot tips the mix. On that grid, maroon is right in 49 of the 59 prompts whose other slot is blue,"
+        " orange, purple, white or yellow (83%) and in 18 of the 37 whose other slot is red, black or green; a"
+        " black shape makes the maroon background black in 5 of 5 prompts (a maroon shape on black: the two"
+        " colours swap slots). A maroon background's red level follows its shape's colour: about 110 beside blue"
+        " or purple, 140 to 190 beside red, orange or yellow. Moving the vector along red minus black trades one"
+        " kind of miss for the other (a tenth of that difference either way: 53.1% and 33.3%); higher guidance"
+        " reads 77.1% at 3 and 71.9% at 4. The text encoder varies the token's output with its neighbours no more"
+        " than a base colour word's (relative spread 0.22 against red's 0.24): it is the frozen UNet, which only"
+        " ever learned to draw the 8 base colours, that reads an in-between vector differently beside each of"
+        " them. One input vector is all this adapter changes; the LoRA, which also changes the UNet, draws its"
+        " two colours far more reliably (its card). Reaching 80% looks like it needs a base model trained on more"
+        " colours than it names, which would change every image the base model makes."
     )
 
 
@@ -309,6 +362,8 @@ def lora_card(report: dict[str, Any]) -> str:
         "base prompts, no LoRA": ev.get("base_without_lora", {}),
         "base prompts, LoRA 1.0": ev.get("base_with_lora", {}),
     }
+    if "fresh" in ev:
+        columns[f"{c1}/{c2} prompts, LoRA 1.0, fresh grid"] = ev["fresh"]["new_colours_scale_1"]
     body = _LORA.format(
         **_common(ev, stage, report.get("manifests", {}).get(LORA_NAME, {}).get("size_bytes", 0)),
         c1=c1,
@@ -327,9 +382,10 @@ def lora_card(report: dict[str, Any]) -> str:
         invert_lr=INVERT_LR,
         **_refine_fields(stage),
         table=_table(columns),
-        worst=_worst(ev),
+        worst=_worst(_judged(ev)),
         zero=ev.get("scale_0_identical", "not measured"),
         status=_lora_status(ev),
+        fresh_note=_fresh_note(ev),
         disabled=ev.get("disabled_identical", "not measured"),
     )
     return _HEADER.format(tags="lora", name=LORA_NAME) + body
@@ -350,8 +406,10 @@ def ti_card(report: dict[str, Any]) -> str:
         compare=TI_COMPARE_STEPS,
         candidate_table=_candidates(report),
         palette=_palette(),
-        table=_table({f"{TI_TOKEN} prompts": ev.get("new", {})}),
+        table=_table({f"{TI_TOKEN} prompts": ev.get("new", {}), **_fresh_column(ev)}),
         status=_ti_status(ev),
+        misses=_ti_misses(ev),
+        fresh_note=_fresh_note(ev),
         refine=_ti_refine(stage),
     )
     return _HEADER.format(tags="textual-inversion", name=TI_NAME) + body

@@ -64,12 +64,13 @@ def publish(
     model: Path, out: Path, report: dict[str, Any], n: int, steps: int, report_path: Path | None
 ) -> dict[str, Any]:
     """Given both adapter files in out/<name>/ and the training figures in report: write the manifests, measure
-    them (n = 0: skip), write the cards and the report (report_path); return the report."""
+    them (n = 0: skip; a fresh grid of 2n prompts beside the n-prompt tuning grids, adapter_eval), write the cards
+    and the report (report_path); return the report."""
     report["manifests"] = write_manifests(out)
     if n > 0:
-        report["lora_eval"] = measure_lora(model, out / LORA_NAME, n, steps)
+        report["lora_eval"] = measure_lora(model, out / LORA_NAME, n, steps, fresh_n=2 * n)
         log.info("stage=adapters lora figures=%s", report["lora_eval"])
-        report["ti_eval"] = measure_ti(model, out / TI_NAME, n, steps)
+        report["ti_eval"] = measure_ti(model, out / TI_NAME, n, steps, fresh_n=2 * n)
         log.info("stage=adapters ti figures=%s", report["ti_eval"])
     write_cards(out, report)
     if report_path is not None:
