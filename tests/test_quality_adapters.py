@@ -8,8 +8,10 @@ colour 12/16 (10/16 before it was refined through its sampler), base grid with t
 two position words (of 16) worse, scale 0 the same pixels; the first LoRA scored 9/16 and lost one size word of 12,
 the second 12/16, the third 14/16; the shipped one is the third refined through its sampler, 91.7% on the full
 96-prompt grid against the third's 79.2%, so this small slice under-reads it), so other CPUs' last-bit differences
-cannot flip the result while a regression in loading, activating or scoping adapters fails. The embedding misses the
-issue's target (see its model card): the floors guard what the adapters do, not the targets."""
+cannot flip the result while a regression in loading, activating or scoping adapters fails. The slice is the head of
+the tuning grids, which every training run was chosen on; the targets are judged on the fresh grids (make eval), where
+both adapters miss them (84.9% and 60.4%; see their model cards): the floors guard what the adapters do, not the
+targets."""
 
 from __future__ import annotations
 
