@@ -97,7 +97,9 @@ LORA_RANK = 8
 # against the shipped 82.8%, within a 192-prompt grid's noise, so not shipped. The shipped LoRA refined 120 more
 # steps (a fresh cosine schedule, otherwise the stage's recipe): 93.8% on the tuning grid and 88.5% on the seed-3
 # fresh grid, but base prompts' size words 4.5 (tuning) and 5.4 (seed-3 fresh base grid) points worse: the lead for
-# the next run, with more weight on the base language; not shipped.
+# the next run, with more weight on the base language; not shipped. The same with the base images weighed 8
+# (refine.BASE_WEIGHT): 91.7% tuning, 88.0% seed-3 fresh, base language at most 3.4 (tuning) and 2.1 (seed 3)
+# points worse: the candidate to build on (made by a script, not yet by the stage).
 UNET_TARGETS = (
     "to_q",
     "to_k",
