@@ -32,6 +32,7 @@ from training.shapes.grammar import (
     parse_prompt,
     prompt_text,
 )
+from training.shapes.refine import MORE_BASE_WEIGHT
 
 MODEL = REPO_ROOT / "models" / "shapes"
 MANIFEST_KEYS = {"name", "kind", "layout", "family", "base", "targets", "token", "sha256", "size_bytes", "source"}
@@ -80,6 +81,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["adapters", "--out", str(tmp), "--work", str(tmp / "work"), "--log-dir", str(tmp / "logs")]
     args += ["--model", str(MODEL), "--lora-steps", "2", "--ti-steps", "2", "--adapter-batch", "2"]
     args += ["--ti-compare-steps", "2", "--refine-steps", "1", "--ti-refine-steps", "1"]
+    args += ["--refine-more-rounds", "2", "--refine-more-steps", "1"]
     args += ["--adapter-scenes", "4", "--n", "2", "--steps", "2"]
     assert cli.main(args) == 0
     return tmp / "adapters"
@@ -110,6 +112,14 @@ def test_tiny_run_writes_a_diffusers_lora(tiny_run: Path) -> None:
     assert set(report["ti_candidates"]) == set(TI_CANDIDATES) and report["ti_eval"]["token"] == TI_TOKEN
     # the fresh grids (2n prompts) beside the tuning ones
     assert ev["fresh"]["n"] == 4 and report["ti_eval"]["fresh"]["seed"] == FRESH_SEED
+    # the first refining round, then the later ones (base images weighed more), each in the figures and the card
+    stage = report["lora"]
+    assert [stage[k] for k in ("refine_steps", "refine_more_1_steps", "refine_more_2_steps")] == [1, 1, 1]
+    card = " ".join((folder / "README.md").read_text().split())
+    assert (
+        "Then 2 more rounds of 1/1 steps (a fresh cosine schedule, prompts and noise), the base-language images"
+        f" weighed {MORE_BASE_WEIGHT:g}" in card
+    )
 
 
 def test_tiny_run_writes_a_diffusers_embedding(tiny_run: Path) -> None:

@@ -26,7 +26,16 @@ from .adapters import (
     WEIGHTS,
 )
 from .grammar import ADAPTER_COLOURS, LORA_COLOURS, TI_CANDIDATES, TI_COLOUR, TI_TOKEN
-from .refine import BASE_WEIGHT, COLOUR_WEIGHT, PROXIES, REFINE_LR, REFINE_STEPS, SAMPLE_STEPS, TI_REFINE_LR
+from .refine import (
+    BASE_WEIGHT,
+    COLOUR_WEIGHT,
+    MORE_BASE_WEIGHT,
+    PROXIES,
+    REFINE_LR,
+    REFINE_STEPS,
+    SAMPLE_STEPS,
+    TI_REFINE_LR,
+)
 
 SOURCE = "trained: python -m training.shapes adapters"
 COMMAND = "python -m training.shapes adapters --out models"
@@ -113,8 +122,8 @@ recoloured: shape, size and position stay the base model's, and only the colour 
 image's target is the base model's own image, weighed {base_weight:g}. A colour term (weight {colour_weight:g})
 pulls the border towards the background colour and the shape's pixels, 2 pixels in from its edge, towards the
 shape colour. The first
-training phase's loss stays on as a regulariser. AdamW, lr {refine_lr:g}: {refine_training}. The first phase
-alone drew the new colours right in 79.2% of the grid below (teal shapes as a mottle of green and blue);
+training phase's loss stays on as a regulariser. AdamW, lr {refine_lr:g}: {refine_training}.{more_rounds}
+The first phase alone drew the new colours right in 79.2% of the grid below (teal shapes as a mottle of green and blue);
 `training/shapes/adapters.py` records the variants of both phases that were tried.
 
 The colours are ones the shipped VAE can draw (it only ever saw the 8 base colours; of 14 colours tried these
@@ -213,7 +222,23 @@ def _refine_fields(stage: dict[str, Any]) -> dict[str, Any]:
         "colour_weight": COLOUR_WEIGHT,
         "refine_lr": REFINE_LR,
         "refine_training": minutes,
+        "more_rounds": _more_rounds(stage),
     }
+
+
+def _more_rounds(stage: dict[str, Any]) -> str:
+    """The LoRA's later refining rounds (stage["refine_more_<r>_*"]), a sentence; "" when there were none."""
+    rounds = sorted({int(k.split("_")[2]) for k in stage if k.startswith("refine_more_")})
+    if not rounds:
+        return ""
+    steps = [int(stage[f"refine_more_{r}_steps"]) for r in rounds]
+    minutes = sum(float(stage.get(f"refine_more_{r}_seconds", 0)) for r in rounds) / 60
+    each = f"{len(rounds)} more rounds of {'/'.join(map(str, steps))} steps" if len(rounds) > 1 else f"{steps[0]} more"
+    return (
+        f" Then {each} (a fresh cosine schedule, prompts and noise), the base-language images weighed"
+        f" {MORE_BASE_WEIGHT:g}: more steps draw the new colours more often, and the heavier base weight keeps"
+        f" the base prompts' size words from paying for it ({minutes:.1f} min)."
+    )
 
 
 def _ti_refine(stage: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from .adapter_card import write_cards, write_manifests
 from .adapter_eval import default_guidance, measure_lora, measure_ti
 from .adapters import LORA_NAME, TI_NAME, AdapterRun, lora_scenes, save_lora, save_ti, train_lora, train_ti
 from .grammar import TI_CANDIDATES, TI_COLOUR
-from .refine import refine_lora, refine_ti
+from .refine import BASE_WEIGHT, MORE_BASE_WEIGHT, refine_lora, refine_ti
 
 log = logging.getLogger(__name__)
 ADAPTERS_DIR = "adapters"
@@ -32,16 +32,27 @@ def train_adapters(run: AdapterRun, out: Path, n: int, steps: int, report_path: 
         ti |= refined
     save_ti(vectors, out / TI_NAME)
     report["ti"] = {**ti, "batch": run.batch}
-    base, lora = train_lora(run)
-    if run.refine_steps:
-        new, old = lora_scenes(base, run)
-        batch = max(1, run.batch // 4)
-        lora |= refine_lora(run.model, base, new, old, run.refine_steps, batch, default_guidance(run.model), run.seed)
-    save_lora(base, out / LORA_NAME)
-    del base
+    report["lora"] = {**make_lora(run, out / LORA_NAME), "batch": run.batch}
     gc.collect()
-    report["lora"] = {**lora, "batch": run.batch}
     return publish(run.model, out, report, n, steps, report_path)
+
+
+def make_lora(run: AdapterRun, folder: Path) -> dict[str, Any]:
+    """Train the LoRA, refine it (run.refine_steps, then run.refine_more_rounds rounds of run.refine_more_steps
+    with the base images weighed refine.MORE_BASE_WEIGHT) and save it into folder; return the figures (a later
+    round's as refine_more_<n>_*)."""
+    base, lora = train_lora(run)
+    rounds = [(run.refine_steps, run.seed, BASE_WEIGHT, "refine_")] if run.refine_steps else []
+    more = range(1, run.refine_more_rounds + 1)
+    rounds += [(run.refine_more_steps, run.seed + r, MORE_BASE_WEIGHT, f"refine_more_{r}_") for r in more]
+    if rounds:
+        new, old = lora_scenes(base, run)
+        guidance, batch = default_guidance(run.model), max(1, run.batch // 4)
+    for refine_steps, seed, weight, prefix in rounds:
+        figures = refine_lora(run.model, base, new, old, refine_steps, batch, guidance, seed, weight)
+        lora |= {k.replace("refine_", prefix, 1): v for k, v in figures.items()}
+    save_lora(base, folder)
+    return lora
 
 
 def compare_ti(run: AdapterRun, n: int, steps: int) -> dict[str, Any]:

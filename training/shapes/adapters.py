@@ -133,13 +133,18 @@ INVERT_STEPS = 20
 INVERT_LR = 0.1
 REFINE_STEPS = 120  # steps of refine.refine_lora after train_lora (its constants are there)
 TI_REFINE_STEPS = 200  # steps of refine.refine_ti after train_ti
+# The LoRA's later refining rounds, after the first REFINE_STEPS: each REFINE_MORE_STEPS steps of refine.refine_lora
+# with a fresh cosine schedule, fresh prompts and noise (seed + round) and the base images weighed
+# refine.MORE_BASE_WEIGHT.
+REFINE_MORE_ROUNDS = 0  # the shipped LoRA so far; see the record above
+REFINE_MORE_STEPS = 120
 
 
 @dataclass(frozen=True)
 class AdapterRun:
     """What the adapters stage is given: the base model folder, seed, step counts (LoRA, shipped embedding, each
     candidate embedding in the comparison), batch size, scenes per data set and the LoRA's and the shipped
-    embedding's refining steps (refine.py)."""
+    embedding's refining steps (refine.py), and the LoRA's later refining rounds and their steps each."""
 
     model: Path
     seed: int = 0
@@ -150,6 +155,8 @@ class AdapterRun:
     ti_compare_steps: int = TI_COMPARE_STEPS
     refine_steps: int = REFINE_STEPS
     ti_refine_steps: int = TI_REFINE_STEPS
+    refine_more_rounds: int = REFINE_MORE_ROUNDS
+    refine_more_steps: int = REFINE_MORE_STEPS
 
 
 @dataclass

@@ -19,7 +19,17 @@ import torch
 from . import card
 from .adapter_stage import ADAPTERS_DIR, train_adapters
 from .adapters import BATCH as ADAPTER_BATCH
-from .adapters import LORA_STEPS, N_SCENES, REFINE_STEPS, TI_COMPARE_STEPS, TI_REFINE_STEPS, TI_STEPS, AdapterRun
+from .adapters import (
+    LORA_STEPS,
+    N_SCENES,
+    REFINE_MORE_ROUNDS,
+    REFINE_MORE_STEPS,
+    REFINE_STEPS,
+    TI_COMPARE_STEPS,
+    TI_REFINE_STEPS,
+    TI_STEPS,
+    AdapterRun,
+)
 from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir, terminal_dir, vae_dir
 from .inpaint import train_inpaint
@@ -98,6 +108,15 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     """The `adapters` stage's options (its eval uses --n and --steps, its base model --model)."""
     p.add_argument("--lora-steps", type=int, default=LORA_STEPS, help="adapters: LoRA training steps")
     p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="adapters: LoRA refining steps (0: none)")
+    p.add_argument(
+        "--refine-more-rounds",
+        type=int,
+        default=REFINE_MORE_ROUNDS,
+        help="adapters: the LoRA's later refining rounds (base images weighed more; 0: none)",
+    )
+    p.add_argument(
+        "--refine-more-steps", type=int, default=REFINE_MORE_STEPS, help="adapters: steps of each later round"
+    )
     p.add_argument("--ti-steps", type=int, default=TI_STEPS, help="adapters: textual-inversion training steps")
     p.add_argument(
         "--ti-refine-steps", type=int, default=TI_REFINE_STEPS, help="adapters: embedding refining steps (0: none)"
@@ -241,6 +260,8 @@ def _adapters(run: Run, model: Path) -> int:
         a.ti_compare_steps,
         a.refine_steps,
         a.ti_refine_steps,
+        a.refine_more_rounds,
+        a.refine_more_steps,
     )
     out = a.out / ADAPTERS_DIR
     run.stage("adapters", False, lambda: train_adapters(spec, out, a.n, a.steps, run.work / "adapters-report.json"))

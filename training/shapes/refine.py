@@ -52,6 +52,10 @@ REFINE_STEPS = 120
 REFINE_LR = 3e-4
 TI_REFINE_LR = 1e-2
 BASE_WEIGHT = 4.0  # the base-language images' weight against the new-colour ones
+# The LoRA's later rounds (adapters.REFINE_MORE_STEPS each, a fresh cosine schedule and fresh prompts): more steps
+# draw the new colours more often, and at BASE_WEIGHT they cost the base prompts' size words 5 points; at this
+# weight they do not (adapters.py's record).
+MORE_BASE_WEIGHT = 8.0
 COLOUR_WEIGHT = 1.0  # colour_loss's weight against the distance to the recoloured target
 SAMPLE_STEPS = 20
 SCENE_BATCH = 16  # the regulariser's batch (adapters.train_lora's loss on rendered scenes)
@@ -127,12 +131,20 @@ def sample(
 class Refiner:
     """One refining run: the base parts being trained (carrying the LoRA, or the embedding's hook), the frozen base
     model (teacher), the sampler, and the new colours' prompt words (words: the embedding's token; None: the
-    LoRA's colour names)."""
+    LoRA's colour names) and the base-language images' weight."""
 
     def __init__(
-        self, model: Path, base: Base, teacher: Base, guidance: float, seed: int, words: dict[str, str] | None = None
+        self,
+        model: Path,
+        base: Base,
+        teacher: Base,
+        guidance: float,
+        seed: int,
+        words: dict[str, str] | None = None,
+        base_weight: float = BASE_WEIGHT,
     ):
         self.base, self.teacher, self.guidance, self.words = base, teacher, guidance, words
+        self.base_weight = base_weight
         self.sampler = DDIMScheduler.from_pretrained(str(model / "scheduler"))
         self.sampler.set_timesteps(SAMPLE_STEPS)
         self.train_scheduler = train_scheduler()
@@ -162,7 +174,7 @@ class Refiner:
             target = torch.cat([recolour(taught[:batch], stand_in, wanted), taught[batch:]])
         prompts = [prompt_text(a, self.words) for a in wanted] + [prompt_text(a) for a in base_language]
         drawn = self._images(self.base, prompts, seed)
-        weights = torch.tensor([1.0] * batch + [BASE_WEIGHT] * plain)
+        weights = torch.tensor([1.0] * batch + [self.base_weight] * plain)
         distance = ((drawn - target).pow(2).mean(dim=(1, 2, 3)) * weights).mean()
         return distance + COLOUR_WEIGHT * colour_loss(drawn[:batch], wanted)
 
@@ -197,12 +209,20 @@ def _train(
 
 
 def refine_lora(
-    model: Path, base: Base, new: Scenes, old: Scenes, steps: int, batch: int, guidance: float, seed: int = 0
+    model: Path,
+    base: Base,
+    new: Scenes,
+    old: Scenes,
+    steps: int,
+    batch: int,
+    guidance: float,
+    seed: int = 0,
+    base_weight: float = BASE_WEIGHT,
 ) -> dict[str, float]:
     """Refine the LoRA attached to base (its lora_ parameters; see the module) for steps steps of batch new-colour
-    and batch base-language sampled images, with adapters.train_lora's loss on the scenes new and old beside them;
-    return figures."""
-    refiner = Refiner(model, base, load_base(model), guidance, seed)
+    and batch base-language sampled images (the latter weighed base_weight), with adapters.train_lora's loss on the
+    scenes new and old beside them; return figures."""
+    refiner = Refiner(model, base, load_base(model), guidance, seed, base_weight=base_weight)
     params = [p for m in (base.unet, base.text_encoder) for n, p in m.named_parameters() if "lora_" in n]
     for m in (base.unet, base.text_encoder):
         m.requires_grad_(False)
