@@ -8,12 +8,13 @@ import random
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 
 from service.settings import REPO_ROOT
 from training.shapes.adapters import colour_embedding_mean, load_base, with_embedding
 from training.shapes.data import place, render
 from training.shapes.evaluate import EXTENDED_PALETTE, judge
-from training.shapes.grammar import COLOURS, NEW_COLOURS, TI_COLOUR, TI_TOKEN, Attributes
+from training.shapes.grammar import ALL_COLOURS, COLOURS, NEW_COLOURS, TI_COLOUR, TI_TOKEN, Attributes
 from training.shapes.refine import PROXIES, SAMPLE_STEPS, colour_loss, proxied, recolour, refine_ti, rgb, sample
 from training.shapes.sample_eval import load_pipeline
 from training.shapes.tensors import to_tensor
@@ -64,23 +65,21 @@ def test_the_differentiable_sampler_is_the_pipelines() -> None:
 
 def test_a_recoloured_stand_in_is_the_new_colours_scene() -> None:
     """The target of a new-colour prompt: the stand-in scene with the stand-in colour swapped is, pixel for pixel
-    (up to rounding), the render of the new-colour scene, and the judge names the new colour in it."""
-    for new in NEW_COLOURS:
-        for wanted in (
-            Attributes("circle", new, "blue", "large", None),
-            Attributes("triangle", "white", new, "small", None),
-        ):
-            stand_in = proxied(wanted)
-            assert {stand_in.colour, stand_in.background} <= set(COLOURS)
-            assert stand_in.colour != stand_in.background
-            assert new not in (stand_in.colour, stand_in.background)
-            target = recolour(_image(stand_in)[None], [stand_in], [wanted])[0]
-            assert float((target - _image(wanted)).abs().max()) < 2.5 / 127.5
-            image = ((target.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-            from PIL import Image
-
-            judged = judge(Image.fromarray(image), EXTENDED_PALETTE)
-            assert (judged.colour, judged.background, judged.shape) == (wanted.colour, wanted.background, wanted.shape)
+    (up to rounding), the render of the new-colour scene, and the judge names the new colour in it. Every pair of
+    colours with a new one in either slot or both (the LoRA draws teal on cream too)."""
+    pairs = [(c, b) for c in ALL_COLOURS for b in ALL_COLOURS if c != b and NEW_COLOURS.keys() & {c, b}]
+    assert ("teal", "cream") in pairs and ("cream", "teal") in pairs
+    for i, (colour, background) in enumerate(pairs):
+        shape, size = ("circle", "triangle", "square")[i % 3], ("large", "small")[i % 2]
+        wanted = Attributes(shape, colour, background, size, None)
+        stand_in = proxied(wanted)
+        assert {stand_in.colour, stand_in.background} <= set(COLOURS)
+        assert stand_in.colour != stand_in.background
+        target = recolour(_image(stand_in)[None], [stand_in], [wanted])[0]
+        assert float((target - _image(wanted)).abs().max()) < 2.5 / 127.5
+        image = ((target.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        judged = judge(Image.fromarray(image), EXTENDED_PALETTE)
+        assert (judged.colour, judged.background, judged.shape) == (wanted.colour, wanted.background, wanted.shape)
 
 
 def test_stand_ins_avoid_the_other_slot() -> None:

@@ -75,10 +75,15 @@ def rgb(colour: str) -> torch.Tensor:
 
 
 def proxied(attrs: Attributes) -> Attributes:
-    """The attributes with the new colour replaced by its stand-in (PROXIES) that the other slot does not use."""
-    if attrs.colour in NEW_COLOURS:
-        return replace(attrs, colour=next(c for c in PROXIES[attrs.colour] if c != attrs.background))
-    return replace(attrs, background=next(c for c in PROXIES[attrs.background] if c != attrs.colour))
+    """The attributes with each new colour replaced by its stand-in (PROXIES) that the other slot does not use. Both
+    slots may hold a new colour (the LoRA's teal on cream); the first version replaced only the shape's, so the
+    teacher drew such a prompt with a word it does not know and the target was noise."""
+    colour, background = attrs.colour, attrs.background
+    if colour in NEW_COLOURS:
+        colour = next(c for c in PROXIES[colour] if c != background)
+    if background in NEW_COLOURS:
+        background = next(c for c in PROXIES[background] if c != colour)
+    return replace(attrs, colour=colour, background=background)
 
 
 def recolour(images: torch.Tensor, drawn: Sequence[Attributes], wanted: Sequence[Attributes]) -> torch.Tensor:
