@@ -109,7 +109,10 @@ LORA_RANK = 8
 # grid's standard error is about 2.5 points, which is how runs came to look 4 points apart on seed 3): the shipped
 # LoRA 86.2%, that stage run 86.1%, the script's shipped + 120 at base weight 8 88.2% and shipped + 120 + 120 at
 # base weight 8 87.9%. So more of this refinement moves the rate by 2 points at most (and a fresh run of the recipe
-# not even that), short of 90%; nothing was shipped (REFINE_MORE_ROUNDS stays 0, the shipped recipe).
+# not even that), short of 90%; nothing was shipped (REFINE_MORE_ROUNDS stays 0, the shipped recipe). The prompts
+# with both colours (149 of lora_grid seeds 4 to 11) are the weak class: shape colour right in 27.5% (shipped),
+# 14.8% (that stage run, with the fix), 41.6% (shipped + 120 at base weight 8); backgrounds 95.3% in all three.
+# They are a tenth of a grid, so their spread between runs alone moves the headline figure by 1 to 3 points.
 UNET_TARGETS = (
     "to_q",
     "to_k",

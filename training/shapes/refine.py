@@ -77,7 +77,8 @@ def rgb(colour: str) -> torch.Tensor:
 def proxied(attrs: Attributes) -> Attributes:
     """The attributes with each new colour replaced by its stand-in (PROXIES) that the other slot does not use. Both
     slots may hold a new colour (the LoRA's teal on cream); the first version replaced only the shape's, so the
-    teacher drew such a prompt with a word it does not know and the target was noise."""
+    teacher was prompted with a background word it does not know, and the recolouring read its background along a
+    line from a colour it never drew."""
     colour, background = attrs.colour, attrs.background
     if colour in NEW_COLOURS:
         colour = next(c for c in PROXIES[colour] if c != background)
