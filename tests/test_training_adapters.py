@@ -120,6 +120,9 @@ def test_tiny_run_writes_a_diffusers_lora(tiny_run: Path) -> None:
         "Then 2 more rounds of 1/1 steps (a fresh cosine schedule, prompts and noise), the base-language images"
         f" weighed {MORE_BASE_WEIGHT:g}" in card
     )
+    # the targets' check (checked_inversion): how many of the rendered new-colour scenes were kept, in the card
+    assert stage["scenes_rendered"] == 4 and 0 < stage["scenes"] <= 4
+    assert f"and those still wrong are left out ({stage['scenes']} of 4 kept)" in card
 
 
 def test_tiny_run_writes_a_diffusers_embedding(tiny_run: Path) -> None:
@@ -157,3 +160,39 @@ def test_decoder_inversion_draws_the_colours_the_encoder_loses() -> None:
     assert [judge(im, EXTENDED_PALETTE).background for im in before] != names  # the encoder alone loses them
     assert [judge(im, EXTENDED_PALETTE).background for im in after] == names
     assert torch.equal(mean, encode_moments(vae, x)[0])  # the starting point is not modified in place
+
+
+def test_checked_inversion_keeps_only_scenes_that_decode_as_their_prompt() -> None:
+    """A teal shape on cream: the plain INVERT_STEPS leave some of these scenes decoding with a yellow ring (judged
+    yellow); checked_inversion inverts those further, and leaves out whatever still decodes as something else (here
+    a scene labelled with the wrong colour), so every kept latent decodes as its prompt."""
+    from dataclasses import replace
+
+    from training.shapes.adapters import (
+        INVERT_LR,
+        INVERT_STEPS,
+        checked_inversion,
+        decodes_as,
+        load_base,
+        render_scenes,
+    )
+    from training.shapes.tensors import encode_moments, invert_decoder, to_tensor
+
+    base = load_base(MODEL)
+    scenes = [place(Attributes("circle", "teal", "cream", "small"), random.Random(f"checked:{i}")) for i in range(6)]
+    attrs = [s.attrs for s in scenes]
+    attrs[0] = replace(attrs[0], colour="red")  # a label the render does not show
+    x = to_tensor(np.stack([np.asarray(render(s)) for s in scenes]))
+    mean, _ = encode_moments(base.vae, x)
+    plain = decodes_as(base.vae, invert_decoder(base.vae, x, mean, INVERT_STEPS, INVERT_LR), attrs)
+    assert not all(plain[1:])  # the case the check is for: plain inversion leaves some of them wrong
+    refined, kept = checked_inversion(base.vae, x, mean, attrs, INVERT_STEPS)
+    assert 0 not in kept and sum(plain) < len(kept)
+    assert all(decodes_as(base.vae, refined[kept], [attrs[i] for i in kept]))
+    assert torch.equal(mean, encode_moments(base.vae, x)[0])  # the starting point is not modified in place
+
+    def draw(rng: random.Random) -> Attributes:
+        return Attributes("circle", "teal", "cream", "small")
+
+    data = render_scenes(base, draw, "checked", 6, invert=INVERT_STEPS)
+    assert 0 < len(data.ids) == len(data.mean) == len(data.std) <= 6

@@ -11,6 +11,7 @@ from sdserve_core.adapter_file import describe, write_manifest
 from .adapter_eval import LORA_ADAPTER
 from .adapters import (
     INVERT_LR,
+    INVERT_MORE_STEPS,
     INVERT_STEPS,
     LORA_LR,
     LORA_NAME,
@@ -105,7 +106,7 @@ else in the language is unchanged, and base prompts are meant to draw what they 
 shipped model: {scenes} rendered scenes with {c1} or {c2} in the shape or the background (the other slot any
 other colour, sizes and positions as in the base data) and {scenes} base-language scenes; each batch is half
 of each. New-colour items learn the render: the shipped VAE's encoding refined by {invert} steps of decoder
-inversion (Adam, lr {invert_lr:g}, on the L1 distance between the decoded latent and the render), with a fresh
+inversion (Adam, lr {invert_lr:g}, on the L1 distance between the decoded latent and the render){checked}, with a fresh
 `latent_dist.sample()` noise each time as in the base training; v-prediction on the shipped zero-terminal-SNR
 schedule, min-SNR-5 weights. Base
 items, and every prompt dropped to "" (10%, for classifier-free guidance), learn the frozen base model's own
@@ -224,6 +225,19 @@ def _refine_fields(stage: dict[str, Any]) -> dict[str, Any]:
         "refine_training": minutes,
         "more_rounds": _more_rounds(stage),
     }
+
+
+def _checked(stage: dict[str, Any]) -> str:
+    """The check on the inverted targets (adapters.checked_inversion; stage["scenes"] of stage["scenes_rendered"]
+    kept), a clause; "" for a file trained before the check."""
+    if "scenes" not in stage:
+        return ""
+    kept = f"{int(stage['scenes'])} of {int(stage['scenes_rendered'])} kept"
+    return (
+        f"; the scenes that still decode as something else (judged on every attribute: a teal shape on cream"
+        f" came back with a yellow ring) get {INVERT_MORE_STEPS} more steps, and those still wrong are left out"
+        f" ({kept})"
+    )
 
 
 def _more_rounds(stage: dict[str, Any]) -> str:
@@ -413,6 +427,7 @@ def lora_card(report: dict[str, Any]) -> str:
         preserve=PRESERVE_WEIGHT,
         invert=INVERT_STEPS,
         invert_lr=INVERT_LR,
+        checked=_checked(stage),
         **_refine_fields(stage),
         table=_table(columns),
         worst=_worst(_judged(ev)),

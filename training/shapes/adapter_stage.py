@@ -12,7 +12,17 @@ from typing import Any
 
 from .adapter_card import write_cards, write_manifests
 from .adapter_eval import default_guidance, measure_lora, measure_ti
-from .adapters import LORA_NAME, TI_NAME, AdapterRun, lora_scenes, save_lora, save_ti, train_lora, train_ti
+from .adapters import (
+    LORA_NAME,
+    TI_NAME,
+    AdapterRun,
+    load_base,
+    lora_scenes,
+    save_lora,
+    save_ti,
+    train_lora,
+    train_ti,
+)
 from .grammar import TI_CANDIDATES, TI_COLOUR
 from .refine import BASE_WEIGHT, MORE_BASE_WEIGHT, refine_lora, refine_ti
 
@@ -41,13 +51,13 @@ def make_lora(run: AdapterRun, folder: Path) -> dict[str, Any]:
     """Train the LoRA, refine it (run.refine_steps, then run.refine_more_rounds rounds of run.refine_more_steps
     with the base images weighed refine.MORE_BASE_WEIGHT) and save it into folder; return the figures (a later
     round's as refine_more_<n>_*)."""
-    base, lora = train_lora(run)
+    base = load_base(run.model)
+    new, old = lora_scenes(base, run)
+    lora: dict[str, Any] = train_lora(run, base, new, old)
     rounds = [(run.refine_steps, run.seed, BASE_WEIGHT, "refine_")] if run.refine_steps else []
     more = range(1, run.refine_more_rounds + 1)
     rounds += [(run.refine_more_steps, run.seed + r, MORE_BASE_WEIGHT, f"refine_more_{r}_") for r in more]
-    if rounds:
-        new, old = lora_scenes(base, run)
-        guidance, batch = default_guidance(run.model), max(1, run.batch // 4)
+    guidance, batch = default_guidance(run.model), max(1, run.batch // 4)
     for refine_steps, seed, weight, prefix in rounds:
         figures = refine_lora(run.model, base, new, old, refine_steps, batch, guidance, seed, weight)
         lora |= {k.replace("refine_", prefix, 1): v for k, v in figures.items()}
