@@ -81,7 +81,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["adapters", "--out", str(tmp), "--work", str(tmp / "work"), "--log-dir", str(tmp / "logs")]
     args += ["--model", str(MODEL), "--lora-steps", "2", "--ti-steps", "2", "--adapter-batch", "2"]
     args += ["--ti-compare-steps", "2", "--refine-steps", "1", "--ti-refine-steps", "1"]
-    args += ["--refine-more-rounds", "2", "--refine-more-steps", "1"]
+    args += ["--refine-more-rounds", "2", "--refine-more-steps", "1", "--invert-more-steps", "3"]
     args += ["--adapter-scenes", "4", "--n", "2", "--steps", "2"]
     assert cli.main(args) == 0
     return tmp / "adapters"
@@ -121,8 +121,8 @@ def test_tiny_run_writes_a_diffusers_lora(tiny_run: Path) -> None:
         f" weighed {MORE_BASE_WEIGHT:g}" in card
     )
     # the targets' check (checked_inversion): how many of the rendered new-colour scenes were kept, in the card
-    assert stage["scenes_rendered"] == 4 and 0 < stage["scenes"] <= 4
-    assert f"and those still wrong are left out ({stage['scenes']} of 4 kept)" in card
+    assert stage["scenes_rendered"] == 4 and 0 < stage["scenes"] <= 4 and stage["invert_more_steps"] == 3
+    assert f"get 3 more steps, and those still wrong are left out ({stage['scenes']} of 4 kept)" in card
 
 
 def test_tiny_run_writes_a_diffusers_embedding(tiny_run: Path) -> None:
@@ -186,7 +186,7 @@ def test_checked_inversion_keeps_only_scenes_that_decode_as_their_prompt() -> No
     mean, _ = encode_moments(base.vae, x)
     plain = decodes_as(base.vae, invert_decoder(base.vae, x, mean, INVERT_STEPS, INVERT_LR), attrs)
     assert not all(plain[1:])  # the case the check is for: plain inversion leaves some of them wrong
-    refined, kept = checked_inversion(base.vae, x, mean, attrs, INVERT_STEPS)
+    refined, kept = checked_inversion(base.vae, x, mean, attrs, INVERT_STEPS, 80)
     assert 0 not in kept and sum(plain) < len(kept)
     assert all(decodes_as(base.vae, refined[kept], [attrs[i] for i in kept]))
     assert torch.equal(mean, encode_moments(base.vae, x)[0])  # the starting point is not modified in place
@@ -194,5 +194,5 @@ def test_checked_inversion_keeps_only_scenes_that_decode_as_their_prompt() -> No
     def draw(rng: random.Random) -> Attributes:
         return Attributes("circle", "teal", "cream", "small")
 
-    data = render_scenes(base, draw, "checked", 6, invert=INVERT_STEPS)
+    data = render_scenes(base, draw, "checked", 6, invert=INVERT_STEPS, invert_more=80)
     assert 0 < len(data.ids) == len(data.mean) == len(data.std) <= 6

@@ -11,7 +11,6 @@ from sdserve_core.adapter_file import describe, write_manifest
 from .adapter_eval import LORA_ADAPTER
 from .adapters import (
     INVERT_LR,
-    INVERT_MORE_STEPS,
     INVERT_STEPS,
     LORA_LR,
     LORA_NAME,
@@ -228,15 +227,15 @@ def _refine_fields(stage: dict[str, Any]) -> dict[str, Any]:
 
 
 def _checked(stage: dict[str, Any]) -> str:
-    """The check on the inverted targets (adapters.checked_inversion; stage["scenes"] of stage["scenes_rendered"]
-    kept), a clause; "" for a file trained before the check."""
-    if "scenes" not in stage:
+    """The check on the inverted targets (adapters.checked_inversion: stage["invert_more_steps"] more steps,
+    stage["scenes"] of stage["scenes_rendered"] kept), a clause; "" when there was none."""
+    more = int(stage.get("invert_more_steps", 0))
+    if not more:
         return ""
     kept = f"{int(stage['scenes'])} of {int(stage['scenes_rendered'])} kept"
     return (
         f"; the scenes that still decode as something else (judged on every attribute: a teal shape on cream"
-        f" came back with a yellow ring) get {INVERT_MORE_STEPS} more steps, and those still wrong are left out"
-        f" ({kept})"
+        f" came back with a yellow ring) get {more} more steps, and those still wrong are left out ({kept})"
     )
 
 

@@ -20,6 +20,7 @@ from . import card
 from .adapter_stage import ADAPTERS_DIR, train_adapters
 from .adapters import BATCH as ADAPTER_BATCH
 from .adapters import (
+    INVERT_MORE_STEPS,
     LORA_STEPS,
     N_SCENES,
     REFINE_MORE_ROUNDS,
@@ -116,6 +117,12 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--refine-more-steps", type=int, default=REFINE_MORE_STEPS, help="adapters: steps of each later round"
+    )
+    p.add_argument(
+        "--invert-more-steps",
+        type=int,
+        default=INVERT_MORE_STEPS,
+        help="adapters: more inversion steps for LoRA scenes that decode wrong; those still wrong left out (0: none)",
     )
     p.add_argument("--ti-steps", type=int, default=TI_STEPS, help="adapters: textual-inversion training steps")
     p.add_argument(
@@ -262,6 +269,7 @@ def _adapters(run: Run, model: Path) -> int:
         a.ti_refine_steps,
         a.refine_more_rounds,
         a.refine_more_steps,
+        a.invert_more_steps,
     )
     out = a.out / ADAPTERS_DIR
     run.stage("adapters", False, lambda: train_adapters(spec, out, a.n, a.steps, run.work / "adapters-report.json"))
