@@ -324,7 +324,12 @@ def _lora_status(ev: dict[str, Any]) -> str:
                 " more: 87.9%), and a fresh stage run with two such rounds 86.1%: the recipe levels off below 90%."
                 " Prompts with both colours are the weak class: on 149 of them the shape colour is right in 27.5%"
                 " (41.6% after those 120 steps); standing in for both colours in the teacher's prompt made it worse"
-                " (18.1%; refine.proxied)."
+                " (18.1%; refine.proxied). A teal shape on cream is almost never right: it comes in a ring of"
+                " saturated yellow on a mottled cream field, which the judge reads as a yellow shape. This VAE never"
+                " saw cream and decodes small latent errors around it as yellow and white (noise of 0.3 on exact"
+                " latents keeps 14 of 30 teal-on-cream decodes right, against 32 of 32 for base-colour pairs), and"
+                " training on targets checked to decode right (`--invert-more-steps 80`) read 86.3% on those 768"
+                " prompts: the remedy is a VAE and base model trained on more colours than they name."
             )
         why += (
             " A new-colour background comes out right far more often than a new-colour shape (the table above):"

@@ -129,8 +129,8 @@ LORA_RANK = 8
 # small errors in a sampled latent around cream into yellow and white, and the exact latents that avoid it (found
 # by 100 inversion steps) are not what the UNet samples. Measured: Gaussian noise of 0.3 added to such exact latents
 # (their own spread is about 1.7) keeps 14 of 30 teal-on-cream decodes right and 23 of 28 red-on-cream, against
-# 32 of 32 for green on yellow, blue on white and teal on white. Like the embedding's maroon, that points at a base model
-# (VAE first) trained on more colours than it names. The check stays an option, off by default.
+# 32 of 32 for green on yellow, blue on white and teal on white. Like the embedding's maroon, that points at a base
+# model (VAE first) trained on more colours than it names. The check stays an option, off by default.
 UNET_TARGETS = (
     "to_q",
     "to_k",
