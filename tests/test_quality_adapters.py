@@ -3,15 +3,14 @@ shapes model and the shipped adapters (models/adapters): the LoRA's new colour w
 LoRA at scale 0 (the plain images, pixel for pixel), and the base grid with the LoRA active.
 
 FLOORS sit one image under what the shipped adapters score on this slice (N prompts per grid, 20 steps, measured
-through the server with quality.adapters.evaluate_adapters(target, 16, 20): LoRA new colours 13/16, the embedding's
-colour 12/16 (10/16 before it was refined through its sampler), base grid with the LoRA one size word (of 12) and
-two position words (of 16) worse, scale 0 the same pixels; the first LoRA scored 9/16 and lost one size word of 12,
-the second 12/16, the third 14/16; the shipped one is the third refined through its sampler, 91.7% on the full
-96-prompt grid against the third's 79.2%, so this small slice under-reads it), so other CPUs' last-bit differences
-cannot flip the result while a regression in loading, activating or scoping adapters fails. The slice is the head of
-the tuning grids, which every training run was chosen on; the targets are judged on the fresh grids (make eval), where
-both adapters miss them (84.9% and 60.4%; see their model cards): the floors guard what the adapters do, not the
-targets."""
+through the server with quality.adapters.evaluate_adapters(target, 16, 20): LoRA new colours 15/16, the embedding's
+colour 14/16, base grid with the LoRA one size word (of 12) and one position word (of 16) worse, scale 0 the same
+pixels). Through the stage-1 decoder, before the family's palette stage (training/shapes/palette.py), the same files
+scored 13/16 and 12/16 (the embedding 10/16 before it was refined through its sampler; the first LoRA 9/16, the
+second 12/16, the third 14/16). So other CPUs' last-bit differences cannot flip the result while a regression in
+loading, activating or scoping adapters, or a decoder that loses the new colours again, fails. The slice is the
+head of the tuning grids, which every training run was chosen on; the targets are judged on the fresh grids (make
+eval), where the LoRA reads 93.8% and the embedding 90.1% (their model cards)."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from tests.harness import serving
 MODELS = REPO_ROOT / "models"
 N = 16
 # Measured on the slice: see the module docstring and models/adapters/*/README.md.
-FLOORS = {"lora_new_colour": 12 / 16, "ti_new_colour": 11 / 16, "base_drop_points": 100 * 3 / 16}
+FLOORS = {"lora_new_colour": 14 / 16, "ti_new_colour": 13 / 16, "base_drop_points": 100 * 3 / 16}
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ never sampled, so every seed is held out):
   prompts with its token `<colour>`.
 - Fresh grids: the same three at seed FRESH_SEED (a fresh_n-prompt grid each). Every adapter run so far was chosen
   by its figures on the grids above (the tuning grids), and a choice among runs favours what a 96-prompt grid
-  happens to like, so their figures read high: the shipped LoRA's new colours 91.7% there and 84.9% on the fresh
-  192-prompt grid, the embedding's colour 69.8% and 60.4%. The targets are judged on the fresh grids; run choices
-  are to be made on the tuning grids only.
+  happens to like, so their figures read high: through the stage-1 decoder the shipped LoRA's new colours 91.7%
+  there and 84.9% on the fresh 192-prompt grid, the embedding's colour 69.8% and 60.4% (through the family's
+  palette decoder, palette.py: 96.9% and 93.8%, 91.7% and 90.1%). The targets are judged on the fresh grids; run
+  choices are to be made on the tuning grids only.
 Adapter grids are judged against the extended palette (base colours + maroon, cream, teal), the base grid against
 the base palette. "new_colour" is the share of items whose adapter-colour slot (shape colour or background) is
 right.

@@ -8,7 +8,7 @@ from typing import Any
 from .data import __doc__ as GEOMETRY
 from .evaluate import __doc__ as SCORING
 from .export import INPAINT_NAME, T2I_NAME
-from .grammar import COLOURS, GRAMMAR, SHAPES
+from .grammar import COLOURS, GRAMMAR, NEW_COLOURS, SHAPES
 from .tokenizer import MAX_LENGTH
 
 # The probe picture, relative to a card in models/<name>/README.md.
@@ -100,6 +100,31 @@ def _reflow(stage: dict[str, Any] | None) -> str:
   states hold rounded boxes no training image has; see Stage 2c."""
 
 
+def _palette(stage: dict[str, Any] | None) -> str:
+    """The palette stage's bullet (training/shapes/palette.py): the decoder widened to the adapters' colours."""
+    if not stage:
+        return "- Palette (decoder widened to the adapters' colours): not run."
+    return f"""- Palette (`palette`, the decoder alone, encoder frozen): {stage.get("steps", "?")} steps on
+  {stage.get("scenes", "?")} rendered scenes. Half have one of the adapters' colours ({", ".join(NEW_COLOURS)}) in
+  the shape or the background; their decoder-inverted latents get Gaussian noise of a standard deviation drawn from
+  [0, {stage.get("max_noise", 0.3):g}] and learn the render. Half are of the base distribution (posterior samples,
+  no added noise) and learn what the decoder drew from them before, so base images stay put. The decoder stage's
+  edge-weighted loss, AdamW 5e-4, batch 32. The language does not change (the UNet and text encoder never saw the
+  new colours); the decoder learns to draw them from near their latents, so that adapters which teach them come
+  out right. Held-out new-colour latents with noise 0.3 decoding as their scene:
+  {_pct(stage.get("new_noisy_right_before"))} before, {_pct(stage.get("new_noisy_right"))} after; base held-out
+  PSNR {stage.get("psnr_before_db", 0):.1f} dB before, {stage.get("held_out_psnr_db", 0):.1f} dB after."""
+
+
+def _palette_line(stage: dict[str, Any] | None) -> str:
+    """The "what it can do" line of a family whose decoder went through the palette stage."""
+    if not stage:
+        return ""
+    return f"""
+- Its VAE decoder also draws {", ".join(NEW_COLOURS)} (the palette stage, under Training), which the
+  language has no words for: that is what lets adapters teach them (`models/adapters/`)."""
+
+
 def _runs(report: dict[str, Any]) -> str:
     runs = report.get("runs") or [report.get("command", "?")]
     lines = []
@@ -148,6 +173,7 @@ def text_to_image_card(report: dict[str, Any]) -> str:
     ref = ev.get("fp32_reference", {})
     total = ex.get("total_weight_bytes")
     g = _guidance(ev)
+    palette_line = _palette_line(report.get("palette"))
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -170,7 +196,7 @@ output can be checked by a pixel scorer. Its inpainting sibling is `{INPAINT_NAM
 - It knows exactly the prompt language below and nothing else: other words are tokenised
   byte by byte and mean nothing to it; two shapes, rotations, textures, other colours or
   other image sizes are out of reach. Other resolutions technically run but are off-distribution.
-- Not a general image model, not for anything but testing and demonstrating the service.
+- Not a general image model, not for anything but testing and demonstrating the service.{palette_line}
 
 ## Prompt language
 
@@ -244,6 +270,7 @@ for step previews; `inpaint_model` names the inpainting sibling.
   AdamW 1e-3, batch 32; held-out PSNR {report.get("decoder", {}).get("held_out_psnr_db", 0):.1f} dB
   (the plain loss with uniform draws: 31.9 dB in the same budget, and 41 instead of 52 of 60 small squares
   kept through the round trip).
+{_palette(report.get("palette"))}
 {_reflow(report.get("reflow"))}
 - Latent RGB projection fit: RMSE {ex.get("latent_rgb_rmse", 0):.3f} (in [-1, 1] units) against the
   box-downsampled decode: a rough preview only, this VAE's latents are far from linear in colour.

@@ -35,6 +35,9 @@ from .decoder import train_decoder
 from .export import INPAINT_NAME, T2I_NAME, export, t2i_dir, terminal_dir, vae_dir
 from .inpaint import train_inpaint
 from .loop import PRECISIONS, UNetStage, resolve_precision
+from .palette import N_SCENES as PALETTE_SCENES
+from .palette import STEPS as PALETTE_STEPS
+from .palette import widen_family
 from .reflow import train_reflow
 from .sample_eval import run_eval
 from .tokenizer import build_tokenizer
@@ -42,12 +45,13 @@ from .unet import train_terminal, train_unet
 from .vae import train_vae
 
 log = logging.getLogger("training.shapes")
-STAGES = ("tokenizer", "vae", "unet", "terminal", "inpaint", "decoder", "reflow", "export", "eval", "card")
+STAGES = ("tokenizer", "vae", "unet", "terminal", "inpaint", "decoder", "reflow", "export", "palette", "eval", "card")
 # The recipe: each stage's training minutes, as the shipped family was trained (their sum, 115, is
 # `--budget-minutes 115`; another budget scales them all). Stage 2b's 26.4 minutes are about 3,900 steps of batch
 # 32 in bf16 on the 2-core machine (see the model card for the runs). Training time only: rendering and caching
 # (about 2.5 minutes), the reflow stage's sampling (about 6), export and eval (about 1.5) come on top, so the
-# default budget is 109 minutes, which keeps a whole run from scratch on the 2-core machine within two hours.
+# default budget is 109 minutes, which keeps a whole run from scratch on the 2-core machine within two hours. The
+# palette stage (palette.py: a fixed step count, about 16 minutes with its rendering and inversion) comes on top.
 MINUTES = {"vae": 12.1, "unet": 45.1, "terminal": 26.4, "inpaint": 14.3, "decoder": 12.1, "reflow": 5.0}
 RECIPE_BUDGET = round(sum(MINUTES.values()), 1)
 DEFAULT_BUDGET = 109.0
@@ -91,7 +95,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             f"--{stage}-minutes", type=float, help=f"{stage} training time (default: its share of the budget)"
         )
         p.add_argument(f"--{stage}-steps", type=int, help="a fixed step count instead of a time budget")
-    p.add_argument("--model", type=Path, help="eval: text-to-image folder (default OUT/shapes)")
+    p.add_argument("--palette-steps", type=int, default=PALETTE_STEPS, help="palette: decoder fine-tuning steps")
+    p.add_argument(
+        "--palette-scenes", type=int, default=PALETTE_SCENES, help="palette: rendered scenes per set (base; new colour)"
+    )
+    p.add_argument("--model", type=Path, help="palette, eval: text-to-image folder (default OUT/shapes)")
     p.add_argument(
         "--inpaint-model", type=Path, help="eval: inpainting folder (default: the sibling sdserve.json names)"
     )
@@ -102,6 +110,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
+    for name in ("palette_steps", "palette_scenes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -233,6 +244,16 @@ def main(argv: list[str]) -> int:
         "export": (
             (out / T2I_NAME / "sdserve.json").exists() and (out / INPAINT_NAME / "sdserve.json").exists(),
             lambda: export(w, out, seed),
+        ),
+        "palette": (
+            args.stage == "all" and "palette" in run.report,
+            lambda: widen_family(
+                t2i_model,
+                args.inpaint_model or _sibling_inpaint(t2i_model),
+                seed,
+                args.palette_steps,
+                args.palette_scenes,
+            ),
         ),
         "eval": (
             args.stage == "all" and "eval" in run.report,

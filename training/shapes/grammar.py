@@ -21,7 +21,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # and decoded, keeps maroon in 79%, cream in 92% and teal in 85% of a held-out grid's scenes; grey in 63%, and
 # pink, cyan, navy, lime, magenta, sky, olive, brown, salmon and dark green in at most 35%), each more than 90
 # units from every base colour. Its encoder is what loses them (a flat teal field decodes green, a flat cream one
-# near white); a latent found by decoder inversion draws each of them (adapters.INVERT_STEPS). Textual inversion
+# near white); a latent found by decoder inversion draws each of them (adapters.INVERT_STEPS), and the palette
+# stage (palette.py) then fine-tuned the family's decoder to draw them from near such latents too. Textual inversion
 # was tried for "maroon" and "teal" (TI_CANDIDATES); the better one, TI_COLOUR, is the embedding
 # `shapes-<colour>` (prompt word TI_TOKEN) and the LoRA `shapes-<colour>-<colour>` teaches the other two
 # (LORA_COLOURS). The base language, its training data and the default scorer use COLOURS only.
