@@ -46,12 +46,7 @@ def train_decoder(
     draw = torch.tensor([(SIZE / s.side) ** SMALL_POWER for s in scenes])
     held_out = to_tensor(render_dataset(seed + 10_000, N_HELD_OUT)[0])
     before = held_out_psnr(vae, held_out)
-    vae.requires_grad_(False)
-    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    for p in decoder:
-        p.requires_grad_(True)
-    vae.decoder.train()
-    opt = torch.optim.AdamW(decoder, lr=LR, weight_decay=0.0)
+    opt = decoder_optimizer(vae, LR)
     gen = torch.Generator().manual_seed(seed)
     budget = Budget(seconds, WARMUP, steps)
     progress = Progress("decoder")
@@ -73,6 +68,17 @@ def train_decoder(
     progress.step(step, force=True, **figures)
     vae.save_pretrained(str(out), safe_serialization=True)
     return figures
+
+
+def decoder_optimizer(vae: AutoencoderKL, lr: float) -> torch.optim.AdamW:
+    """Freeze vae but its decoder and post_quant_conv, put the decoder in training mode and return AdamW (no weight
+    decay) over those two: the decoder-only fine-tunes (this stage, palette.py) keep the encoder and its latents."""
+    vae.requires_grad_(False)
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def edge_weights(x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from diffusers import AutoencoderKL
 
 from .adapters import INVERT_LR, INVERT_STEPS, decodes_as
 from .data import attributes_with, place, render, render_dataset
-from .decoder import edge_weights
+from .decoder import decoder_optimizer, edge_weights
 from .grammar import COLOURS, NEW_COLOURS, Attributes
 from .loop import Progress, plain_step, recon_loss, seed_everything, set_lr
 from .tensors import encode_moments, invert_decoder, to_tensor
@@ -130,12 +130,7 @@ def _fit(vae: AutoencoderKL, data: dict[str, torch.Tensor], steps: int, seed: in
     items (std 0) get noise and learn the render; base items learn what the starting decoder drew from them."""
     anchor = copy.deepcopy(vae).eval().requires_grad_(False)
     x_all, weights, new = data["x"], edge_weights(data["x"]), (data["std"].flatten(1).amax(1) == 0).float()
-    vae.requires_grad_(False)
-    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    vae.decoder.train()
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    opt = decoder_optimizer(vae, LR)
     gen = torch.Generator().manual_seed(seed + 1)
     progress = Progress("palette")
     loss = torch.zeros(())
