@@ -163,9 +163,11 @@ def test_decoder_inversion_draws_the_colours_the_encoder_loses() -> None:
 
 
 def test_checked_inversion_keeps_only_scenes_that_decode_as_their_prompt() -> None:
-    """A teal shape on cream: the plain INVERT_STEPS leave some of these scenes decoding with a yellow ring (judged
-    yellow); checked_inversion inverts those further, and leaves out whatever still decodes as something else (here
-    a scene labelled with the wrong colour), so every kept latent decodes as its prompt."""
+    """Teal shapes on cream, inverted from a wrong start (the same scenes' latents in green on yellow): a few steps
+    leave them decoding as the start's colours; checked_inversion inverts those further, and leaves out whatever
+    still decodes as something else (here a scene labelled with the wrong colour), so every kept latent decodes as
+    its prompt. (Through the stage-1 decoder the shipped INVERT_STEPS from the plain encodings left some teal-on-cream
+    scenes with a yellow ring; the palette decoder draws those right, so the wrong start stands in for them.)"""
     from dataclasses import replace
 
     from training.shapes.adapters import (
@@ -183,13 +185,17 @@ def test_checked_inversion_keeps_only_scenes_that_decode_as_their_prompt() -> No
     attrs = [s.attrs for s in scenes]
     attrs[0] = replace(attrs[0], colour="red")  # a label the render does not show
     x = to_tensor(np.stack([np.asarray(render(s)) for s in scenes]))
-    mean, _ = encode_moments(base.vae, x)
-    plain = decodes_as(base.vae, invert_decoder(base.vae, x, mean, INVERT_STEPS, INVERT_LR), attrs)
+    others = [replace(s, attrs=replace(s.attrs, colour="green", background="yellow")) for s in scenes]
+    start, _ = encode_moments(base.vae, to_tensor(np.stack([np.asarray(render(s)) for s in others])))
+    steps = 5
+    plain = decodes_as(base.vae, invert_decoder(base.vae, x, start, steps, INVERT_LR), attrs)
     assert not all(plain[1:])  # the case the check is for: plain inversion leaves some of them wrong
-    refined, kept = checked_inversion(base.vae, x, mean, attrs, INVERT_STEPS, 80)
+    refined, kept = checked_inversion(base.vae, x, start, attrs, steps, 80)
     assert 0 not in kept and sum(plain) < len(kept)
     assert all(decodes_as(base.vae, refined[kept], [attrs[i] for i in kept]))
-    assert torch.equal(mean, encode_moments(base.vae, x)[0])  # the starting point is not modified in place
+    before = start.clone()
+    checked_inversion(base.vae, x, start, attrs, steps, 1)
+    assert torch.equal(start, before)  # the starting point is not modified in place
 
     def draw(rng: random.Random) -> Attributes:
         return Attributes("circle", "teal", "cream", "small")
