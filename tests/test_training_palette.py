@@ -52,7 +52,9 @@ def test_tiny_run_changes_the_decoder_only(tiny_run: tuple[Path, dict[str, objec
     assert (out / "shapes" / "vae" / "config.json").read_text() == (
         MODELS / "shapes" / "vae" / "config.json"
     ).read_text()
-    assert not (out / "shapes" / "vae.palette-tmp").exists()
+    assert sorted(p.name for p in (out / "shapes").iterdir()) == sorted(p.name for p in (MODELS / "shapes").iterdir())
+    vae_files = sorted(p.name for p in (out / "shapes" / "vae").iterdir())
+    assert vae_files == ["config.json", "diffusion_pytorch_model.safetensors"]  # no staging or temporary files
 
 
 def test_tiny_run_reports_its_figures(tiny_run: tuple[Path, dict[str, object]]) -> None:

@@ -30,6 +30,7 @@ import logging
 import math
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -157,12 +158,11 @@ def widen_family(
     """Widen model's VAE decoder (widen_decoder) and write its weights into model/vae and, when given, inpaint/vae
     (the family shares one VAE); each old file is replaced only once the new one is saved. The config stays: the
     encoder, and so the scaling factor, do not change."""
-    staged = model / "vae.palette-tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    figures = widen_decoder(model / "vae", staged, seed, steps, n)
-    for folder in [model, *([inpaint] if inpaint is not None else [])]:
-        target = folder / "vae" / VAE_WEIGHTS
-        shutil.copyfile(staged / VAE_WEIGHTS, target.with_name(VAE_WEIGHTS + ".tmp"))
-        target.with_name(VAE_WEIGHTS + ".tmp").replace(target)
-    shutil.rmtree(staged)
+    with tempfile.TemporaryDirectory(prefix="palette-") as tmp:
+        staged = Path(tmp)
+        figures = widen_decoder(model / "vae", staged, seed, steps, n)
+        for folder in [model, *([inpaint] if inpaint is not None else [])]:
+            target = folder / "vae" / VAE_WEIGHTS
+            shutil.copyfile(staged / VAE_WEIGHTS, target.with_name(VAE_WEIGHTS + ".tmp"))
+            target.with_name(VAE_WEIGHTS + ".tmp").replace(target)
     return figures
